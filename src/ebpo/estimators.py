@@ -1,0 +1,351 @@
+"""Advantage estimators: GRPO, Dr. GRPO, RLOO and EBPO behind one interface.
+
+Every estimator is built by :func:`build_estimator` and called the same way::
+
+    estimator = build_estimator("ebpo", prior="running", weighting="ha_dw")
+    advantages, metrics = estimator(rewards, group_ids, training=True)
+
+``rewards`` is a float tensor (N,), ``group_ids`` an integer tensor (N,) whose
+values name each response's prompt (any values, any order, groups of any
+size). ``advantages`` is (N,) in the rewards' dtype; ``metrics`` is a flat dict
+of namespaced Python floats.
+
+One dispatch path: :func:`build_estimator` looks the name up in
+:data:`ESTIMATORS` (or imports ``module:attr``), looks the optional weighting
+up in :data:`ebpo.weighting.WEIGHTINGS`, and wraps both in an
+:class:`AdvantagePipeline` that validates input, groups it, runs the
+estimator, applies the weighting and adds the shared metrics. No estimator is
+special-cased before the registry.
+
+A registered estimator implements :class:`Estimator`: ``min_group_size``,
+``compute(batch, training=...)`` on a validated :class:`GroupedBatch`, and
+``state_dict()`` / ``load_state_dict()`` (empty for stateless ones).
+
+Departures from papers / released code are flagged where they occur; see
+also METHODS.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from ebpo.grouping import GroupedBatch
+from ebpo.registry import Registry
+from ebpo.stats import Welford
+from ebpo.weighting import WEIGHTINGS, Weighting
+
+__all__ = [
+    "Estimator",
+    "AdvantagePipeline",
+    "ESTIMATORS",
+    "build_estimator",
+    "list_estimators",
+    "GroupBaseline",
+    "RLOO",
+    "EBPO",
+]
+
+EPS = 1e-6
+
+
+class Estimator(Protocol):
+    """What a registered advantage estimator implements."""
+
+    min_group_size: int
+
+    def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
+        """Return float64 advantages (N,) and metrics. Must not change state when ``training`` is False."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
+
+
+class _Stateless:
+    """Mixin for estimators without state (their checkpoint entry is empty)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state keys {sorted(state)}")
+
+
+_SCALES = ("group", "batch", "none")
+
+
+@ESTIMATORS.register("grpo")
+class GroupBaseline(_Stateless):
+    """GRPO (DeepSeekMath, arXiv 2402.03300): A = (r - mu_m) / (s + eps).
+
+    Args:
+        scale: ``"group"`` divides by each group's reward std (GRPO);
+            ``"batch"`` by the std of all rewards in the batch (as TRL's
+            ``scale_rewards="batch"``); ``"none"`` does not scale (Dr. GRPO).
+        unbiased_std: std with divisor G-1 (default, as ``torch.std`` in TRL
+            and verl) or G.
+        eps: added to the std; 1e-6 as in verl.
+    """
+
+    min_group_size = 2
+
+    def __init__(self, scale: str = "group", unbiased_std: bool = True, eps: float = EPS) -> None:
+        if scale not in _SCALES:
+            raise ValueError(f"grpo scale must be one of {_SCALES}, got {scale!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.scale, self.unbiased_std, self.eps = scale, unbiased_std, eps
+
+    def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
+        centred = batch.rewards - batch.broadcast(batch.group_means)  # (N,)
+        if self.scale == "group":
+            std = batch.broadcast(batch.group_var(unbiased=self.unbiased_std).sqrt())  # (N,)
+        elif self.scale == "batch":
+            std = batch.rewards.std(unbiased=self.unbiased_std)  # N >= 2 since G >= 2
+        else:
+            return centred, {}
+        return centred / (std + self.eps), {}
+
+
+@ESTIMATORS.register("dr_grpo")
+def dr_grpo(unbiased_std: bool = True, eps: float = EPS) -> GroupBaseline:
+    """Dr. GRPO (arXiv 2503.20783): A = r - mu_m, no std division."""
+    return GroupBaseline(scale="none", unbiased_std=unbiased_std, eps=eps)
+
+
+@ESTIMATORS.register("rloo")
+class RLOO(_Stateless):
+    """REINFORCE leave-one-out (Ahmadian et al., arXiv 2402.14740).
+
+    A_i = r_i - mean_{j != i} r_j = G/(G-1) * (r_i - mu_m).
+    """
+
+    min_group_size = 2
+
+    def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
+        sizes = batch.broadcast(batch.group_sizes)  # (N,)
+        loo_mean = (batch.broadcast(batch.group_means) * sizes - batch.rewards) / (sizes - 1.0)
+        return batch.rewards - loo_mean, {}
+
+
+_PRIOR_DECAY = {"batch": 0.0, "running": 1.0}
+
+
+@ESTIMATORS.register("ebpo")
+class EBPO:
+    """Empirical Bayes Policy Optimization (arXiv 2602.05165), METHODS.md §2.
+
+    The group baseline is shrunk toward a global prior::
+
+        S_q   = (sigma^2/G_q) / (sigma^2/G_q + tau^2)      (S_q = 1 if denominator <= eps)
+        V_q   = (1 - S_q) * mu_q + S_q * mu_glob
+        A_raw = r - V_q
+        A     = (A_raw - mean(A_raw)) / (std(A_raw, N-1) + eps)   (batch-level standardisation)
+
+    sigma^2 is the population variance of every individual reward and
+    (mu_glob, tau^2) the mean and population variance of the raw group means,
+    kept by two :class:`~ebpo.stats.Welford` accumulators into which the
+    current batch is merged before anything is computed.
+
+    Args:
+        prior: where the statistics come from.
+            ``"batch"`` (default): the current batch only, exactly as the
+            authors' released verl code (it builds fresh accumulators on every
+            call). ``"running"``: Welford across all training steps, the
+            paper's Algorithm 1. ``"ema"``: like running, but the weight of
+            past steps decays by ``decay`` per step, because the policy moves
+            and old statistics go stale (our addition).
+        decay: per-step forgetting factor for ``prior="ema"`` (default 0.9:
+            an effective memory of about 10 steps).
+        std_normalize: divide by the batch std of A_raw (N-1, eps 1e-6); on by
+            default as in the paper.
+        center: subtract the batch mean of A_raw (default True). With
+            ``center=False, std_normalize=False`` the estimator returns
+            A_raw itself (used by ``ebpo simulate`` to read the baseline).
+        eps: the shrinkage and standardisation epsilon (1e-6).
+
+    Because of the prior, EBPO gives a baseline to groups of any size,
+    including G = 1, so ``min_group_size`` is 1. With std_normalize the
+    batch needs at least 2 responses.
+    """
+
+    min_group_size = 1
+
+    def __init__(
+        self,
+        prior: str = "batch",
+        decay: float | None = None,
+        std_normalize: bool = True,
+        center: bool = True,
+        eps: float = EPS,
+    ) -> None:
+        if prior == "ema":
+            decay = 0.9 if decay is None else decay
+            if not 0.0 < decay < 1.0:
+                raise ValueError(f"ebpo prior='ema' needs decay in (0, 1), got {decay}")
+        elif prior in _PRIOR_DECAY:
+            if decay is not None:
+                raise ValueError(f"ebpo decay applies only to prior='ema', not prior={prior!r}")
+            decay = _PRIOR_DECAY[prior]
+        else:
+            raise ValueError(f"ebpo prior must be one of ['batch', 'running', 'ema'], got {prior!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.prior, self.decay = prior, float(decay)
+        self.std_normalize, self.center, self.eps = std_normalize, center, eps
+        self.reward_stats = Welford()  # over individual rewards -> sigma^2
+        self.group_stats = Welford()  # over group means -> mu_glob, tau^2
+
+    def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
+        if self.std_normalize and batch.num_responses < 2:
+            raise ValueError("ebpo batch-level standardisation needs at least 2 responses in the batch")
+        # The current batch enters the statistics before they are used (Algorithm 1, step 2).
+        reward_stats = self.reward_stats.decayed(self.decay).merge(Welford.from_values(batch.rewards))
+        group_stats = self.group_stats.decayed(self.decay).merge(Welford.from_values(batch.group_means))
+        if training:  # evaluation must never move the prior
+            self.reward_stats, self.group_stats = reward_stats, group_stats
+        sigma2, mu_glob, tau2 = reward_stats.var, group_stats.mean, group_stats.var
+
+        noise = sigma2 / batch.group_sizes  # (M,) sigma^2 / G_q
+        denom = noise + tau2
+        shrinkage = torch.where(denom > self.eps, noise / denom.clamp_min(self.eps), torch.ones_like(noise))  # (M,)
+        baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * mu_glob  # (M,)
+        advantages = batch.rewards - batch.broadcast(baseline)  # (N,) A_raw
+        raw_mean = float(advantages.mean())
+        if self.center:
+            advantages = advantages - raw_mean
+        if self.std_normalize:
+            advantages = advantages / (advantages.std(unbiased=True) + self.eps)
+        metrics = {
+            "ebpo/shrinkage": float(shrinkage.mean()),
+            "ebpo/mu_glob": mu_glob,
+            "ebpo/sigma2": sigma2,
+            "ebpo/tau2": tau2,
+            "ebpo/prior_count": group_stats.count,
+            "ebpo/raw_adv_mean": raw_mean,
+        }
+        return advantages, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prior": self.prior,
+            "decay": self.decay,
+            "reward_stats": self.reward_stats.state_dict(),
+            "group_stats": self.group_stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("prior") != self.prior or float(state.get("decay", math.nan)) != self.decay:
+            raise ValueError(
+                f"ebpo state was saved with prior={state.get('prior')!r}, decay={state.get('decay')!r} "
+                f"but this estimator has prior={self.prior!r}, decay={self.decay!r}"
+            )
+        self.reward_stats = Welford.from_state_dict(state["reward_stats"])
+        self.group_stats = Welford.from_state_dict(state["group_stats"])
+
+
+class AdvantagePipeline:
+    """Validate -> group -> estimate -> weight -> metrics. What ``build_estimator`` returns.
+
+    Attributes:
+        name: the estimator's registry name (or import path).
+        estimator: the registered :class:`Estimator`.
+        weighting: an optional :class:`~ebpo.weighting.Weighting` whose
+            per-response weights multiply the advantages (HA-DW: the weight
+            sits inside both branches of the clipped objective, so scaling
+            the advantage is exact).
+    """
+
+    def __init__(self, name: str, estimator: Estimator, weighting: Weighting | None = None) -> None:
+        self.name, self.estimator, self.weighting = name, estimator, weighting
+
+    @property
+    def min_group_size(self) -> int:
+        return int(self.estimator.min_group_size)
+
+    def __call__(
+        self, rewards: Tensor | Sequence[float], group_ids: Tensor | Sequence[int], *, training: bool = True
+    ) -> tuple[Tensor, dict[str, float]]:
+        batch = GroupedBatch.from_inputs(rewards, group_ids)
+        batch.require_min_group_size(self.min_group_size, self.name)
+        advantages, metrics = self.estimator.compute(batch, training=training)  # (N,) float64
+        metrics = dict(metrics)
+        if self.weighting is not None:
+            weights, weight_metrics = self.weighting(advantages, batch, training=training)  # (N,)
+            advantages = advantages * weights
+            metrics.update(weight_metrics)
+        if not bool(torch.isfinite(advantages).all()):  # a bug, never a user's input: fail loudly
+            raise FloatingPointError(f"{self.name} produced non-finite advantages")
+        metrics.update(_advantage_metrics(advantages, batch))
+        return advantages.to(batch.dtype), metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "estimator": self.name,
+            "estimator_state": self.estimator.state_dict(),
+            "weighting_state": self.weighting.state_dict() if self.weighting is not None else {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("estimator") != self.name:
+            raise ValueError(f"state belongs to estimator {state.get('estimator')!r}, not {self.name!r}")
+        self.estimator.load_state_dict(state["estimator_state"])
+        weighting_state = state.get("weighting_state", {})
+        if self.weighting is not None:
+            self.weighting.load_state_dict(weighting_state)
+        elif weighting_state:
+            raise ValueError("state has a weighting state but this estimator has no weighting")
+
+
+def _advantage_metrics(advantages: Tensor, batch: GroupedBatch) -> dict[str, float]:
+    all_equal = batch.group_var(unbiased=False) <= 0.0  # (M,) groups whose rewards are all equal
+    return {
+        "adv/mean": float(advantages.mean()),
+        "adv/abs_mean": float(advantages.abs().mean()),
+        "adv/max": float(advantages.max()),
+        "adv/min": float(advantages.min()),
+        "adv/zero_signal_frac": float((advantages.abs() <= 1e-12).double().mean()),
+        "adv/all_equal_group_frac": float(all_equal.double().mean()),
+        "reward/mean": float(batch.rewards.mean()),
+    }
+
+
+def build_estimator(
+    name: str, *, weighting: str | None = None, weighting_options: Mapping[str, Any] | None = None, **options: Any
+) -> AdvantagePipeline:
+    """Build an advantage estimator by registry name or ``module:attr`` path.
+
+    Args:
+        name: one of :func:`list_estimators` or an import path to a factory
+            returning an :class:`Estimator`.
+        weighting: optional weighting name (``"ha_dw"``) or import path; it
+            composes with every estimator.
+        weighting_options: options for the weighting (``{"anchor": "hard", "lam": 1.5}``).
+        **options: options for the estimator.
+
+    >>> est = build_estimator("grpo")
+    >>> adv, _ = est(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([7, 7, 3, 3]))
+    >>> [round(a, 4) for a in adv.tolist()]
+    [0.7071, -0.7071, 0.0, 0.0]
+    """
+    estimator = ESTIMATORS.build(name, **options)
+    for attr in ("compute", "state_dict", "load_state_dict", "min_group_size"):
+        if not hasattr(estimator, attr):
+            raise ValueError(f"advantage estimator {name!r} does not implement {attr!r} (see ebpo.estimators.Estimator)")
+    if weighting_options and weighting is None:
+        raise ValueError("weighting_options given without a weighting name")
+    weighting_obj = WEIGHTINGS.build(weighting, **dict(weighting_options or {})) if weighting is not None else None
+    return AdvantagePipeline(name, estimator, weighting_obj)
+
+
+def list_estimators() -> list[str]:
+    return ESTIMATORS.names()

@@ -1,0 +1,143 @@
+"""Slow, loop-based reference implementations used as test oracles.
+
+Written from METHODS.md with plain Python floats and explicit loops, sharing
+no code with ``ebpo`` so that a bug in the vectorised code cannot hide in the
+oracle too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+
+def groups_of(group_ids: list[int]) -> "OrderedDict[int, list[int]]":
+    groups: OrderedDict[int, list[int]] = OrderedDict()
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    return groups
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def std(xs: list[float], unbiased: bool) -> float:
+    mu = mean(xs)
+    n = len(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1 if unbiased else n))
+
+
+def grpo(rewards: list[float], group_ids: list[int], scale: str = "group", unbiased: bool = True, eps: float = 1e-6) -> list[float]:
+    out = [0.0] * len(rewards)
+    batch_std = std(rewards, unbiased)
+    for idx in groups_of(group_ids).values():
+        rs = [rewards[i] for i in idx]
+        mu = mean(rs)
+        s = std(rs, unbiased) if scale == "group" else batch_std
+        for i in idx:
+            out[i] = rewards[i] - mu if scale == "none" else (rewards[i] - mu) / (s + eps)
+    return out
+
+
+def rloo(rewards: list[float], group_ids: list[int]) -> list[float]:
+    out = [0.0] * len(rewards)
+    for idx in groups_of(group_ids).values():
+        for i in idx:
+            others = [rewards[j] for j in idx if j != i]
+            out[i] = rewards[i] - mean(others)
+    return out
+
+
+class LoopWelford:
+    """Textbook one-value-at-a-time Welford with per-step exponential forgetting."""
+
+    def __init__(self) -> None:
+        self.n = 0.0
+        self.mu = 0.0
+        self.m2 = 0.0
+
+    def forget(self, decay: float) -> None:
+        self.n *= decay
+        self.m2 *= decay
+        if self.n == 0.0:
+            self.mu = 0.0
+            self.m2 = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1.0
+        d = x - self.mu
+        self.mu += d / self.n
+        self.m2 += d * (x - self.mu)
+
+    @property
+    def var(self) -> float:
+        return self.m2 / self.n if self.n > 0 else 0.0
+
+
+class LoopEBPO:
+    """EBPO, METHODS.md §2, one step at a time, loops over responses and groups."""
+
+    def __init__(self, decay: float, std_normalize: bool = True, center: bool = True, eps: float = 1e-6) -> None:
+        self.decay, self.std_normalize, self.center, self.eps = decay, std_normalize, center, eps
+        self.rewards_acc = LoopWelford()
+        self.means_acc = LoopWelford()
+
+    def step(self, rewards: list[float], group_ids: list[int]) -> tuple[list[float], dict[str, float]]:
+        groups = groups_of(group_ids)
+        self.rewards_acc.forget(self.decay)
+        self.means_acc.forget(self.decay)
+        for r in rewards:
+            self.rewards_acc.add(r)
+        group_mean = {g: mean([rewards[i] for i in idx]) for g, idx in groups.items()}
+        for g in groups:
+            self.means_acc.add(group_mean[g])
+        sigma2, mu_glob, tau2 = self.rewards_acc.var, self.means_acc.mu, self.means_acc.var
+        out = [0.0] * len(rewards)
+        shrinks = []
+        for g, idx in groups.items():
+            noise = sigma2 / len(idx)
+            s = 1.0 if noise + tau2 <= self.eps else noise / (noise + tau2)
+            shrinks.append(s)
+            baseline = (1 - s) * group_mean[g] + s * mu_glob
+            for i in idx:
+                out[i] = rewards[i] - baseline
+        if self.center:
+            m = mean(out)
+            out = [a - m for a in out]
+        if self.std_normalize:
+            raw_std = std(out, unbiased=True)
+            out = [a / (raw_std + self.eps) for a in out]
+        return out, {"shrinkage": mean(shrinks), "mu_glob": mu_glob, "sigma2": sigma2, "tau2": tau2}
+
+
+class LoopHADW:
+    """HA-DW weights, METHODS.md §3, with both anchors, as documented in ebpo.weighting."""
+
+    def __init__(self, anchor: str, lam: float, eta: float = 2.0, m: int = 10, k: int = 10, c0: float | None = None) -> None:
+        self.kind, self.lam, self.eta, self.m, self.k, self.c0 = anchor, lam, eta, m, k, c0
+        self.anchor: float | None = None
+        self.history: list[float] = []
+
+    def step(self, advantages: list[float], rewards: list[float], group_ids: list[int]) -> list[float]:
+        y = mean(rewards)
+        if self.kind == "hard":
+            self.history = (self.history + [y])[-self.k :]
+            c = mean(self.history)
+        else:
+            c = self.anchor if self.anchor is not None else (y if self.c0 is None else self.c0)
+            if not self.history:
+                self.history = [c]
+            window = self.history + [y]
+            gain = min(max(self.eta * std(window, unbiased=False), 0.0), 1.0)
+            self.anchor = (1 - gain) * c + gain * y
+            self.history = (self.history + [self.anchor])[-self.m :]
+        weights = [0.0] * len(rewards)
+        for idx in groups_of(group_ids).values():
+            mu = mean([rewards[i] for i in idx])
+            diff = mu - c
+            for i in idx:
+                sign_a = (advantages[i] > 0) - (advantages[i] < 0)
+                sign_d = (diff > 0) - (diff < 0)
+                weights[i] = self.lam * math.exp(-sign_a * sign_d * abs(diff))
+        return weights
