@@ -11,6 +11,7 @@ plug in components without touching ebpo. There is exactly one dispatch path:
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -91,7 +92,10 @@ class Registry(Generic[T]):
     def build(self, name: str, **options: Any) -> T:
         factory = self.get(name)
         try:
-            return factory(**options)
+            inspect.signature(factory).bind(**options)
         except TypeError as exc:
-            # An unknown keyword is a user error: say which component rejected it.
+            # An unknown or missing keyword is a user error: say which component rejected it.
             raise ValueError(f"bad options for {self.kind} {name!r}: {exc}") from exc
+        except ValueError:  # no introspectable signature (some builtins): let the call speak
+            pass
+        return factory(**options)
