@@ -1,0 +1,249 @@
+"""``ebpo compare``: methods x group sizes x seeds of ``ebpo train``, aggregated with confidence intervals.
+
+    ebpo compare --quick --out runs/compare-quick
+    ebpo compare --methods grpo ebpo --group-sizes 2 4 8 --seeds 5 --out runs/compare
+
+Every run is an ordinary ``ebpo train`` subprocess with its own run
+directory under ``OUT/runs/``; ``--workers`` of them run at once, each with
+one torch thread, so the CPU budget is used by parallel processes rather
+than by threads that contend for two cores. A run whose ``summary.json``
+already exists is reused, so an interrupted comparison continues where it
+stopped (``--rerun`` forces fresh runs).
+
+Aggregation, per method and group size, over seeds: held-out accuracy
+against samples consumed (responses generated; DAPO's resampling rounds
+count), mean and 95% Student-t CI; final accuracy and its gain over the
+starting accuracy; samples needed to reach ``--target`` accuracy; mean step
+time. Written as ``report.md``, ``report.json`` and PNG plots in ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ebpo.stats_report import mean_ci, samples_to_target
+
+__all__ = ["main", "RunSpec", "aggregate_runs"]
+
+DEFAULT_METHODS = ["grpo", "dr_grpo", "dapo", "ebpo", "ha_dw", "ebpo+ha_dw"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    group_size: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-G{self.group_size}-s{self.seed}".replace("+", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebpo compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=None, help=f"--method presets to compare (default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--group-sizes", nargs="+", type=int, default=None, help="group sizes G (default: 2 4 8)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method and group size (default: 5)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: 60)")
+    parser.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step, the same for every G")
+    parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: steps / 6)")
+    parser.add_argument("--task", default="arithmetic", help="task passed to ebpo train")
+    parser.add_argument("--target", type=float, default=None, help="accuracy whose samples-to-reach is reported (default: midway)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at once (one torch thread each)")
+    parser.add_argument("--out", default="runs/compare", help="output directory (runs/, report.md, report.json, PNGs)")
+    parser.add_argument("--quick", action="store_true", help="a small comparison that finishes in about 5 minutes on 2 cores")
+    parser.add_argument("--rerun", action="store_true", help="rerun runs whose summary.json already exists (asks nothing: deletes them)")
+    parser.add_argument("--train-args", default="", help="extra flags for every ebpo train run, as one string")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    quick = args.quick
+    args.methods = args.methods or (["grpo", "ebpo"] if quick else DEFAULT_METHODS)
+    args.group_sizes = args.group_sizes or ([2, 4] if quick else [2, 4, 8])
+    args.seeds = args.seeds or (2 if quick else 5)
+    args.steps = args.steps or (15 if quick else 60)
+    args.eval_every = args.eval_every or max(1, args.steps // (3 if quick else 6))
+    return args
+
+
+def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "ebpo", "train",
+        "--method", spec.method,
+        "--group-size", str(spec.group_size),
+        "--seed", str(spec.seed),
+        "--steps", str(args.steps),
+        "--task", args.task,
+        "--prompts-per-step", str(args.prompts_per_step),
+        "--eval-every", str(args.eval_every),
+        "--threads", "1",
+        "--no-progress",
+        "--save-every", "0",
+        "--out", str(run_dir),
+        "--overwrite",
+        *args.train_args.split(),
+    ]  # fmt: skip
+
+
+def run_all(specs: list[RunSpec], args: argparse.Namespace, out: Path) -> dict[RunSpec, Path]:
+    """Run every spec (``workers`` at a time); returns each spec's run directory."""
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    pending = [s for s in specs if args.rerun or not (runs_dir / s.name / "summary.json").exists()]
+    if len(pending) < len(specs):
+        print(f"reusing {len(specs) - len(pending)} finished runs in {runs_dir}")
+    running: list[tuple[RunSpec, subprocess.Popen, Any]] = []
+    failed: list[str] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.time()
+    done = 0
+    while pending or running:
+        while pending and len(running) < max(1, args.workers):
+            spec = pending.pop(0)
+            log = open(runs_dir / f"{spec.name}.log", "w")
+            proc = subprocess.Popen(_command(spec, args, runs_dir / spec.name), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((spec, proc, log))
+        time.sleep(0.5)
+        for item in list(running):
+            spec, proc, log = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            done += 1
+            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {runs_dir / spec.name}.log)"
+            if proc.returncode != 0:
+                failed.append(spec.name)
+            print(f"[{done}/{len(specs)}] {spec.name}: {status} ({time.time() - started:.0f}s)", flush=True)
+    if failed:  # a failed run is reported, never silently averaged in as 0
+        raise SystemExit(f"ebpo compare: {len(failed)} run(s) failed: {', '.join(failed)}")
+    return {s: runs_dir / s.name for s in specs}
+
+
+def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    samples, curve, step_times = 0.0, [(0.0, summary["accuracy_before"])], []
+    seen_steps: set[int] = set()
+    for row in rows:
+        if row["step"] not in seen_steps and "time/step_seconds" in row:
+            seen_steps.add(row["step"])
+            samples += prompts_per_step * group_size * row.get("dapo/rounds", 1.0)
+            step_times.append(row["time/step_seconds"])
+        if "eval/accuracy" in row:
+            curve.append((samples, row["eval/accuracy"]))
+    return {"summary": summary, "curve": curve, "step_seconds": sum(step_times) / max(len(step_times), 1)}
+
+
+def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None) -> dict[str, Any]:
+    """Mean and CI over seeds for every (method, G)."""
+    table: dict[str, Any] = {}
+    befores = [r["summary"]["accuracy_before"] for r in runs.values()]
+    if target is None:
+        finals = [r["summary"]["accuracy_after"] for r in runs.values()]
+        target = (sum(befores) / len(befores) + max(finals)) / 2
+    keys = sorted({(s.method, s.group_size) for s in runs}, key=lambda k: (k[1], k[0]))
+    for method, g in keys:
+        seeds = [r for s, r in runs.items() if s.method == method and s.group_size == g]
+        finals = [r["summary"]["accuracy_after"] for r in seeds]
+        gains = [r["summary"]["accuracy_after"] - r["summary"]["accuracy_before"] for r in seeds]
+        reach = [samples_to_target([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], target) for r in seeds]
+        reached = [x for x in reach if x is not None]
+        points = sorted({p[0] for r in seeds for p in r["curve"]})
+        curve = []
+        for x in points:  # every seed evaluates at the same sample counts unless dynamic sampling varies them
+            ys = [p[1] for r in seeds for p in r["curve"] if p[0] == x]
+            if len(ys) == len(seeds):
+                curve.append({"samples": x, **mean_ci(ys)})
+        table[f"{method}|G={g}"] = {
+            "method": method,
+            "group_size": g,
+            "seeds": len(seeds),
+            "final_accuracy": mean_ci(finals),
+            "gain": mean_ci(gains),
+            "samples_to_target": (sum(reached) / len(reached)) if reached else None,
+            "reached_target": f"{len(reached)}/{len(seeds)}",
+            "step_seconds": mean_ci([r["step_seconds"] for r in seeds]),
+            "curve": curve,
+        }
+    return {"target": target, "rows": table}
+
+
+def _fmt(ci: dict[str, float]) -> str:
+    half = ci["ci_half_width"]
+    return f"{ci['mean']:.3f} ± {half:.3f}" if half == half else f"{ci['mean']:.3f}"
+
+
+def write_report(result: dict[str, Any], out: Path, command: str) -> str:
+    lines = [
+        "# ebpo compare",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Held-out accuracy (mean ± 95% CI over seeds). Target for samples-to-reach: {result['target']:.3f}.",
+        "",
+        "| G | method | seeds | final accuracy | gain over start | samples to target (reached) | step s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"].values():
+        reach = f"{row['samples_to_target']:.0f}" if row["samples_to_target"] is not None else "-"
+        lines.append(
+            f"| {row['group_size']} | {row['method']} | {row['seeds']} | {_fmt(row['final_accuracy'])} | "
+            f"{_fmt(row['gain'])} | {reach} ({row['reached_target']}) | {row['step_seconds']['mean']:.2f} |"
+        )
+    lines += ["", "![accuracy vs samples](accuracy_vs_samples.png)", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps({"command": command, **result}, indent=2))
+    _plot(result, out / "accuracy_vs_samples.png")
+    return text
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({row["group_size"] for row in result["rows"].values()})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False, sharey=True)
+    for ax, g in zip(axes[0], sizes):
+        for row in result["rows"].values():
+            if row["group_size"] != g or not row["curve"]:
+                continue
+            xs = [p["samples"] for p in row["curve"]]
+            ys = [p["mean"] for p in row["curve"]]
+            half = [p["ci_half_width"] if p["ci_half_width"] == p["ci_half_width"] else 0.0 for p in row["curve"]]
+            (line,) = ax.plot(xs, ys, "o-", label=row["method"])
+            ax.fill_between(xs, [y - h for y, h in zip(ys, half)], [y + h for y, h in zip(ys, half)], color=line.get_color(), alpha=0.15)
+        ax.set_title(f"G = {g}")
+        ax.set_xlabel("samples consumed")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy (mean, 95% CI)")
+    axes[0][-1].legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _resolve(build_parser().parse_args(argv))
+    out = Path(args.out)
+    specs = [RunSpec(m, g, s) for m, g, s in itertools.product(args.methods, args.group_sizes, range(args.seeds))]
+    print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
+    dirs = run_all(specs, args, out)
+    runs = {s: _read_run(d, args.prompts_per_step, s.group_size) for s, d in dirs.items()}
+    result = aggregate_runs(runs, args.target)
+    print(write_report(result, out, "ebpo compare " + " ".join(argv)))
+    return 0

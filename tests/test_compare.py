@@ -1,0 +1,55 @@
+"""ebpo compare: aggregation over seeds from run directories (written here as fixtures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ebpo.compare import RunSpec, _read_run, aggregate_runs, write_report
+
+
+def make_run(path: Path, before: float, evals: list[float], after: float, rounds: float = 1.0) -> Path:
+    path.mkdir(parents=True)
+    rows = []
+    for step in range(1, 7):
+        row = {"step": step, "time/step_seconds": 0.5, "reward/mean": 0.3}
+        if rounds != 1.0:
+            row["dapo/rounds"] = rounds
+        if step % 2 == 0 and step < 6:
+            row["eval/accuracy"] = evals[step // 2 - 1]
+        rows.append(row)
+    rows.append({"step": 6, "eval/accuracy": after})  # the final evaluation, logged after the last step
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (path / "summary.json").write_text(json.dumps({"accuracy_before": before, "accuracy_after": after}))
+    return path
+
+
+def test_read_run_counts_samples_including_resampling_rounds(tmp_path):
+    run = _read_run(make_run(tmp_path / "a", 0.2, [0.3, 0.4], 0.5), prompts_per_step=4, group_size=2)
+    assert run["curve"] == [(0.0, 0.2), (16.0, 0.3), (32.0, 0.4), (48.0, 0.5)]
+    dapo = _read_run(make_run(tmp_path / "b", 0.2, [0.3, 0.4], 0.5, rounds=2.0), prompts_per_step=4, group_size=2)
+    assert dapo["curve"][-1] == (96.0, 0.5)  # two sampling rounds per step: twice the samples
+
+
+def test_aggregate_mean_ci_and_samples_to_target(tmp_path):
+    runs = {
+        RunSpec("grpo", 2, 0): _read_run(make_run(tmp_path / "g0", 0.2, [0.25, 0.3], 0.35), 4, 2),
+        RunSpec("grpo", 2, 1): _read_run(make_run(tmp_path / "g1", 0.2, [0.3, 0.4], 0.45), 4, 2),
+        RunSpec("ebpo", 2, 0): _read_run(make_run(tmp_path / "e0", 0.2, [0.4, 0.5], 0.6), 4, 2),
+        RunSpec("ebpo", 2, 1): _read_run(make_run(tmp_path / "e1", 0.2, [0.4, 0.6], 0.6), 4, 2),
+    }
+    result = aggregate_runs(runs, target=0.4)
+    grpo, ebpo = result["rows"]["grpo|G=2"], result["rows"]["ebpo|G=2"]
+    assert grpo["final_accuracy"]["mean"] == pytest.approx(0.4)
+    # t(0.975, 1) = 12.706; std of (0.35, 0.45) = 0.0707; half-width = 12.706 * 0.0707 / sqrt(2)
+    assert grpo["final_accuracy"]["ci_half_width"] == pytest.approx(12.706 * 0.070711 / 2**0.5, rel=1e-3)
+    assert ebpo["gain"]["mean"] == pytest.approx(0.4)
+    assert grpo["samples_to_target"] == pytest.approx(32.0) and grpo["reached_target"] == "1/2"
+    assert ebpo["samples_to_target"] == pytest.approx(16.0) and ebpo["reached_target"] == "2/2"
+    assert [p["samples"] for p in ebpo["curve"]] == [0.0, 16.0, 32.0, 48.0]
+    text = write_report(result, tmp_path, "ebpo compare --test")
+    assert "| 2 | ebpo | 2 | 0.600" in text
+    assert (tmp_path / "accuracy_vs_samples.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "report.json").read_text())["target"] == 0.4
