@@ -1,0 +1,176 @@
+"""Build the built-in tiny Llama, or load any Hugging Face causal LM.
+
+``load_policy(name)`` understands three kinds of name:
+
+* ``"builtin:tiny"`` (the default): a freshly initialised
+  :class:`transformers.LlamaForCausalLM` of a few hundred thousand parameters
+  with the :class:`~ebpo.models.tokenizer.CharTokenizer`; nothing is downloaded.
+* a local directory written by ``save_pretrained`` (an ebpo checkpoint, or
+  any HF model): loaded with ``AutoModelForCausalLM``; a directory whose
+  tokenizer config names ``CharTokenizer`` gets that tokenizer back.
+* a Hugging Face hub id (``"Qwen/Qwen2.5-0.5B-Instruct"``): loaded with
+  ``AutoModelForCausalLM`` / ``AutoTokenizer``; bf16 on GPU.
+
+Optional LoRA adapters go through ``peft`` when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from ebpo.models.tokenizer import CharTokenizer
+
+__all__ = ["TinyLlamaSpec", "build_tiny_llama", "load_policy", "load_tokenizer", "select_device", "check_model_source"]
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class TinyLlamaSpec:
+    """Architecture of the built-in model (defaults: ~0.4 M parameters)."""
+
+    hidden_size: int = 96
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_positions: int = 64
+
+
+def build_tiny_llama(spec: TinyLlamaSpec, tokenizer: CharTokenizer, *, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama whose vocabulary matches ``tokenizer`` (seeded, CPU)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    # Initialise under a local seed so the global RNG stream of the run is not consumed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def select_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+
+
+def _is_char_tokenizer_dir(path: str) -> bool:
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path, encoding="utf-8") as handle:
+        return json.load(handle).get("tokenizer_class") == CharTokenizer.__name__
+
+
+def check_model_source(name: str) -> None:
+    """Fail early (ValueError) when ``name`` can be neither a local model nor a hub id.
+
+    A path that looks local (absolute, ``./``, ``~``, or an existing
+    directory) must contain a ``config.json``; anything else must look like a
+    hub id ``owner/name`` or ``name``. Whether a hub id exists is only known
+    when it is downloaded.
+    """
+    if name.startswith(BUILTIN_PREFIX):
+        if name != "builtin:tiny":
+            raise ValueError(f"unknown built-in model {name!r}; the only built-in model is 'builtin:tiny'")
+        return
+    expanded = os.path.expanduser(name)
+    looks_local = os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded)
+    if looks_local:
+        if not os.path.isdir(expanded):
+            raise ValueError(f"model path {name!r} is not a directory; pass a directory written by save_pretrained or a hub id")
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ValueError(f"model path {name!r} has no config.json; pass a directory written by save_pretrained or a hub id")
+        if not os.access(os.path.join(expanded, "config.json"), os.R_OK):
+            raise ValueError(f"model path {name!r} is not readable; check its permissions")
+        return
+    parts = name.split("/")
+    if len(parts) > 2 or any(not part or part.strip() != part for part in parts):
+        raise ValueError(f"model {name!r} is neither an existing directory nor a hub id like 'owner/name'")
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer for ``name`` (CharTokenizer for the built-in model and its checkpoints), padding on the left."""
+    expanded = os.path.expanduser(name)
+    if name.startswith(BUILTIN_PREFIX):
+        tokenizer: Any = CharTokenizer()
+    elif os.path.isdir(expanded) and _is_char_tokenizer_dir(expanded):
+        tokenizer = CharTokenizer.from_pretrained(expanded)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(expanded)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # many causal LMs ship without a pad token; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(
+    name: str,
+    *,
+    device: torch.device,
+    dtype: str = "auto",
+    spec: TinyLlamaSpec | None = None,
+    seed: int = 0,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+) -> tuple[PreTrainedModel, Any]:
+    """Return ``(model, tokenizer)`` on ``device``.
+
+    ``dtype="auto"`` means bf16 on CUDA, fp32 elsewhere (tiny models and CPU
+    training want fp32). ``lora_rank > 0`` wraps the model with peft LoRA
+    adapters on every linear projection.
+    """
+    check_model_source(name)
+    tokenizer = load_tokenizer(name)
+    torch_dtype = _resolve_dtype(dtype, device)
+    if name.startswith(BUILTIN_PREFIX):
+        model: PreTrainedModel = build_tiny_llama(spec or TinyLlamaSpec(), tokenizer, seed=seed).to(torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch_dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if lora_rank > 0:
+        model = _add_lora(model, lora_rank, lora_alpha)
+    return model.to(device), tokenizer
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(table)}")
+    return table[dtype]
+
+
+def _add_lora(model: PreTrainedModel, rank: int, alpha: float) -> PreTrainedModel:
+    try:
+        import peft
+    except ImportError as exc:
+        raise ValueError("lora_rank > 0 needs the 'peft' package: pip install peft (or set --lora-rank 0)") from exc
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)

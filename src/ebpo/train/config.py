@@ -1,0 +1,227 @@
+"""Typed configuration of ``ebpo train``: one dataclass, documented once.
+
+Every field's docstring (the string literal under it) is its ``--help`` text
+and its documentation; :func:`field_docs` reads them from the class source
+with ``ast``, so help is never written twice. Values are resolved in this
+order, later ones winning: dataclass defaults < the ``--method`` preset
+(:mod:`ebpo.train.presets`) < the YAML file of ``--config`` < command-line
+flags. :func:`validate` checks everything that can be checked without a
+model, with errors that say what to change.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainConfig", "field_docs", "validate"]
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one ``ebpo train`` run (RL with verifiable rewards)."""
+
+    # --- run ---
+    method: str = "ebpo"
+    """Preset named after a paper (sets estimator, weighting, loss, divergence, ...); any field can still be overridden."""
+    task: str = "arithmetic"
+    """Task: a registered name, 'name:arg' for a task factory that takes an argument (reasoning_gym:chain_sum), or 'module:attr'."""
+    task_options: dict = field(default_factory=dict)
+    """Options for the task factory, as YAML ('{num_train: 5000}')."""
+    verifier: str | None = None
+    """Verifier name or 'module:attr'; none = the task's own verifier."""
+    model: str = "builtin:tiny"
+    """Policy: 'builtin:tiny' (a tiny Llama with a character tokenizer, built in code), a Hugging Face id or a local directory."""
+    ref_model: str = "init"
+    """Reference policy for the divergence: 'init' (a frozen copy of the starting policy) or 'none'."""
+    steps: int = 200
+    """Number of RL steps (optimiser updates are steps * ppo_epochs * mini_batches)."""
+    seed: int = 0
+    """Seed of sampling, data order and initialisation."""
+    out: str | None = None
+    """Run directory; none = runs/<timestamp>-<method>."""
+    device: str = "auto"
+    """Device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bf16 on CUDA, else fp32), float32, bfloat16, float16."""
+    threads: int = 0
+    """CPU threads for torch; 0 = all cores (at most 8)."""
+    lora_rank: int = 0
+    """LoRA rank through peft (0 = train all parameters)."""
+    chat_template: str = "auto"
+    """Wrap prompts in the tokenizer's chat template: auto (when it has one), always, never."""
+
+    # --- warm start (built-in model only) ---
+    warmstart_steps: int = 300
+    """Supervised steps on the task's training answers before RL (built-in model only; 0 = none). Cached and reused."""
+    warmstart_lr: float = 3e-3
+    """Learning rate of the warm start."""
+    warmstart_batch_size: int = 128
+    """Problems per warm-start step."""
+    warmstart_seed: int = 0
+    """Seed of the warm start (fixed, so every RL seed starts from the same cached model)."""
+
+    # --- rollout ---
+    prompts_per_step: int = 32
+    """Prompts per RL step (over all processes)."""
+    group_size: int = 8
+    """Responses sampled per prompt (G)."""
+    max_new_tokens: int = 12
+    """Longest completion, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of the rollouts."""
+    generation_batch_size: int = 0
+    """Sequences per generate call; 0 = all at once."""
+
+    # --- advantages ---
+    estimator: str = "ebpo"
+    """Advantage estimator: grpo, dr_grpo, rloo, ebpo, or 'module:attr'."""
+    estimator_options: dict = field(default_factory=dict)
+    """Estimator options as YAML ('{prior: running}' for ebpo, '{scale: batch}' for grpo)."""
+    weighting: str | None = None
+    """Advantage weighting: ha_dw, or none."""
+    weighting_options: dict = field(default_factory=dict)
+    """Weighting options as YAML ('{anchor: hard, lam: 1.5}')."""
+    curriculum: str = "shuffle"
+    """Order of the training prompts: shuffle, topic, difficulty."""
+
+    # --- loss ---
+    loss: str = "clip"
+    """Policy loss: clip, clip_cov, kl_cov."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    loss_options: dict = field(default_factory=dict)
+    """Extra options of the policy loss as YAML (e.g. clip_cov's ratio)."""
+    eps_low: float = 0.2
+    """Lower clip range of the ratio (1 - eps_low)."""
+    eps_high: float = 0.2
+    """Upper clip range of the ratio (1 + eps_high); DAPO's clip-higher uses 0.28."""
+    divergence: str | None = None
+    """Divergence to the reference policy: kl, prob_l2, log_l2, neural_mirror, or none."""
+    divergence_options: dict = field(default_factory=dict)
+    """Divergence options as YAML ('{estimator: k3}', '{seed: 0}')."""
+    div_coef: float = 0.0
+    """Coefficient of the divergence in the loss."""
+
+    # --- DAPO options ---
+    dynamic_sampling: bool = False
+    """Keep only groups whose rewards differ, sampling more prompts until the step is full (DAPO)."""
+    max_resample_rounds: int = 3
+    """Most extra sampling rounds of dynamic sampling per step; then the step trains on what it has."""
+    overlong_buffer: int = 0
+    """DAPO overlong shaping: length of the soft-penalty buffer before max_new_tokens (0 = off)."""
+    overlong_penalty: float = 1.0
+    """Reward penalty of a completion that reaches max_new_tokens (DAPO overlong shaping)."""
+
+    # --- optimisation ---
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 = off)."""
+    lr_schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant, linear, cosine."""
+    lr_warmup_steps: int = 5
+    """Optimiser steps of linear warm-up."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    mini_batches: int = 1
+    """Optimiser steps per pass (each on 1/mini_batches of the rollouts)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward (gradient accumulation); 0 = the whole mini-batch."""
+
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 0
+    """Evaluate the held-out set every this many steps (0 = only before and after RL)."""
+    eval_samples: int = 4
+    """Held-out samples per problem: 0 = greedy, k > 0 = avg@k at the rollout temperature."""
+    max_eval_problems: int = 0
+    """Evaluate at most this many held-out problems (0 = all)."""
+    log_every: int = 20
+    """Print one console line every this many steps (every step goes to metrics.jsonl and TensorBoard)."""
+    save_every: int = 50
+    """Write a checkpoint every this many steps (and always at the end; 0 = only at the end)."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept on disk (older ones are deleted)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to the run directory."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Map each :class:`TrainConfig` field to the docstring written under it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    missing = {f.name for f in dataclasses.fields(TrainConfig)} - set(docs)
+    if missing:  # a field without documentation is a bug in this file
+        raise RuntimeError(f"TrainConfig fields without a docstring: {sorted(missing)}")
+    return docs
+
+
+_POSITIVE = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "log_every", "keep_checkpoints")
+_NON_NEGATIVE = (
+    "warmstart_steps", "threads", "lora_rank", "generation_batch_size", "micro_batch_size", "eval_every", "eval_samples",
+    "max_eval_problems", "save_every", "max_resample_rounds", "overlong_buffer", "lr_warmup_steps", "weight_decay",
+    "max_grad_norm", "div_coef", "overlong_penalty", "eps_low", "eps_high",
+)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_schedule": ("constant", "linear", "cosine"),
+    "chat_template": ("auto", "always", "never"),
+}
+
+
+def validate(config: TrainConfig) -> None:
+    """Field-level checks that need no model or component (components are checked when built)."""
+    for name in _POSITIVE:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+    if config.eps_low >= 1.0:
+        raise ValueError(f"eps_low must be < 1 (the ratio's lower clip is 1 - eps_low), got {config.eps_low}")
+    if not config.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {config.temperature}; use --eval-samples 0 for greedy evaluation")
+    if not 0 < config.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
+    if not config.lr > 0 or not config.warmstart_lr > 0:
+        raise ValueError(f"lr and warmstart_lr must be > 0, got {config.lr}, {config.warmstart_lr}")
+    if config.overlong_buffer >= config.max_new_tokens:
+        raise ValueError(f"overlong_buffer ({config.overlong_buffer}) must be smaller than max_new_tokens ({config.max_new_tokens})")
+    if config.prompts_per_step * config.group_size < config.mini_batches:
+        raise ValueError(
+            f"mini_batches ({config.mini_batches}) exceeds the responses per step "
+            f"({config.prompts_per_step} prompts x {config.group_size}); lower --mini-batches"
+        )
+    if config.div_coef > 0 and config.divergence is None:
+        raise ValueError(f"div_coef is {config.div_coef} but no divergence is set; pass --divergence kl (or prob_l2, ...) or --div-coef 0")
+    if config.divergence is not None and config.ref_model == "none":
+        raise ValueError(
+            f"divergence {config.divergence!r} needs a reference policy but ref_model is 'none'; "
+            "pass --ref-model init, or --divergence none"
+        )
+    if config.ref_model not in ("init", "none"):
+        raise ValueError(f"ref_model must be 'init' or 'none', got {config.ref_model!r}")

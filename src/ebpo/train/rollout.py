@@ -1,0 +1,195 @@
+"""Rollout: sample G completions per prompt, score them, and compute token log-probabilities.
+
+Shapes: B = sequences in the batch (prompts * G), P = padded prompt length,
+T = completion length (max_new_tokens or shorter when every sequence
+stopped). Prompts are left-padded so every completion starts at column P;
+position ids are counted from the first real token, as ``generate`` does, so
+the log-probabilities recomputed for the update match the sampling policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ebpo.tasks.base import Problem
+from ebpo.verifiers.base import Verifier
+
+__all__ = ["Rollout", "encode_prompts", "generate", "completion_mask", "sequence_logprobs", "score", "overlong_penalty"]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled sequences (B rows)."""
+
+    input_ids: Tensor  # (B, P + T) prompt and completion tokens
+    attention_mask: Tensor  # (B, P + T) 1 on real prompt tokens and on completion tokens up to EOS
+    completion_mask: Tensor  # (B, T) 1 on completion tokens up to and including the first EOS
+    prompt_length: int  # P
+    group_ids: Tensor  # (B,) int64, one id per prompt of the step (global over ranks)
+    texts: list[str]  # decoded completions, special tokens removed
+    problems: list[Problem]  # the problem of each row
+
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        """Stack rollouts with different prompt and completion lengths (re-padded: prompts left, completions right)."""
+        if len(parts) == 1:
+            return parts[0]
+        prompt_length = max(p.prompt_length for p in parts)
+        width = max(p.completion_mask.shape[1] for p in parts)
+
+        def pad(part: "Rollout", tensor: Tensor, value: int) -> Tensor:
+            completion = tensor.shape[1] - part.prompt_length
+            return torch.nn.functional.pad(tensor, (prompt_length - part.prompt_length, width - completion), value=value)
+
+        pad_id = 0  # padded positions are masked out of attention and loss, so any valid id works
+        return Rollout(
+            input_ids=torch.cat([pad(p, p.input_ids, pad_id) for p in parts]),
+            attention_mask=torch.cat([pad(p, p.attention_mask, 0) for p in parts]),
+            completion_mask=torch.cat([torch.nn.functional.pad(p.completion_mask, (0, width - p.completion_mask.shape[1])) for p in parts]),
+            prompt_length=prompt_length,
+            group_ids=torch.cat([p.group_ids for p in parts]),
+            texts=[t for p in parts for t in p.texts],
+            problems=[q for p in parts for q in p.problems],
+        )
+
+    def select(self, rows: Tensor) -> "Rollout":
+        """The rows ``rows`` (int64 index tensor) of this rollout."""
+        index = rows.tolist()
+        return Rollout(
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.completion_mask[rows],
+            self.prompt_length,
+            self.group_ids[rows],
+            [self.texts[i] for i in index],
+            [self.problems[i] for i in index],
+        )
+
+
+def prompt_text(problem: Problem, tokenizer: Any, chat_template: str) -> str:
+    """The text fed to the model: the raw prompt, or the tokenizer's chat template around it."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template == "always" and not has_template:
+        raise ValueError("chat_template is 'always' but the tokenizer has no chat template; use --chat-template auto")
+    if chat_template == "never" or not has_template:
+        return problem.prompt
+    messages = [{"role": "user", "content": problem.prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(problems: Sequence[Problem], tokenizer: Any, chat_template: str, device: torch.device) -> dict[str, Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` (len(problems), P)."""
+    texts = [prompt_text(p, tokenizer, chat_template) for p in problems]
+    # A chat template already carries the BOS token; otherwise let the tokenizer add it.
+    templated = texts[0] != problems[0].prompt if problems else False
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def completion_mask(completion_ids: Tensor, eos_token_id: int | list[int]) -> Tensor:
+    """(B, T) mask: 1 up to and including the first EOS, 0 after it (padding)."""
+    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos_ids).long()  # (B, T)
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before t
+    return (eos_before == 0).long()
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token (left padding), as ``generate`` uses."""
+    return (torch.cumsum(attention_mask, dim=1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    group_ids: Tensor,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    do_sample: bool,
+    chat_template: str,
+    batch_size: int,
+) -> Rollout:
+    """Sample ``group_size`` completions per problem with batched ``generate`` (KV cache on).
+
+    ``group_ids`` (len(problems),) names each problem; rows of the result are
+    ordered problem by problem, G consecutive rows each.
+    """
+    device = next(model.parameters()).device
+    repeated = [p for p in problems for _ in range(group_size)]
+    encoded = encode_prompts(repeated, tokenizer, chat_template, device)  # (B, P)
+    prompt_length = encoded["input_ids"].shape[1]
+    eos = tokenizer.eos_token_id
+    chunks = []
+    step = batch_size if batch_size > 0 else len(repeated)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(repeated), step):  # one generate call per chunk of sequences
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+        out = model.generate(
+            input_ids=encoded["input_ids"][start : start + step],
+            attention_mask=encoded["attention_mask"][start : start + step],
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+            use_cache=True,
+            **sampling,
+        )
+        chunks.append(out[:, prompt_length:])
+    model.train(was_training)
+    width = max(c.shape[1] for c in chunks)
+    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])
+    mask = completion_mask(completion_ids, eos)  # (B, T)
+    completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, tokenizer.pad_token_id))
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([encoded["input_ids"], completion_ids], dim=1),
+        attention_mask=torch.cat([encoded["attention_mask"], mask], dim=1),
+        completion_mask=mask,
+        prompt_length=prompt_length,
+        group_ids=group_ids.repeat_interleave(group_size).to(device),
+        texts=texts,
+        problems=repeated,
+    )
+
+
+def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+    """Log-probability of each completion token under ``model`` (B, T); grad flows when enabled."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).logits
+    logits = logits[:, prompt_length - 1 : -1].float()  # (B, T, V) the logits that predict each completion token
+    targets = input_ids[:, prompt_length:]  # (B, T)
+    # log_softmax + gather, written as logit - logsumexp to avoid a second (B, T, V) tensor.
+    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def score(rollout: Rollout, verifier: Verifier) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Rewards (B,) float64, a keep-mask (B,) (False where the verifier returned None) and summed verifier info."""
+    rewards, keep, info = [], [], {}
+    for text, problem in zip(rollout.texts, rollout.problems):  # verifiers score one string at a time
+        result = verifier(text, problem.answer)
+        keep.append(result.reward is not None)
+        rewards.append(0.0 if result.reward is None else float(result.reward))
+        for key, value in result.info.items():
+            info[f"verifier/{key}"] = info.get(f"verifier/{key}", 0.0) + float(value)
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(keep), info
+
+
+def overlong_penalty(lengths: Tensor, truncated: Tensor, *, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO overlong reward shaping (arXiv 2503.14476, eq. 13), float64 (B,).
+
+    0 up to ``max_new_tokens - buffer`` tokens, then a linear ramp down to
+    ``-penalty`` at ``max_new_tokens``; a truncated completion (no EOS)
+    gets the full ``-penalty``.
+    """
+    soft_start = max_new_tokens - buffer
+    ramp = -(lengths.double() - soft_start).clamp_min(0) / buffer * penalty  # (B,)
+    return torch.where(truncated, torch.full_like(ramp, -penalty), ramp)

@@ -1,0 +1,456 @@
+"""The RLVR training loop, top to bottom.
+
+One step::
+
+    rollout     sample G completions for each of the step's prompts (batched generate, KV cache)
+    score       verifier reward per completion (+ DAPO overlong shaping; DAPO dynamic sampling resamples)
+    advantages  the estimator on the rewards of *every* rank (so its statistics agree everywhere)
+    update      PPO epochs x mini-batches of the clipped loss (+ divergence to the reference policy)
+    log         metrics.jsonl, TensorBoard, one console line
+    checkpoint  every ``save_every`` steps, atomically
+
+Components come from their registries (``ebpo.estimators``, ``ebpo.losses``,
+``ebpo.divergences``, ``ebpo.verifiers``, ``ebpo.tasks``,
+``ebpo.curriculum``); the trainer only wires them together.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, check_model_source, load_policy, select_device
+from ebpo.train import checkpoint as ckpt
+from ebpo.train.config import TrainConfig, validate
+from ebpo.train.data import PromptStream, build_task, build_verifier_for
+from ebpo.train.distributed import Dist, setup
+from ebpo.train.rollout import Rollout, generate, overlong_penalty, score, sequence_logprobs
+from ebpo.train.tracking import Tracker, format_line, plot_curves
+from ebpo.train.warmstart import cached_warmstart
+
+__all__ = ["Components", "build_components", "Trainer", "peak_rss_mb"]
+
+
+@dataclass
+class Components:
+    """Everything the loop calls, built (and so validated) before any model is loaded."""
+
+    task: Any
+    verifier: Any
+    estimator: Any
+    loss_fn: Any
+    divergence: Any | None
+
+
+def build_components(config: TrainConfig) -> Components:
+    """Build every component from the config; any bad name or option raises ValueError here, before training."""
+    from ebpo.divergences import build_divergence
+    from ebpo.estimators import build_estimator
+    from ebpo.losses import build_policy_loss
+
+    validate(config)
+    check_model_source(config.model)
+    estimator = build_estimator(
+        config.estimator,
+        weighting=config.weighting,
+        weighting_options=config.weighting_options or None,
+        **config.estimator_options,
+    )
+    if config.group_size < estimator.min_group_size:
+        raise ValueError(
+            f"estimator {config.estimator!r} compares responses within a group and needs group_size >= "
+            f"{estimator.min_group_size}, got {config.group_size}; raise --group-size or use --estimator ebpo"
+        )
+    divergence = build_divergence(config.divergence, **config.divergence_options) if config.divergence else None
+    loss_fn = build_policy_loss(
+        name=config.loss,
+        eps_low=config.eps_low,
+        eps_high=config.eps_high,
+        agg=config.loss_agg,
+        agg_constant=float(config.max_new_tokens),
+        divergence=divergence,
+        div_coef=config.div_coef,
+        **config.loss_options,
+    )
+    from ebpo.curriculum import CURRICULA
+
+    CURRICULA.get(config.curriculum)  # unknown curriculum -> ValueError now, not at the first step
+    task = build_task(config.task, config.task_options)
+    verifier = build_verifier_for(task, config.verifier)
+    return Components(task, verifier, estimator, loss_fn, divergence)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _chunks(rows: Tensor, size: int) -> list[Tensor]:
+    return list(torch.split(rows, size)) if size > 0 and rows.numel() > 0 else [rows]
+
+
+class Trainer:
+    """Owns the policy, the optimiser and every piece of state that a checkpoint saves."""
+
+    def __init__(self, config: TrainConfig, run_dir: str, components: Components, *, resume: bool, echo: Callable[[str], None] = print) -> None:
+        self.config, self.run_dir, self.c, self.echo = config, run_dir, components, echo
+        self.start_time = time.time()
+        self.device = select_device(config.device)
+        self.dist = setup(self.device)
+        threads = config.threads or max(1, min(os.cpu_count() or 1, 8) // self.dist.world)
+        torch.set_num_threads(threads)
+        self._seed_everything(config.seed + self.dist.rank)
+        self.spec = TinyLlamaSpec()
+
+        self.model, self.tokenizer, self.init_path = self._initial_policy()
+        # The reference is the starting policy, frozen; only built when a divergence needs it.
+        needs_ref = components.divergence is not None and getattr(components.divergence, "needs_reference", True)
+        self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if needs_ref else None
+        self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
+        self.stream = PromptStream(components.task.train_problems(), config.curriculum, config.seed)
+        if resume:
+            self._resume()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if resume:
+            self.optimizer.load_state_dict(self._resume_state["optimizer"])
+            self.scheduler.load_state_dict(self._resume_state["scheduler"])
+            ckpt.set_rng_state(self._resume_rng)
+        self.tracker = Tracker(run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard, resume_step=self.step, echo=echo)
+
+    # ---------------------------------------------------------------- setup
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _initial_policy(self) -> tuple[Any, Any, str]:
+        """Load the policy; the built-in model is warm-started (cached) on rank 0 first, then everyone loads it."""
+        cfg = self.config
+        model, tokenizer = load_policy(cfg.model, device=self.device, dtype=cfg.dtype, spec=self.spec, seed=cfg.warmstart_seed, lora_rank=cfg.lora_rank)
+        if not cfg.model.startswith(BUILTIN_PREFIX) or cfg.warmstart_steps == 0:
+            return model, tokenizer, cfg.model
+        task_id = {"task": cfg.task, "options": cfg.task_options}
+        settings = dict(spec=self.spec, task_id=task_id, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr, batch_size=cfg.warmstart_batch_size, seed=cfg.warmstart_seed)
+        problems = self.c.task.train_problems()
+        if not self.dist.is_main:
+            self.dist.barrier()  # wait for rank 0 to train and cache it
+        model, path = cached_warmstart(model, tokenizer, problems, log=self.echo if self.dist.is_main else (lambda _: None), **settings)
+        if self.dist.is_main:
+            self.dist.barrier()
+        return model, tokenizer, path
+
+    def _lr_factor(self, update: int) -> float:
+        cfg = self.config
+        warmup = cfg.lr_warmup_steps
+        if update < warmup:
+            return (update + 1) / warmup
+        total = max(1, cfg.steps * cfg.ppo_epochs * cfg.mini_batches - warmup)
+        progress = min(1.0, (update - warmup) / total)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        if cfg.lr_schedule == "cosine":
+            import math
+
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise ValueError(f"--resume {self.run_dir}: no checkpoint in {os.path.join(self.run_dir, 'checkpoints')}")
+        state, rng = ckpt.load_trainer_state(path, self.dist)
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=next(self.model.parameters()).dtype).to(self.device)
+        self.c.estimator.load_state_dict(state["estimator"])
+        self.stream.load_state_dict(state["stream"])
+        self.step, self.accuracy_before, self.elapsed_before = state["step"], state["accuracy_before"], state["elapsed_seconds"]
+        self._resume_state, self._resume_rng = state, rng
+        self.echo(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        if self.accuracy_before is None:
+            self.accuracy_before = self.evaluate()
+            self.echo(f"held-out accuracy before RL: {self.accuracy_before:.3f}")
+        bar = _progress(cfg.steps, self.step, enabled=cfg.progress and self.dist.is_main)
+        while self.step < cfg.steps:
+            started = time.time()
+            rollout, rewards, metrics = self.rollout_and_score()
+            advantages, adv_metrics = self.compute_advantages(rollout, rewards)
+            rollout_seconds = time.time() - started
+            update_metrics = self.update(rollout, advantages)
+            self.step += 1
+            metrics.update(adv_metrics, **update_metrics)
+            metrics.update({"time/rollout_seconds": rollout_seconds, "time/step_seconds": time.time() - started})
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                metrics["eval/accuracy"] = self.evaluate()
+            self.tracker.log(self.step, metrics)
+            if self.step % cfg.log_every == 0 or self.step == 1:
+                _write(bar, format_line(self.step, cfg.steps, metrics), self.echo if self.dist.is_main else None)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        accuracy_after = self.evaluate()
+        self.tracker.log(self.step, {"eval/accuracy": accuracy_after})
+        self.save()
+        return self.finish(accuracy_after)
+
+    def rollout_and_score(self) -> tuple[Rollout, Tensor, dict[str, float]]:
+        """Sample and score one step's responses (this rank's share); DAPO dynamic sampling resamples.
+
+        Each round draws ``prompts_per_step`` prompts from the stream (the same on
+        every rank) and rank r rolls out prompts r, r + world, ... Group ids
+        are global, so the estimator can pool groups from every rank.
+        """
+        cfg, dist = self.config, self.dist
+        rounds = 1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)
+        rollouts, rewards_list, metrics = [], [], {}
+        kept_ids = torch.empty(0, dtype=torch.long)
+        for round_ in range(rounds):
+            problems = self.stream.take(cfg.prompts_per_step)
+            global_ids = torch.arange(cfg.prompts_per_step) + round_ * cfg.prompts_per_step
+            mine = list(range(dist.rank, cfg.prompts_per_step, dist.world))
+            rollout = generate(
+                self.model, self.tokenizer, [problems[i] for i in mine], global_ids[mine],
+                group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, do_sample=True, chat_template=cfg.chat_template, batch_size=cfg.generation_batch_size,
+            )
+            rewards, keep, info = score(rollout, self.c.verifier)
+            if round_ == 0:
+                metrics.update(self._rollout_metrics(rollout, rewards, keep, info))
+            rewards = rewards + self._overlong(rollout)
+            rollout, rewards = rollout.select(torch.nonzero(keep).squeeze(1)), rewards[keep]
+            rollouts.append(rollout)
+            rewards_list.append(rewards)
+            if not cfg.dynamic_sampling:
+                break
+            kept_ids = torch.cat([kept_ids, _mixed_groups(dist.all_gather_cat(rewards), dist.all_gather_cat(rollout.group_ids.cpu()))])
+            if kept_ids.numel() >= cfg.prompts_per_step:
+                break
+        rollout, rewards = Rollout.concat(rollouts), torch.cat(rewards_list)
+        if cfg.dynamic_sampling:
+            metrics.update({"dapo/rounds": float(round_ + 1), "dapo/kept_groups": float(min(kept_ids.numel(), cfg.prompts_per_step))})
+            if kept_ids.numel() > 0:  # train on the first prompts_per_step groups with differing rewards
+                selected = torch.isin(rollout.group_ids.cpu(), kept_ids[: cfg.prompts_per_step])
+                rollout, rewards = rollout.select(torch.nonzero(selected).squeeze(1)), rewards[selected]
+        return rollout, rewards, metrics
+
+    def _overlong(self, rollout: Rollout) -> Tensor:
+        cfg = self.config
+        if cfg.overlong_buffer == 0:
+            return torch.zeros(len(rollout.texts), dtype=torch.float64)
+        mask = rollout.completion_mask.bool()  # (B, T)
+        completion = rollout.input_ids[:, rollout.prompt_length :]  # (B, T)
+        stopped = (torch.isin(completion, torch.tensor([self.tokenizer.eos_token_id], device=completion.device)) & mask).any(1)
+        lengths = mask.sum(1).cpu()  # (B,)
+        return overlong_penalty(lengths, ~stopped.cpu(), max_new_tokens=cfg.max_new_tokens, buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)
+
+    def _rollout_metrics(self, rollout: Rollout, rewards: Tensor, keep: Tensor, info: dict[str, float]) -> dict[str, float]:
+        dist = self.dist
+        count = dist.sum(float(keep.sum()))
+        lengths = rollout.completion_mask.sum(1).double().cpu()
+        metrics = {
+            "train/accuracy": dist.sum(float(rewards[keep].sum())) / max(count, 1.0),
+            "rollout/completion_length": dist.sum(float(lengths.sum())) / max(dist.sum(float(len(lengths))), 1.0),
+            "rollout/skipped_frac": 1.0 - count / max(dist.sum(float(len(keep))), 1.0),
+        }
+        metrics.update(dist.sum_dict(info))  # ranks may see different diagnostic keys
+        return metrics
+
+    def compute_advantages(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Advantages of this rank's responses from the estimator run on the global batch.
+
+        Rewards and group ids of every rank are gathered first, so the
+        estimator sees the whole step (its statistics and state are then
+        bit-identical on every rank), and each rank keeps its own slice.
+        """
+        dist = self.dist
+        all_rewards = dist.all_gather_cat(rewards)  # (N_global,)
+        all_ids = dist.all_gather_cat(rollout.group_ids.cpu())
+        advantages, metrics = self.c.estimator(all_rewards, all_ids, training=True)
+        offset = dist.local_offset(len(rewards))
+        return advantages[offset : offset + len(rewards)].float().to(self.device), metrics
+
+    def update(self, rollout: Rollout, advantages: Tensor) -> dict[str, float]:
+        """PPO epochs x mini-batches of the policy loss; one AdamW step per mini-batch."""
+        cfg, dist = self.config, self.dist
+        mask = rollout.completion_mask.float()  # (B, T)
+        rows = torch.arange(len(advantages))
+        # Old log-probs are needed only when the policy moves before the last
+        # mini-batch is seen; with one epoch and one mini-batch the policy *is*
+        # the old policy, so the ratio's denominator is the detached log-prob
+        # of the same forward pass (saves a forward).
+        on_policy = cfg.ppo_epochs * cfg.mini_batches == 1
+        old_logprobs = None if on_policy else self._logprobs(self.model, rollout, rows)
+        ref_logprobs = self._logprobs(self.ref_model, rollout, rows) if self.ref_model is not None else None
+        sums: dict[str, float] = {}
+        updates = 0
+        from ebpo.losses import LossInputs
+
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(rows)) if cfg.mini_batches > 1 else rows
+            for mini in torch.tensor_split(order, cfg.mini_batches):
+                num_tokens = dist.sum(float(mask[mini].sum()))
+                num_seqs = dist.sum(float(len(mini)))
+                for micro in _chunks(mini, cfg.micro_batch_size):
+                    if micro.numel() == 0:
+                        continue  # this rank has nothing in this mini-batch; it still joins the gradient sum
+                    logprobs = sequence_logprobs(self.model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_length)
+                    inputs = LossInputs(
+                        logprobs=logprobs,
+                        old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
+                        advantages=advantages[micro],
+                        mask=mask[micro],
+                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
+                    )
+                    out = self.c.loss_fn(inputs, num_tokens=num_tokens, num_seqs=num_seqs)
+                    out.loss.backward()
+                    for key, value in out.metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    sums["loss/total"] = sums.get("loss/total", 0.0) + float(out.loss.detach())
+                    updates += 1
+                dist.sum_gradients(self.params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * (1 if updates else 0)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        metrics = {k: v / max(updates, 1) for k, v in sums.items() if k != "optim/grad_norm"}
+        metrics["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) / (cfg.ppo_epochs * cfg.mini_batches)
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    @torch.no_grad()
+    def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor) -> Tensor:
+        parts = [
+            sequence_logprobs(model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_length)
+            for micro in _chunks(rows, self.config.micro_batch_size)
+        ]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out accuracy: greedy, or avg@k with ``eval_samples`` samples (under a fixed seed)."""
+        cfg, dist = self.config, self.dist
+        problems = list(self.c.task.eval_problems())
+        if cfg.max_eval_problems:
+            problems = problems[: cfg.max_eval_problems]
+        mine = problems[dist.rank :: dist.world]
+        samples = max(cfg.eval_samples, 1)
+        correct, total = 0.0, 0.0
+        # Sampled evaluation runs on its own seed so it neither moves nor depends on the training RNG.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 7919 * (dist.rank + 1))
+            batch = max(1, (cfg.generation_batch_size or 512) // samples)
+            for start in range(0, len(mine), batch):
+                chunk = mine[start : start + batch]
+                rollout = generate(
+                    self.model, self.tokenizer, chunk, torch.arange(len(chunk)), group_size=samples,
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    do_sample=cfg.eval_samples > 0, chat_template=cfg.chat_template, batch_size=0,
+                )
+                rewards, keep, _ = score(rollout, self.c.verifier)
+                correct += float(rewards[keep].sum())
+                total += float(keep.sum())
+        return dist.sum(correct) / max(dist.sum(total), 1.0)
+
+    # ---------------------------------------------------------------- checkpoint and summary
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "estimator": self.c.estimator.state_dict(),
+            "stream": self.stream.state_dict(),
+            "accuracy_before": self.accuracy_before,
+            "elapsed_seconds": self.elapsed_before + time.time() - self.start_time,
+            "init_model": self.init_path,
+        }
+        ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, trainer_state=state, dist=self.dist, keep=self.config.keep_checkpoints)
+
+    def finish(self, accuracy_after: float) -> dict[str, Any]:
+        summary = {
+            "method": self.config.method,
+            "task": self.config.task,
+            "seed": self.config.seed,
+            "steps": self.step,
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": accuracy_after,
+            "accuracy_gain": accuracy_after - (self.accuracy_before or 0.0),
+            "eval_problems": len(self.c.task.eval_problems()) if not self.config.max_eval_problems else min(self.config.max_eval_problems, len(self.c.task.eval_problems())),
+            "eval_mode": "greedy" if self.config.eval_samples == 0 else f"avg@{self.config.eval_samples}",
+            "wall_seconds": self.elapsed_before + time.time() - self.start_time,
+            "peak_rss_mb": peak_rss_mb(),
+            "world_size": self.dist.world,
+            "device": str(self.device),
+            "estimator_state": _plain(self.c.estimator.state_dict()),
+        }
+        self.tracker.close()
+        if self.dist.is_main:
+            import json
+
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as handle:
+                json.dump(summary, handle, indent=2)
+            plot_curves(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "learning_curve.png"), f"{self.config.method} on {self.config.task}")
+        return summary
+
+
+def _mixed_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Sorted ids of the groups whose rewards are not all equal (DAPO dynamic sampling), int64."""
+    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    low = torch.full((len(ids),), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amin")
+    high = torch.full((len(ids),), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amax")
+    return ids[high > low]
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of an estimator state (tensors become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.tolist()
+    return value
+
+
+def _progress(total: int, initial: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="RL", unit="step", dynamic_ncols=True, leave=False)
+
+
+def _write(bar: Any, line: str, echo: Callable[[str], None] | None) -> None:
+    if echo is None:
+        return
+    if bar is not None:
+        bar.write(line)
+    else:
+        echo(line)
+

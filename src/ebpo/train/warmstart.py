@@ -1,0 +1,120 @@
+"""Warm start: a short supervised phase so the built-in tiny model starts RL at a modest accuracy.
+
+RL with verifiable rewards needs a policy that is sometimes right: a freshly
+initialised model never is, so every group is all-zero and no estimator has
+a signal. The warm start teaches the answer format and some arithmetic by
+teacher forcing on (prompt, answer, EOS) of the task's training problems,
+for few enough steps that plenty is left for RL to learn.
+
+The result is cached under ``$EBPO_CACHE_DIR/warmstart/<hash>`` (default
+``~/.cache/ebpo``), keyed by everything that determines it, and written
+atomically (temporary directory, then rename), so runs with other RL seeds
+or methods reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from ebpo.models.loading import TinyLlamaSpec
+from ebpo.tasks.base import Problem
+
+__all__ = ["cache_dir", "warmstart_key", "supervised_batch", "train_supervised", "cached_warmstart"]
+
+_VERSION = 1  # bump when the warm-start procedure changes, to invalidate old caches
+
+
+def cache_dir() -> str:
+    """Root of ebpo's caches: ``$EBPO_CACHE_DIR``, else ``~/.cache/ebpo``."""
+    return os.environ.get("EBPO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ebpo")
+
+
+def warmstart_key(settings: dict[str, Any]) -> str:
+    payload = json.dumps({"version": _VERSION, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def supervised_batch(problems: Sequence[Problem], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)`` (B, L); labels are -100 on the prompt."""
+    prompts = tokenizer([p.prompt for p in problems])["input_ids"]
+    answers = tokenizer([p.answer for p in problems], add_special_tokens=False)["input_ids"]
+    rows = [prompt + answer + [tokenizer.eos_token_id] for prompt, answer in zip(prompts, answers)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):  # building ragged token lists is per example
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, len(prompt) : len(row)] = torch.tensor(row[len(prompt) :])
+    attention_mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    return input_ids, attention_mask, labels
+
+
+def train_supervised(
+    model: PreTrainedModel, tokenizer: Any, problems: Sequence[Problem], *, steps: int, lr: float, batch_size: int, seed: int
+) -> list[float]:
+    """Teacher-forced cross-entropy on the answers; linear warm-up then linear decay. Returns the losses."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = [problems[rng.randrange(len(problems))] for _ in range(batch_size)]
+        input_ids, attention_mask, labels = (t.to(device) for t in supervised_batch(batch, tokenizer))
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def cached_warmstart(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    spec: TinyLlamaSpec,
+    task_id: dict[str, Any],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Any = print,
+) -> tuple[PreTrainedModel, str]:
+    """Load the cached warm start for these settings, or train it and cache it. Returns (model, cache path)."""
+    settings = {"spec": asdict(spec), "alphabet": getattr(tokenizer, "alphabet", None), "task": task_id, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    path = os.path.join(cache_dir(), "warmstart", warmstart_key(settings))
+    if os.path.isfile(os.path.join(path, "warmstart.json")):
+        log(f"warm start: reusing {path}")
+        loaded = type(model).from_pretrained(path).to(next(model.parameters()).device)
+        return loaded, path
+    log(f"warm start: {steps} supervised steps (cached afterwards in {path})")
+    with torch.random.fork_rng(devices=[]):  # the warm start must not move the run's RNG stream
+        torch.manual_seed(seed)
+        losses = train_supervised(model, tokenizer, problems, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warmstart.json"), "w") as handle:
+        json.dump({**settings, "final_loss": losses[-1] if losses else None}, handle, indent=1, default=str)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process cached the same settings first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, path

@@ -1,0 +1,183 @@
+"""``ebpo train`` end to end on tiny settings: artifacts, learning signal, resume, bad configuration, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("ebpo.losses", reason="the policy losses module is not installed yet")
+pytest.importorskip("ebpo.divergences", reason="the divergences module is not installed yet")
+
+from ebpo.cli import main  # noqa: E402
+from ebpo.train.tracking import read_metrics  # noqa: E402
+
+TINY = [
+    "--warmstart-steps", "40", "--warmstart-batch-size", "32",
+    # Copy-a-digit problems: learnable in a few warm-start steps, so rewards are mixed and the policy moves.
+    "--task-options", "{num_train: 400, num_eval: 16, max_terms: 1, max_digits: 2}",
+    "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6",
+    "--log-every", "1", "--no-progress", "--threads", "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # One warm-start cache per test session, never the user's ~/.cache.
+    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ebpo-cache"))
+
+
+def _timeless(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_short_default_run_learns_and_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--out", str(out), *TINY]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "learning_curve.png"):
+        assert (out / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    final = out / "checkpoints" / "step-000003"
+    for name in ("model/config.json", "model/model.safetensors", "model/char_vocab.json", "trainer_state.pt", "rng-rank0.pt"):
+        assert (final / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "wall_seconds", "peak_rss_mb"):
+        assert math.isfinite(summary[key])
+    assert 0 < summary["peak_rss_mb"] < 4096
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
+    for row in rows:
+        for key, value in row.items():
+            assert math.isfinite(value), (row["step"], key)
+    assert {"ebpo/shrinkage", "loss/policy", "optim/grad_norm", "train/accuracy"} <= set(rows[0])
+    # Parameters moved away from the warm start the run began from.
+    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    start, end = _weights(state["init_model"]), _weights(str(final / "model"))
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert state["estimator"]["estimator"] == "ebpo"
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["train", "--steps", "1", "--out", str(out), *TINY]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Checkpoint at step 2 of 4; resuming from it gives the same step 3-4 metrics and estimator state."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--steps", "4", "--save-every", "2", "--keep-checkpoints", "5", "--estimator-options", "{prior: running}", "--seed", "3", *TINY]
+    assert main(["train", "--out", str(full), *args]) == 0
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")  # as if killed after the step-2 checkpoint
+    state_at_2 = torch.load(resumed / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    assert state_at_2["estimator"]["estimator_state"]["group_stats"]["count"] > 0  # a non-trivial prior to restore
+    assert main(["train", "--resume", str(resumed), "--no-progress"]) == 0
+    rows_full = [_timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))]
+    rows_resumed = [_timeless(r) for r in read_metrics(str(resumed / "metrics.jsonl"))]
+    assert rows_resumed == rows_full
+    assert [r["step"] for r in rows_full if "reward/mean" in r] == [1, 2, 3, 4]
+    end_full = torch.load(full / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
+    end_resumed = torch.load(resumed / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
+    assert end_full["estimator"] == end_resumed["estimator"]
+    assert end_full["stream"] == end_resumed["stream"]
+    a, b = _weights(str(full / "checkpoints" / "step-000004" / "model")), _weights(str(resumed / "checkpoints" / "step-000004" / "model"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--estimator", "ebp"], "unknown advantage estimator 'ebp'"),
+        (["--method", "grpo", "--group-size", "1"], "needs group_size >= 2, got 1; raise --group-size"),
+        (["--divergence", "kl", "--ref-model", "none"], "needs a reference policy but ref_model is 'none'"),
+        (["--model", "/no/such/model/dir"], "model path '/no/such/model/dir' is not a directory"),
+        (["--curriculum", "alphabetical"], "unknown curriculum 'alphabetical'"),
+        (["--div-coef", "0.1", "--divergence", "none"], "no divergence is set; pass --divergence"),
+        (["--estimator-options", "{prior: sometimes}"], "prior must be one of"),
+    ],
+)
+def test_bad_configuration_fails_before_training(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ebpo train: error:") and message in err, err
+    assert not out.exists()  # nothing was started
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "EBPO_CACHE_DIR": cache})
+    from ebpo.train.cli import build_parser, resolve_config
+    from ebpo.train.trainer import Trainer, build_components
+
+    args = build_parser().parse_args(["--steps", "3", "--out", out, "--estimator-options", "{prior: running}", "--weighting", "ha_dw", "--device", "cpu", *TINY])
+    config = resolve_config(args)
+    components = build_components(config)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+    trainer = Trainer(config, out, components, resume=False, echo=lambda _: None)
+    trainer.train()
+    torch.save(
+        {"estimator": components.estimator.state_dict(), "params": {k: v.clone() for k, v in trainer.model.state_dict().items()}},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_run_has_identical_estimator_state(tmp_path):
+    out = str(tmp_path / "ddp")
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), out, str(tmp_path / "cache")), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in (0, 1))
+    assert rank0["estimator"] == rank1["estimator"]  # bit-identical floats, lists and tensors
+    assert rank0["estimator"]["estimator_state"]["group_stats"]["count"] == 3 * 4  # 3 steps x 4 global prompts
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
+
+
+@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "dapo", "rloo", "entropymech", "ebpo-topic", "ebpo-diff", "ha_dw", "ebpo+ha_dw", "gbmpo-probl2", "gbmpo-mirror"])
+def test_every_preset_trains(tmp_path, method):
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, "--steps", "2", "--out", str(out), "--no-tensorboard", *TINY]) == 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert all(math.isfinite(v) for row in rows for v in row.values())
+    if method == "dapo":
+        assert all(1 <= r["dapo/rounds"] <= 4 for r in rows if "dapo/rounds" in r)
+
+
+def test_ppo_minibatches_and_gradient_accumulation_run(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--ppo-epochs", "2", "--mini-batches", "2", "--micro-batch-size", "3", "--lr-schedule", "cosine"]
+    assert main(["train", "--steps", "2", "--out", str(out), "--no-tensorboard", *TINY, *flags]) == 0
+    rows = [r for r in read_metrics(str(out / "metrics.jsonl")) if "loss/approx_kl" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss/approx_kl"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_full_default_run_improves_held_out_accuracy(tmp_path, monkeypatch):
+    """The README command, `ebpo train` with no options (fresh warm start): <= 5 min, <= 2 GB, accuracy up."""
+    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--no-progress"]) == 0
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["accuracy_after"] > summary["accuracy_before"]
+    assert summary["wall_seconds"] < 300 and summary["peak_rss_mb"] < 2048
