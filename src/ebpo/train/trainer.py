@@ -354,29 +354,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Held-out accuracy: greedy, or avg@k with ``eval_samples`` samples (under a fixed seed)."""
+        """Held-out accuracy: greedy, or avg@k with ``eval_samples`` samples (under a fixed seed).
+
+        Uses :func:`ebpo.evaluate.sample_correctness`, the function ``ebpo eval``
+        uses, so ``ebpo eval`` on a checkpoint reproduces this number.
+        """
+        from ebpo.evaluate import EVAL_SEED_OFFSET, sample_correctness
+
         cfg, dist = self.config, self.dist
         problems = list(self.c.task.eval_problems())
         if cfg.max_eval_problems:
             problems = problems[: cfg.max_eval_problems]
-        mine = problems[dist.rank :: dist.world]
-        samples = max(cfg.eval_samples, 1)
-        correct, total = 0.0, 0.0
-        # Sampled evaluation runs on its own seed so it neither moves nor depends on the training RNG.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed + 7919 * (dist.rank + 1))
-            batch = max(1, (cfg.generation_batch_size or 512) // samples)
-            for start in range(0, len(mine), batch):
-                chunk = mine[start : start + batch]
-                rollout = generate(
-                    self.model, self.tokenizer, chunk, torch.arange(len(chunk)), group_size=samples,
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    do_sample=cfg.eval_samples > 0, chat_template=cfg.chat_template, batch_size=0,
-                )
-                rewards, keep, _ = score(rollout, self.c.verifier)
-                correct += float(rewards[keep].sum())
-                total += float(keep.sum())
-        return dist.sum(correct) / max(dist.sum(total), 1.0)
+        rewards, _ = sample_correctness(
+            self.model, self.tokenizer, problems[dist.rank :: dist.world], self.c.verifier,
+            samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size,
+            seed=cfg.seed + EVAL_SEED_OFFSET * (dist.rank + 1),
+        )
+        scored = ~torch.isnan(rewards)
+        return dist.sum(float(rewards[scored].sum())) / max(dist.sum(float(scored.sum())), 1.0)
 
     # ---------------------------------------------------------------- checkpoint and summary
     def save(self) -> None:
