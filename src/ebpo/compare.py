@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step, the same for every G")
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: steps / 6)")
     parser.add_argument("--task", default="arithmetic", help="task passed to ebpo train")
+    parser.add_argument("--max-eval-problems", type=int, default=None, help="held-out problems per evaluation (default: all; --quick: 128)")
     parser.add_argument("--target", type=float, default=None, help="accuracy whose samples-to-reach is reported (default: midway)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at once (one torch thread each)")
     parser.add_argument("--out", default="runs/compare", help="output directory (runs/, report.md, report.json, PNGs)")
@@ -73,6 +74,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.seeds = args.seeds or (2 if quick else 5)
     args.steps = args.steps or (15 if quick else 60)
     args.eval_every = args.eval_every or max(1, args.steps // (3 if quick else 6))
+    args.max_eval_problems = args.max_eval_problems if args.max_eval_problems is not None else (128 if quick else 0)
     return args
 
 
@@ -86,6 +88,7 @@ def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str
         "--task", args.task,
         "--prompts-per-step", str(args.prompts_per_step),
         "--eval-every", str(args.eval_every),
+        "--max-eval-problems", str(args.max_eval_problems),
         "--threads", "1",
         "--no-progress",
         "--save-every", "0",
