@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import threading
 import time
 
 import pytest
 
-from ebpo.verifiers import build_verifier, list_verifiers
+from ebpo.verifiers import VerifierResult, build_verifier, list_verifiers
 
-pytest.importorskip("math_verify")
+from ebpo.verifiers.math_verifier import _Worker
+
+# The gsm8k tests need nothing optional; the math tests need math-verify.
+requires_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None, reason="math-verify not installed")
 
 GSM8K = [
     # (completion, reference, reward)  -- why
@@ -42,6 +47,8 @@ GSM8K = [
     ("The answer is 1e3", "1000", 1.0),  # scientific notation parses as a decimal
     ("#### 2.0", "2", 1.0),  # 2.0 == 2
     ("Total: 56 cookies.\n#### 56", "56", 1.0),  # marker after prose
+    ("It costs 5 dollars.", "5", 1.0),  # unit word and trailing period together
+    ("#### -3.50", "-3.5", 1.0),  # negative decimal with a trailing zero
     ("The answer is 12 apples and 3 pears", "12", 1.0),  # answer-is takes the text after 'is'... first number wins there
 ]
 
@@ -87,17 +94,85 @@ MATH = [
 ]
 
 
+@pytest.fixture(scope="module", params=["signal", "process"])
+def math_verifier(request):
+    verifier = build_verifier("math", isolation=request.param)
+    yield verifier
+    verifier.close()
+
+
+@requires_math_verify
 @pytest.mark.parametrize("completion,reference,reward", MATH)
-def test_math_table(completion, reference, reward):
-    assert build_verifier("math")(completion, reference).reward == reward
+def test_math_table(math_verifier, completion, reference, reward):
+    # Both isolation modes (in-process SIGALRM, worker process) must agree with the table.
+    assert math_verifier(completion, reference).reward == reward
 
 
+@requires_math_verify
+def test_math_in_a_worker_thread_uses_a_worker_process():
+    verifier = build_verifier("math", timeout_seconds=1)  # isolation="auto"
+    results: dict[str, tuple[VerifierResult, float]] = {}
+
+    def score() -> None:
+        for key, completion, reference in [("right", "\\boxed{\\frac{2}{4}}", "0.5"), ("slow", "\\boxed{12345678^{12345678}}", "12345678^{12345678}+0")]:
+            start = time.monotonic()
+            results[key] = (verifier(completion, reference), time.monotonic() - start)
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join()
+    verifier.close()
+    assert results["right"][0].reward == 1.0
+    assert results["slow"][0] == VerifierResult(0.0, {"timeout": 1.0})  # math-verify's alarm, inside the worker
+    assert results["slow"][1] < 3 * 1 + 2 + 1
+
+
+@requires_math_verify
+def test_math_worker_is_killed_at_the_hard_limit_and_restarted():
+    # A hard limit below math-verify's own (10 s) stands in for a computation stuck in C.
+    worker = _Worker(memory_bytes=4 << 30)
+    start = time.monotonic()
+    assert worker.request("12345678^{12345678}+0", "12345678^{12345678}", timeout=10, hard_limit=1.0) == {"status": "timeout", "killed": True}
+    assert time.monotonic() - start < 3 and worker.proc is None
+    assert worker.request("1/2", "0.5", timeout=5, hard_limit=30) == {"status": "ok", "correct": True}  # a fresh worker
+    worker.close()
+
+
+@requires_math_verify
+def test_signal_isolation_refuses_worker_threads():
+    verifier = build_verifier("math", isolation="signal")
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(errors, lambda: verifier("\\boxed{1}", "1")))
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def _capture(errors: list[BaseException], call) -> None:
+    try:
+        call()
+    except RuntimeError as exc:
+        errors.append(exc)
+
+
+@requires_math_verify
+def test_math_options_and_reference_errors():
+    with pytest.raises(ValueError, match="isolation"):
+        build_verifier("math", isolation="thread")
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        build_verifier("math", timeout_seconds=0.5)
+    with pytest.raises(ValueError, match="reference could not be parsed"):
+        build_verifier("math")("\\boxed{1}", "\\text{}")
+
+
+@requires_math_verify
 def test_math_counts_parse_errors_and_oversize():
     verifier = build_verifier("math", max_answer_chars=50)
     assert verifier("nothing", "5").info == {"parse_error": 1.0}
     assert verifier("\\boxed{" + "1+" * 100 + "1}", "201").info == {"oversize": 1.0}
 
 
+@requires_math_verify
 @pytest.mark.parametrize(
     "completion",
     [
@@ -121,3 +196,13 @@ def test_registry_lists_verifiers():
 def test_unreadable_gsm8k_reference_raises():
     with pytest.raises(ValueError, match="not a number"):
         build_verifier("gsm8k")("#### 3", "three")
+
+
+@pytest.mark.parametrize("module", ["ebpo.verifiers.gsm8k", "ebpo.verifiers.code", "ebpo.verifiers.reasoning_gym", "ebpo.verifiers.math_verifier"])
+def test_verifier_docstring_examples(module):
+    if module.endswith("math_verifier") and importlib.util.find_spec("math_verify") is None:
+        pytest.skip("math-verify not installed")
+    import doctest
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterable, Sequence
 from ebpo.registry import Registry
 from ebpo.tasks.base import TASKS, Problem
 
-__all__ = ["DatasetSpec", "DATASETS", "load_records", "list_datasets", "read_rows", "PROMPT_TEMPLATES", "DatasetTask"]
+__all__ = [
+    "DatasetSpec", "DATASETS", "LOADERS", "load_records", "load_dataset_records", "list_datasets", "read_rows",
+    "to_problems", "PROMPT_TEMPLATES", "apply_chat_template", "DatasetTask",
+]
 
 PROMPT_TEMPLATES = {
     "math": "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
@@ -74,11 +77,15 @@ class DatasetSpec:
 
 
 def _mbpp_answer(row: dict[str, Any]) -> str:
-    return json.dumps({"tests": list(row.get("test_list", [])), "setup": row.get("test_setup_code", "") or ""})
+    # 'full' config: test_setup_code (a string); 'sanitized' config: test_imports (a list).
+    setup = row.get("test_setup_code") or "\n".join(row.get("test_imports") or [])
+    return json.dumps({"tests": list(row.get("test_list", [])), "setup": setup})
 
 
 def _humaneval_answer(row: dict[str, Any]) -> str:
-    return json.dumps({"test": row["test"], "entry_point": row["entry_point"]})
+    # The prompt (signature + docstring) is prepended to the completion, as HumanEval's own
+    # harness does, so a base model's body-only continuation runs; a full function redefines it.
+    return json.dumps({"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]})
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -95,6 +102,9 @@ _SPECS = {
 }
 for _name, _spec in _SPECS.items():
     DATASETS.register(_name)(lambda _spec=_spec: _spec)
+
+
+LOADERS = DATASETS  # the name the issue uses; one registry
 
 
 def list_datasets() -> list[str]:
@@ -124,9 +134,15 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
+        except ImportError:
+            pq = None
+        if pq is not None:
+            return pq.read_table(path).to_pylist()
+        try:
+            import pandas
         except ImportError as exc:
-            raise ValueError("reading .parquet needs pyarrow: pip install pyarrow") from exc
-        return pq.read_table(path).to_pylist()
+            raise ValueError(f"reading {str(path)!r} (.parquet) needs pyarrow or pandas: pip install 'ebpo[data]'") from exc
+        return pandas.read_parquet(path).to_dict(orient="records")
     raise ValueError(f"unsupported dataset file type {suffix!r} for {str(path)!r}: use .jsonl, .json or .parquet")
 
 
@@ -170,6 +186,24 @@ def load_records(name: str, path: str | Path | None = None, *, split: str | None
     else:
         rows = read_rows(path) if path is not None else _hub_rows(spec, split)
     return to_problems(name, rows, template=template, limit=limit)
+
+
+def load_dataset_records(name: str, path: str | Path | None = None, split: str | None = None, limit: int | None = None, template: str | None = None) -> list[Problem]:
+    """Same as :func:`load_records` (the signature the issue names)."""
+    return load_records(name, path, split=split, template=template, limit=limit)
+
+
+def apply_chat_template(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+    """``prompt`` as the user turn of ``tokenizer``'s chat template (generation prompt appended), when it has one.
+
+    Instruct models expect their chat format; base models and tokenizers
+    without a template (``tokenizer.chat_template`` unset) get ``prompt``
+    unchanged, with ``system`` prepended on its own paragraph when given.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{system}\n\n{prompt}" if system else prompt
 
 
 def _humaneval_package_rows() -> list[dict[str, Any]]:

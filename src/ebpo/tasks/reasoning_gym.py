@@ -2,100 +2,70 @@
 
 `reasoning-gym <https://pypi.org/project/reasoning-gym/>`_ generates
 procedural reasoning problems offline, each dataset with its own scorer.
-Training and held-out problems come from two seeds. A scorer needs the whole
-dataset entry (question, answer, metadata), not just the answer string, so
-``Problem.answer`` carries the entry as JSON (``{"dataset": name, "entry":
-{...}}``) and the ``reasoning_gym`` verifier decodes it and calls the
-dataset's own ``score_answer``. The completion's answer is the text inside
-``<answer>...</answer>`` when present, else its last non-empty line.
+Training and held-out problems come from two seeds (``seed``,
+``eval_seed``); held-out prompts that also occur in the training draw are
+dropped from training. ``Problem.answer`` carries the whole entry as JSON
+(:func:`ebpo.verifiers.reasoning_gym.encode_reference`), which the
+``reasoning_gym`` verifier decodes to call the dataset's own ``score_answer``.
+Extra keyword options are the dataset's configuration (``min_terms=2`` for
+``chain_sum``), passed to ``reasoning_gym.create_dataset``.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from ebpo.tasks.base import TASKS, Problem
-from ebpo.verifiers.base import VERIFIERS, VerifierResult
+from ebpo.verifiers.reasoning_gym import ReasoningGymVerifier, encode_reference, extract_final, require_reasoning_gym
 
-__all__ = ["ReasoningGymTask", "ReasoningGymVerifier"]
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def _require() -> Any:
-    try:
-        import reasoning_gym
-    except ImportError as exc:
-        raise ValueError("reasoning-gym tasks need the reasoning-gym package: pip install 'ebpo[gym]'") from exc
-    return reasoning_gym
+__all__ = ["ReasoningGymTask", "ReasoningGymVerifier", "extract_final"]  # the verifier re-exported for old imports
 
 
 @TASKS.register("reasoning_gym")
-@dataclass
 class ReasoningGymTask:
-    """Problems of reasoning-gym dataset ``dataset`` (options go to ``reasoning_gym.create_dataset``)."""
+    """Problems of reasoning-gym dataset ``name``.
 
-    dataset: str
-    size: int = 2000
-    eval_size: int = 128
-    seed: int = 0
-    eval_seed: int = 1_000_003
-    options: dict[str, Any] = field(default_factory=dict)
-    verifier: str = field(default="reasoning_gym", init=False)
+    Args:
+        name: a reasoning-gym dataset name (``chain_sum``, ``leg_counting``, ...).
+        size: training problems drawn (before removing overlaps with the held-out set).
+        eval_size: held-out problems.
+        seed, eval_seed: generator seeds of the two sets (must differ).
+        template: prompt format with a ``{question}`` field.
+        **options: the dataset's own configuration.
+    """
 
-    def __post_init__(self) -> None:
-        rg = _require()
-        if not self.dataset:
+    verifier = "reasoning_gym"
+
+    def __init__(
+        self, name: str, size: int = 2000, eval_size: int = 128, seed: int = 0, eval_seed: int = 1_000_003,
+        template: str = "{question}", **options: Any,
+    ) -> None:
+        rg = require_reasoning_gym()
+        if not name:
             raise ValueError("reasoning_gym needs a dataset name: --task reasoning_gym:<name>, e.g. reasoning_gym:chain_sum")
-        self.name = f"reasoning_gym:{self.dataset}"
+        if seed == eval_seed:
+            raise ValueError(f"reasoning_gym: seed and eval_seed must differ (both {seed}), or held-out problems repeat training ones")
+        if size < 1 or eval_size < 1:
+            raise ValueError(f"reasoning_gym: size and eval_size must be >= 1, got {size} and {eval_size}")
+        self.dataset, self.options, self.template = name, dict(options), template
+        self.name = f"reasoning_gym:{name}"
         try:
-            train = rg.create_dataset(self.dataset, size=self.size, seed=self.seed, **self.options)
-            held = rg.create_dataset(self.dataset, size=self.eval_size, seed=self.eval_seed, **self.options)
-        except (KeyError, ValueError) as exc:  # reasoning-gym's own "no such dataset" / bad option errors
-            raise ValueError(f"reasoning-gym cannot create dataset {self.dataset!r}: {exc}") from exc
-        self._eval = [self._problem(e, "eval", i) for i, e in enumerate(held)]
+            train = rg.create_dataset(name, size=size, seed=seed, **options)
+            held = rg.create_dataset(name, size=eval_size, seed=eval_seed, **options)
+        except (KeyError, TypeError, ValueError) as exc:  # reasoning-gym's "not registered" / bad config errors
+            raise ValueError(f"reasoning-gym cannot create dataset {name!r} with options {options}: {exc}") from exc
+        self._eval = [self._problem(entry, "eval", i) for i, entry in enumerate(held)]
         seen = {p.prompt for p in self._eval}
-        self._train = [p for p in (self._problem(e, "train", i) for i, e in enumerate(train)) if p.prompt not in seen]
+        self._train = [p for p in (self._problem(entry, "train", i) for i, entry in enumerate(train)) if p.prompt not in seen]
+        if not self._train:
+            raise ValueError(f"reasoning_gym:{name}: every training problem also occurs in the held-out set; raise size")
 
     def _problem(self, entry: dict[str, Any], split: str, index: int) -> Problem:
-        reference = json.dumps({"dataset": self.dataset, "entry": entry}, default=str)
-        return Problem(id=f"{self.dataset}-{split}-{index}", prompt=str(entry["question"]), answer=reference)
+        prompt = self.template.format(question=entry["question"])
+        return Problem(id=f"{self.dataset}-{split}-{index}", prompt=prompt, answer=encode_reference(self.dataset, entry, self.options))
 
     def train_problems(self) -> list[Problem]:
         return self._train
 
     def eval_problems(self) -> list[Problem]:
         return self._eval
-
-
-@lru_cache(maxsize=64)
-def _scorer(dataset: str) -> Any:
-    return _require().get_score_answer_fn(dataset)
-
-
-def extract_final(completion: str) -> str:
-    tagged = _ANSWER_TAG.findall(completion)
-    if tagged:
-        return tagged[-1].strip()
-    lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-@VERIFIERS.register("reasoning_gym")
-class ReasoningGymVerifier:
-    """Scores with the dataset's own ``score_answer`` (rewards in [0, 1])."""
-
-    def __call__(self, completion: str, reference: str) -> VerifierResult:
-        try:
-            spec = json.loads(reference)
-            dataset, entry = spec["dataset"], spec["entry"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"reasoning_gym reference must be JSON with 'dataset' and 'entry': {reference[:200]!r}") from exc
-        answer = extract_final(completion)
-        if not answer:
-            return VerifierResult(0.0, {"parse_error": 1.0})
-        return VerifierResult(float(_scorer(dataset)(answer, entry)))

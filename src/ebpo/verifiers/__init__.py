@@ -1,11 +1,18 @@
 """Verifiers: completion + reference -> reward (see ``ebpo.verifiers.base``).
 
-Importing this package registers ``exact``, ``gsm8k``, ``math`` (needs the
-``math`` extra), ``code`` and ``reasoning_gym`` (needs the ``gym`` extra).
+Importing this package registers ``gsm8k``, ``math`` (needs the ``math``
+extra at call time), ``code``, ``reasoning_gym`` (needs the ``gym`` extra at
+call time) and, when present, ``exact``.
 """
 
-from ebpo.verifiers import code, exact, gsm8k, math_verifier  # noqa: F401  (registration)
-import ebpo.tasks.reasoning_gym  # noqa: F401,E402  (registers the reasoning_gym verifier)
+import importlib
+import importlib.util
+
 from ebpo.verifiers.base import VERIFIERS, VerifierResult, build_verifier, list_verifiers
+from ebpo.verifiers import code, gsm8k, math_verifier, reasoning_gym  # noqa: F401  (registration)
+
+# ``exact`` belongs to the built-in task and may be absent from a partial install.
+if importlib.util.find_spec("ebpo.verifiers.exact") is not None:
+    importlib.import_module("ebpo.verifiers.exact")
 
 __all__ = ["VERIFIERS", "VerifierResult", "build_verifier", "list_verifiers"]

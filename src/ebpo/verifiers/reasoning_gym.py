@@ -1,0 +1,81 @@
+"""``reasoning_gym``: score with a reasoning-gym dataset's own ``score_answer``.
+
+A reasoning-gym scorer needs the whole dataset entry (question, answer,
+metadata), not only the answer string, so the reference is JSON::
+
+    {"dataset": "chain_sum", "options": {...}, "entry": {"question": ..., "answer": ..., "metadata": {...}}}
+
+(:class:`ebpo.tasks.reasoning_gym.ReasoningGymTask` writes it into
+``Problem.answer``; ``options`` is the dataset configuration the entry was
+generated with, optional, since a few scorers read their configuration). The
+completion's answer is the text inside the last ``<answer>...</answer>``
+(reasoning-gym's convention), else its last non-empty line. Rewards are the
+scorer's, in [0, 1] (some datasets give partial credit). An empty answer is
+a parse error (``info["parse_error"]``); a malformed reference raises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any, Callable
+
+from ebpo.verifiers.base import VERIFIERS, VerifierResult
+
+__all__ = ["ReasoningGymVerifier", "extract_final", "encode_reference", "require_reasoning_gym"]
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def require_reasoning_gym() -> Any:
+    try:
+        import reasoning_gym
+    except ImportError as exc:
+        raise ValueError("reasoning-gym tasks need the reasoning-gym package: pip install 'ebpo[gym]'") from exc
+    return reasoning_gym
+
+
+def encode_reference(dataset: str, entry: dict[str, Any], options: dict[str, Any] | None = None) -> str:
+    """The reference string for one entry (tuples in metadata become lists; other objects their ``str``)."""
+    return json.dumps({"dataset": dataset, "options": options or {}, "entry": entry}, default=str, sort_keys=True)
+
+
+def extract_final(completion: str) -> str:
+    """The last ``<answer>...</answer>``, else the last non-empty line.
+
+    >>> extract_final("thinking...\\n<answer> 42 </answer>")
+    '42'
+    """
+    tagged = _ANSWER_TAG.findall(completion)
+    if tagged:
+        return tagged[-1].strip()
+    lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@lru_cache(maxsize=256)
+def _scorer(dataset: str, options_json: str) -> Callable[[str, dict[str, Any]], float]:
+    # Building a dataset is cheap (entries are generated on access); cache one per configuration.
+    rg = require_reasoning_gym()
+    try:
+        return rg.create_dataset(dataset, size=1, seed=0, **json.loads(options_json)).score_answer
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"reasoning-gym cannot build dataset {dataset!r} to score with: {exc}") from exc
+
+
+@VERIFIERS.register("reasoning_gym")
+class ReasoningGymVerifier:
+    """Scores with the dataset's own ``score_answer`` (rewards in [0, 1]); see the module docstring."""
+
+    def __call__(self, completion: str, reference: str) -> VerifierResult:
+        try:
+            spec = json.loads(reference)
+            dataset, entry = spec["dataset"], spec["entry"]
+            options = {k: v for k, v in spec.get("options", {}).items() if k not in ("size", "seed")}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"reasoning_gym reference must be JSON with 'dataset' and 'entry': {reference[:200]!r}") from exc
+        answer = extract_final(completion)
+        if not answer:
+            return VerifierResult(0.0, {"parse_error": 1.0})
+        return VerifierResult(float(_scorer(dataset, json.dumps(options, sort_keys=True))(answer, entry)))
