@@ -23,13 +23,12 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ebpo.procs import run_parallel
 from ebpo.stats_report import mean_ci, samples_to_target
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
@@ -105,29 +104,16 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, out: Path) -> dict[R
     pending = [s for s in specs if args.rerun or not (runs_dir / s.name / "summary.json").exists()]
     if len(pending) < len(specs):
         print(f"reusing {len(specs) - len(pending)} finished runs in {runs_dir}")
-    running: list[tuple[RunSpec, subprocess.Popen, Any]] = []
-    failed: list[str] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    started = time.time()
-    done = 0
-    while pending or running:
-        while pending and len(running) < max(1, args.workers):
-            spec = pending.pop(0)
-            log = open(runs_dir / f"{spec.name}.log", "w")
-            proc = subprocess.Popen(_command(spec, args, runs_dir / spec.name), stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((spec, proc, log))
-        time.sleep(0.5)
-        for item in list(running):
-            spec, proc, log = item
-            if proc.poll() is None:
-                continue
-            log.close()
-            running.remove(item)
-            done += 1
-            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {runs_dir / spec.name}.log)"
-            if proc.returncode != 0:
-                failed.append(spec.name)
-            print(f"[{done}/{len(specs)}] {spec.name}: {status} ({time.time() - started:.0f}s)", flush=True)
+    done = [len(specs) - len(pending)]
+
+    def report(name: str, code: int, seconds: float) -> None:
+        done[0] += 1
+        status = "ok" if code == 0 else f"FAILED (exit {code}, see {runs_dir / name}.log)"
+        print(f"[{done[0]}/{len(specs)}] {name}: {status} ({seconds:.0f}s)", flush=True)
+
+    jobs = [(s.name, _command(s, args, runs_dir / s.name), runs_dir / f"{s.name}.log") for s in pending]
+    codes = run_parallel(jobs, args.workers, on_done=report)
+    failed = sorted(name for name, code in codes.items() if code != 0)
     if failed:  # a failed run is reported, never silently averaged in as 0
         raise SystemExit(f"ebpo compare: {len(failed)} run(s) failed: {', '.join(failed)}")
     return {s: runs_dir / s.name for s in specs}

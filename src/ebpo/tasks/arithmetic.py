@@ -74,6 +74,8 @@ class ArithmeticTask:
         digit_weights: relative frequency of 1, 2, ... digits per term (None = uniform).
         seed: seed of the training problems.
         eval_seed: seed of the held-out problems (separate from ``seed``).
+        exclude_eval_seeds: held-out sets (drawn with these seeds and ``num_eval``) kept out of
+            both splits; ``ebpo meta`` validates on its own split this way, never on the final held-out set.
     """
 
     num_train: int = 20000
@@ -85,6 +87,7 @@ class ArithmeticTask:
     digit_weights: tuple[float, ...] | None = None
     seed: int = 0
     eval_seed: int = 1_000_003
+    exclude_eval_seeds: tuple[int, ...] = ()
     name: str = field(default="arithmetic", init=False)
     verifier: str = field(default="exact", init=False)
 
@@ -100,8 +103,9 @@ class ArithmeticTask:
                 raise ValueError(f"arithmetic {name} needs {size} non-negative weights with a positive sum, got {weights}")
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError(f"arithmetic needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
-        self._eval = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())
-        self._train = self._draw(self.seed, self.num_train, "train", exclude=frozenset(p.prompt for p in self._eval))
+        excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))
+        self._eval = self._draw(self.eval_seed, self.num_eval, "eval", exclude=excluded)
+        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in self._eval))
 
     def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
         rng = random.Random(seed)

@@ -1,0 +1,186 @@
+"""``ebpo meta``: evolution strategies search GBMPO's neural mirror map (METHODS.md §4).
+
+    ebpo meta --quick --out runs/meta-quick
+    ebpo meta --out runs/meta --population 10 --iterations 15 --inner-steps 100
+    ebpo meta --out runs/meta --resume                   # continue an interrupted search
+    ebpo train --method gbmpo-mirror --divergence-options '{params_path: runs/meta/mirror_params.json}'
+
+Each ES member is an ordinary ``ebpo train`` run (``--method gbmpo-mirror``
+with the member's 380 parameters) for ``--inner-steps`` steps, scored by its
+held-out accuracy (avg@k) on a *validation* split: the arithmetic task drawn
+with its own ``eval_seed`` and with the final held-out set excluded from both
+of its splits, so the final evaluation never sees what the search optimised.
+All members of an iteration train from the same seed (common random numbers:
+the fitness differences come from the mirror maps, not from sampling noise).
+Members run ``--workers`` at a time; a member whose run fails is dropped from
+the gradient estimate and counted (``failed`` in the log), never scored 0.
+
+The ES update (:mod:`ebpo.es`): antithetic population, sigma decay, step
+size, elites and patience as in the GBMPO paper. Parameters are kept
+non-negative by default (``--no-project-nonneg`` to reproduce the released
+code, which can lose convexity and so D >= 0).
+
+After every iteration the search state is written atomically to
+``OUT/es_state.pt`` (with ``--resume`` the search continues from it and ends
+with the same parameters as an uninterrupted search), and ``OUT/es_log.json``
+and ``OUT/fitness.png`` are updated. At the end ``OUT/mirror_params.json``
+holds the final ES parameters, loadable by ``build_divergence("neural_mirror",
+params_path=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ebpo.divergences import NeuralMirror
+from ebpo.es import ESConfig, ESState, es_iteration
+from ebpo.procs import run_parallel
+
+__all__ = ["main"]
+
+VALIDATION_SEED = 424_242
+FINAL_EVAL_SEED = 1_000_003  # ArithmeticTask's default held-out seed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebpo meta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/meta", help="output directory (state, log, plot, parameters, member runs)")
+    parser.add_argument("--resume", action="store_true", help="continue the search saved in --out")
+    parser.add_argument("--quick", action="store_true", help="a small search (population 4, 2 iterations, 10 inner steps)")
+    parser.add_argument("--population", type=int, default=None, help="members per iteration, even (default 10)")
+    parser.add_argument("--iterations", type=int, default=None, help="most ES iterations (default 15)")
+    parser.add_argument("--sigma", type=float, default=0.01, help="initial perturbation scale")
+    parser.add_argument("--sigma-decay", type=float, default=0.99, help="sigma is multiplied by this every iteration")
+    parser.add_argument("--step-size", type=float, default=0.01, help="ES learning rate")
+    parser.add_argument("--elite-frac", type=float, default=0.25, help="elites kept when an iteration does not improve")
+    parser.add_argument("--patience", type=int, default=5, help="stop after this many iterations without improvement")
+    parser.add_argument("--min-improvement", type=float, default=0.001, help="improvement that resets the patience")
+    parser.add_argument("--project-nonneg", action=argparse.BooleanOptionalAction, default=True, help="keep parameters >= 0 (convex mirror map)")
+    parser.add_argument("--inner-steps", type=int, default=None, help="RL steps each member trains (default 100, as the released code)")
+    parser.add_argument("--eval-problems", type=int, default=None, help="validation problems per member (default 256)")
+    parser.add_argument("--init-seed", type=int, default=0, help="seed of the initial random mirror map (U(0, 0.01))")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the ES perturbations and of every member's training")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="member runs at once")
+    parser.add_argument("--train-args", default="", help="extra flags for every member's ebpo train, as one string")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    args.population = args.population or (4 if args.quick else 10)
+    args.iterations = args.iterations or (2 if args.quick else 15)
+    args.inner_steps = args.inner_steps or (10 if args.quick else 100)
+    args.eval_problems = args.eval_problems or (64 if args.quick else 256)
+    return args
+
+
+def _member_command(args: argparse.Namespace, params_file: Path, run_dir: Path) -> list[str]:
+    task_options = {"eval_seed": VALIDATION_SEED, "exclude_eval_seeds": [FINAL_EVAL_SEED], "num_eval": args.eval_problems}
+    return [
+        sys.executable, "-m", "ebpo", "train",
+        "--method", "gbmpo-mirror",
+        "--divergence-options", json.dumps({"params_path": str(params_file), "project_nonneg": args.project_nonneg}),
+        "--task", "arithmetic",
+        "--task-options", json.dumps(task_options),
+        "--steps", str(args.inner_steps),
+        "--seed", str(args.seed),
+        "--threads", "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--save-every", "0",
+        "--out", str(run_dir),
+        "--overwrite",
+        *args.train_args.split(),
+    ]  # fmt: skip
+
+
+def _fitness(args: argparse.Namespace, out: Path, iteration: int):
+    def evaluate(members: torch.Tensor) -> list[float | None]:
+        folder = out / "members" / f"iter-{iteration:03d}"
+        if folder.exists():
+            shutil.rmtree(folder)  # a resumed iteration reruns its members from scratch
+        jobs = []
+        for i, params in enumerate(members):
+            params_file = folder / f"member-{i:02d}.json"
+            params_file.parent.mkdir(parents=True, exist_ok=True)
+            NeuralMirror(params, project_nonneg=args.project_nonneg).save(params_file)
+            jobs.append((f"member-{i:02d}", _member_command(args, params_file, folder / f"member-{i:02d}"), folder / f"member-{i:02d}.log"))
+        codes = run_parallel(jobs, args.workers)
+        scores: list[float | None] = []
+        for i in range(members.shape[0]):
+            summary = folder / f"member-{i:02d}" / "summary.json"
+            ok = codes.get(f"member-{i:02d}") == 0 and summary.exists()
+            scores.append(float(json.loads(summary.read_text())["accuracy_after"]) if ok else None)
+        return scores
+
+    return evaluate
+
+
+def _save_state(state: ESState, config: ESConfig, out: Path) -> None:
+    tmp = out / "es_state.pt.tmp"
+    torch.save({"config": config.__dict__, "state": state.state_dict()}, tmp)
+    os.replace(tmp, out / "es_state.pt")  # atomic: a kill mid-write keeps the previous iteration's state
+    (out / "es_log.json").write_text(json.dumps({"config": config.__dict__, "history": state.history}, indent=2))
+    _plot(state.history, out / "fitness.png")
+
+
+def _plot(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [h["iteration"] for h in history if h["mean_fitness"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(its, [h["mean_fitness"] for h in history if h["mean_fitness"] is not None], "o-", label="population mean")
+    ax.plot(its, [h["max_fitness"] for h in history if h["mean_fitness"] is not None], "s--", label="best member")
+    ax.set(xlabel="ES iteration", ylabel="validation accuracy", title="GBMPO mirror-map search")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _resolve(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    out = Path(args.out)
+    config = ESConfig(
+        population=args.population, sigma=args.sigma, sigma_decay=args.sigma_decay, step_size=args.step_size,
+        iterations=args.iterations, elite_frac=args.elite_frac, patience=args.patience,
+        min_improvement=args.min_improvement, project_nonneg=args.project_nonneg, seed=args.seed,
+    )  # fmt: skip
+    state_file = out / "es_state.pt"
+    if args.resume:
+        if not state_file.exists():
+            print(f"ebpo meta: error: --resume but {state_file} does not exist", file=sys.stderr)
+            return 2
+        saved = torch.load(state_file, weights_only=False)
+        state = ESState.from_state_dict(saved["state"])
+        state.done = state.iteration >= config.iterations or state.no_improvement >= config.patience
+        print(f"resuming after iteration {state.iteration}")
+    else:
+        if state_file.exists():
+            print(f"ebpo meta: error: {out} already holds a search; pass --resume to continue it or choose another --out", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        state = ESState.start(NeuralMirror(seed=args.init_seed).flat_params, config)
+    while not state.done:
+        state = es_iteration(state, config, _fitness(args, out, state.iteration + 1))
+        record = state.history[-1]
+        print(
+            f"iteration {record['iteration']}: mean fitness {record['mean_fitness']}, best member {record['max_fitness']}, "
+            f"failed {record['failed']}/{record['evaluated']}, improved {record['improved']}",
+            flush=True,
+        )
+        _save_state(state, config, out)
+    NeuralMirror(state.phi, project_nonneg=args.project_nonneg).save(out / "mirror_params.json")
+    print(f"wrote {out / 'mirror_params.json'} (best population mean {state.best_mean_fitness:.4f})")
+    return 0

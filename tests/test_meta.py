@@ -1,0 +1,39 @@
+"""ebpo meta: the ES search over the mirror map runs members through ebpo train, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ebpo.divergences import NeuralMirror
+from ebpo.meta import main
+
+TINY = [
+    "--population", "4", "--inner-steps", "3", "--eval-problems", "32", "--workers", "2", "--sigma", "2.0",
+    "--min-improvement", "-1",
+    "--train-args", "--prompts-per-step 4 --group-size 2 --warmstart-steps 150 --warmstart-batch-size 64 "
+    "--eval-samples 4 --max-new-tokens 6 --div-coef 20 --lr 0.002",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_search_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path / "cache"))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*TINY, "--iterations", "2", "--out", str(straight)]) == 0
+    assert main([*TINY, "--iterations", "1", "--out", str(split)]) == 0  # "killed" after iteration 1
+    assert main([*TINY, "--iterations", "2", "--out", str(split)]) == 2  # refuses to overwrite a search
+    assert main([*TINY, "--iterations", "2", "--out", str(split), "--resume"]) == 0
+    a = NeuralMirror.load(straight / "mirror_params.json").flat_params
+    b = NeuralMirror.load(split / "mirror_params.json").flat_params
+    assert torch.equal(a, b)
+    assert not torch.equal(a, NeuralMirror(seed=0).flat_params)  # the search moved phi
+    log = json.loads((straight / "es_log.json").read_text())
+    assert [h["evaluated"] for h in log["history"]] == [4, 4] and all(h["failed"] == 0 for h in log["history"])
+    assert (straight / "fitness.png").stat().st_size > 1000
+    # the learned map is a valid (convex) mirror map: D >= 0 on a grid of (p, p_ref)
+    grid = torch.linspace(0.01, 1.0, 40, dtype=torch.float64)
+    p, q = torch.meshgrid(grid, grid, indexing="ij")
+    assert float(NeuralMirror.load(straight / "mirror_params.json")(p.log(), q.log()).min()) >= 0
