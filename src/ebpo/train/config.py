@@ -91,6 +91,10 @@ class TrainConfig:
     """Weighting options as YAML ('{anchor: hard, lam: 1.5}')."""
     curriculum: str = "shuffle"
     """Order of the training prompts: shuffle, topic, difficulty."""
+    difficulty_samples: int = 16
+    """Samples per training prompt with which the difficulty curriculum estimates the starting model pass rate (cached)."""
+    difficulty_temperature: float = 1.0
+    """Sampling temperature of that pass rate estimate (the EBPO paper: 16 samples at 1.0)."""
 
     # --- loss ---
     loss: str = "clip"
@@ -178,7 +182,7 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-_POSITIVE = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "log_every", "keep_checkpoints")
+_POSITIVE = ("difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "log_every", "keep_checkpoints")
 _NON_NEGATIVE = (
     "warmstart_steps", "threads", "lora_rank", "generation_batch_size", "micro_batch_size", "eval_every", "eval_samples",
     "max_eval_problems", "save_every", "max_resample_rounds", "overlong_buffer", "lr_warmup_steps", "weight_decay",

@@ -60,13 +60,16 @@ def build_verifier_for(task: Task, override: str | None) -> Verifier:
 class PromptStream:
     """Problems in curriculum order, epoch after epoch; ``state_dict`` records the position."""
 
-    def __init__(self, problems: Sequence[Problem], curriculum: str, seed: int) -> None:
+    def __init__(self, problems: Sequence[Problem], curriculum: str, seed: int, pass_rates: Any = None) -> None:
         if len(problems) == 0:
             raise ValueError("the task has no training problems")
-        self.problems, self.seed = problems, seed
+        self.problems, self.seed, self.pass_rates = problems, seed, pass_rates
         self.curriculum = build_curriculum(curriculum)
         self.epoch, self.index = 0, 0
-        self._order = self.curriculum.order(problems, seed=seed, epoch=0)
+        self._order = self._ordering(0)
+
+    def _ordering(self, epoch: int) -> list[int]:
+        return self.curriculum.order(self.problems, seed=self.seed, epoch=epoch, pass_rates=self.pass_rates)
 
     def take(self, count: int) -> list[Problem]:
         """The next ``count`` problems, crossing into the next epoch's order when needed."""
@@ -74,7 +77,7 @@ class PromptStream:
         while len(batch) < count:
             if self.index == len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0
-                self._order = self.curriculum.order(self.problems, seed=self.seed, epoch=self.epoch)
+                self._order = self._ordering(self.epoch)
             take = min(count - len(batch), len(self._order) - self.index)
             batch += [self.problems[i] for i in self._order[self.index : self.index + take]]
             self.index += take
@@ -85,4 +88,4 @@ class PromptStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self.curriculum.order(self.problems, seed=self.seed, epoch=self.epoch)
+        self._order = self._ordering(self.epoch)

@@ -116,7 +116,8 @@ class Trainer:
         needs_ref = components.divergence is not None and getattr(components.divergence, "needs_reference", True)
         self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if needs_ref else None
         self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
-        self.stream = PromptStream(components.task.train_problems(), config.curriculum, config.seed)
+        pass_rates = self._starting_pass_rates() if config.curriculum == "difficulty" else None
+        self.stream = PromptStream(components.task.train_problems(), config.curriculum, config.seed, pass_rates)
         if resume:
             self._resume()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
@@ -157,6 +158,43 @@ class Trainer:
         if self.dist.is_main:
             self.dist.barrier()
         return model, tokenizer, path
+
+    def _starting_pass_rates(self) -> Tensor:
+        """EBPO-diff's difficulty: the starting policy's pass rate on every training prompt, cached.
+
+        ``difficulty_samples`` samples per prompt at ``difficulty_temperature``
+        (the paper: 16 at 1.0). Cached under ``$EBPO_CACHE_DIR/difficulty`` by
+        the starting model, task and sampling settings, so reruns and resumed
+        runs see the same order. Costs len(train) x samples generations once.
+        """
+        import hashlib
+        import json
+
+        from ebpo.evaluate import sample_correctness
+        from ebpo.train.warmstart import cache_dir
+
+        cfg = self.config
+        problems = self.c.task.train_problems()
+        key_src = json.dumps(
+            {"model": self.init_path, "task": cfg.task, "options": cfg.task_options, "n": cfg.difficulty_samples,
+             "t": cfg.difficulty_temperature, "top_p": cfg.top_p, "len": cfg.max_new_tokens, "problems": len(problems)},
+            sort_keys=True, default=str,
+        )  # fmt: skip
+        path = os.path.join(cache_dir(), "difficulty", hashlib.sha256(key_src.encode()).hexdigest()[:16] + ".pt")
+        if os.path.exists(path):
+            return torch.load(path)
+        self.echo(f"difficulty curriculum: estimating the starting model's pass rate on {len(problems)} prompts x {cfg.difficulty_samples} samples")
+        rewards, _ = sample_correctness(
+            self.model, self.tokenizer, problems, self.c.verifier, samples=cfg.difficulty_samples,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.difficulty_temperature, top_p=cfg.top_p,
+            chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size, seed=cfg.seed,
+        )  # fmt: skip
+        pass_rates = torch.nan_to_num(rewards, nan=0.0).mean(dim=1)  # (num_train,)
+        if self.dist.is_main:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(pass_rates, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return pass_rates
 
     def _lr_factor(self, update: int) -> float:
         cfg = self.config
