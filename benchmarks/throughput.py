@@ -1,0 +1,124 @@
+"""Training throughput of ``ebpo train`` against TRL's ``GRPOTrainer`` on the same tiny model and batch.
+
+    pip install trl
+    python benchmarks/throughput.py --steps 20 --json benchmarks/results/throughput.json
+
+Both trainers start from the same warm-started tiny Llama (ebpo's cached warm
+start), train the built-in arithmetic task with the same number of prompts
+per step, group size, completion length, sampling temperature, learning rate,
+one PPO epoch, no KL term and the same exact-answer reward, each with all
+CPU threads, one after the other. Timed: the training steps only (ebpo:
+``time/step_seconds`` from metrics.jsonl; TRL: a callback around each
+optimiser step, which includes its generation), not model loading or
+evaluation. Generated tokens per second use each trainer's logged mean
+completion length. Prints a table with the ratio and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_ebpo(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
+    out = work / "ebpo"
+    cmd = [
+        sys.executable, "-m", "ebpo", "train", "--method", "grpo", "--steps", str(args.steps),
+        "--prompts-per-step", str(args.prompts), "--group-size", str(args.group_size),
+        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--max-eval-problems", "8",
+        "--eval-samples", "1", "--no-progress", "--no-tensorboard", "--save-every", "0", "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/step_seconds" in r][args.warmup :]
+    seconds = sum(r["time/step_seconds"] for r in steps)
+    tokens = sum(r["rollout/completion_length"] * args.prompts * args.group_size for r in steps)
+    state = torch.load(next((out / "checkpoints").glob("step-*")) / "trainer_state.pt", weights_only=False)
+    return {"steps": len(steps), "seconds": seconds, "steps_per_s": len(steps) / seconds, "tokens_per_s": tokens / seconds}, state["init_model"]
+
+
+def run_trl(args: argparse.Namespace, model_path: str, work: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ebpo.models.loading import load_tokenizer
+    from ebpo.tasks.arithmetic import ArithmeticTask
+
+    tokenizer = load_tokenizer(model_path)
+    problems = ArithmeticTask().train_problems()
+    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems[: args.prompts * (args.steps + 2)]])
+
+    def exact(completions: list[str], answer: list[str], **_: object) -> list[float]:
+        return [float(c.strip().split("\n")[0].strip() == a) for c, a in zip(completions, answer)]
+
+    config = GRPOConfig(
+        output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr, beta=0.0,
+        per_device_train_batch_size=args.prompts * args.group_size, num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, num_iterations=1,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0,
+        dataloader_num_workers=0, lr_scheduler_type="constant",
+    )  # fmt: skip
+    times: list[float] = []
+    lengths: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a: object, **k: object) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a: object, **k: object) -> None:
+            times.append(time.perf_counter() - self.start)
+
+        def on_log(self, _args: object, _state: object, _control: object, logs: dict | None = None, **k: object) -> None:
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    timed, lens = times[args.warmup :], lengths[args.warmup :] or lengths
+    seconds = sum(timed)
+    tokens = sum(lens) / max(len(lens), 1) * args.prompts * args.group_size * len(timed)
+    return {"steps": len(timed), "seconds": seconds, "steps_per_s": len(timed) / seconds, "tokens_per_s": tokens / seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per trainer")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps excluded from timing")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="completion length")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/throughput.json"), help="output file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ebpo_result, model_path = run_ebpo(args, work)
+        trl_result = run_trl(args, model_path, work)
+    import trl
+
+    ratio = ebpo_result["steps_per_s"] / trl_result["steps_per_s"]
+    print("| trainer | steps | seconds | steps/s | generated tokens/s |")
+    print("|---|---|---|---|---|")
+    for name, r in (("ebpo", ebpo_result), (f"trl {trl.__version__}", trl_result)):
+        print(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} |")
+    print(f"\nebpo / TRL steps per second: {ratio:.2f}x")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "trl": trl.__version__, "python": platform.python_version(), "cpus": os.cpu_count(), **{k: v for k, v in vars(args).items() if k != "json"}}
+    args.json.write_text(json.dumps({"meta": meta, "ebpo": ebpo_result, "trl": trl_result, "ratio_steps_per_s": ratio}, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
