@@ -1,0 +1,113 @@
+"""verl: ebpo's estimators as verl advantage estimators (``algorithm.adv_estimator=ebpo``).
+
+verl looks advantage estimators up by name in
+``verl.trainer.ppo.core_algos.ADV_ESTIMATOR_REGISTRY`` and calls them as
+``fn(token_level_rewards, response_mask, index, config=None, **kwargs) ->
+(advantages, returns)``, all tensors (bs, response_length), ``index`` the
+numpy array of prompt uids. :func:`register` adds, under new names:
+
+=================  =====================================================
+``ebpo``           EBPO, per-batch prior (the authors' released code)
+``ebpo_running``   EBPO, Welford prior across steps (the paper's Algorithm 1)
+``ebpo_ema``       EBPO, exponentially forgetting prior
+``ha_dw``          GRPO + HA-DW
+``ebpo_ha_dw``     EBPO (per-batch prior) + HA-DW
+=================  =====================================================
+
+The sequence reward is ``token_level_rewards.sum(-1)``; the advantage is
+broadcast over the response mask; returns equal advantages (as verl's GRPO).
+verl computes advantages in the driver process, so stateful estimators live
+in this module (:data:`ESTIMATORS`, one per name) and keep their state across
+steps; :func:`save_estimator_states` / :func:`load_estimator_states` write and
+read it next to a verl checkpoint (call them where you save and resume).
+
+The functions here need only torch and numpy; :func:`register` imports verl.
+Whether verl's runtime installs on a given machine is verl's business: the
+functions are tested with verl's signature and tensors without it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ebpo.estimators import AdvantagePipeline, build_estimator
+
+__all__ = ["ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states"]
+
+SPECS: dict[str, dict[str, Any]] = {
+    "ebpo": {"name": "ebpo", "prior": "batch"},
+    "ebpo_running": {"name": "ebpo", "prior": "running"},
+    "ebpo_ema": {"name": "ebpo", "prior": "ema"},
+    "ha_dw": {"name": "grpo", "weighting": "ha_dw"},
+    "ebpo_ha_dw": {"name": "ebpo", "weighting": "ha_dw"},
+}
+ESTIMATORS: dict[str, AdvantagePipeline] = {}
+STATE_FILE = "ebpo_estimator_states.pt"
+
+
+def _estimator(key: str) -> AdvantagePipeline:
+    if key not in ESTIMATORS:
+        if key not in SPECS:
+            raise ValueError(f"unknown ebpo verl estimator {key!r}; choose one of {sorted(SPECS)}")
+        spec = dict(SPECS[key])
+        ESTIMATORS[key] = build_estimator(spec.pop("name"), **spec)
+    return ESTIMATORS[key]
+
+
+def _group_ids(index: Any) -> Tensor:
+    """verl's uid array (strings or ints) -> integer group ids (N,)."""
+    _, inverse = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
+
+
+def compute_advantage(key: str, token_level_rewards: Tensor, response_mask: Tensor, index: Any, training: bool = True) -> tuple[Tensor, Tensor]:
+    """Advantages (bs, T) and returns (bs, T) with verl's conventions."""
+    if token_level_rewards.shape != response_mask.shape:
+        raise ValueError(f"token_level_rewards {tuple(token_level_rewards.shape)} and response_mask {tuple(response_mask.shape)} differ")
+    scores = token_level_rewards.sum(dim=-1)  # (bs,)
+    advantages, _ = _estimator(key)(scores.detach().float().cpu(), _group_ids(index), training=training)
+    advantages = advantages.to(token_level_rewards.device, token_level_rewards.dtype).unsqueeze(-1) * response_mask
+    return advantages, advantages
+
+
+def _make(key: str):
+    def fn(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if index is None:
+            raise ValueError(f"{key} is group-relative: verl must pass the uid index")
+        return compute_advantage(key, token_level_rewards, response_mask, index)
+
+    fn.__name__ = f"ebpo_{key}_advantage"
+    return fn
+
+
+FUNCTIONS = {key: _make(key) for key in SPECS}
+
+
+def register() -> list[str]:
+    """Register every estimator in verl's registry; returns the names."""
+    try:
+        from verl.trainer.ppo.core_algos import register_adv_est
+    except ImportError as exc:
+        raise ImportError("ebpo.integrations.verl.register() needs verl installed (pip install verl)") from exc
+    for key, fn in FUNCTIONS.items():
+        register_adv_est(key)(fn)
+    return sorted(FUNCTIONS)
+
+
+def save_estimator_states(directory: str) -> str:
+    path = os.path.join(directory, STATE_FILE)
+    torch.save({key: est.state_dict() for key, est in ESTIMATORS.items()}, path)
+    return path
+
+
+def load_estimator_states(directory: str) -> None:
+    path = os.path.join(directory, STATE_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{directory} has no {STATE_FILE}")
+    for key, state in torch.load(path, weights_only=False).items():
+        _estimator(key).load_state_dict(state)
