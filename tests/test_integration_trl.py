@@ -62,3 +62,27 @@ def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
     resumed = EBPOGRPOTrainer(model=build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer)
     resumed._load_from_checkpoint(str(tmp / "a" / "checkpoint-1"))
     assert resumed.ebpo_estimator.state_dict() == saved
+
+
+def test_two_process_gloo_run_has_identical_estimator_state_on_both_ranks(tmp_path):
+    """torchrun, 2 CPU processes: the estimator sees the global batch, so both ranks end in the same state."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("trl_ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_DISABLED": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(worker), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [json.loads((tmp_path / f"state-{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0] == states[1]
+    # 3 steps x 2 ranks x 2 prompts: each rank's estimator saw the global batch
+    assert states[0]["estimator_state"]["group_stats"]["count"] == 12.0
