@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ebpo.compare import RunSpec, _read_run, aggregate_runs, write_report
+from ebpo.compare import RunSpec, _command, _read_run, _resolve, aggregate_runs, build_parser, write_report
 
 
 def make_run(path: Path, before: float, evals: list[float], after: float, rounds: float = 1.0) -> Path:
     path.mkdir(parents=True)
     rows = []
     for step in range(1, 7):
-        row = {"step": step, "time/step_seconds": 0.5, "reward/mean": 0.3}
+        row = {"step": step, "time/step_seconds": 0.5, "reward/mean": 0.3, "rollout/completion_length": float(step)}
         if rounds != 1.0:
             row["dapo/rounds"] = rounds
         if step % 2 == 0 and step < 6:
@@ -31,6 +31,27 @@ def test_read_run_counts_samples_including_resampling_rounds(tmp_path):
     assert run["curve"] == [(0.0, 0.2), (16.0, 0.3), (32.0, 0.4), (48.0, 0.5)]
     dapo = _read_run(make_run(tmp_path / "b", 0.2, [0.3, 0.4], 0.5, rounds=2.0), prompts_per_step=4, group_size=2)
     assert dapo["curve"][-1] == (96.0, 0.5)  # two sampling rounds per step: twice the samples
+    assert run["completion_length"] == pytest.approx(3.5)  # mean over steps 1..6
+
+
+def test_variants_run_their_own_flags_under_their_label(tmp_path):
+    args = _resolve(
+        build_parser().parse_args(
+            ["--methods", "grpo", "--variant", "es_mirror", "--method gbmpo-mirror --mirror-params 'dir with space/m.json'", "--train-args", "--lr 0.5"]
+        )
+    )
+    assert args.methods == ["grpo", "es_mirror"]
+    variant = _command(RunSpec("es_mirror", 4, 1), args, tmp_path / "r")
+    assert variant[variant.index("train") + 1 :][:4] == ["--method", "gbmpo-mirror", "--mirror-params", "dir with space/m.json"]
+    assert variant[-2:] == ["--lr", "0.5"]
+    preset = _command(RunSpec("grpo", 4, 1), args, tmp_path / "r")
+    assert preset[preset.index("train") + 1 :][:2] == ["--method", "grpo"]
+    only = _resolve(build_parser().parse_args(["--variant", "kl_k3", "--method gbmpo-probl2 --divergence kl"]))
+    assert only.methods == ["kl_k3"]  # variants alone do not pull in the default presets
+    with pytest.raises(SystemExit, match="given twice"):
+        _resolve(build_parser().parse_args(["--methods", "grpo", "--variant", "grpo", "--method ebpo"]))
+    with pytest.raises(SystemExit, match="may use only"):
+        _resolve(build_parser().parse_args(["--variant", "a/b", "--method ebpo"]))
 
 
 def test_aggregate_mean_ci_and_samples_to_target(tmp_path):
@@ -50,6 +71,7 @@ def test_aggregate_mean_ci_and_samples_to_target(tmp_path):
     assert ebpo["samples_to_target"] == pytest.approx(16.0) and ebpo["reached_target"] == "2/2"
     assert [p["samples"] for p in ebpo["curve"]] == [0.0, 16.0, 32.0, 48.0]
     text = write_report(result, tmp_path, "ebpo compare --test")
-    assert "| 2 | ebpo | 2 | 0.600" in text
+    assert "| 2 | ebpo | 2 | 0.600 ± 0.000 | 0.000 |" in text  # mean ± CI, then the run-to-run std
+    assert "| 3.50 | 0.50 |" in text  # completion length, step seconds
     assert (tmp_path / "accuracy_vs_samples.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["target"] == 0.4

@@ -109,6 +109,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         (["--curriculum", "alphabetical"], "unknown curriculum 'alphabetical'"),
         (["--div-coef", "0.1", "--divergence", "none"], "no divergence is set; pass --divergence"),
         (["--estimator-options", "{prior: sometimes}"], "prior must be one of"),
+        (["--method", "gbmpo-probl2", "--mirror-params", "m.json"], "mirror_params needs --divergence neural_mirror"),
+        (["--method", "gbmpo-mirror", "--mirror-params", "/no/such/mirror.json"], "cannot read neural_mirror parameters from '/no/such/mirror.json'"),
     ],
 )
 def test_bad_configuration_fails_before_training(tmp_path, capsys, flags, message):

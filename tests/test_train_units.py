@@ -195,3 +195,18 @@ def test_global_advantages_sliced_per_rank_equal_single_process():
         offset = sum(len(s[0]) for s in shards[:rank])
         assert torch.equal(advantages[offset : offset + len(r)], expected[rank * 12 : rank * 12 + 12])
         assert est.state_dict()["estimator_state"]["group_stats"] == single.state_dict()["estimator_state"]["group_stats"]
+
+
+def test_mirror_params_file_is_the_divergence_the_trainer_builds(tmp_path):
+    from ebpo.divergences import NeuralMirror
+    from ebpo.train.config import validate
+    from ebpo.train.trainer import build_components
+
+    params = torch.rand(NeuralMirror.num_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    NeuralMirror(params).save(tmp_path / "mirror.json")
+    config = resolve_config(build_parser().parse_args(["--method", "gbmpo-mirror", "--mirror-params", str(tmp_path / "mirror.json")]))
+    validate(config)
+    divergence = build_components(config).divergence
+    assert torch.equal(divergence.flat_params, params)  # not the preset's seed-0 initialisation
+    default = build_components(resolve_config(build_parser().parse_args(["--method", "gbmpo-mirror"]))).divergence
+    assert not torch.equal(default.flat_params, params)

@@ -2,6 +2,7 @@
 
     ebpo compare --quick --out runs/compare-quick
     ebpo compare --methods grpo ebpo --group-sizes 2 4 8 --seeds 5 --out runs/compare
+    ebpo compare --methods gbmpo-probl2 --variant es_mirror "--method gbmpo-mirror --mirror-params runs/meta/mirror_params.json"
 
 Every run is an ordinary ``ebpo train`` subprocess with its own run
 directory under ``OUT/runs/``; ``--workers`` of them run at once, each with
@@ -10,11 +11,17 @@ than by threads that contend for two cores. A run whose ``summary.json``
 already exists is reused, so an interrupted comparison continues where it
 stopped (``--rerun`` forces fresh runs).
 
+A method is a ``--method`` preset, or a ``--variant LABEL "FLAGS"``: any
+``ebpo train`` flags under a label of your choosing (the flags should name
+a ``--method``), so settings that no preset covers (a learned mirror map, a
+different prior) are compared with the same machinery.
+
 Aggregation, per method and group size, over seeds: held-out accuracy
 against samples consumed (responses generated; DAPO's resampling rounds
 count), mean and 95% Student-t CI; final accuracy and its gain over the
 starting accuracy; samples needed to reach ``--target`` accuracy; mean step
-time. Written as ``report.md``, ``report.json`` and PNG plots in ``OUT``.
+time; run-to-run standard deviation of the final accuracy; mean completion
+length over training. Written as ``report.md``, ``report.json`` and PNG plots in ``OUT``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import argparse
 import itertools
 import json
 import os
+import re
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a small comparison that finishes in about 5 minutes on 2 cores")
     parser.add_argument("--rerun", action="store_true", help="rerun runs whose summary.json already exists (asks nothing: deletes them)")
     parser.add_argument("--train-args", default="", help="extra flags for every ebpo train run, as one string")
+    parser.add_argument(
+        "--variant", nargs=2, action="append", default=[], metavar=("LABEL", "FLAGS"),
+        help="an extra method: LABEL in the report, FLAGS (one quoted string) passed to ebpo train; repeatable",
+    )  # fmt: skip
     return parser
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     quick = args.quick
-    args.methods = args.methods or (["grpo", "ebpo"] if quick else DEFAULT_METHODS)
+    args.variants = {}
+    for label, flags in args.variant:
+        if label in args.variants or (args.methods and label in args.methods):
+            raise SystemExit(f"ebpo compare: method label {label!r} given twice")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
+            raise SystemExit(f"ebpo compare: variant label {label!r} may use only letters, digits and _ . + -")
+        args.variants[label] = shlex.split(flags)
+    if args.variants and not args.methods:
+        args.methods = []  # only the variants, unless presets are named too
+    else:
+        args.methods = args.methods or (["grpo", "ebpo"] if quick else DEFAULT_METHODS)
+    args.methods = list(args.methods) + list(args.variants)
     args.group_sizes = args.group_sizes or ([2, 4] if quick else [2, 4, 8])
     args.seeds = args.seeds or (2 if quick else 5)
     args.steps = args.steps or (15 if quick else 60)
@@ -78,9 +102,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    method_flags = args.variants.get(spec.method) or ["--method", spec.method]
     return [
         sys.executable, "-m", "ebpo", "train",
-        "--method", spec.method,
+        *method_flags,
         "--group-size", str(spec.group_size),
         "--seed", str(spec.seed),
         "--steps", str(args.steps),
@@ -93,7 +118,7 @@ def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str
         "--save-every", "0",
         "--out", str(run_dir),
         "--overwrite",
-        *args.train_args.split(),
+        *shlex.split(args.train_args),
     ]  # fmt: skip
 
 
@@ -122,16 +147,23 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, out: Path) -> dict[R
 def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    samples, curve, step_times = 0.0, [(0.0, summary["accuracy_before"])], []
+    samples, curve, step_times, lengths = 0.0, [(0.0, summary["accuracy_before"])], [], []
     seen_steps: set[int] = set()
     for row in rows:
         if row["step"] not in seen_steps and "time/step_seconds" in row:
             seen_steps.add(row["step"])
             samples += prompts_per_step * group_size * row.get("dapo/rounds", 1.0)
             step_times.append(row["time/step_seconds"])
+            if "rollout/completion_length" in row:
+                lengths.append(row["rollout/completion_length"])
         if "eval/accuracy" in row:
             curve.append((samples, row["eval/accuracy"]))
-    return {"summary": summary, "curve": curve, "step_seconds": sum(step_times) / max(len(step_times), 1)}
+    return {
+        "summary": summary,
+        "curve": curve,
+        "step_seconds": sum(step_times) / max(len(step_times), 1),
+        "completion_length": sum(lengths) / len(lengths) if lengths else float("nan"),
+    }
 
 
 def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None) -> dict[str, Any]:
@@ -163,6 +195,7 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None) ->
             "samples_to_target": (sum(reached) / len(reached)) if reached else None,
             "reached_target": f"{len(reached)}/{len(seeds)}",
             "step_seconds": mean_ci([r["step_seconds"] for r in seeds]),
+            "completion_length": mean_ci([r["completion_length"] for r in seeds]),
             "curve": curve,
         }
     return {"target": target, "rows": table}
@@ -181,14 +214,15 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
         "",
         f"Held-out accuracy (mean ± 95% CI over seeds). Target for samples-to-reach: {result['target']:.3f}.",
         "",
-        "| G | method | seeds | final accuracy | gain over start | samples to target (reached) | step s |",
-        "|---|---|---|---|---|---|---|",
+        "| G | method | seeds | final accuracy | run-to-run std | gain over start | samples to target (reached) | completion length | step s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"].values():
         reach = f"{row['samples_to_target']:.0f}" if row["samples_to_target"] is not None else "-"
         lines.append(
             f"| {row['group_size']} | {row['method']} | {row['seeds']} | {_fmt(row['final_accuracy'])} | "
-            f"{_fmt(row['gain'])} | {reach} ({row['reached_target']}) | {row['step_seconds']['mean']:.2f} |"
+            f"{row['final_accuracy']['std']:.3f} | {_fmt(row['gain'])} | {reach} ({row['reached_target']}) | "
+            f"{row['completion_length']['mean']:.2f} | {row['step_seconds']['mean']:.2f} |"
         )
     lines += ["", "![accuracy vs samples](accuracy_vs_samples.png)", ""]
     text = "\n".join(lines)

@@ -3,7 +3,7 @@
     ebpo meta --quick --out runs/meta-quick
     ebpo meta --out runs/meta --population 10 --iterations 15 --inner-steps 100
     ebpo meta --out runs/meta --resume                   # continue an interrupted search
-    ebpo train --method gbmpo-mirror --divergence-options '{params_path: runs/meta/mirror_params.json}'
+    ebpo train --method gbmpo-mirror --mirror-params runs/meta/mirror_params.json
 
 Each ES member is an ordinary ``ebpo train`` run (``--method gbmpo-mirror``
 with the member's 380 parameters) for ``--inner-steps`` steps, scored by its
@@ -24,8 +24,8 @@ After every iteration the search state is written atomically to
 ``OUT/es_state.pt`` (with ``--resume`` the search continues from it and ends
 with the same parameters as an uninterrupted search), and ``OUT/es_log.json``
 and ``OUT/fitness.png`` are updated. At the end ``OUT/mirror_params.json``
-holds the final ES parameters, loadable by ``build_divergence("neural_mirror",
-params_path=...)``.
+holds the final ES parameters, for ``ebpo train --method gbmpo-mirror
+--mirror-params FILE`` (or ``build_divergence("neural_mirror", params_path=FILE)``).
 """
 
 from __future__ import annotations

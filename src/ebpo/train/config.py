@@ -113,6 +113,8 @@ class TrainConfig:
     """Divergence options as YAML ('{estimator: k3}', '{seed: 0}')."""
     div_coef: float = 0.0
     """Coefficient of the divergence in the loss."""
+    mirror_params: str | None = None
+    """Neural mirror parameters file (written by ebpo meta); with --divergence neural_mirror, same as divergence option params_path."""
 
     # --- DAPO options ---
     dynamic_sampling: bool = False
@@ -222,6 +224,11 @@ def validate(config: TrainConfig) -> None:
         )
     if config.div_coef > 0 and config.divergence is None:
         raise ValueError(f"div_coef is {config.div_coef} but no divergence is set; pass --divergence kl (or prob_l2, ...) or --div-coef 0")
+    if config.mirror_params is not None:
+        if config.divergence != "neural_mirror":
+            raise ValueError(f"mirror_params needs --divergence neural_mirror (or --method gbmpo-mirror), got divergence {config.divergence!r}")
+        if {"params", "params_path"} & set(config.divergence_options):
+            raise ValueError("give the mirror parameters once: --mirror-params or divergence option params/params_path, not both")
     if config.divergence is not None and config.ref_model == "none":
         raise ValueError(
             f"divergence {config.divergence!r} needs a reference policy but ref_model is 'none'; "

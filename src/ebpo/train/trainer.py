@@ -69,7 +69,10 @@ def build_components(config: TrainConfig) -> Components:
             f"estimator {config.estimator!r} compares responses within a group and needs group_size >= "
             f"{estimator.min_group_size}, got {config.group_size}; raise --group-size or use --estimator ebpo"
         )
-    divergence = build_divergence(config.divergence, **config.divergence_options) if config.divergence else None
+    divergence_options = dict(config.divergence_options)
+    if config.mirror_params is not None:  # validate() checked that the divergence is neural_mirror
+        divergence_options["params_path"] = config.mirror_params
+    divergence = build_divergence(config.divergence, **divergence_options) if config.divergence else None
     loss_fn = build_policy_loss(
         name=config.loss,
         eps_low=config.eps_low,
