@@ -38,12 +38,13 @@ def setup(tmp_path, monkeypatch):
 
 
 def make_args(out, **extra):
-    return EBPOGRPOConfig(
+    options = dict(
         output_dir=str(out), max_steps=3, learning_rate=1e-3, beta=0.0, per_device_train_batch_size=8,
         num_generations=4, max_completion_length=4, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
         seed=0, save_strategy="steps", save_steps=1, disable_tqdm=True,
-        ebpo_estimator="ebpo", ebpo_estimator_options={"prior": "running"}, ebpo_weighting="ha_dw", **extra,
+        ebpo_estimator="ebpo", ebpo_estimator_options={"prior": "running"}, ebpo_weighting="ha_dw",
     )  # fmt: skip
+    return EBPOGRPOConfig(**{**options, **extra})
 
 
 def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
@@ -62,6 +63,72 @@ def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
     resumed = EBPOGRPOTrainer(model=build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer)
     resumed._load_from_checkpoint(str(tmp / "a" / "checkpoint-1"))
     assert resumed.ebpo_estimator.state_dict() == saved
+
+
+def varied(completions, **_):
+    """A reward that differs within groups even for an untrained model (so that the weights move)."""
+    return [float(len(c) % 3) for c in completions]
+
+
+def _saved_model(folder, tokenizer):
+    """The tiny model loaded from a path (TRL builds its reference model from the policy's path)."""
+    from transformers import AutoModelForCausalLM
+
+    path = folder / "tiny-model"
+    if not path.exists():
+        build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _train(trainer_cls, tmp, tokenizer, dataset, **extra):
+    """Two steps (2 accumulation micro-steps each) from the same saved tiny model; TRL loads its reference from the path."""
+    args = make_args(tmp, **{"save_strategy": "no", "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, **extra})
+    model = _saved_model(tmp.parent, tokenizer)
+    trainer = trainer_cls(model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_divergence_kl_k3_trains_exactly_like_trls_own_kl_term(setup, loss_type):
+    """Oracle: TRL's own k3 term. Same beta, same seed: ebpo's kl/k3 in TRL's place gives the same weights."""
+    _, tokenizer, dataset, tmp = setup
+    stock = _train(EBPOGRPOTrainer, tmp / "stock", tokenizer, dataset, beta=0.5, loss_type=loss_type)
+    ours = _train(EBPOGRPOTrainer, tmp / "ours", tokenizer, dataset, beta=0.5, loss_type=loss_type, ebpo_divergence="kl", ebpo_divergence_options={"estimator": "k3"})
+    a, b = dict(stock.model.named_parameters()), dict(ours.model.named_parameters())
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    start = build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0)
+    assert stock.ref_model is not None and ours.ref_model is not None
+    assert not all(torch.equal(a[k], p) for k, p in start.named_parameters())  # the step did move the weights
+    logs = [row for row in ours.state.log_history if "ebpo/divergence" in row]
+    stock_kl = [row["kl"] for row in stock.state.log_history if "kl" in row]
+    assert [row["ebpo/divergence"] for row in logs] == pytest.approx(stock_kl, abs=1e-6)
+    assert stock_kl[-1] > 0  # by step 2 the policy has left the reference: the term is active
+
+
+def test_divergence_prob_l2_replaces_the_kl_term(setup):
+    _, tokenizer, dataset, tmp = setup
+    kl = _train(EBPOGRPOTrainer, tmp / "kl", tokenizer, dataset, beta=50.0)
+    l2 = _train(EBPOGRPOTrainer, tmp / "l2", tokenizer, dataset, beta=50.0, ebpo_divergence="prob_l2")
+    a, b = dict(kl.model.named_parameters()), dict(l2.model.named_parameters())
+    assert not all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)  # a different penalty, different weights
+    values = [row["ebpo/divergence"] for row in l2.state.log_history if "ebpo/divergence" in row]
+    assert values and all(0.0 <= v < 1.0 for v in values)  # (p - p_ref)^2 of probabilities
+    assert not any("kl" in row for row in l2.state.log_history)  # TRL's own KL is off
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"beta": 0.0, "ebpo_divergence": "prob_l2"}, "weighted by beta, which is 0"),
+        ({"beta": 0.1, "ebpo_divergence": "prob_l2", "loss_type": "cispo"}, "supports loss_type in"),
+        ({"beta": 0.1, "ebpo_divergence": "kl_typo"}, "unknown divergence 'kl_typo'"),
+    ],
+)
+def test_divergence_misconfiguration_is_named(setup, extra, message):
+    _, tokenizer, dataset, tmp = setup
+    with pytest.raises(ValueError, match=message):
+        EBPOGRPOTrainer(model=_saved_model(tmp, tokenizer), reward_funcs=[exact], args=make_args(tmp / "x", **extra), train_dataset=dataset, processing_class=tokenizer)
 
 
 def test_two_process_gloo_run_has_identical_estimator_state_on_both_ranks(tmp_path):

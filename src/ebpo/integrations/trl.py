@@ -18,8 +18,24 @@ out of the estimator's statistics. ebpo's metrics are added to TRL's logs
 (``ebpo/...``), and the estimator state is saved in every TRL checkpoint
 (``ebpo_estimator_state.pt``) and restored by ``resume_from_checkpoint``.
 
-Supported TRL versions: :data:`SUPPORTED_TRL`. Not yet: GBMPO divergences in
-place of TRL's KL term (TRL's ``beta`` KL is left as it is).
+GBMPO divergences in place of TRL's KL term: ``ebpo_divergence="prob_l2"``
+(or ``log_l2``, ``neural_mirror`` with ``{"params_path": ...}``, ``kl`` with
+``{"estimator": "k1"|"k2"|"k3"}``), weighted by TRL's own ``beta`` (which
+must be > 0, so that TRL keeps its reference model and computes the
+reference log-probs). Inside the loss we switch TRL's k3 term off
+(``beta = 0`` for the duration of TRL's ``_compute_loss``), keep the
+per-token log-probs TRL computed, and add ``beta * agg(D)`` where ``agg`` is
+the aggregation of TRL's ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``,
+``dapo``: the same normaliser TRL applies to its policy loss, so the term is
+exactly where TRL's KL would be). ``ebpo_divergence="kl"`` with ``k3``
+therefore trains exactly like stock TRL with the same ``beta`` (tested).
+TRL's ``use_bias_correction_kl`` (on by default) multiplies the divergence
+by the importance ratio exactly as it does the KL; its unbiasedness argument
+is specific to the reverse KL, so set it to False for GBMPO's plain
+per-token penalty, as in the paper.
+The term's global token mean is logged as ``ebpo/divergence``.
+
+Supported TRL versions: :data:`SUPPORTED_TRL`.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
+from ebpo.divergences import build_divergence
 from ebpo.estimators import build_estimator
 
 SUPPORTED_TRL = (Version("1.0"), Version("2.0"))  # [min, max)
@@ -47,17 +64,24 @@ if not SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]:
         f"ebpo.integrations.trl supports trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}; installed trl {trl.__version__}"
     )
 
-__all__ = ["EBPOGRPOConfig", "EBPOGRPOTrainer", "SUPPORTED_TRL"]
+__all__ = ["EBPOGRPOConfig", "EBPOGRPOTrainer", "SUPPORTED_TRL", "DIVERGENCE_LOSS_TYPES"]
+
+# TRL loss types whose aggregation the divergence term reproduces.
+DIVERGENCE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclass
 class EBPOGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus ebpo's estimator and weighting (see ``ebpo.build_estimator``)."""
+    """``GRPOConfig`` plus ebpo's estimator, weighting (see ``ebpo.build_estimator``) and divergence."""
 
     ebpo_estimator: str = field(default="ebpo", metadata={"help": "ebpo advantage estimator: grpo, dr_grpo, rloo, ebpo, or module:attr"})
     ebpo_estimator_options: dict = field(default_factory=dict, metadata={"help": "options of the estimator, e.g. {'prior': 'running'}"})
     ebpo_weighting: str | None = field(default=None, metadata={"help": "advantage weighting, e.g. ha_dw"})
     ebpo_weighting_options: dict = field(default_factory=dict, metadata={"help": "options of the weighting"})
+    ebpo_divergence: str | None = field(
+        default=None, metadata={"help": "replace TRL's KL term: kl, prob_l2, log_l2, neural_mirror (coefficient: beta)"}
+    )
+    ebpo_divergence_options: dict = field(default_factory=dict, metadata={"help": "options of the divergence"})
 
 
 class EBPOGRPOTrainer(GRPOTrainer):
@@ -75,6 +99,18 @@ class EBPOGRPOTrainer(GRPOTrainer):
         if self.num_generations < self.ebpo_estimator.min_group_size:
             raise ValueError(f"{cfg.ebpo_estimator} needs num_generations >= {self.ebpo_estimator.min_group_size}")
         self._ebpo_rewards: torch.Tensor | None = None
+        self.ebpo_divergence = None
+        self._ebpo_logps: torch.Tensor | None = None
+        self._ebpo_capture = False
+        if cfg.ebpo_divergence is not None:
+            if self.beta == 0.0:
+                raise ValueError(
+                    f"ebpo_divergence={cfg.ebpo_divergence!r} is weighted by beta, which is 0; set beta > 0 "
+                    "(e.g. 0.04) so that TRL keeps a reference model"
+                )
+            if self.loss_type not in DIVERGENCE_LOSS_TYPES:
+                raise ValueError(f"ebpo_divergence supports loss_type in {list(DIVERGENCE_LOSS_TYPES)}, got {self.loss_type!r}")
+            self.ebpo_divergence = build_divergence(cfg.ebpo_divergence, **cfg.ebpo_divergence_options)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -112,3 +148,56 @@ class EBPOGRPOTrainer(GRPOTrainer):
         if not os.path.exists(path):
             raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by EBPOGRPOTrainer")
         self.ebpo_estimator.load_state_dict(torch.load(path, weights_only=False))
+
+    # ------------------------------------------------------------ divergence
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._ebpo_capture:  # the call inside _compute_loss: keep the log-probs that carry the gradient
+            self._ebpo_logps = out[0]
+        return out
+
+    def _compute_loss(self, model, inputs):  # type: ignore[no-untyped-def]
+        if self.ebpo_divergence is None:
+            return super()._compute_loss(model, inputs)
+        beta = self.beta
+        self.beta, self._ebpo_capture, self._ebpo_logps = 0.0, True, None
+        try:  # TRL's policy loss without its KL term
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self.beta, self._ebpo_capture = beta, False
+        logps, self._ebpo_logps = self._ebpo_logps, None
+        assert logps is not None, "TRL's _compute_loss did not call _get_per_token_logps_and_entropies"
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        per_token = self.ebpo_divergence(logps, inputs["ref_per_token_logps"].to(logps))  # (B, T)
+        if self.args.use_bias_correction_kl:  # TRL's option, applied to the divergence as to its KL
+            per_token = per_token * self._ebpo_importance_weight(logps, inputs, mask)
+        loss = loss + beta * self._ebpo_aggregate(per_token, mask, inputs)
+        totals = self.accelerator.reduce(torch.stack([(per_token.detach() * mask).sum(), mask.sum().float()]), reduction="sum")
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["ebpo/divergence"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        return loss
+
+    def _ebpo_importance_weight(self, logps: torch.Tensor, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+        """pi / pi_old per token, or its masked geometric mean per sequence (TRL's importance_sampling_level)."""
+        old = inputs.get("old_per_token_logps")
+        log_ratio = logps - (logps.detach() if old is None else old)
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        return torch.exp(log_ratio)
+
+    def _ebpo_aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """``per_token`` (B, T) reduced with the normaliser TRL's ``loss_type`` applies to its policy loss."""
+        training = self.model.training
+        accumulation = self.current_gradient_accumulation_steps if training else 1.0
+        masked = per_token * mask
+        if self.loss_type == "grpo":  # mean over sequences of each sequence's token mean
+            return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":  # token mean over this process's batch
+            return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":  # constant normaliser: sequences x max completion length
+            return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        # dapo: tokens of the whole generation batch, as a per-process share of one accumulation window
+        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if training:
+            normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return masked.sum() / normaliser
