@@ -21,9 +21,23 @@ in this module (:data:`ESTIMATORS`, one per name) and keep their state across
 steps; :func:`save_estimator_states` / :func:`load_estimator_states` write and
 read it next to a verl checkpoint (call them where you save and resume).
 
-The functions here need only torch and numpy; :func:`register` imports verl.
-Whether verl's runtime installs on a given machine is verl's business: the
-functions are tested with verl's signature and tensors without it.
+GBMPO divergences for verl's actor loss: verl's workers (the legacy FSDP and
+Megatron actors and the new engine workers' ``ppo_loss``) all compute the KL
+loss as ``core_algos.kl_penalty(logprob, ref_logprob, kl_penalty=
+actor.kl_loss_type)`` and aggregate it with the policy loss's
+``loss_agg_mode``. :func:`install_divergences` wraps that function so that
+``kl_loss_type`` values ``ebpo:NAME`` (``ebpo:prob_l2``, ``ebpo:log_l2``,
+``ebpo:kl_k1``/``_k2``/``_k3``, ``ebpo:neural_mirror`` or
+``ebpo:neural_mirror=PATH`` for parameters from ``ebpo meta``) give ebpo's
+per-token divergence; every other value goes to verl's own function. The
+coefficient is verl's ``kl_loss_coef``.
+
+Loading, with verl's external-modules mechanism (every verl process imports
+the module when it imports verl, before the workers import the loss code):
+``VERL_USE_EXTERNAL_MODULES=ebpo.integrations.verl_plugin`` runs
+:func:`register` and :func:`install_divergences`. The functions here need
+only torch and numpy; :func:`register` and :func:`install_divergences`
+import verl.
 """
 
 from __future__ import annotations
@@ -35,9 +49,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ebpo.divergences import Divergence, build_divergence
 from ebpo.estimators import AdvantagePipeline, build_estimator
 
-__all__ = ["ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states"]
+__all__ = [
+    "ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states",
+    "divergence_penalty", "install_divergences", "DIVERGENCE_PREFIX",
+]  # fmt: skip
 
 SPECS: dict[str, dict[str, Any]] = {
     "ebpo": {"name": "ebpo", "prior": "batch"},
@@ -111,3 +129,58 @@ def load_estimator_states(directory: str) -> None:
         raise ValueError(f"{directory} has no {STATE_FILE}")
     for key, state in torch.load(path, weights_only=False).items():
         _estimator(key).load_state_dict(state)
+
+
+# ------------------------------------------------------------------ divergences
+DIVERGENCE_PREFIX = "ebpo:"
+_DIVERGENCES: dict[str, Divergence] = {}
+
+
+def _divergence(kind: str) -> Divergence:
+    """``ebpo:prob_l2``, ``ebpo:kl_k2``, ``ebpo:neural_mirror=PATH`` -> the divergence (built once per name)."""
+    if kind not in _DIVERGENCES:
+        spec = kind[len(DIVERGENCE_PREFIX) :]
+        name, _, path = spec.partition("=")
+        options: dict[str, Any] = {}
+        if name.startswith("kl_"):
+            name, options["estimator"] = "kl", name[3:]
+        if path:
+            if name != "neural_mirror":
+                raise ValueError(f"kl_loss_type {kind!r}: only ebpo:neural_mirror takes a parameter file (=PATH)")
+            options["params_path"] = path
+        _DIVERGENCES[kind] = build_divergence(name, **options)
+    return _DIVERGENCES[kind]
+
+
+def divergence_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """Per-token ebpo divergence (bs, T) for an ``ebpo:...`` ``kl_loss_type``; verl's signature."""
+    if not kl_penalty.startswith(DIVERGENCE_PREFIX):
+        raise ValueError(f"not an ebpo divergence: {kl_penalty!r} (expected {DIVERGENCE_PREFIX}NAME)")
+    return _divergence(kl_penalty)(logprob, ref_logprob.to(logprob.dtype))
+
+
+def install_divergences() -> None:
+    """Route ``ebpo:...`` values of verl's ``kl_penalty`` to :func:`divergence_penalty` (idempotent).
+
+    Replaces ``verl.trainer.ppo.core_algos.kl_penalty`` with a wrapper that
+    keeps verl's behaviour for every other value. Modules that bind the name
+    at import (verl's actors and ``workers/utils/losses.py``) see the wrapper
+    only if they are imported after this call, which the external-modules
+    mechanism guarantees (see :mod:`ebpo.integrations.verl_plugin`).
+    """
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError as exc:
+        raise ImportError("ebpo.integrations.verl.install_divergences() needs verl installed (pip install verl)") from exc
+    original = core_algos.kl_penalty
+    if getattr(original, "_ebpo_wrapped", None) is not None:
+        return
+
+    def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+        if isinstance(kl_penalty, str) and kl_penalty.startswith(DIVERGENCE_PREFIX):
+            return divergence_penalty(logprob, ref_logprob, kl_penalty)
+        return original(logprob, ref_logprob, kl_penalty)
+
+    kl_penalty.__doc__ = original.__doc__
+    kl_penalty._ebpo_wrapped = original  # type: ignore[attr-defined]
+    core_algos.kl_penalty = kl_penalty

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The verl adapter against a real verl, in its own virtual environment (verl pins an older transformers
+# than the main environment and pulls Ray). Used by .ci/run; run it by hand the same way:
+#     bash scripts/test-verl.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VERL_VENV:-.venv-verl}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q "torch==2.13.0"
+# verl 0.9.1 imports cachetools, fastapi and uvicorn without declaring them.
+"$VENV/bin/pip" install -q "verl==0.9.1" cachetools fastapi uvicorn pytest
+"$VENV/bin/pip" install -q -e . --no-deps
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integration_verl_runtime.py -o addopts=""

@@ -1,0 +1,13 @@
+"""Loaded by verl's external-modules mechanism: ``VERL_USE_EXTERNAL_MODULES=ebpo.integrations.verl_plugin``.
+
+Every verl process (driver and Ray workers) imports this module at the end of
+``import verl``. It registers ebpo's advantage estimators in verl's registry
+(``algorithm.adv_estimator=ebpo_running`` ...) and routes ``ebpo:...`` KL loss
+types to ebpo's divergences (``actor_rollout_ref.actor.kl_loss_type=ebpo:prob_l2``).
+See :mod:`ebpo.integrations.verl`.
+"""
+
+from ebpo.integrations.verl import install_divergences, register
+
+REGISTERED = register()
+install_divergences()
