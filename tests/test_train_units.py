@@ -14,7 +14,7 @@ from ebpo.train.config import TrainConfig, field_docs
 from ebpo.train.data import PromptStream, build_task
 from ebpo.train.distributed import Dist
 from ebpo.train.presets import PRESETS, list_methods
-from ebpo.train.rollout import Rollout, completion_mask, generate, overlong_penalty, sequence_logprobs
+from ebpo.train.rollout import Rollout, completion_mask, generate, length_chunks, overlong_penalty, rows_logprobs, sequence_logprobs
 from ebpo.train.trainer import _mixed_groups
 
 
@@ -123,6 +123,41 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny):
         expected = torch.log_softmax(logits, -1).gather(1, completion.unsqueeze(1)).squeeze(1)
         got = logprobs[row, : len(completion)]
         assert torch.allclose(got, expected, atol=1e-5), row
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("batch_size", [0, 4])
+def test_shared_prompt_cache_samples_what_a_full_prefill_samples(tiny, do_sample, batch_size):
+    """Oracle: the same call without the shared cache (every sample prefills its own prompt)."""
+    model, tok = tiny
+    problems = ArithmeticTask(num_train=10, num_eval=5).eval_problems()  # prompts of different lengths
+    outs = []
+    for share in (True, False):
+        torch.manual_seed(1)
+        outs.append(generate(model, tok, problems, torch.arange(5), group_size=3, max_new_tokens=6, temperature=1.0, top_p=1.0,
+                             do_sample=do_sample, chat_template="auto", batch_size=batch_size, share_prompt_cache=share))  # fmt: skip
+    assert torch.equal(outs[0].input_ids, outs[1].input_ids) and torch.equal(outs[0].attention_mask, outs[1].attention_mask)
+    assert outs[0].texts == outs[1].texts and outs[0].group_ids.tolist() == [i for i in range(5) for _ in range(3)]
+
+
+def test_length_chunks_cut_padding_without_changing_logprobs(tiny):
+    model, tok = tiny
+    problems = ArithmeticTask(num_train=10, num_eval=8).eval_problems()
+    torch.manual_seed(0)
+    rollout = generate(model, tok, problems, torch.arange(8), group_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)
+    rows = torch.arange(16)
+    full = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+    chunks = length_chunks(rollout, rows, 0, 4)
+    assert sorted(torch.cat(chunks).tolist()) == rows.tolist() and [len(c) for c in chunks] == [4, 4, 4, 4]
+    assert [len(c) for c in length_chunks(rollout, rows, 5, 4)] == [5, 5, 5, 1]  # micro_batch_size wins when set
+    lengths = [int(rollout.attention_mask[c].sum(1).max()) for c in chunks]
+    assert lengths == sorted(lengths) and lengths[0] < rollout.input_ids.shape[1]  # shorter rows first, cut shorter
+    mask = rollout.completion_mask.bool()
+    for chunk in chunks:
+        cut = rows_logprobs(model, rollout, chunk)
+        assert cut.shape == (len(chunk), mask.shape[1])
+        assert torch.allclose(cut[mask[chunk]], full[chunk][mask[chunk]], atol=1e-5)
+        assert torch.all(cut[~mask[chunk]] == 0)
 
 
 def test_rollout_concat_keeps_rows_aligned(tiny):

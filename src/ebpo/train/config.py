@@ -78,7 +78,9 @@ class TrainConfig:
     top_p: float = 1.0
     """Nucleus sampling mass of the rollouts."""
     generation_batch_size: int = 0
-    """Sequences per generate call; 0 = all at once."""
+    """Sequences per generate call, rounded down to whole groups (at least one); 0 = all at once."""
+    share_prompt_cache: bool = True
+    """Prefill each prompt once and copy its KV cache to its G samples (turn off for models whose cache cannot be repeated)."""
 
     # --- advantages ---
     estimator: str = "ebpo"
@@ -142,7 +144,9 @@ class TrainConfig:
     mini_batches: int = 1
     """Optimiser steps per pass (each on 1/mini_batches of the rollouts)."""
     micro_batch_size: int = 0
-    """Sequences per forward/backward (gradient accumulation); 0 = the whole mini-batch."""
+    """Sequences per forward/backward (gradient accumulation); 0 = split each mini-batch into length_buckets."""
+    length_buckets: int = 4
+    """With micro_batch_size 0: micro-batches per mini-batch, of rows sorted by length, each cut to its own padding."""
 
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 0
@@ -184,7 +188,7 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-_POSITIVE = ("difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "log_every", "keep_checkpoints")
+_POSITIVE = ("length_buckets", "difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "log_every", "keep_checkpoints")
 _NON_NEGATIVE = (
     "warmstart_steps", "threads", "lora_rank", "generation_batch_size", "micro_batch_size", "eval_every", "eval_samples",
     "max_eval_problems", "save_every", "max_resample_rounds", "overlong_buffer", "lr_warmup_steps", "weight_decay",

@@ -18,7 +18,10 @@ from torch import Tensor
 from ebpo.tasks.base import Problem
 from ebpo.verifiers.base import Verifier
 
-__all__ = ["Rollout", "encode_prompts", "generate", "completion_mask", "sequence_logprobs", "score", "overlong_penalty"]
+__all__ = [
+    "Rollout", "encode_prompts", "generate", "completion_mask", "sequence_logprobs", "rows_logprobs", "length_chunks",
+    "score", "overlong_penalty",
+]  # fmt: skip
 
 
 @dataclass
@@ -103,6 +106,25 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (torch.cumsum(attention_mask, dim=1) - 1).clamp_min(0)
 
 
+def _shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, repeats: int) -> Any:
+    """KV cache of every prompt but its last token, computed once per prompt and repeated ``repeats`` times.
+
+    The G samples of a prompt share its prefix, so the prompt is run through
+    the model once instead of G times; ``generate`` then starts from this
+    cache and processes only the last prompt token for each sample (the
+    prefix-cache reuse that transformers documents for ``generate``). Same
+    positions and mask as a full prefill, so the sampling distribution is
+    unchanged (tested against ``share_prompt_cache=False``).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    prefix_ids, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -117,31 +139,39 @@ def generate(
     do_sample: bool,
     chat_template: str,
     batch_size: int,
+    share_prompt_cache: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` completions per problem with batched ``generate`` (KV cache on).
 
     ``group_ids`` (len(problems),) names each problem; rows of the result are
-    ordered problem by problem, G consecutive rows each.
+    ordered problem by problem, G consecutive rows each. ``batch_size``
+    sequences per ``generate`` call (0 = all; rounded to whole groups).
+    ``share_prompt_cache``: prefill each prompt once for its G samples.
     """
     device = next(model.parameters()).device
     repeated = [p for p in problems for _ in range(group_size)]
-    encoded = encode_prompts(repeated, tokenizer, chat_template, device)  # (B, P)
+    encoded = encode_prompts(problems, tokenizer, chat_template, device)  # (n, P), one row per problem
     prompt_length = encoded["input_ids"].shape[1]
     eos = tokenizer.eos_token_id
     chunks = []
-    step = batch_size if batch_size > 0 else len(repeated)
+    per_call = max(1, batch_size // group_size) if batch_size > 0 else max(len(problems), 1)
+    share = share_prompt_cache and group_size > 1 and prompt_length > 1
     was_training = model.training
     model.eval()
-    for start in range(0, len(repeated), step):  # one generate call per chunk of sequences
+    for start in range(0, len(problems), per_call):  # one generate call per chunk of whole groups
+        ids = encoded["input_ids"][start : start + per_call]
+        mask = encoded["attention_mask"][start : start + per_call]
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+        cache = {"past_key_values": _shared_prompt_cache(model, ids, mask, group_size)} if share else {}
         out = model.generate(
-            input_ids=encoded["input_ids"][start : start + step],
-            attention_mask=encoded["attention_mask"][start : start + step],
+            input_ids=ids.repeat_interleave(group_size, dim=0),
+            attention_mask=mask.repeat_interleave(group_size, dim=0),
             do_sample=do_sample,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
             use_cache=True,
+            **cache,
             **sampling,
         )
         chunks.append(out[:, prompt_length:])
@@ -151,9 +181,11 @@ def generate(
     mask = completion_mask(completion_ids, eos)  # (B, T)
     completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
     return Rollout(
-        input_ids=torch.cat([encoded["input_ids"], completion_ids], dim=1),
-        attention_mask=torch.cat([encoded["attention_mask"], mask], dim=1),
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, mask], dim=1),
         completion_mask=mask,
         prompt_length=prompt_length,
         group_ids=group_ids.repeat_interleave(group_size).to(device),
@@ -169,6 +201,39 @@ def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
     targets = input_ids[:, prompt_length:]  # (B, T)
     # log_softmax + gather, written as logit - logsumexp to avoid a second (B, T, V) tensor.
     return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def rows_logprobs(model: Any, rollout: Rollout, rows: Tensor) -> Tensor:
+    """Completion log-probs (len(rows), T) of ``rows``, computed on those rows' own padding.
+
+    Prompt columns that none of the rows uses (left padding) and completion
+    columns after every row has ended are cut before the forward pass; they
+    are masked out of attention and loss anyway, so the result equals
+    :func:`sequence_logprobs` on the full rows (up to float rounding) and is
+    padded back to width T with zeros.
+    """
+    prompt_length, width = rollout.prompt_length, rollout.completion_mask.shape[1]
+    attention = rollout.attention_mask[rows]
+    used_prompt = int(attention[:, :prompt_length].sum(dim=1).max())
+    used_completion = max(int(rollout.completion_mask[rows].sum(dim=1).max()), 1)
+    start, end = prompt_length - used_prompt, prompt_length + used_completion
+    logprobs = sequence_logprobs(model, rollout.input_ids[rows, start:end], attention[:, start:end], used_prompt)
+    return torch.nn.functional.pad(logprobs, (0, width - used_completion))
+
+
+def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int) -> list[Tensor]:
+    """Split ``rows`` into micro-batches of rows of similar length (so :func:`rows_logprobs` cuts more padding).
+
+    ``size`` > 0: micro-batches of ``size`` rows; otherwise ``chunks`` micro-batches of equal size.
+    Rows are ordered by real length (prompt + completion), stably.
+    """
+    if rows.numel() == 0:
+        return [rows]
+    lengths = rollout.attention_mask[rows].sum(dim=1)
+    ordered = rows[torch.sort(lengths, stable=True).indices]
+    if size > 0:
+        return list(torch.split(ordered, size))
+    return [c for c in torch.tensor_split(ordered, max(1, min(chunks, ordered.numel()))) if c.numel() > 0]
 
 
 def score(rollout: Rollout, verifier: Verifier) -> tuple[Tensor, Tensor, dict[str, float]]:

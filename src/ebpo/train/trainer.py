@@ -32,7 +32,7 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream, build_task, build_verifier_for
 from ebpo.train.distributed import Dist, setup
-from ebpo.train.rollout import Rollout, generate, overlong_penalty, score, sequence_logprobs
+from ebpo.train.rollout import Rollout, generate, length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, format_line, plot_curves
 from ebpo.train.warmstart import cached_warmstart
 
@@ -95,10 +95,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _chunks(rows: Tensor, size: int) -> list[Tensor]:
-    return list(torch.split(rows, size)) if size > 0 and rows.numel() > 0 else [rows]
 
 
 class Trainer:
@@ -279,6 +275,7 @@ class Trainer:
                 self.model, self.tokenizer, [problems[i] for i in mine], global_ids[mine],
                 group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 top_p=cfg.top_p, do_sample=True, chat_template=cfg.chat_template, batch_size=cfg.generation_batch_size,
+                share_prompt_cache=cfg.share_prompt_cache,
             )
             rewards, keep, info = score(rollout, self.c.verifier)
             if round_ == 0:
@@ -357,10 +354,10 @@ class Trainer:
             for mini in torch.tensor_split(order, cfg.mini_batches):
                 num_tokens = dist.sum(float(mask[mini].sum()))
                 num_seqs = dist.sum(float(len(mini)))
-                for micro in _chunks(mini, cfg.micro_batch_size):
+                for micro in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets):
                     if micro.numel() == 0:
                         continue  # this rank has nothing in this mini-batch; it still joins the gradient sum
-                    logprobs = sequence_logprobs(self.model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_length)
+                    logprobs = rows_logprobs(self.model, rollout, micro)
                     inputs = LossInputs(
                         logprobs=logprobs,
                         old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
@@ -387,11 +384,11 @@ class Trainer:
 
     @torch.no_grad()
     def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor) -> Tensor:
-        parts = [
-            sequence_logprobs(model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_length)
-            for micro in _chunks(rows, self.config.micro_batch_size)
-        ]
-        return torch.cat(parts)
+        out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
+        for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets):
+            if micro.numel() > 0:
+                out[micro] = rows_logprobs(model, rollout, micro).float()
+        return out[rows]
 
     @torch.no_grad()
     def evaluate(self) -> float:
