@@ -75,3 +75,25 @@ def test_aggregate_mean_ci_and_samples_to_target(tmp_path):
     assert "| 3.50 | 0.50 |" in text  # completion length, step seconds
     assert (tmp_path / "accuracy_vs_samples.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["target"] == 0.4
+
+
+def test_curve_keeps_every_evaluation_when_dynamic_sampling_varies_samples(tmp_path):
+    runs = {
+        RunSpec("dapo", 2, 0): _read_run(make_run(tmp_path / "d0", 0.2, [0.3, 0.4], 0.5, rounds=1.0), 4, 2),
+        RunSpec("dapo", 2, 1): _read_run(make_run(tmp_path / "d1", 0.2, [0.2, 0.3], 0.4, rounds=3.0), 4, 2),
+    }
+    curve = aggregate_runs(runs, target=0.9)["rows"]["dapo|G=2"]["curve"]
+    assert [p["samples"] for p in curve] == [0.0, 32.0, 64.0, 96.0]  # means of (16, 48), (32, 96), (48, 144)
+    assert [(p["samples_min"], p["samples_max"]) for p in curve][1] == (16.0, 48.0)
+    assert [round(p["mean"], 6) for p in curve] == [0.2, 0.25, 0.35, 0.45]
+
+
+def test_paired_differences_by_seed(tmp_path):
+    finals = {("grpo", 0): 0.30, ("grpo", 1): 0.20, ("ebpo", 0): 0.35, ("ebpo", 1): 0.18}
+    runs = {RunSpec(m, 2, s): _read_run(make_run(tmp_path / f"{m}{s}", 0.2, [0.2, 0.2], a), 4, 2) for (m, s), a in finals.items()}
+    result = aggregate_runs(runs, target=0.9, baseline="grpo")
+    row = result["paired"]["ebpo|G=2"]
+    assert row["diffs"] == pytest.approx([0.05, -0.02]) and row["better"] == 1
+    assert row["mean"] == pytest.approx(0.015) and "grpo|G=2" not in result["paired"]
+    assert "| 2 | ebpo | +0.015 ±" in write_report(result, tmp_path, "ebpo compare") and "1/2 |" in write_report(result, tmp_path, "x")
+    assert aggregate_runs(runs, target=0.9, baseline="rloo")["paired"] == {}  # baseline not compared: no table

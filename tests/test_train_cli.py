@@ -99,6 +99,39 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
+    """A real kill: SIGKILL the training process right after its step-2 checkpoint appears, then --resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ["--steps", "6", "--save-every", "2", "--keep-checkpoints", "10", "--estimator-options", "{prior: running}", "--seed", "5", *TINY]
+    assert main(["train", "--out", str(full), *args]) == 0  # also fills the warm-start cache the child reuses
+    proc = subprocess.Popen([sys.executable, "-m", "ebpo", "train", "--out", str(killed), *args], env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = killed / "checkpoints" / "step-000002" / "trainer_state.pt"
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no step-2 checkpoint within 240 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()  # it died mid-run
+    assert not (killed / "checkpoints" / "step-000006").exists()
+
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    rows_full = [_timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))]
+    rows_resumed = [_timeless(r) for r in read_metrics(str(killed / "metrics.jsonl"))]
+    assert rows_resumed == rows_full  # the steps after the kill, recomputed, equal the uninterrupted run's
+    end_full = torch.load(full / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
+    end_resumed = torch.load(killed / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
+    assert end_full["estimator"] == end_resumed["estimator"]  # the estimator state was restored, then moved alike
+    assert end_full["estimator"]["estimator_state"]["group_stats"]["count"] > 0
+    assert not [p for p in os.listdir(killed / "checkpoints") if p.endswith(".tmp")]  # no half-written checkpoint left
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -18,7 +18,8 @@ different prior) are compared with the same machinery.
 
 Aggregation, per method and group size, over seeds: held-out accuracy
 against samples consumed (responses generated; DAPO's resampling rounds
-count), mean and 95% Student-t CI; final accuracy and its gain over the
+count; the k-th evaluation of every seed is one point, at the seeds' mean
+sample count), mean and 95% Student-t CI; final accuracy and its gain over the
 starting accuracy; samples needed to reach ``--target`` accuracy; mean step
 time; run-to-run standard deviation of the final accuracy; mean completion
 length over training. Written as ``report.md``, ``report.json`` and PNG plots in ``OUT``.
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/compare", help="output directory (runs/, report.md, report.json, PNGs)")
     parser.add_argument("--quick", action="store_true", help="a small comparison that finishes in about 5 minutes on 2 cores")
     parser.add_argument("--rerun", action="store_true", help="rerun runs whose summary.json already exists (asks nothing: deletes them)")
+    parser.add_argument("--baseline", default="grpo", help="method that paired differences are taken against (if compared)")
     parser.add_argument("--train-args", default="", help="extra flags for every ebpo train run, as one string")
     parser.add_argument(
         "--variant", nargs=2, action="append", default=[], metavar=("LABEL", "FLAGS"),
@@ -166,8 +168,23 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str
     }
 
 
-def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None) -> dict[str, Any]:
-    """Mean and CI over seeds for every (method, G)."""
+def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """Final accuracy minus ``baseline``'s, seed by seed (same seed: same start and prompt stream), per (method, G)."""
+    out: dict[str, Any] = {}
+    final = {s: r["summary"]["accuracy_after"] for s, r in runs.items()}
+    for method, g in sorted({(s.method, s.group_size) for s in runs if s.method != baseline}, key=lambda k: (k[1], k[0])):
+        diffs = [
+            final[s] - final[RunSpec(baseline, g, s.seed)]
+            for s in sorted(final, key=lambda s: s.seed)
+            if s.method == method and s.group_size == g and RunSpec(baseline, g, s.seed) in final
+        ]
+        if diffs:
+            out[f"{method}|G={g}"] = {"method": method, "group_size": g, "diffs": diffs, "better": sum(d > 0 for d in diffs), **mean_ci(diffs)}
+    return out
+
+
+def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, baseline: str | None = None) -> dict[str, Any]:
+    """Mean and CI over seeds for every (method, G); paired differences against ``baseline`` when given."""
     table: dict[str, Any] = {}
     befores = [r["summary"]["accuracy_before"] for r in runs.values()]
     if target is None:
@@ -180,12 +197,13 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None) ->
         gains = [r["summary"]["accuracy_after"] - r["summary"]["accuracy_before"] for r in seeds]
         reach = [samples_to_target([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], target) for r in seeds]
         reached = [x for x in reach if x is not None]
-        points = sorted({p[0] for r in seeds for p in r["curve"]})
+        # Seeds evaluate at the same steps; with dynamic sampling (DAPO) the samples consumed by then differ
+        # per seed, so the k-th evaluation of every seed is one point at the seeds' mean sample count.
+        evaluations = min(len(r["curve"]) for r in seeds)
         curve = []
-        for x in points:  # every seed evaluates at the same sample counts unless dynamic sampling varies them
-            ys = [p[1] for r in seeds for p in r["curve"] if p[0] == x]
-            if len(ys) == len(seeds):
-                curve.append({"samples": x, **mean_ci(ys)})
+        for k in range(evaluations):
+            xs, ys = [r["curve"][k][0] for r in seeds], [r["curve"][k][1] for r in seeds]
+            curve.append({"samples": sum(xs) / len(xs), "samples_min": min(xs), "samples_max": max(xs), **mean_ci(ys)})
         table[f"{method}|G={g}"] = {
             "method": method,
             "group_size": g,
@@ -198,7 +216,8 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None) ->
             "completion_length": mean_ci([r["completion_length"] for r in seeds]),
             "curve": curve,
         }
-    return {"target": target, "rows": table}
+    paired = paired_differences(runs, baseline) if baseline and any(s.method == baseline for s in runs) else {}
+    return {"target": target, "rows": table, "baseline": baseline, "paired": paired}
 
 
 def _fmt(ci: dict[str, float]) -> str:
@@ -224,6 +243,17 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             f"{row['final_accuracy']['std']:.3f} | {_fmt(row['gain'])} | {reach} ({row['reached_target']}) | "
             f"{row['completion_length']['mean']:.2f} | {row['step_seconds']['mean']:.2f} |"
         )
+    if result.get("paired"):
+        lines += [
+            "",
+            f"Paired by seed (each seed starts from the same checkpoint and sees the same prompts): final accuracy "
+            f"minus {result['baseline']}'s, mean ± 95% CI, and the seeds where the method did better.",
+            "",
+            f"| G | method | minus {result['baseline']} | seeds better |",
+            "|---|---|---|---|",
+        ]
+        for row in result["paired"].values():
+            lines.append(f"| {row['group_size']} | {row['method']} | {row['mean']:+.3f} ± {row['ci_half_width']:.3f} | {row['better']}/{len(row['diffs'])} |")
     lines += ["", "![accuracy vs samples](accuracy_vs_samples.png)", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
@@ -267,6 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
     dirs = run_all(specs, args, out)
     runs = {s: _read_run(d, args.prompts_per_step, s.group_size) for s, d in dirs.items()}
-    result = aggregate_runs(runs, args.target)
+    result = aggregate_runs(runs, args.target, args.baseline)
     print(write_report(result, out, "ebpo compare " + " ".join(argv)))
     return 0
