@@ -90,7 +90,8 @@ def check_model_source(name: str) -> None:
     """Fail early (ValueError) when ``name`` can be neither a local model nor a hub id.
 
     A path that looks local (absolute, ``./``, ``~``, or an existing
-    directory) must contain a ``config.json``; anything else must look like a
+    directory) must contain a ``config.json`` (or a LoRA adapter's
+    ``adapter_config.json``); anything else must look like a
     hub id ``owner/name`` or ``name``. Whether a hub id exists is only known
     when it is downloaded.
     """
@@ -103,9 +104,10 @@ def check_model_source(name: str) -> None:
     if looks_local:
         if not os.path.isdir(expanded):
             raise ValueError(f"model path {name!r} is not a directory; pass a directory written by save_pretrained or a hub id")
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+        config = next((f for f in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(expanded, f))), None)
+        if config is None:
             raise ValueError(f"model path {name!r} has no config.json; pass a directory written by save_pretrained or a hub id")
-        if not os.access(os.path.join(expanded, "config.json"), os.R_OK):
+        if not os.access(os.path.join(expanded, config), os.R_OK):
             raise ValueError(f"model path {name!r} is not readable; check its permissions")
         return
     parts = name.split("/")
@@ -149,13 +151,33 @@ def load_policy(
     torch_dtype = _resolve_dtype(dtype, device)
     if name.startswith(BUILTIN_PREFIX):
         model: PreTrainedModel = build_tiny_llama(spec or TinyLlamaSpec(), tokenizer, seed=seed).to(torch_dtype)
+    elif is_adapter_dir(name):  # a LoRA checkpoint: its base model plus the adapter, merged
+        model = load_adapter(name, dtype=torch_dtype, trainable=False).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch_dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if lora_rank > 0:
-        model = _add_lora(model, lora_rank, lora_alpha)
+        model = add_lora(model, lora_rank, lora_alpha)
     return model.to(device), tokenizer
+
+
+def is_adapter_dir(path: str) -> bool:
+    """A directory written by peft's ``save_pretrained`` (adapter weights only)."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+
+
+def load_adapter(path: str, *, dtype: torch.dtype, trainable: bool, base: PreTrainedModel | None = None) -> Any:
+    """peft model from an adapter directory, on ``base`` or on the base model the adapter names."""
+    peft = _peft()
+    path = os.path.expanduser(path)
+    if base is None:
+        base_name = peft.PeftConfig.from_pretrained(path).base_model_name_or_path
+        if not base_name:
+            raise ValueError(f"adapter {path!r} does not name its base model (base_model_name_or_path)")
+        check_model_source(base_name)
+        base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype)
+    return peft.PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -167,10 +189,16 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def _add_lora(model: PreTrainedModel, rank: int, alpha: float) -> PreTrainedModel:
+def _peft() -> Any:
     try:
         import peft
     except ImportError as exc:
-        raise ValueError("lora_rank > 0 needs the 'peft' package: pip install peft (or set --lora-rank 0)") from exc
+        raise ValueError("LoRA needs the 'peft' package: pip install 'ebpo[lora]' (or set --lora-rank 0)") from exc
+    return peft
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: float = 16.0) -> Any:
+    """Wrap ``model`` with LoRA adapters on every linear projection; only the adapters train."""
+    peft = _peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)

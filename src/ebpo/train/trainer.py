@@ -16,6 +16,7 @@ Components come from their registries (``ebpo.estimators``, ``ebpo.losses``,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import resource
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, check_model_source, load_policy, select_device
+from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, add_lora, check_model_source, load_adapter, load_policy, select_device
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream, build_task, build_verifier_for
@@ -111,9 +112,16 @@ class Trainer:
         self.spec = TinyLlamaSpec()
 
         self.model, self.tokenizer, self.init_path = self._initial_policy()
-        # The reference is the starting policy, frozen; only built when a divergence needs it.
+        # The reference is the starting policy, frozen; only built when a divergence needs it. With LoRA
+        # it is the policy itself with its adapters disabled (no second copy of the base weights).
         needs_ref = components.divergence is not None and getattr(components.divergence, "needs_reference", True)
-        self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if needs_ref else None
+        self.lora = config.lora_rank > 0
+        if not needs_ref:
+            self.ref_model = None
+        elif self.lora:
+            self.ref_model = self.model
+        else:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
         pass_rates = self._starting_pass_rates() if config.curriculum == "difficulty" else None
         self.stream = PromptStream(components.task.train_problems(), config.curriculum, config.seed, pass_rates)
@@ -145,9 +153,9 @@ class Trainer:
     def _initial_policy(self) -> tuple[Any, Any, str]:
         """Load the policy; the built-in model is warm-started (cached) on rank 0 first, then everyone loads it."""
         cfg = self.config
-        model, tokenizer = load_policy(cfg.model, device=self.device, dtype=cfg.dtype, spec=self.spec, seed=cfg.warmstart_seed, lora_rank=cfg.lora_rank)
+        model, tokenizer = load_policy(cfg.model, device=self.device, dtype=cfg.dtype, spec=self.spec, seed=cfg.warmstart_seed)
         if not cfg.model.startswith(BUILTIN_PREFIX) or cfg.warmstart_steps == 0:
-            return model, tokenizer, cfg.model
+            return self._with_lora(model, cfg.model), tokenizer, cfg.model
         task_id = {"task": cfg.task, "options": cfg.task_options}
         settings = dict(spec=self.spec, task_id=task_id, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr, batch_size=cfg.warmstart_batch_size, seed=cfg.warmstart_seed)
         problems = self.c.task.train_problems()
@@ -156,7 +164,15 @@ class Trainer:
         model, path = cached_warmstart(model, tokenizer, problems, log=self.echo if self.dist.is_main else (lambda _: None), **settings)
         if self.dist.is_main:
             self.dist.barrier()
-        return model, tokenizer, path
+        return self._with_lora(model, path), tokenizer, path
+
+    def _with_lora(self, model: Any, base: str) -> Any:
+        """LoRA adapters go on after the (full-parameter, cached) warm start, so the cache does not depend on them."""
+        if self.config.lora_rank == 0:
+            return model
+        model = add_lora(model, self.config.lora_rank)
+        model.peft_config["default"].base_model_name_or_path = base  # saved adapters name their base model
+        return model
 
     def _starting_pass_rates(self) -> Tensor:
         """EBPO-diff's difficulty: the starting policy's pass rate on every training prompt, cached.
@@ -217,7 +233,12 @@ class Trainer:
         state, rng = ckpt.load_trainer_state(path, self.dist)
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=next(self.model.parameters()).dtype).to(self.device)
+        dtype = next(self.model.parameters()).dtype
+        if self.lora:  # the checkpoint holds the adapter; the base is the starting model, already loaded
+            self.model = load_adapter(os.path.join(path, "model"), dtype=dtype, trainable=True, base=self.model.unload()).to(self.device)
+            self.ref_model = self.model if self.ref_model is not None else None
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=dtype).to(self.device)
         self.c.estimator.load_state_dict(state["estimator"])
         self.stream.load_state_dict(state["stream"])
         self.step, self.accuracy_before, self.elapsed_before = state["step"], state["accuracy_before"], state["elapsed_seconds"]
@@ -384,10 +405,13 @@ class Trainer:
 
     @torch.no_grad()
     def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor) -> Tensor:
+        """Detached log-probs of ``rows``; ``model is self.ref_model`` under LoRA means adapters disabled."""
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
-        for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets):
-            if micro.numel() > 0:
-                out[micro] = rows_logprobs(model, rollout, micro).float()
+        adapters_off = self.lora and model is self.ref_model
+        with model.disable_adapter() if adapters_off else contextlib.nullcontext():
+            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets):
+                if micro.numel() > 0:
+                    out[micro] = rows_logprobs(model, rollout, micro).float()
         return out[rows]
 
     @torch.no_grad()
