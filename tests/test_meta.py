@@ -37,3 +37,12 @@ def test_search_resumes_to_the_same_parameters(tmp_path, monkeypatch):
     grid = torch.linspace(0.01, 1.0, 40, dtype=torch.float64)
     p, q = torch.meshgrid(grid, grid, indexing="ij")
     assert float(NeuralMirror.load(straight / "mirror_params.json")(p.log(), q.log()).min()) >= 0
+
+
+def test_grid_check_reports_a_non_convex_map():
+    from ebpo.meta import min_divergence_on_grid
+
+    convex = NeuralMirror(seed=0)
+    assert min_divergence_on_grid(convex) >= 0.0
+    concave = NeuralMirror(-convex.flat_params, project_nonneg=False)  # every h' term flips sign: h is concave
+    assert min_divergence_on_grid(concave) < 0.0
