@@ -69,3 +69,15 @@ def test_exact_verifier(completion, reference, reward):
 def test_exact_verifier_counts_empty_answers_as_parse_errors():
     result = ExactMatch()("  \n", "3")
     assert result.reward == 0.0 and result.info == {"parse_error": 1.0}
+
+
+def test_excluded_held_out_sets_leave_both_splits_and_fix_the_training_set():
+    validation = ArithmeticTask(num_train=300, eval_seed=424_242, exclude_eval_seeds=(1_000_003,))
+    final = ArithmeticTask(num_train=300, exclude_eval_seeds=(424_242,))
+    plain = ArithmeticTask(num_train=300)
+    final_prompts = {p.prompt for p in plain.eval_problems()}
+    assert [p.prompt for p in final.eval_problems()] == [p.prompt for p in plain.eval_problems() if p.prompt not in {q.prompt for q in ArithmeticTask(num_train=300, eval_seed=424_242).eval_problems()}]
+    assert not final_prompts & {p.prompt for p in validation.eval_problems()}  # validation never sees the final set
+    assert not {p.prompt for p in validation.eval_problems()} & {p.prompt for p in final.train_problems()}
+    assert [p.prompt for p in validation.train_problems()] == [p.prompt for p in final.train_problems()]
+    assert not final_prompts & {p.prompt for p in plain.train_problems()}

@@ -245,3 +245,14 @@ def test_mirror_params_file_is_the_divergence_the_trainer_builds(tmp_path):
     assert torch.equal(divergence.flat_params, params)  # not the preset's seed-0 initialisation
     default = build_components(resolve_config(build_parser().parse_args(["--method", "gbmpo-mirror"]))).divergence
     assert not torch.equal(default.flat_params, params)
+
+
+def test_warm_start_key_depends_on_the_training_problems_not_the_eval_options():
+    from ebpo.train.warmstart import train_data_id
+
+    validation_member = ArithmeticTask(num_train=200, eval_seed=424_242, exclude_eval_seeds=(1_000_003,))
+    final_run = ArithmeticTask(num_train=200, exclude_eval_seeds=(424_242,))  # default held-out set, validation kept out of training
+    plain = ArithmeticTask(num_train=200)
+    assert validation_member.eval_problems() != final_run.eval_problems()
+    assert train_data_id("arithmetic", validation_member.train_problems()) == train_data_id("arithmetic", final_run.train_problems())
+    assert train_data_id("arithmetic", plain.train_problems()) != train_data_id("arithmetic", final_run.train_problems())

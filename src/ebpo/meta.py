@@ -10,7 +10,11 @@ with the member's 380 parameters) for ``--inner-steps`` steps, scored by its
 held-out accuracy (avg@k) on a *validation* split: the arithmetic task drawn
 with its own ``eval_seed`` and with the final held-out set excluded from both
 of its splits, so the final evaluation never sees what the search optimised.
-All members of an iteration train from the same seed (common random numbers:
+Members train on the same problems as a final run with
+``--task-options '{exclude_eval_seeds: [424242]}'`` (the validation set is
+kept out of training either way), so they share its cached warm start: the
+map is searched for the policy it will be used with. All members of an
+iteration train from the same seed (common random numbers:
 the fitness differences come from the mirror maps, not from sampling noise).
 Members run ``--workers`` at a time; a member whose run fails is dropped from
 the gradient estimate and counted (``failed`` in the log), never scored 0.
@@ -186,9 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'mirror_params.json'} (best population mean {state.best_mean_fitness:.4f})")
     low = min_divergence_on_grid(mirror)
     log = json.loads((out / "es_log.json").read_text()) if (out / "es_log.json").exists() else {}
-    (out / "es_log.json").write_text(json.dumps({**log, "min_divergence_on_grid": low}, indent=2))
+    final_options = {"exclude_eval_seeds": [VALIDATION_SEED]}
+    (out / "es_log.json").write_text(json.dumps({**log, "min_divergence_on_grid": low, "final_run_task_options": final_options}, indent=2))
     verdict = "D >= 0 holds" if low >= -1e-12 else "D < 0 somewhere: the map is not convex (see --project-nonneg)"
     print(f"min D(p, p_ref) over a 64 x 64 grid in (0, 1]: {low:.3e} ({verdict})")
+    print(
+        "train with it on the members' training problems and warm start (the validation split stays unseen):\n"
+        f"  ebpo train --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
+    )
     return 0
 
 

@@ -75,7 +75,9 @@ class ArithmeticTask:
         seed: seed of the training problems.
         eval_seed: seed of the held-out problems (separate from ``seed``).
         exclude_eval_seeds: held-out sets (drawn with these seeds and ``num_eval``) kept out of
-            both splits; ``ebpo meta`` validates on its own split this way, never on the final held-out set.
+            both splits (the evaluation split loses its overlap with them, so it may hold fewer than
+            ``num_eval`` problems); ``ebpo meta`` validates on its own split this way, never on the final
+            held-out set, and final runs pass ``exclude_eval_seeds: [424242]`` to train on the same problems.
     """
 
     num_train: int = 20000
@@ -103,9 +105,17 @@ class ArithmeticTask:
                 raise ValueError(f"arithmetic {name} needs {size} non-negative weights with a positive sum, got {weights}")
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError(f"arithmetic needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
+        # Every held-out set is the plain draw of its seed. Excluded sets are removed from the evaluation
+        # split (not redrawn) and, with the evaluation set itself, from training: the training problems
+        # depend only on the *set* of seeds {eval_seed} | exclude_eval_seeds, so ebpo meta's validation
+        # members (eval 424242, exclude the final set) and final runs (exclude 424242) train on the same
+        # problems and share one warm start.
         excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))
-        self._eval = self._draw(self.eval_seed, self.num_eval, "eval", exclude=excluded)
-        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in self._eval))
+        held_out = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())
+        self._eval = [p for p in held_out if p.prompt not in excluded]
+        if not self._eval:
+            raise ValueError("arithmetic: the excluded held-out sets cover the whole evaluation set; choose other seeds")
+        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out))
 
     def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
         rng = random.Random(seed)

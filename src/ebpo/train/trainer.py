@@ -35,7 +35,7 @@ from ebpo.train.data import PromptStream, build_task, build_verifier_for
 from ebpo.train.distributed import Dist, setup
 from ebpo.train.rollout import Rollout, generate, length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, format_line, plot_curves
-from ebpo.train.warmstart import cached_warmstart
+from ebpo.train.warmstart import cached_warmstart, train_data_id
 
 __all__ = ["Components", "build_components", "Trainer", "peak_rss_mb"]
 
@@ -156,9 +156,9 @@ class Trainer:
         model, tokenizer = load_policy(cfg.model, device=self.device, dtype=cfg.dtype, spec=self.spec, seed=cfg.warmstart_seed)
         if not cfg.model.startswith(BUILTIN_PREFIX) or cfg.warmstart_steps == 0:
             return self._with_lora(model, cfg.model), tokenizer, cfg.model
-        task_id = {"task": cfg.task, "options": cfg.task_options}
-        settings = dict(spec=self.spec, task_id=task_id, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr, batch_size=cfg.warmstart_batch_size, seed=cfg.warmstart_seed)
         problems = self.c.task.train_problems()
+        task_id = train_data_id(cfg.task, problems)
+        settings = dict(spec=self.spec, task_id=task_id, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr, batch_size=cfg.warmstart_batch_size, seed=cfg.warmstart_seed)
         if not self.dist.is_main:
             self.dist.barrier()  # wait for rank 0 to train and cache it
         model, path = cached_warmstart(model, tokenizer, problems, log=self.echo if self.dist.is_main else (lambda _: None), **settings)

@@ -83,6 +83,19 @@ def train_supervised(
     return losses
 
 
+def train_data_id(task: str, problems: Sequence[Problem]) -> dict[str, Any]:
+    """What the warm start depends on from the task: its name and the content of its training problems.
+
+    Not the task options: two runs whose options differ only in their
+    evaluation split (``ebpo meta``'s validation members and the final runs)
+    train on the same problems and so share one cached warm start.
+    """
+    digest = hashlib.sha256()
+    for problem in problems:
+        digest.update(f"{problem.prompt}\x1f{problem.answer}\x1e".encode())
+    return {"task": task, "train_problems": len(problems), "train_sha256": digest.hexdigest()}
+
+
 def cached_warmstart(
     model: PreTrainedModel,
     tokenizer: Any,
