@@ -38,20 +38,14 @@ import torch
 from torch import Tensor
 
 from ebpo.estimators import build_estimator
-from ebpo.sim.baselines import EBPO_PRIORS
+from ebpo.sim.baselines import SIGNAL_ESTIMATORS
 from ebpo.sim.populations import Population
 from ebpo.stats_report import mean_ci, t_quantile
 
 __all__ = ["BANDIT_ESTIMATORS", "BanditConfig", "init_logits", "reinforce_gradient", "run_bandit", "bandit_curves"]
 
-BANDIT_ESTIMATORS: dict[str, dict[str, Any]] = {
-    "grpo": {"name": "grpo"},
-    "dr_grpo": {"name": "dr_grpo"},
-    "rloo": {"name": "rloo"},
-    **{label: {"name": "ebpo", **opts} for label, opts in EBPO_PRIORS.items()},
-    "ha_dw": {"name": "grpo", "weighting": "ha_dw"},
-    "ebpo+ha_dw": {"name": "ebpo", "weighting": "ha_dw"},
-}
+# The estimators of the zero-signal analysis, so both parts of ebpo simulate compare the same set.
+BANDIT_ESTIMATORS: dict[str, dict[str, Any]] = SIGNAL_ESTIMATORS
 
 UPDATES = ("sgd", "rms")
 
