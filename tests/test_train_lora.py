@@ -51,3 +51,28 @@ def _adapter(path):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_lora_old_logprobs_keep_the_adapters_and_reference_ones_drop_them(tmp_path, monkeypatch):
+    """With LoRA the reference is the policy object itself: only the reference pass may disable the adapters."""
+    from ebpo.train.cli import build_parser, resolve_config
+    from ebpo.train.rollout import rows_logprobs
+    from ebpo.train.trainer import Trainer, build_components
+
+    config = resolve_config(build_parser().parse_args([*LORA, "--mini-batches", "2"]))
+    trainer = Trainer(config, str(tmp_path / "run"), build_components(config), resume=False, echo=lambda _: None)
+    assert trainer.ref_model is trainer.model
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)  # the adapters now change the policy
+    rollout, _, _ = trainer.rollout_and_score()
+    rows = torch.arange(rollout.input_ids.shape[0])
+    with torch.no_grad():
+        with_adapters = rows_logprobs(trainer.model, rollout, rows)
+        with trainer.model.disable_adapter():
+            base = rows_logprobs(trainer.model, rollout, rows)
+    mask = rollout.completion_mask.bool()
+    assert not torch.allclose(with_adapters[mask], base[mask], atol=1e-4)
+    assert torch.allclose(trainer._logprobs(trainer.model, rollout, rows)[mask], with_adapters[mask], atol=1e-5)  # old log-probs
+    assert torch.allclose(trainer._logprobs(trainer.ref_model, rollout, rows, reference=True)[mask], base[mask], atol=1e-5)

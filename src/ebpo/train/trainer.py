@@ -365,7 +365,7 @@ class Trainer:
         # of the same forward pass (saves a forward).
         on_policy = cfg.ppo_epochs * cfg.mini_batches == 1
         old_logprobs = None if on_policy else self._logprobs(self.model, rollout, rows)
-        ref_logprobs = self._logprobs(self.ref_model, rollout, rows) if self.ref_model is not None else None
+        ref_logprobs = self._logprobs(self.ref_model, rollout, rows, reference=True) if self.ref_model is not None else None
         sums: dict[str, float] = {}
         updates = 0
         from ebpo.losses import LossInputs
@@ -404,11 +404,14 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor) -> Tensor:
-        """Detached log-probs of ``rows``; ``model is self.ref_model`` under LoRA means adapters disabled."""
+    def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor, *, reference: bool = False) -> Tensor:
+        """Detached log-probs of ``rows``; ``reference`` under LoRA: the same model with its adapters disabled.
+
+        (The flag, not ``model is self.ref_model``: with LoRA both are the same object, and the old
+        log-probs of PPO epochs must keep the adapters on.)
+        """
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
-        adapters_off = self.lora and model is self.ref_model
-        with model.disable_adapter() if adapters_off else contextlib.nullcontext():
+        with model.disable_adapter() if self.lora and reference else contextlib.nullcontext():
             for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets):
                 if micro.numel() > 0:
                     out[micro] = rows_logprobs(model, rollout, micro).float()
