@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -101,7 +102,7 @@ def _member_command(args: argparse.Namespace, params_file: Path, run_dir: Path) 
         "--save-every", "0",
         "--out", str(run_dir),
         "--overwrite",
-        *args.train_args.split(),
+        *shlex.split(args.train_args),
     ]  # fmt: skip
 
 
