@@ -26,6 +26,19 @@ class Problem:
     answer: str
     topic: str | None = None
     difficulty: float | None = None
+    target: str | None = None
+    """Text a correct completion would contain: the warm start's supervised target.
+
+    Separate from ``answer`` (the verifier's reference) because the two differ
+    for tasks whose reference is not a completion (reasoning-gym's JSON entry)
+    or whose completion is more than the answer (a worked derivation).
+    ``None`` means the answer itself is such a text.
+    """
+
+    @property
+    def completion_target(self) -> str:
+        """The supervised target: ``target``, or ``answer`` where the task gives none."""
+        return self.answer if self.target is None else self.target
 
 
 class Task(Protocol):

@@ -47,7 +47,7 @@ def warmstart_key(settings: dict[str, Any]) -> str:
 def supervised_batch(problems: Sequence[Problem], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask, labels)`` (B, L); labels are -100 on the prompt."""
     prompts = tokenizer([p.prompt for p in problems])["input_ids"]
-    answers = tokenizer([p.answer for p in problems], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([p.completion_target for p in problems], add_special_tokens=False)["input_ids"]
     rows = [prompt + answer + [tokenizer.eos_token_id] for prompt, answer in zip(prompts, answers)]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -92,7 +92,7 @@ def train_data_id(task: str, problems: Sequence[Problem]) -> dict[str, Any]:
     """
     digest = hashlib.sha256()
     for problem in problems:
-        digest.update(f"{problem.prompt}\x1f{problem.answer}\x1e".encode())
+        digest.update(f"{problem.prompt}\x1f{problem.completion_target}\x1e".encode())
     return {"task": task, "train_problems": len(problems), "train_sha256": digest.hexdigest()}
 
 
