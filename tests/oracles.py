@@ -1,6 +1,6 @@
 """Slow, loop-based reference implementations used as test oracles.
 
-Written from METHODS.md with plain Python floats and explicit loops, sharing
+Written from docs/methods.md with plain Python floats and explicit loops, sharing
 no code with ``ebpo`` so that a bug in the vectorised code cannot hide in the
 oracle too.
 """
@@ -76,7 +76,7 @@ class LoopWelford:
 
 
 class LoopEBPO:
-    """EBPO, METHODS.md §2, one step at a time, loops over responses and groups."""
+    """EBPO, docs/methods.md#ebpo, one step at a time, loops over responses and groups."""
 
     def __init__(self, decay: float, std_normalize: bool = True, center: bool = True, eps: float = 1e-6) -> None:
         self.decay, self.std_normalize, self.center, self.eps = decay, std_normalize, center, eps
@@ -112,7 +112,7 @@ class LoopEBPO:
 
 
 class LoopHADW:
-    """HA-DW weights, METHODS.md §3, with both anchors, as documented in ebpo.weighting."""
+    """HA-DW weights, docs/methods.md#ha-dw, with both anchors, as documented in ebpo.weighting."""
 
     def __init__(self, anchor: str, lam: float, eta: float = 2.0, m: int = 10, k: int = 10, c0: float | None = None) -> None:
         self.kind, self.lam, self.eta, self.m, self.k, self.c0 = anchor, lam, eta, m, k, c0

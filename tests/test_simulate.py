@@ -202,7 +202,7 @@ def test_zero_signal_table():
 def test_ebpo_never_gives_an_all_failure_group_a_zero_advantage(prior, g, warmup, groups):
     """Any prior, any history: if the batch has one success, every all-failure response gets A < 0.
 
-    With centring, the all-failure advantage is -S * (batch mean reward) / std (METHODS.md §2), so
+    With centring, the all-failure advantage is -S * (batch mean reward) / std (docs/methods.md#all-failure-groups), so
     it is zero only for a batch with no success at all, which the test excludes by construction.
     """
     estimator = build_estimator("ebpo", **EBPO_PRIORS[prior])

@@ -1,7 +1,7 @@
 """Orderings of the training stream: ``shuffle``, ``topic`` and ``difficulty``.
 
 EBPO's prior fits a step better when the step's prompts are alike
-(METHODS.md §2, "Curriculum"): EBPO-topic serves the stream cluster by
+(docs/methods.md#curricula): EBPO-topic serves the stream cluster by
 cluster, EBPO-diff serves one epoch from easy to hard.
 
 A curriculum maps problems to an order (a permutation of their indices) for

@@ -4,7 +4,7 @@ One interface: ``divergence(logprobs, ref_logprobs) -> (B, T)``, both inputs
 the log-probabilities of the *sampled* tokens (B, T) under the current and the
 reference policy. The result is differentiable w.r.t. ``logprobs`` and is
 added per token to the policy loss before aggregation (GBMPO, arXiv
-2602.04380, as released; METHODS.md §4).
+2602.04380, as released; docs/methods.md#divergences).
 
 * ``kl`` (``estimator="k1"|"k2"|"k3"``, Schulman's estimators of KL(pi||pi_ref)
   from samples of pi; with lr = ref - logp: k1 = -lr, k2 = lr^2 / 2,

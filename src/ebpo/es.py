@@ -1,4 +1,4 @@
-"""Evolution strategies over a flat parameter vector (GBMPO meta-learning, METHODS.md §4).
+"""Evolution strategies over a flat parameter vector (GBMPO meta-learning, docs/methods.md#es-meta-learning).
 
 The search is independent of what is being scored: :func:`es_iteration`
 takes a fitness function that maps a batch of candidate parameter vectors to

@@ -22,7 +22,7 @@ A registered estimator implements :class:`Estimator`: ``min_group_size``,
 ``state_dict()`` / ``load_state_dict()`` (empty for stateless ones).
 
 Departures from papers / released code are flagged where they occur; see
-also METHODS.md.
+also docs/methods.md#advantage-estimators.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ _PRIOR_DECAY = {"batch": 0.0, "running": 1.0}
 
 @ESTIMATORS.register("ebpo")
 class EBPO:
-    """Empirical Bayes Policy Optimization (arXiv 2602.05165), METHODS.md §2.
+    """Empirical Bayes Policy Optimization (arXiv 2602.05165), docs/methods.md#ebpo.
 
     The group baseline is shrunk toward a global prior::
 

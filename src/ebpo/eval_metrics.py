@@ -1,4 +1,4 @@
-"""Evaluation statistics from k samples per problem (METHODS.md §5).
+"""Evaluation statistics from k samples per problem (docs/methods.md#evaluation-metrics).
 
 * ``avg@k``: Pass@1 estimated as the mean correctness over k samples per
   problem, as the papers report it (avg@32 for EBPO).

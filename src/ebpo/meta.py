@@ -1,4 +1,4 @@
-"""``ebpo meta``: evolution strategies search GBMPO's neural mirror map (METHODS.md §4).
+"""``ebpo meta``: evolution strategies search GBMPO's neural mirror map (docs/methods.md#es-meta-learning).
 
     ebpo meta --quick --out runs/meta-quick
     ebpo meta --out runs/meta --population 10 --iterations 15 --inner-steps 100

@@ -1,6 +1,6 @@
 """Online mean/variance accumulators (Welford, with Chan et al.'s parallel merge).
 
-EBPO keeps two of these (METHODS.md §2): one over every individual reward
+EBPO keeps two of these (docs/methods.md#welford-statistics): one over every individual reward
 (-> sigma^2) and one over the group means (-> mu_glob, tau^2).
 
 A batch enters as a whole through Chan, Golub & LeVeque's pairwise merge

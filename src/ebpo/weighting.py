@@ -1,7 +1,7 @@
 """Advantage weightings that compose with every estimator.
 
 HA-DW, History-Aware Adaptive Difficulty Weighting (arXiv 2601.08521),
-METHODS.md §3. Per step t, with y_t the batch accuracy (mean reward of every
+docs/methods.md#ha-dw. Per step t, with y_t the batch accuracy (mean reward of every
 response in the batch) and a difficulty anchor C::
 
     diff_q  = mu_q - C

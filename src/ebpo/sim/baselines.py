@@ -164,7 +164,7 @@ def zero_signal(
     (the fraction of those that are >= 0: a zero or wrong-signed signal),
     and for EBPO
     ``raw_all_failure_adv`` = -S * mu_glob, the advantage before batch
-    standardisation (METHODS.md §2), from the estimator's own metrics.
+    standardisation (docs/methods.md#all-failure-groups), from the estimator's own metrics.
     ``all_equal_frac_expected`` is E[theta^G + (1-theta)^G] over the drawn
     theta, which GRPO's zero fraction should match; ``all_failure_frac`` is
     the fraction of groups that failed entirely.

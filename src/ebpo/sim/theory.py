@@ -1,6 +1,6 @@
 """Closed forms and exact sums behind ``ebpo simulate``, each with a Monte Carlo counterpart.
 
-HA-DW's bias analysis (arXiv 2601.08521; METHODS.md §3). For a prompt with
+HA-DW's bias analysis (arXiv 2601.08521; docs/methods.md#bias-of-the-group-mean). For a prompt with
 true success rate p and a group of G 0/1 rewards with k successes,
 mu_hat = k / G. "Mixed" means the group is not all-equal (1 <= k <= G-1), the
 only groups that carry a GRPO learning signal. The paper's table is
@@ -17,7 +17,7 @@ integral P(mixed) dp, i.e. rejection of all-equal groups with p drawn once for
 the whole population, does NOT give the paper's figures; it is reported too,
 so the difference is visible.)
 
-The bias of the group mean given a mixed group (METHODS.md §3)::
+The bias of the group mean given a mixed group (docs/methods.md#bias-of-the-group-mean)::
 
     E[mu_hat | mixed] - p = (p (1-p)^G + p^(G+1) - p^G) / (1 - (1-p)^G - p^G),
 
@@ -230,7 +230,7 @@ def oracle_shrinkage(population: Population, group_size: int) -> float:
 def ebpo_population_shrinkage(population: Population, group_size: int) -> float:
     """The limit of EBPO's plug-in S for a large batch with per-batch statistics (toward mu_glob = E theta).
 
-    sigma^2 = E theta (1 - E theta), tau^2 = Var theta + noise / G: METHODS.md §2 step 2.
+    sigma^2 = E theta (1 - E theta), tau^2 = Var theta + noise / G: docs/methods.md#welford-statistics.
     """
     sigma2 = population.mean * (1 - population.mean)
     noise = sigma2 / group_size

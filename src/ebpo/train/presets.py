@@ -3,7 +3,7 @@
 A preset is a dict of :class:`~ebpo.train.config.TrainConfig` field values
 applied over the defaults and under the YAML file and command-line flags, so
 any of them can be overridden (``--method grpo --loss-agg token-mean``).
-Sources: METHODS.md §1-4. Departures:
+Sources: docs/methods.md#method-presets. Departures:
 
 * ``grpo`` trains without a KL term (as DAPO and Dr. GRPO argue, and as the
   HA-DW runs do); add ``--divergence kl --div-coef 0.04`` for DeepSeekMath's.
