@@ -128,7 +128,8 @@ def _cache_kwarg(model: Any) -> str:
     signature (renamed in the same release) decides.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    forward = type(base).forward  # the class's own: mixed precision may patch the instance's forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def sampling_config(
