@@ -146,15 +146,14 @@ def sampling_config(
     """
     from transformers import GenerationConfig
 
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": 1.0, "top_p": 1.0}
+    # Sampling-only settings are named only when sampling (greedy decoding ignores them, and transformers warns).
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
     return GenerationConfig(
         do_sample=do_sample,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        min_length=0,
+        min_new_tokens=0,  # (min_length is then unused)
         num_beams=1,
         num_return_sequences=1,
-        top_k=0,
         min_p=None,
         typical_p=1.0,
         epsilon_cutoff=0.0,
