@@ -456,6 +456,8 @@ class Trainer:
         metrics.update({k[len("weighted:") :]: v / tokens for k, v in totals.items() if k.startswith("weighted:") and k != "weighted:tokens"})
         metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["optim/lr"] = sum(lrs) / len(lrs)
+        if self.device.type == "cuda":  # this rank's peak since the run started (rank 0's is logged)
+            metrics["system/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
     def _padding_loss(self) -> Tensor:
