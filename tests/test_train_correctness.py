@@ -207,3 +207,19 @@ def test_help_shows_the_defaults_that_actually_run():
     assert "(default: 'kl'; set by the --method ebpo preset" in text
     assert "Policy loss: clip, clip_cov, kl_cov." in text and "(default: 'clip'; set by the --method ebpo preset" in text
     assert "Responses sampled per prompt (G). (default: 8)" in text  # not a preset field: no note
+
+
+def test_lora_adapters_do_not_depend_on_the_ranks_sampling_seed(tmp_path):
+    """Defect 5: adapters were initialised from the seed + rank stream, so ranks started from different policies.
+
+    (Under DDP the wrapper would also copy rank 0's weights at construction; the trainer additionally
+    broadcasts them, and this checks the initialisation itself, which other engines rely on.)"""
+    pytest.importorskip("peft")
+    trainer = _trainer(tmp_path, "--lora-rank", "4", "--method", "grpo")
+    adapters = []
+    for rank_seed in (0, 1):  # what seed + rank leaves in the global RNG on ranks 0 and 1
+        base, _ = load_policy("builtin:tiny", device=torch.device("cpu"), seed=0)
+        torch.manual_seed(rank_seed)
+        model = trainer._with_lora(base, "builtin:tiny")
+        adapters.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
+    assert adapters[0] and all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
