@@ -223,3 +223,14 @@ def test_lora_adapters_do_not_depend_on_the_ranks_sampling_seed(tmp_path):
         model = trainer._with_lora(base, "builtin:tiny")
         adapters.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
     assert adapters[0] and all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_builtin_medium_is_a_named_size_of_tens_of_millions_of_parameters():
+    from ebpo.models.loading import BUILTIN_SPECS, build_tiny_llama, check_model_source
+    from ebpo.models.tokenizer import CharTokenizer
+
+    check_model_source("builtin:medium")
+    with pytest.raises(ValueError, match="builtin:tiny"):
+        check_model_source("builtin:large")
+    model = build_tiny_llama(BUILTIN_SPECS["medium"], CharTokenizer(), seed=0)
+    assert 20e6 < sum(p.numel() for p in model.parameters()) < 100e6

@@ -353,7 +353,7 @@ def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int) -> lis
     """
     if rows.numel() == 0:
         return [rows]
-    lengths = rollout.attention_mask[rows].sum(dim=1)
+    lengths = rollout.attention_mask[rows].sum(dim=1).cpu()  # rows are a CPU index; the rollout may live on a GPU
     ordered = rows[torch.sort(lengths, stable=True).indices]
     if size > 0:
         return list(torch.split(ordered, size))
