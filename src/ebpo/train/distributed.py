@@ -189,4 +189,11 @@ def setup(device: str = "auto", dtype: str = "float32") -> Dist:
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision_for(dtype, device_type))
     if device not in ("auto", "cpu") and accelerator.device.type != torch.device(device).type:
         raise ValueError(f"--device {device} is not available here (accelerate chose {accelerator.device}); use --device auto")
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "ebpo train does not support DeepSpeed yet (its engine steps the optimiser inside backward, which this "
+            "loop's gradient accumulation does not drive); launch with --multi_gpu (DDP) or an FSDP config (docs/trainer.md)"
+        )
     return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator)
