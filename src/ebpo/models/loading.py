@@ -5,6 +5,8 @@
 * ``"builtin:tiny"`` (the default): a freshly initialised
   :class:`transformers.LlamaForCausalLM` of a few hundred thousand parameters
   with the :class:`~ebpo.models.tokenizer.CharTokenizer`; nothing is downloaded.
+  ``"builtin:medium"`` is the same recipe at ~40 M parameters, large enough
+  to exercise a GPU (``scripts/gpu-check.sh``); see :data:`BUILTIN_SPECS`.
 * a local directory written by ``save_pretrained`` (an ebpo checkpoint, or
   any HF model): loaded with ``AutoModelForCausalLM``; a directory whose
   tokenizer config names ``CharTokenizer`` gets that tokenizer back.
@@ -26,7 +28,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from ebpo.models.tokenizer import CharTokenizer
 
-__all__ = ["TinyLlamaSpec", "build_tiny_llama", "load_policy", "load_tokenizer", "select_device", "check_model_source"]
+__all__ = [
+    "TinyLlamaSpec", "BUILTIN_SPECS", "builtin_spec", "build_tiny_llama", "load_policy", "load_tokenizer", "select_device",
+    "check_model_source", "resolve_dtype",
+]  # fmt: skip
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -40,6 +45,21 @@ class TinyLlamaSpec:
     num_heads: int = 4
     intermediate_size: int = 256
     max_positions: int = 64
+
+
+# The built-in models by name (``builtin:<name>``); the character tokenizer is the same for all.
+BUILTIN_SPECS: dict[str, TinyLlamaSpec] = {
+    "tiny": TinyLlamaSpec(),  # ~0.4 M parameters: CPU runs in minutes
+    "medium": TinyLlamaSpec(hidden_size=512, num_layers=12, num_heads=8, intermediate_size=1536, max_positions=256),  # ~41 M
+}
+
+
+def builtin_spec(name: str) -> TinyLlamaSpec:
+    """The architecture of ``builtin:<size>`` (ValueError naming the sizes when unknown)."""
+    size = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
+    if size not in BUILTIN_SPECS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of {[BUILTIN_PREFIX + k for k in BUILTIN_SPECS]}")
+    return BUILTIN_SPECS[size]
 
 
 def build_tiny_llama(spec: TinyLlamaSpec, tokenizer: CharTokenizer, *, seed: int) -> LlamaForCausalLM:
@@ -96,8 +116,7 @@ def check_model_source(name: str) -> None:
     when it is downloaded.
     """
     if name.startswith(BUILTIN_PREFIX):
-        if name != "builtin:tiny":
-            raise ValueError(f"unknown built-in model {name!r}; the only built-in model is 'builtin:tiny'")
+        builtin_spec(name)
         return
     expanded = os.path.expanduser(name)
     looks_local = os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded)
@@ -142,15 +161,17 @@ def load_policy(
 ) -> tuple[PreTrainedModel, Any]:
     """Return ``(model, tokenizer)`` on ``device``.
 
-    ``dtype="auto"`` means bf16 on CUDA, fp32 elsewhere (tiny models and CPU
-    training want fp32). ``lora_rank > 0`` wraps the model with peft LoRA
-    adapters on every linear projection.
+    ``dtype`` is the dtype the weights are *stored* in: ``"auto"`` means
+    bf16 on CUDA, fp32 elsewhere (right for inference). The trainer stores
+    trained weights in fp32 and computes in ``--dtype`` under autocast
+    (:mod:`ebpo.train.distributed`). ``lora_rank > 0`` wraps the model with
+    peft LoRA adapters on every linear projection.
     """
     check_model_source(name)
     tokenizer = load_tokenizer(name)
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     if name.startswith(BUILTIN_PREFIX):
-        model: PreTrainedModel = build_tiny_llama(spec or TinyLlamaSpec(), tokenizer, seed=seed).to(torch_dtype)
+        model: PreTrainedModel = build_tiny_llama(spec or builtin_spec(name), tokenizer, seed=seed).to(torch_dtype)
     elif is_adapter_dir(name):  # a LoRA checkpoint: its base model plus the adapter, merged
         model = load_adapter(name, dtype=torch_dtype, trainable=False).merge_and_unload()
     else:
@@ -180,7 +201,8 @@ def load_adapter(path: str, *, dtype: torch.dtype, trainable: bool, base: PreTra
     return peft.PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of ``--dtype`` on ``device`` (auto: bf16 on CUDA, fp32 elsewhere)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -202,3 +224,6 @@ def add_lora(model: PreTrainedModel, rank: int, alpha: float = 16.0) -> Any:
     peft = _peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
+
+
+_resolve_dtype = resolve_dtype  # the name other modules imported before it was public

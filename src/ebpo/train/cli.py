@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ebpo train",
         description="Post-train a causal LM with RL from verifiable rewards. With no arguments: the built-in "
         "arithmetic task, a tiny Llama warm-started on it, then EBPO, on CPU in a few minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Defaults shown are those of the default --method {TrainConfig.method}; 'ebpo train --list-methods' "
+        "shows what each preset sets.",
         argument_default=argparse.SUPPRESS,  # so we know which flags the user actually gave
     )
     parser.add_argument("--config", help="YAML file of config fields (flags override it).")
@@ -59,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-methods", action="store_true", help="Print the --method presets and exit.")
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs()
-    defaults = TrainConfig()
+    # Help shows what a run without flags uses: the dataclass defaults under the default --method preset.
+    method = TrainConfig.method
+    from_preset = preset(method)
+    defaults = TrainConfig(**{**dataclasses.asdict(TrainConfig()), **from_preset})
     for f in dataclasses.fields(TrainConfig):
         hint, default = hints[f.name], getattr(defaults, f.name)
-        help_ = docs[f.name] + f" (default: {default!r})"
+        source = f"; set by the --method {method} preset, other methods change it" if f.name in from_preset else ""
+        help_ = docs[f.name] + f" (default: {default!r}{source})"
         if hint is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
         elif hint is dict:

@@ -48,7 +48,7 @@ class TrainConfig:
     device: str = "auto"
     """Device: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bf16 on CUDA, else fp32), float32, bfloat16, float16."""
+    """Compute precision of the forward passes: auto (bf16 on CUDA, else fp32), float32, bfloat16, float16. Trained weights stay fp32 (mixed precision through accelerate: autocast, fp32 master weights and optimiser; a GradScaler for float16); under LoRA the frozen base is stored in this dtype."""
     threads: int = 0
     """CPU threads for torch; 0 = all cores (at most 8)."""
     lora_rank: int = 0
@@ -100,7 +100,7 @@ class TrainConfig:
 
     # --- loss ---
     loss: str = "clip"
-    """Policy loss: clip, clip_cov, kl_cov."""
+    """Policy loss: clip, clip_cov, kl_cov. kl_cov has no effect with one PPO epoch and one mini-batch (its |logp - old_logp| penalty is 0 before the policy moves): raise --ppo-epochs or --mini-batches with it."""
     loss_agg: str = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     loss_options: dict = field(default_factory=dict)

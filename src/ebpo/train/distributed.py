@@ -1,103 +1,199 @@
-"""Data parallelism with plain ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+"""Data parallelism and mixed precision through ``accelerate``.
 
-``accelerate launch -m ebpo train ...`` (or ``torchrun``) starts one process
-per device and sets ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; :func:`setup`
-joins the process group from those variables. A single process needs none of
-it: :class:`Dist` then makes every collective the identity.
+One process per device, started by ``accelerate launch`` (or ``torchrun``)::
 
-Why no DDP wrapper: each rank computes its loss normalised by the *global*
-token (or sequence) count, so the sum of the ranks' gradients is exactly the
-full-batch gradient; :meth:`Dist.sum_gradients` all-reduces them once per
-optimiser step. Ranks may then hold different numbers of responses (dynamic
-sampling, skipped rewards) without any collective going out of step.
+    accelerate launch --cpu --num_processes 2 -m ebpo train --device cpu ...      # 2 CPU processes, gloo
+    accelerate launch --multi_gpu --num_processes 8 -m ebpo train ...             # 8 GPUs, NCCL, DDP
+    accelerate launch --config_file fsdp.yaml -m ebpo train --model Qwen/...      # FSDP (docs/trainer.md)
+
+:func:`setup` builds the run's :class:`accelerate.Accelerator`: it joins the
+process group (NCCL on GPU, gloo on CPU), pins each process to its local
+device (``cuda:LOCAL_RANK``) and owns mixed precision (``--dtype`` is the
+compute precision: parameters stay fp32 and forwards run under autocast).
+:class:`Dist` wraps the few collectives the trainer needs; with one process
+every one of them is the identity.
+
+Invariants the trainer relies on:
+
+* the estimator sees the *gathered* global batch of rewards and group ids,
+  so its state is bit-identical on every rank;
+* each rank's loss is normalised by the *global* token (or sequence) count,
+  so the sum of the ranks' gradients is the full-batch gradient (DDP
+  averages instead of summing: the trainer scales by the world size);
+* ranks may hold different numbers of responses (dynamic sampling, skipped
+  rewards): every rank runs the same number of backward passes per
+  optimiser step (:meth:`Dist.max` of the micro-batch counts, padded with
+  zero-weight passes), all but the last under ``no_sync``.
+
+Collectives run on the process's device (NCCL accepts only CUDA tensors);
+results come back on the caller's device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as torch_dist
 from torch import Tensor
 
-__all__ = ["Dist", "setup"]
+__all__ = ["Dist", "setup", "mixed_precision_for"]
 
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's rank and the world size; collectives are no-ops when world == 1."""
+    """This process's rank and the world size, and the accelerator (None: one process, no mixed precision)."""
 
     rank: int = 0
     world: int = 1
+    accelerator: Any = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+
+    # ---------------------------------------------------------------- collectives
     def all_gather_cat(self, tensor: Tensor) -> Tensor:
         """Concatenate every rank's ``tensor`` along dim 0 in rank order (first dims may differ)."""
         if self.world == 1:
             return tensor
-        local_size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-        sizes = [torch.zeros_like(local_size) for _ in range(self.world)]
-        torch_dist.all_gather(sizes, local_size)
-        max_size = int(max(int(s) for s in sizes))
-        padded = torch.zeros((max_size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        padded[: tensor.shape[0]] = tensor
-        gathered = [torch.zeros_like(padded) for _ in range(self.world)]
-        torch_dist.all_gather(gathered, padded)
-        return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+        from accelerate.utils import gather, pad_across_processes
+
+        local = tensor.to(self.device)
+        sizes = gather(torch.tensor([local.shape[0]], dtype=torch.int64, device=self.device)).tolist()  # (world,)
+        padded = pad_across_processes(local, dim=0)  # (max size, ...) on every rank
+        gathered = gather(padded).reshape(self.world, -1, *local.shape[1:])  # (world, max size, ...)
+        return torch.cat([gathered[r, : sizes[r]] for r in range(self.world)]).to(tensor.device)
 
     def local_offset(self, local_count: int, device: torch.device | None = None) -> int:
         """Index of this rank's first row in :meth:`all_gather_cat`'s output."""
         if self.world == 1:
             return 0
-        counts = self.all_gather_cat(torch.tensor([local_count], dtype=torch.int64, device=device))
+        counts = self.all_gather_cat(torch.tensor([local_count], dtype=torch.int64))
         return int(counts[: self.rank].sum())
 
     def sum(self, value: float, device: torch.device | None = None) -> float:
         if self.world == 1:
             return float(value)
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        torch_dist.all_reduce(tensor)
-        return float(tensor)
+        return float(self.all_gather_cat(torch.tensor([float(value)], dtype=torch.float64)).sum())
+
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        return float(self.all_gather_cat(torch.tensor([float(value)], dtype=torch.float64)).max())
 
     def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
         """Sum dicts over ranks by key; ranks may hold different keys (e.g. verifier diagnostics)."""
         if self.world == 1:
             return dict(values)
-        gathered: list[dict[str, float]] = [{} for _ in range(self.world)]
-        torch_dist.all_gather_object(gathered, dict(values))
+        from accelerate.utils import gather_object
+
         total: dict[str, float] = {}
-        for part in gathered:
+        for part in gather_object([dict(values)]):  # one dict per rank
             for key, value in part.items():
                 total[key] = total.get(key, 0.0) + float(value)
         return dict(sorted(total.items()))
 
-    def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """All-reduce (sum) the gradients of ``parameters`` in one flat buffer."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch_dist.all_reduce(flat)
-        offset = 0
-        for param, grad in zip(parameters, grads):
-            count = grad.numel()
-            param.grad = flat[offset : offset + count].view_as(param).clone()
-            offset += count
-
     def barrier(self) -> None:
         if self.world > 1:
-            torch_dist.barrier()
+            self.accelerator.wait_for_everyone()
+
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """Copy rank 0's parameters and buffers (LoRA adapters included) to every rank."""
+        if self.world == 1:
+            return
+        from accelerate.utils import broadcast
+
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.copy_(broadcast(tensor.detach().to(self.device).clone(), from_process=0).to(tensor.device))
+
+    # ---------------------------------------------------------------- training
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """The model wrapped for gradient sync (DDP/FSDP/DeepSpeed, as launched) and its optimiser."""
+        if self.accelerator is None:
+            return model, optimizer
+        return self.accelerator.prepare(model, optimizer)
+
+    def autocast(self) -> Any:
+        """Context of the forward passes: autocast to the compute dtype under mixed precision."""
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    def no_sync(self, model: Any) -> Any:
+        """Accumulate gradients locally (no all-reduce) inside this context."""
+        return self.accelerator.no_sync(model) if self.accelerator is not None else contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)  # scales the loss under fp16
+
+    def clip_grad_norm_(self, parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+        """Global gradient norm before clipping (unscaled under fp16; FSDP-aware)."""
+        if self.accelerator is None:
+            return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        return float(norm) if norm is not None else float("nan")
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: Any) -> Iterator[None]:
+        """Generation outside the training wrapper: FSDP gathers the root's sharded parameters, others need nothing."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(model, FullyShardedDataParallel):
+            with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+                yield
+        else:
+            yield
 
 
-def setup(device: torch.device) -> Dist:
-    """Join the process group named by the environment (``WORLD_SIZE`` > 1), else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=torch_dist.get_rank(), world=torch_dist.get_world_size())
+def mixed_precision_for(dtype: str, device_type: str) -> str:
+    """accelerate's ``mixed_precision`` for ``--dtype``: auto is bf16 on CUDA, no (fp32) elsewhere."""
+    table = {"auto": "bf16" if device_type == "cuda" else "no", "float32": "no", "fp32": "no", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(set(table) - {'auto'})}")
+    return table[dtype]
+
+
+def setup(device: str = "auto", dtype: str = "float32") -> Dist:
+    """The run's accelerator for ``--device`` and ``--dtype`` (joins the process group when launched)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        # accelerate's state is a process-wide singleton that refuses a second mixed-precision setting;
+        # one process may build several trainers (tests, notebooks), each with its own --dtype.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if device.startswith("cuda:"):
+            torch.cuda.set_device(torch.device(device))  # accelerate places a single process on the current device
+    elif device.startswith("cuda:"):
+        raise ValueError(f"--device {device} names one GPU but {os.environ['WORLD_SIZE']} processes were launched; use --device cuda or auto")
+    cpu = device == "cpu"
+    if device == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "auto"
+    else:
+        try:
+            device_type = torch.device(device).type
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available; use --device cpu or auto")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision_for(dtype, device_type))
+    if device not in ("auto", "cpu") and accelerator.device.type != torch.device(device).type:
+        raise ValueError(f"--device {device} is not available here (accelerate chose {accelerator.device}); use --device auto")
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "ebpo train does not support DeepSpeed yet (its engine steps the optimiser inside backward, which this "
+            "loop's gradient accumulation does not drive); launch with --multi_gpu (DDP) or an FSDP config (docs/trainer.md)"
+        )
+    return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator)

@@ -5,12 +5,25 @@ T = completion length (max_new_tokens or shorter when every sequence
 stopped). Prompts are left-padded so every completion starts at column P;
 position ids are counted from the first real token, as ``generate`` does, so
 the log-probabilities recomputed for the update match the sampling policy.
+
+The policy whose log-probabilities the update, the old and the reference
+passes compute is the *sampling* policy: logits divided by the rollout
+temperature (as TRL's GRPOTrainer and verl's actor do), so the PPO ratio is
+1 on the first mini-batch at any temperature. Top-p truncation is not applied
+to the recomputed log-probabilities (neither does TRL nor verl); it is 1.0 by
+default. Sampling uses :func:`sampling_config`, a fresh
+``GenerationConfig`` that names every setting and neutralises the rest, so a
+checkpoint's own ``generation_config.json`` (repetition penalty, top-k, ...)
+never changes what the trainer samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import inspect
 
 import torch
 from torch import Tensor
@@ -20,7 +33,7 @@ from ebpo.verifiers.base import Verifier
 
 __all__ = [
     "Rollout", "encode_prompts", "generate", "completion_mask", "sequence_logprobs", "rows_logprobs", "length_chunks",
-    "score", "overlong_penalty",
+    "score", "overlong_penalty", "sampling_config", "token_entropy",
 ]  # fmt: skip
 
 
@@ -106,6 +119,91 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (torch.cumsum(attention_mask, dim=1) - 1).clamp_min(0)
 
 
+def _cache_kwarg(model: Any) -> str:
+    """The name under which ``model`` (its forward and ``generate``) takes a KV cache.
+
+    Recent transformers (5.2x) renamed ``past_key_values`` to ``cache`` and
+    warn (FutureWarning) on the old name; older releases only know the old
+    one. ``generate`` takes it through ``**kwargs``, so the forward's
+    signature (renamed in the same release) decides.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = type(base).forward  # the class's own: mixed precision may patch the instance's forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def sampling_config(
+    *, do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int | list[int]
+) -> Any:
+    """A fresh ``GenerationConfig`` naming every setting rollouts and evaluation rely on, the rest neutral.
+
+    ``generate`` fills every field left ``None`` from the model's own
+    ``generation_config`` (and then from library defaults such as top_k 50),
+    so each processor that could change the distribution is set to its
+    neutral value explicitly: the trainer's log-probabilities assume plain
+    temperature (and top-p) sampling. Qwen2.5-Instruct, for instance, ships
+    repetition_penalty 1.05, top_k 20 and top_p 0.8.
+    """
+    from transformers import GenerationConfig
+
+    # Sampling-only settings are named only when sampling (greedy decoding ignores them, and transformers warns).
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    return GenerationConfig(
+        do_sample=do_sample,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,  # (min_length is then unused)
+        num_beams=1,
+        num_return_sequences=1,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        length_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        sequence_bias=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        exponential_decay_length_penalty=None,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        guidance_scale=None,
+        watermarking_config=None,
+        stop_strings=None,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        use_cache=True,
+        **sampling,
+    )
+
+
+class _NeutralDefaults:
+    """Swap ``model.generation_config`` for a neutral one while sampling.
+
+    ``generate`` fills the ``None`` fields of the config it is given (bad
+    words, suppressed tokens, ...) from ``model.generation_config``; a
+    ``None`` cannot say "off", so the model's own config is replaced by the
+    sampling config itself for the duration of the call and restored after.
+    """
+
+    def __init__(self, model: Any, config: Any) -> None:
+        # peft models generate with their base model, whose config generate reads.
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.config = config
+
+    def __enter__(self) -> None:
+        self.saved = getattr(self.model, "generation_config", None)
+        self.model.generation_config = self.config
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.generation_config = self.saved
+
+
 def _shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, repeats: int) -> Any:
     """KV cache of every prompt but its last token, computed once per prompt and repeated ``repeats`` times.
 
@@ -120,7 +218,7 @@ def _shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, 
 
     cache = DynamicCache(config=model.config)
     prefix_ids, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), past_key_values=cache, use_cache=True)
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), use_cache=True, **{_cache_kwarg(model): cache})
     cache.batch_repeat_interleave(repeats)
     return cache
 
@@ -140,6 +238,7 @@ def generate(
     chat_template: str,
     batch_size: int,
     share_prompt_cache: bool = True,
+    autocast: Any = None,
 ) -> Rollout:
     """Sample ``group_size`` completions per problem with batched ``generate`` (KV cache on).
 
@@ -147,6 +246,9 @@ def generate(
     ordered problem by problem, G consecutive rows each. ``batch_size``
     sequences per ``generate`` call (0 = all; rounded to whole groups).
     ``share_prompt_cache``: prefill each prompt once for its G samples.
+    Sampling settings come from :func:`sampling_config` only (the model's own
+    generation config is ignored). ``autocast``: a context manager factory
+    for the forward passes (mixed precision), none = run as stored.
     """
     device = next(model.parameters()).device
     repeated = [p for p in problems for _ in range(group_size)]
@@ -158,23 +260,23 @@ def generate(
     share = share_prompt_cache and group_size > 1 and prompt_length > 1
     was_training = model.training
     model.eval()
-    for start in range(0, len(problems), per_call):  # one generate call per chunk of whole groups
-        ids = encoded["input_ids"][start : start + per_call]
-        mask = encoded["attention_mask"][start : start + per_call]
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-        cache = {"past_key_values": _shared_prompt_cache(model, ids, mask, group_size)} if share else {}
-        out = model.generate(
-            input_ids=ids.repeat_interleave(group_size, dim=0),
-            attention_mask=mask.repeat_interleave(group_size, dim=0),
-            do_sample=do_sample,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            use_cache=True,
-            **cache,
-            **sampling,
-        )
-        chunks.append(out[:, prompt_length:])
+    config = sampling_config(
+        do_sample=do_sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+    )  # fmt: skip
+    cache_name = _cache_kwarg(model)
+    with _NeutralDefaults(model, config), (autocast or contextlib.nullcontext)():
+        for start in range(0, len(problems), per_call):  # one generate call per chunk of whole groups
+            ids = encoded["input_ids"][start : start + per_call]
+            mask = encoded["attention_mask"][start : start + per_call]
+            cache = {cache_name: _shared_prompt_cache(model, ids, mask, group_size)} if share else {}
+            out = model.generate(
+                input_ids=ids.repeat_interleave(group_size, dim=0),
+                attention_mask=mask.repeat_interleave(group_size, dim=0),
+                generation_config=config,
+                **cache,
+            )
+            chunks.append(out[:, prompt_length:])
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])
@@ -194,31 +296,53 @@ def generate(
     )
 
 
-def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
-    """Log-probability of each completion token under ``model`` (B, T); grad flows when enabled."""
+def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
+    """The temperature-scaled logits (B, T, V) that predict each completion token, fp32; grad flows when enabled."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).logits
     logits = logits[:, prompt_length - 1 : -1].float()  # (B, T, V) the logits that predict each completion token
-    targets = input_ids[:, prompt_length:]  # (B, T)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     # log_softmax + gather, written as logit - logsumexp to avoid a second (B, T, V) tensor.
     return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def rows_logprobs(model: Any, rollout: Rollout, rows: Tensor) -> Tensor:
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (B, T) of the softmax of ``logits`` (B, T, V): logsumexp(z) - sum softmax(z) z."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
+    """Log-probability (B, T) of each completion token under ``model`` sampled at ``temperature``; grad flows when enabled."""
+    logits = completion_logits(model, input_ids, attention_mask, prompt_length, temperature)
+    return _gather_logprobs(logits, input_ids[:, prompt_length:])
+
+
+def rows_logprobs(model: Any, rollout: Rollout, rows: Tensor, temperature: float = 1.0, *, entropy: bool = False) -> Any:
     """Completion log-probs (len(rows), T) of ``rows``, computed on those rows' own padding.
 
     Prompt columns that none of the rows uses (left padding) and completion
     columns after every row has ended are cut before the forward pass; they
     are masked out of attention and loss anyway, so the result equals
     :func:`sequence_logprobs` on the full rows (up to float rounding) and is
-    padded back to width T with zeros.
+    padded back to width T with zeros. ``entropy``: also return the
+    per-token entropy (len(rows), T) of the same temperature-scaled
+    distribution, from the same forward pass, detached.
     """
     prompt_length, width = rollout.prompt_length, rollout.completion_mask.shape[1]
     attention = rollout.attention_mask[rows]
     used_prompt = int(attention[:, :prompt_length].sum(dim=1).max())
     used_completion = max(int(rollout.completion_mask[rows].sum(dim=1).max()), 1)
     start, end = prompt_length - used_prompt, prompt_length + used_completion
-    logprobs = sequence_logprobs(model, rollout.input_ids[rows, start:end], attention[:, start:end], used_prompt)
-    return torch.nn.functional.pad(logprobs, (0, width - used_completion))
+    input_ids = rollout.input_ids[rows, start:end]
+    logits = completion_logits(model, input_ids, attention[:, start:end], used_prompt, temperature)  # (R, T', V)
+    logprobs = torch.nn.functional.pad(_gather_logprobs(logits, input_ids[:, used_prompt:]), (0, width - used_completion))
+    if not entropy:
+        return logprobs
+    with torch.no_grad():
+        entropies = torch.nn.functional.pad(token_entropy(logits.detach()), (0, width - used_completion))
+    return logprobs, entropies
 
 
 def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int) -> list[Tensor]:
@@ -229,7 +353,7 @@ def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int) -> lis
     """
     if rows.numel() == 0:
         return [rows]
-    lengths = rollout.attention_mask[rows].sum(dim=1)
+    lengths = rollout.attention_mask[rows].sum(dim=1).cpu()  # rows are a CPU index; the rollout may live on a GPU
     ordered = rows[torch.sort(lengths, stable=True).indices]
     if size > 0:
         return list(torch.split(ordered, size))

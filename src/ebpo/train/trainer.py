@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, add_lora, check_model_source, load_adapter, load_policy, select_device
+from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, add_lora, builtin_spec, check_model_source, load_adapter, load_policy, resolve_dtype
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream, build_task, build_verifier_for
@@ -104,30 +104,44 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str, components: Components, *, resume: bool, echo: Callable[[str], None] = print) -> None:
         self.config, self.run_dir, self.c, self.echo = config, run_dir, components, echo
         self.start_time = time.time()
-        self.device = select_device(config.device)
-        self.dist = setup(self.device)
+        # accelerate places this process on its device (cuda:LOCAL_RANK when launched on GPUs) and owns
+        # mixed precision: --dtype is the compute dtype, the trained parameters stay fp32.
+        self.dist = setup(config.device, config.dtype)
+        self.device = self.dist.device
+        self.compute_dtype = resolve_dtype(config.dtype, self.device)
         threads = config.threads or max(1, min(os.cpu_count() or 1, 8) // self.dist.world)
         torch.set_num_threads(threads)
-        self._seed_everything(config.seed + self.dist.rank)
-        self.spec = TinyLlamaSpec()
+        self._seed_everything(config.seed + self.dist.rank)  # sampling differs per rank; initialisation does not (below)
+        self.spec = builtin_spec(config.model) if config.model.startswith(BUILTIN_PREFIX) else TinyLlamaSpec()
+        self.lora = config.lora_rank > 0
+        if config.loss == "kl_cov" and config.ppo_epochs * config.mini_batches == 1:
+            echo(
+                "warning: --loss kl_cov has no effect with one PPO epoch and one mini-batch: its penalty |logp - old_logp| "
+                "is 0 when the policy has not moved yet; raise --ppo-epochs or --mini-batches, or use --loss clip_cov"
+            )
 
         self.model, self.tokenizer, self.init_path = self._initial_policy()
         # The reference is the starting policy, frozen; only built when a divergence needs it. With LoRA
-        # it is the policy itself with its adapters disabled (no second copy of the base weights).
+        # it is the policy itself with its adapters disabled (no second copy of the base weights). A full
+        # copy is stored in the compute dtype: it is never updated, and its forwards run in that dtype anyway.
         needs_ref = components.divergence is not None and getattr(components.divergence, "needs_reference", True)
-        self.lora = config.lora_rank > 0
         if not needs_ref:
             self.ref_model = None
         elif self.lora:
             self.ref_model = self.model
         else:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = copy.deepcopy(self.model).to(self.compute_dtype).eval().requires_grad_(False)
         self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
         pass_rates = self._starting_pass_rates() if config.curriculum == "difficulty" else None
         self.stream = PromptStream(components.task.train_problems(), config.curriculum, config.seed, pass_rates)
         if resume:
             self._resume()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+        # Every rank starts from rank 0's weights (LoRA adapters too), whatever each one loaded or initialised.
+        self.dist.broadcast_parameters(self.model)
+        optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+        # train_model: the model wrapped for gradient sync (DDP/FSDP as launched), used by the update's forwards;
+        # self.model stays the plain module for generation, no-grad log-probs and checkpoints.
+        self.train_model, self.optimizer = self.dist.prepare(self.model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if resume:
             self.optimizer.load_state_dict(self._resume_state["optimizer"])
@@ -153,7 +167,10 @@ class Trainer:
     def _initial_policy(self) -> tuple[Any, Any, str]:
         """Load the policy; the built-in model is warm-started (cached) on rank 0 first, then everyone loads it."""
         cfg = self.config
-        model, tokenizer = load_policy(cfg.model, device=self.device, dtype=cfg.dtype, spec=self.spec, seed=cfg.warmstart_seed)
+        # Trained weights are stored in fp32 (master weights of mixed precision); under LoRA the frozen base is
+        # stored in the compute dtype and peft keeps the adapters in fp32.
+        storage = cfg.dtype if self.lora else "float32"
+        model, tokenizer = load_policy(cfg.model, device=self.device, dtype=storage, spec=self.spec, seed=cfg.warmstart_seed)
         if not cfg.model.startswith(BUILTIN_PREFIX) or cfg.warmstart_steps == 0:
             return self._with_lora(model, cfg.model), tokenizer, cfg.model
         problems = self.c.task.train_problems()
@@ -170,7 +187,11 @@ class Trainer:
         """LoRA adapters go on after the (full-parameter, cached) warm start, so the cache does not depend on them."""
         if self.config.lora_rank == 0:
             return model
-        model = add_lora(model, self.config.lora_rank)
+        # The same adapters on every rank: initialised under the run's seed (not seed + rank), outside the
+        # sampling RNG stream; Trainer.__init__ also broadcasts rank 0's parameters.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed)
+            model = add_lora(model, self.config.lora_rank)
         model.peft_config["default"].base_model_name_or_path = base  # saved adapters name their base model
         return model
 
@@ -199,11 +220,12 @@ class Trainer:
         if os.path.exists(path):
             return torch.load(path)
         self.echo(f"difficulty curriculum: estimating the starting model's pass rate on {len(problems)} prompts x {cfg.difficulty_samples} samples")
-        rewards, _ = sample_correctness(
-            self.model, self.tokenizer, problems, self.c.verifier, samples=cfg.difficulty_samples,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.difficulty_temperature, top_p=cfg.top_p,
-            chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size, seed=cfg.seed,
-        )  # fmt: skip
+        with self._generation_context():
+            rewards, _ = sample_correctness(
+                self.model, self.tokenizer, problems, self.c.verifier, samples=cfg.difficulty_samples,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.difficulty_temperature, top_p=cfg.top_p,
+                chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size, seed=cfg.seed,
+            )  # fmt: skip
         pass_rates = torch.nan_to_num(rewards, nan=0.0).mean(dim=1)  # (num_train,)
         if self.dist.is_main:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -244,6 +266,13 @@ class Trainer:
         self.step, self.accuracy_before, self.elapsed_before = state["step"], state["accuracy_before"], state["elapsed_seconds"]
         self._resume_state, self._resume_rng = state, rng
         self.echo(f"resumed from {path} at step {self.step}")
+
+    @contextlib.contextmanager
+    def _generation_context(self) -> Any:
+        """Sampling with the plain module, in the compute dtype (and FSDP's root parameters gathered)."""
+        train_model = getattr(self, "train_model", None)
+        with self.dist.full_parameters(train_model) if train_model is not None else contextlib.nullcontext(), self.dist.autocast():
+            yield
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
@@ -296,7 +325,7 @@ class Trainer:
                 self.model, self.tokenizer, [problems[i] for i in mine], global_ids[mine],
                 group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                 top_p=cfg.top_p, do_sample=True, chat_template=cfg.chat_template, batch_size=cfg.generation_batch_size,
-                share_prompt_cache=cfg.share_prompt_cache,
+                share_prompt_cache=cfg.share_prompt_cache, autocast=self._generation_context,
             )
             rewards, keep, info = score(rollout, self.c.verifier)
             if round_ == 0:
@@ -355,7 +384,15 @@ class Trainer:
         return advantages[offset : offset + len(rewards)].float().to(self.device), metrics
 
     def update(self, rollout: Rollout, advantages: Tensor) -> dict[str, float]:
-        """PPO epochs x mini-batches of the policy loss; one AdamW step per mini-batch."""
+        """PPO epochs x mini-batches of the policy loss; one AdamW step per mini-batch.
+
+        Metrics are of the global batch: ``loss/policy`` and ``loss/total`` are
+        the losses the optimiser steps minimised (their micro-batch parts are
+        normalised by the global counts, so they add up), averaged over the
+        step's updates; the other loss diagnostics and ``policy/entropy`` are
+        token-weighted means over every rank; ``optim/lr`` is the rate the
+        updates used (their mean).
+        """
         cfg, dist = self.config, self.dist
         mask = rollout.completion_mask.float()  # (B, T)
         rows = torch.arange(len(advantages))
@@ -366,8 +403,9 @@ class Trainer:
         on_policy = cfg.ppo_epochs * cfg.mini_batches == 1
         old_logprobs = None if on_policy else self._logprobs(self.model, rollout, rows)
         ref_logprobs = self._logprobs(self.ref_model, rollout, rows, reference=True) if self.ref_model is not None else None
-        sums: dict[str, float] = {}
-        updates = 0
+        additive: dict[str, float] = {}  # parts of a globally normalised loss: they sum over micro-batches and ranks
+        weighted: dict[str, float] = {"tokens": 0.0}  # token-weighted sums of per-token means
+        grad_norms, lrs = [], []
         from ebpo.losses import LossInputs
 
         for _ in range(cfg.ppo_epochs):
@@ -375,46 +413,71 @@ class Trainer:
             for mini in torch.tensor_split(order, cfg.mini_batches):
                 num_tokens = dist.sum(float(mask[mini].sum()))
                 num_seqs = dist.sum(float(len(mini)))
-                for micro in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets):
-                    if micro.numel() == 0:
-                        continue  # this rank has nothing in this mini-batch; it still joins the gradient sum
-                    logprobs = rows_logprobs(self.model, rollout, micro)
-                    inputs = LossInputs(
-                        logprobs=logprobs,
-                        old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
-                        advantages=advantages[micro],
-                        mask=mask[micro],
-                        ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
-                    )
-                    out = self.c.loss_fn(inputs, num_tokens=num_tokens, num_seqs=num_seqs)
-                    out.loss.backward()
-                    for key, value in out.metrics.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                    sums["loss/total"] = sums.get("loss/total", 0.0) + float(out.loss.detach())
-                    updates += 1
-                dist.sum_gradients(self.params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(grad_norm) * (1 if updates else 0)
+                micros = [m for m in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets) if m.numel() > 0]
+                # DDP needs the same number of backward passes on every rank: ranks with fewer micro-batches
+                # (dynamic sampling, skipped rewards, uneven shards) pad with zero-weight passes, and only the
+                # last pass of the mini-batch all-reduces (the others accumulate under no_sync).
+                passes = int(dist.max(len(micros)))
+                for index in range(passes):
+                    last = index == passes - 1
+                    with dist.no_sync(self.train_model) if not last else contextlib.nullcontext(), dist.autocast():
+                        if index >= len(micros):
+                            loss = self._padding_loss()
+                        else:
+                            micro = micros[index]
+                            logprobs, entropy = rows_logprobs(self.train_model, rollout, micro, cfg.temperature, entropy=True)
+                            inputs = LossInputs(
+                                logprobs=logprobs,
+                                old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
+                                advantages=advantages[micro],
+                                mask=mask[micro],
+                                ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
+                            )
+                            out = self.c.loss_fn(inputs, num_tokens=num_tokens, num_seqs=num_seqs)
+                            loss = out.loss
+                            tokens = float(mask[micro].sum())
+                            for key, value in out.metrics.items():
+                                target, weight = (additive, 1.0) if key in _ADDITIVE_METRICS else (weighted, tokens)
+                                target[key] = target.get(key, 0.0) + float(value) * weight
+                            weighted["policy/entropy"] = weighted.get("policy/entropy", 0.0) + float((entropy * mask[micro]).sum())
+                            weighted["tokens"] += tokens
+                        # The loss is this rank's share of the global-count-normalised loss, so the *sum* over ranks
+                        # of the gradients is the full-batch gradient; DDP (and FSDP, DeepSpeed) *average* them over
+                        # ranks, hence the factor world.
+                        dist.backward(loss * dist.world)
+                lrs.append(self.scheduler.get_last_lr()[0])  # the rate this optimiser step uses
+                grad_norms.append(dist.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        metrics = {k: v / max(updates, 1) for k, v in sums.items() if k != "optim/grad_norm"}
-        metrics["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) / (cfg.ppo_epochs * cfg.mini_batches)
-        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        totals = dist.sum_dict({**{f"sum:{k}": v for k, v in additive.items()}, **{f"weighted:{k}": v for k, v in weighted.items()}})
+        tokens = max(totals.get("weighted:tokens", 0.0), 1.0)
+        metrics = {k[len("sum:") :]: v / len(lrs) for k, v in totals.items() if k.startswith("sum:")}
+        metrics.update({k[len("weighted:") :]: v / tokens for k, v in totals.items() if k.startswith("weighted:") and k != "weighted:tokens"})
+        metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["optim/lr"] = sum(lrs) / len(lrs)
+        if self.device.type == "cuda":  # this rank's peak since the run started (rank 0's is logged)
+            metrics["system/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
+
+    def _padding_loss(self) -> Tensor:
+        """A zero-weight loss through every parameter of the policy (the DDP-padding backward pass)."""
+        token = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        logits = self.train_model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False).logits
+        return logits.float().sum() * 0.0
 
     @torch.no_grad()
     def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor, *, reference: bool = False) -> Tensor:
-        """Detached log-probs of ``rows``; ``reference`` under LoRA: the same model with its adapters disabled.
+        """Detached log-probs of ``rows`` at the rollout temperature; ``reference`` under LoRA: adapters disabled.
 
         (The flag, not ``model is self.ref_model``: with LoRA both are the same object, and the old
         log-probs of PPO epochs must keep the adapters on.)
         """
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
-        with model.disable_adapter() if self.lora and reference else contextlib.nullcontext():
+        with model.disable_adapter() if self.lora and reference else contextlib.nullcontext(), self.dist.autocast():
             for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets):
                 if micro.numel() > 0:
-                    out[micro] = rows_logprobs(model, rollout, micro).float()
+                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature).float()
         return out[rows]
 
     @torch.no_grad()
@@ -430,12 +493,13 @@ class Trainer:
         problems = list(self.c.task.eval_problems())
         if cfg.max_eval_problems:
             problems = problems[: cfg.max_eval_problems]
-        rewards, _ = sample_correctness(
-            self.model, self.tokenizer, problems[dist.rank :: dist.world], self.c.verifier,
-            samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size,
-            seed=cfg.seed + EVAL_SEED_OFFSET * (dist.rank + 1),
-        )
+        with self._generation_context():
+            rewards, _ = sample_correctness(
+                self.model, self.tokenizer, problems[dist.rank :: dist.world], self.c.verifier,
+                samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size,
+                seed=cfg.seed + EVAL_SEED_OFFSET * (dist.rank + 1),
+            )
         scored = ~torch.isnan(rewards)
         return dist.sum(float(rewards[scored].sum())) / max(dist.sum(float(scored.sum())), 1.0)
 
@@ -478,6 +542,11 @@ class Trainer:
                 json.dump(summary, handle, indent=2)
             plot_curves(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "learning_curve.png"), f"{self.config.method} on {self.config.task}")
         return summary
+
+
+# Loss metrics that are parts of a loss normalised by global counts (they add up over micro-batches and
+# ranks); every other loss metric is a per-token mean and is averaged with token weights.
+_ADDITIVE_METRICS = frozenset({"loss/policy", "loss/total"})
 
 
 def _mixed_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
