@@ -27,6 +27,7 @@ also METHODS.md.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -106,7 +107,7 @@ class GroupBaseline(_Stateless):
         self.scale, self.unbiased_std, self.eps = scale, unbiased_std, eps
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
-        centred = batch.rewards - batch.broadcast(batch.group_means)  # (N,)
+        centred = batch.centred  # (N,) r - mu_m, exactly 0 in all-equal groups
         if self.scale == "group":
             std = batch.broadcast(batch.group_var(unbiased=self.unbiased_std).sqrt())  # (N,)
         elif self.scale == "batch":
@@ -127,14 +128,17 @@ class RLOO(_Stateless):
     """REINFORCE leave-one-out (Ahmadian et al., arXiv 2402.14740).
 
     A_i = r_i - mean_{j != i} r_j = G/(G-1) * (r_i - mu_m).
+
+    Computed in the second form (float64, from the centred rewards): the
+    first, (G mu - r_i) / (G - 1), cancels and leaves rounding noise in
+    all-equal groups.
     """
 
     min_group_size = 2
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         sizes = batch.broadcast(batch.group_sizes)  # (N,)
-        loo_mean = (batch.broadcast(batch.group_means) * sizes - batch.rewards) / (sizes - 1.0)
-        return batch.rewards - loo_mean, {}
+        return batch.centred * (sizes / (sizes - 1.0)), {}
 
 
 _PRIOR_DECAY = {"batch": 0.0, "running": 1.0}
@@ -211,9 +215,12 @@ class EBPO:
         # The current batch enters the statistics before they are used (Algorithm 1, step 2).
         reward_stats = self.reward_stats.decayed(self.decay).merge(Welford.from_values(batch.rewards))
         group_stats = self.group_stats.decayed(self.decay).merge(Welford.from_values(batch.group_means))
-        if training:  # evaluation must never move the prior
-            self.reward_stats, self.group_stats = reward_stats, group_stats
         sigma2, mu_glob, tau2 = reward_stats.var, group_stats.mean, group_stats.var
+        if not all(math.isfinite(x) for x in (sigma2, mu_glob, tau2)):
+            raise ValueError(
+                f"ebpo statistics overflow float64 (sigma^2={sigma2}, mu_glob={mu_glob}, tau^2={tau2}): "
+                f"rewards up to {float(batch.rewards.abs().max()):.3g} are too large; rescale the rewards"
+            )
 
         noise = sigma2 / batch.group_sizes  # (M,) sigma^2 / G_q
         denom = noise + tau2
@@ -233,6 +240,8 @@ class EBPO:
             "ebpo/prior_count": group_stats.count,
             "ebpo/raw_adv_mean": raw_mean,
         }
+        if training:  # evaluation must never move the prior; commit only once nothing can fail here
+            self.reward_stats, self.group_stats = reward_stats, group_stats
         return advantages, metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -273,10 +282,48 @@ class AdvantagePipeline:
         return int(self.estimator.min_group_size)
 
     def __call__(
-        self, rewards: Tensor | Sequence[float], group_ids: Tensor | Sequence[int], *, training: bool = True
+        self,
+        rewards: Tensor | Sequence[float],
+        group_ids: Tensor | Sequence[int],
+        *,
+        topic_ids: Tensor | Sequence[int] | None = None,
+        correctness: Tensor | Sequence[float] | None = None,
+        training: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
-        batch = GroupedBatch.from_inputs(rewards, group_ids)
+        """Advantages (N,) in the rewards' dtype and metrics.
+
+        Args:
+            rewards: (N,) the rewards the policy is trained on (possibly shaped).
+            group_ids: (N,) integer prompt id of each response.
+            topic_ids: optional (N,) integer topic id of each response (one
+                topic per group). Estimators without a use for them (all but
+                ``ebpo`` with ``hierarchical=True``) ignore them; they are
+                validated all the same.
+            correctness: optional (N,) the verifier's correctness before any
+                shaping; what HA-DW's accuracy and difficulty read. Defaults
+                to ``rewards``.
+            training: False computes the same advantages without moving any state.
+
+        Transactional: a batch that is rejected anywhere (validation, the
+        estimator, the weighting, non-finite or unrepresentable advantages)
+        raises and leaves the estimator's and the weighting's state exactly as
+        before the call (issue 11 item 5).
+        """
+        batch = GroupedBatch.from_inputs(rewards, group_ids, topic_ids=topic_ids, correctness=correctness)
         batch.require_min_group_size(self.min_group_size, self.name)
+        if not training:  # nothing moves: no snapshot needed
+            return self._run(batch, training=False)
+        # Components are asked to validate before they change state, but a later component (the
+        # weighting, the final checks) can still reject the batch after an earlier one has moved:
+        # commit all or nothing by restoring the snapshot on any failure.
+        snapshot = copy.deepcopy(self.state_dict())
+        try:
+            return self._run(batch, training=True)
+        except BaseException:
+            self.load_state_dict(snapshot)
+            raise
+
+    def _run(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         advantages, metrics = self.estimator.compute(batch, training=training)  # (N,) float64
         metrics = dict(metrics)
         if self.weighting is not None:
@@ -285,8 +332,17 @@ class AdvantagePipeline:
             metrics.update(weight_metrics)
         if not bool(torch.isfinite(advantages).all()):  # a bug, never a user's input: fail loudly
             raise FloatingPointError(f"{self.name} produced non-finite advantages")
+        out = advantages.to(batch.dtype)
+        if not bool(torch.isfinite(out).all()):
+            # Computed in float64, but the caller asked for its rewards' dtype, which cannot hold them:
+            # refuse rather than return inf (a half-precision reward pipeline with large rewards).
+            largest = float(advantages.abs().max())
+            raise ValueError(
+                f"{self.name} advantages reach {largest:.6g}, beyond the range of the rewards' dtype {batch.dtype} "
+                f"(max {torch.finfo(batch.dtype).max:.6g}); pass the rewards as float32 or rescale them"
+            )
         metrics.update(_advantage_metrics(advantages, batch))
-        return advantages.to(batch.dtype), metrics
+        return out, metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -307,14 +363,17 @@ class AdvantagePipeline:
 
 
 def _advantage_metrics(advantages: Tensor, batch: GroupedBatch) -> dict[str, float]:
-    all_equal = batch.group_var(unbiased=False) <= 0.0  # (M,) groups whose rewards are all equal
+    # Zero signal: an advantage that is rounding noise next to the batch's largest (group-relative
+    # estimators give all-equal groups exact zeros; see GroupedBatch.centred).
+    scale = float(advantages.abs().max())
+    zero = advantages.abs() <= 1e-12 * scale
     return {
         "adv/mean": float(advantages.mean()),
         "adv/abs_mean": float(advantages.abs().mean()),
         "adv/max": float(advantages.max()),
         "adv/min": float(advantages.min()),
-        "adv/zero_signal_frac": float((advantages.abs() <= 1e-12).double().mean()),
-        "adv/all_equal_group_frac": float(all_equal.double().mean()),
+        "adv/zero_signal_frac": float(zero.double().mean()),
+        "adv/all_equal_group_frac": float(batch.all_equal.double().mean()),
         "reward/mean": float(batch.rewards.mean()),
     }
 
