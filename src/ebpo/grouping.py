@@ -8,6 +8,7 @@ Python loop over samples or groups anywhere on this path.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GroupedBatch", "as_reward_tensor", "EQUAL_ULPS"]
+__all__ = ["GroupedBatch", "as_reward_tensor", "stable_topic_ids", "EQUAL_ULPS"]
 
 # Rewards of one group that differ by at most this many units in the last place
 # of the caller's dtype, measured at the batch's reward scale (max |r|), are
@@ -55,6 +56,32 @@ def as_reward_tensor(rewards: Tensor | Sequence[float], group_ids: Tensor | Sequ
         count = int((~finite).sum())
         raise ValueError(f"{kind} reward at index {bad} ({count} non-finite reward(s) in the batch)")
     return rewards_t, group_ids_t.to(torch.long)
+
+
+NO_TOPIC = -1  # the topic id of a prompt without a topic label
+
+
+def stable_topic_ids(labels: Sequence[object]) -> Tensor:
+    """Integer topic ids (N,) int64 for topic labels (strings, ints, ``None``).
+
+    A label's id is a 62-bit BLAKE2b hash of its text, so it is the same in
+    every process, on every rank and after a resume, with no mapping to
+    checkpoint (Python's ``hash`` of a str is salted per process). ``None``
+    (no topic) is :data:`NO_TOPIC`. Two labels colliding has probability
+    about k^2 / 2^63 for k labels.
+
+    >>> ids = stable_topic_ids(["algebra", None, "algebra"])
+    >>> ids[0] == ids[2], int(ids[1])
+    (tensor(True), -1)
+    """
+    out = []
+    for label in labels:  # one hash per response; strings are not tensors
+        if label is None:
+            out.append(NO_TOPIC)
+        else:
+            digest = hashlib.blake2b(str(label).encode("utf-8"), digest_size=8).digest()
+            out.append(int.from_bytes(digest, "little") >> 2)  # non-negative, distinct from NO_TOPIC
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _as_correctness(correctness: Tensor | Sequence[float], rewards: Tensor) -> Tensor:
