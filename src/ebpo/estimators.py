@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ebpo.grouping import GroupedBatch
 from ebpo.registry import Registry
-from ebpo.stats import Welford
+from ebpo.stats import KeyedWelford, Welford
 from ebpo.weighting import WEIGHTINGS, Weighting
 
 __all__ = [
@@ -142,6 +142,8 @@ class RLOO(_Stateless):
 
 
 _PRIOR_DECAY = {"batch": 0.0, "running": 1.0}
+_POOLINGS = ("partial", "none")
+_TOPIC_PRIOR_GROUPS = 2.0  # nu: pseudo-groups of the pooled within-topic variances (docs/hierarchical-prior.md)
 
 
 @ESTIMATORS.register("ebpo")
@@ -176,6 +178,17 @@ class EBPO:
             ``center=False, std_normalize=False`` the estimator returns
             A_raw itself (used by ``ebpo simulate`` to read the baseline).
         eps: the shrinkage and standardisation epsilon (1e-6).
+        hierarchical: a two-level prior (our extension, METHODS.md §2b;
+            derivation in docs/hierarchical-prior.md): each group shrinks
+            toward its topic's mean (``topic_ids=`` of the call), and each
+            topic's mean and variances are partially pooled toward the
+            global ones. Without topic ids, or with one topic, it is flat
+            EBPO (to rounding, 1e-12). Per-topic accumulators follow
+            ``prior`` (batch / running / ema) and are part of the state.
+        pooling: ``"partial"`` (default) or ``"none"``, METHODS.md §2b's
+            no-pooling form (each topic's statistics on their own).
+        topic_prior_groups: nu, how many groups' worth of weight the pooled
+            within-topic variances get against a topic's own (default 2).
 
     Because of the prior, EBPO gives a baseline to groups of any size,
     including G = 1, so ``min_group_size`` is 1. With std_normalize the
@@ -191,6 +204,9 @@ class EBPO:
         std_normalize: bool = True,
         center: bool = True,
         eps: float = EPS,
+        hierarchical: bool = False,
+        pooling: str | None = None,
+        topic_prior_groups: float | None = None,
     ) -> None:
         if prior == "ema":
             decay = 0.9 if decay is None else decay
@@ -204,15 +220,28 @@ class EBPO:
             raise ValueError(f"ebpo prior must be one of ['batch', 'running', 'ema'], got {prior!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        if not hierarchical and (pooling is not None or topic_prior_groups is not None):
+            raise ValueError("ebpo pooling and topic_prior_groups apply only with hierarchical=True")
+        pooling = "partial" if pooling is None else pooling
+        topic_prior_groups = _TOPIC_PRIOR_GROUPS if topic_prior_groups is None else float(topic_prior_groups)
+        if pooling not in _POOLINGS:
+            raise ValueError(f"ebpo pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+        if not (math.isfinite(topic_prior_groups) and topic_prior_groups >= 0):
+            raise ValueError(f"ebpo topic_prior_groups must be a finite number >= 0, got {topic_prior_groups}")
         self.prior, self.decay = prior, float(decay)
         self.std_normalize, self.center, self.eps = std_normalize, center, eps
+        self.hierarchical, self.pooling, self.topic_prior_groups = hierarchical, pooling, float(topic_prior_groups)
         self.reward_stats = Welford()  # over individual rewards -> sigma^2
         self.group_stats = Welford()  # over group means -> mu_glob, tau^2
+        self.topic_reward_stats = KeyedWelford.empty()  # hierarchical: per topic, over rewards -> sigma_k^2
+        self.topic_group_stats = KeyedWelford.empty()  # hierarchical: per topic, over group means -> mu_k, tau_k^2
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         if self.std_normalize and batch.num_responses < 2:
             raise ValueError("ebpo batch-level standardisation needs at least 2 responses in the batch")
         # The current batch enters the statistics before they are used (Algorithm 1, step 2).
+        # Everything below computes the new state without storing it; it is committed at the end,
+        # once nothing can fail (a rejected batch leaves the prior as it was).
         reward_stats = self.reward_stats.decayed(self.decay).merge(Welford.from_values(batch.rewards))
         group_stats = self.group_stats.decayed(self.decay).merge(Welford.from_values(batch.group_means))
         sigma2, mu_glob, tau2 = reward_stats.var, group_stats.mean, group_stats.var
@@ -221,36 +250,86 @@ class EBPO:
                 f"ebpo statistics overflow float64 (sigma^2={sigma2}, mu_glob={mu_glob}, tau^2={tau2}): "
                 f"rewards up to {float(batch.rewards.abs().max()):.3g} are too large; rescale the rewards"
             )
+        metrics = {"ebpo/mu_glob": mu_glob, "ebpo/sigma2": sigma2, "ebpo/tau2": tau2, "ebpo/prior_count": group_stats.count}
+        if self.hierarchical:
+            topic_rewards, topic_groups, (group_sigma2, group_tau2, target), topic_metrics = self._topic_prior(
+                batch, mu_glob
+            )
+            metrics.update(topic_metrics)
+        else:  # flat EBPO: one prior for every group
+            group_sigma2, group_tau2, target = sigma2, tau2, mu_glob
 
-        noise = sigma2 / batch.group_sizes  # (M,) sigma^2 / G_q
-        denom = noise + tau2
+        noise = group_sigma2 / batch.group_sizes  # (M,) sigma^2 / G_q
+        denom = noise + group_tau2
         shrinkage = torch.where(denom > self.eps, noise / denom.clamp_min(self.eps), torch.ones_like(noise))  # (M,)
-        baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * mu_glob  # (M,)
+        baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * target  # (M,)
         advantages = batch.rewards - batch.broadcast(baseline)  # (N,) A_raw
         raw_mean = float(advantages.mean())
         if self.center:
             advantages = advantages - raw_mean
         if self.std_normalize:
             advantages = advantages / (advantages.std(unbiased=True) + self.eps)
-        metrics = {
-            "ebpo/shrinkage": float(shrinkage.mean()),
-            "ebpo/mu_glob": mu_glob,
-            "ebpo/sigma2": sigma2,
-            "ebpo/tau2": tau2,
-            "ebpo/prior_count": group_stats.count,
-            "ebpo/raw_adv_mean": raw_mean,
-        }
+        metrics.update({"ebpo/shrinkage": float(shrinkage.mean()), "ebpo/raw_adv_mean": raw_mean})
         if training:  # evaluation must never move the prior; commit only once nothing can fail here
             self.reward_stats, self.group_stats = reward_stats, group_stats
+            if self.hierarchical:
+                self.topic_reward_stats, self.topic_group_stats = topic_rewards, topic_groups
         return advantages, metrics
 
+    def _topic_prior(
+        self, batch: GroupedBatch, mu_glob: float
+    ) -> tuple[KeyedWelford, KeyedWelford, tuple[Tensor, Tensor, Tensor], dict[str, float]]:
+        """The hierarchical prior of each group (docs/hierarchical-prior.md): (sigma_k*^2, tau_k*^2, mu_k*) per group (M,).
+
+        Per topic k: sigma_k^2, mu_k, tau_k^2 from the topic's accumulators
+        (the batch merged in); pooled within-topic sigma_w^2, tau_w^2 and the
+        between-topic omega^2 over every topic the prior knows; then
+        w_k = m_k / (m_k + nu) pulls the topic's variances toward the pooled
+        ones and B_k = (tau_k*^2/m_k) / (tau_k*^2/m_k + omega^2) its mean toward mu_glob.
+        """
+        topic_rewards = self.topic_reward_stats.decayed(self.decay).merge(
+            KeyedWelford.from_values(batch.rewards, batch.broadcast(batch.group_topics))
+        )
+        topic_groups = self.topic_group_stats.decayed(self.decay).merge(
+            KeyedWelford.from_values(batch.group_means, batch.group_topics)
+        )
+        # Both accumulators see the same topics with the same decay, so their keys agree.
+        m_k, mu_k = topic_groups.count, topic_groups.mean  # (K,) effective groups, topic means
+        sigma2_k, tau2_k = topic_rewards.var, topic_groups.var  # (K,)
+        sigma2_within = float(topic_rewards.m2.sum() / topic_rewards.count.sum())
+        tau2_within = float(topic_groups.m2.sum() / m_k.sum())
+        omega2 = float((m_k * (mu_k - mu_glob) ** 2).sum() / m_k.sum())
+        if self.pooling == "none":  # METHODS.md §2b's no-pooling form: each topic on its own
+            sigma2_pooled, tau2_pooled, topic_mean, pool = sigma2_k, tau2_k, mu_k, torch.zeros_like(mu_k)
+        else:
+            weight = m_k / (m_k + self.topic_prior_groups)  # (K,) trust in the topic's own variances
+            sigma2_pooled = sigma2_within + weight * (sigma2_k - sigma2_within)
+            tau2_pooled = tau2_within + weight * (tau2_k - tau2_within)
+            mean_noise = tau2_pooled / m_k  # (K,) variance of mu_k as an estimate of the topic's mean
+            denom = mean_noise + omega2
+            pool = torch.where(denom > self.eps, mean_noise / denom.clamp_min(self.eps), torch.ones_like(denom))  # B_k
+            topic_mean = (1.0 - pool) * mu_k + pool * mu_glob
+        slot = topic_groups.lookup(batch.group_topics)  # (M,) each group's topic
+        metrics = {
+            "ebpo/num_topics": float(torch.unique(batch.group_topics).numel()),
+            "ebpo/omega2": omega2,
+            "ebpo/tau2_within": tau2_within,
+            "ebpo/sigma2_within": sigma2_within,
+            "ebpo/topic_pooling": float(pool[slot].mean()),
+        }
+        return topic_rewards, topic_groups, (sigma2_pooled[slot], tau2_pooled[slot], topic_mean[slot]), metrics
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "prior": self.prior,
             "decay": self.decay,
             "reward_stats": self.reward_stats.state_dict(),
             "group_stats": self.group_stats.state_dict(),
         }
+        if self.hierarchical:
+            state["topic_reward_stats"] = self.topic_reward_stats.state_dict()
+            state["topic_group_stats"] = self.topic_group_stats.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("prior") != self.prior or float(state.get("decay", math.nan)) != self.decay:
@@ -258,8 +337,21 @@ class EBPO:
                 f"ebpo state was saved with prior={state.get('prior')!r}, decay={state.get('decay')!r} "
                 f"but this estimator has prior={self.prior!r}, decay={self.decay!r}"
             )
-        self.reward_stats = Welford.from_state_dict(state["reward_stats"])
-        self.group_stats = Welford.from_state_dict(state["group_stats"])
+        has_topics = "topic_group_stats" in state
+        if has_topics != self.hierarchical:
+            raise ValueError(
+                f"ebpo state was saved {'with' if has_topics else 'without'} a hierarchical (per-topic) prior "
+                f"but this estimator has hierarchical={self.hierarchical}"
+            )
+        reward_stats = Welford.from_state_dict(state["reward_stats"])
+        group_stats = Welford.from_state_dict(state["group_stats"])
+        if self.hierarchical:
+            topic_rewards = KeyedWelford.from_state_dict(state["topic_reward_stats"])
+            topic_groups = KeyedWelford.from_state_dict(state["topic_group_stats"])
+            if not torch.equal(topic_rewards.keys, topic_groups.keys):
+                raise ValueError("ebpo state: the per-topic reward and group-mean accumulators name different topics")
+            self.topic_reward_stats, self.topic_group_stats = topic_rewards, topic_groups
+        self.reward_stats, self.group_stats = reward_stats, group_stats
 
 
 class AdvantagePipeline:
