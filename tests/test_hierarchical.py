@@ -173,3 +173,18 @@ def test_vectorised_path_has_no_python_loop_over_groups():
     hier(rewards, group_ids, topic_ids=topic_ids)
     t_hier = time.perf_counter() - start
     assert t_hier < 20 * t_flat + 0.5, (t_hier, t_flat)  # lenient: a shared, busy CI machine
+
+
+def test_evaluation_does_not_move_the_per_topic_prior():
+    estimator = build_estimator("ebpo", prior="running", hierarchical=True)
+    estimator(*topic_batch(0, TOPIC_VALUES[:2])[:2], topic_ids=topic_batch(0, TOPIC_VALUES[:2])[2])
+    before = copy.deepcopy(estimator.state_dict()["estimator_state"])
+    rewards, group_ids, topic_ids = topic_batch(1, TOPIC_VALUES)  # two new topics
+    eval_adv, eval_metrics = estimator(rewards, group_ids, topic_ids=topic_ids, training=False)
+    after = estimator.state_dict()["estimator_state"]
+    for name in ("topic_reward_stats", "topic_group_stats"):
+        for key, value in before[name].items():
+            assert torch.equal(after[name][key], value), (name, key)
+    train_adv, train_metrics = estimator(rewards, group_ids, topic_ids=topic_ids)
+    assert torch.equal(eval_adv, train_adv) and eval_metrics == train_metrics
+    assert estimator.state_dict()["estimator_state"]["topic_group_stats"]["keys"].numel() == 4
