@@ -162,3 +162,11 @@ def test_advantages_that_overflow_the_reward_dtype_are_rejected(name):
     assert bool(torch.isfinite(advantages).all()) and advantages.dtype == torch.float32
     small, _ = build_estimator(name, **options)(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float16), torch.tensor([0, 0, 1, 1]))
     assert small.dtype == torch.float16
+
+
+def test_distinct_half_precision_rewards_are_not_merged():
+    """Adjacent bfloat16 rewards (0.5 and 0.50390625) are different rewards, not rounding noise."""
+    rewards = torch.tensor([0.5, 0.50390625, 0.0, 1.0], dtype=torch.bfloat16)
+    advantages, metrics = build_estimator("dr_grpo")(rewards, torch.tensor([0, 0, 1, 1]))
+    assert metrics["adv/all_equal_group_frac"] == 0.0
+    assert float(advantages[1]) > 0.0

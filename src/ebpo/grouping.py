@@ -18,9 +18,11 @@ from torch import Tensor
 
 __all__ = ["GroupedBatch", "as_reward_tensor", "stable_topic_ids", "EQUAL_ULPS"]
 
-# Rewards of one group that differ by at most this many units in the last place
-# of the caller's dtype, measured at the batch's reward scale (max |r|), are
-# equal: 0.1 + 0.2 and 0.3 are the same reward (issue 12 §2).
+# Rewards of one group that differ by at most this many float64 units in the
+# last place, measured at the batch's reward scale (max |r|), are equal:
+# 0.1 + 0.2 and 0.3 are the same reward (issue 12 §2). Float64, not the
+# caller's dtype: distinct half-precision rewards stay distinct (statistics
+# are computed in float64, where only float64 rounding needs forgiving).
 EQUAL_ULPS = 4.0
 
 
@@ -138,7 +140,7 @@ class GroupedBatch:
             common value for a group whose rewards are all equal.
         dtype: dtype of the caller's rewards; advantages are returned in it.
         all_equal: (M,) bool, groups whose rewards are all equal (to
-            :data:`EQUAL_ULPS` ulps of ``dtype`` at the batch's reward scale).
+            :data:`EQUAL_ULPS` float64 ulps at the batch's reward scale).
         centred: (N,) float64 r - mu_m; exactly 0 in all-equal groups, so the
             group-relative estimators give them exactly zero advantage.
         correctness: (N,) float64 the verifier's correctness of each
@@ -190,7 +192,7 @@ class GroupedBatch:
         # sum / G of G equal values can miss the value by an ulp ([0.1] * 3 -> 0.10000000000000002), which
         # GRPO's 1 / (std + eps) turns into a spurious 1e-11 advantage: use the value itself.
         scale = float(r64.abs().max())
-        all_equal = (high - low) <= EQUAL_ULPS * torch.finfo(rewards_t.dtype).eps * scale  # (M,)
+        all_equal = (high - low) <= EQUAL_ULPS * torch.finfo(torch.float64).eps * scale  # (M,)
         means = torch.where(all_equal, low, segment_sum(r64) / sizes)  # (M,)
         centred = torch.where(all_equal[index], torch.zeros_like(r64), r64 - means[index])  # (N,)
         group_correctness = means if correctness is None else segment_sum(correct) / sizes
