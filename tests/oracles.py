@@ -141,3 +141,61 @@ class LoopHADW:
                 sign_d = (diff > 0) - (diff < 0)
                 weights[i] = self.lam * math.exp(-sign_a * sign_d * abs(diff))
         return weights
+
+
+class LoopHierEBPO:
+    """Hierarchical EBPO, written literally from docs/hierarchical-prior.md: dicts of accumulators, loops over topics and groups."""
+
+    def __init__(self, decay: float, pooling: str = "partial", nu: float = 2.0, std_normalize: bool = True, center: bool = True, eps: float = 1e-6) -> None:
+        self.decay, self.pooling, self.nu = decay, pooling, nu
+        self.std_normalize, self.center, self.eps = std_normalize, center, eps
+        self.rewards_acc, self.means_acc = LoopWelford(), LoopWelford()
+        self.topic_rewards: dict[int, LoopWelford] = {}
+        self.topic_means: dict[int, LoopWelford] = {}
+
+    def step(self, rewards: list[float], group_ids: list[int], topic_ids: list[int]) -> tuple[list[float], dict[str, float]]:
+        groups = groups_of(group_ids)
+        group_topic = {g: topic_ids[idx[0]] for g, idx in groups.items()}
+        for acc in [self.rewards_acc, self.means_acc, *self.topic_rewards.values(), *self.topic_means.values()]:
+            acc.forget(self.decay)
+        for i, r in enumerate(rewards):
+            self.rewards_acc.add(r)
+            self.topic_rewards.setdefault(topic_ids[i], LoopWelford()).add(r)
+        group_mean = {g: mean([rewards[i] for i in idx]) for g, idx in groups.items()}
+        for g in groups:
+            self.means_acc.add(group_mean[g])
+            self.topic_means.setdefault(group_topic[g], LoopWelford()).add(group_mean[g])
+        mu_glob = self.means_acc.mu
+        known = [k for k in self.topic_means if self.topic_means[k].n > 0]
+        # pooled within-topic variances and the between-topic variance
+        sigma2_w = sum(self.topic_rewards[k].m2 for k in known) / sum(self.topic_rewards[k].n for k in known)
+        tau2_w = sum(self.topic_means[k].m2 for k in known) / sum(self.topic_means[k].n for k in known)
+        omega2 = sum(self.topic_means[k].n * (self.topic_means[k].mu - mu_glob) ** 2 for k in known) / sum(self.topic_means[k].n for k in known)
+        pooled: dict[int, tuple[float, float, float]] = {}
+        for k in known:
+            m_k, mu_k = self.topic_means[k].n, self.topic_means[k].mu
+            sigma2_k, tau2_k = self.topic_rewards[k].var, self.topic_means[k].var
+            if self.pooling == "none":
+                pooled[k] = (sigma2_k, tau2_k, mu_k)
+                continue
+            w = m_k / (m_k + self.nu)
+            sigma2_star = sigma2_w + w * (sigma2_k - sigma2_w)
+            tau2_star = tau2_w + w * (tau2_k - tau2_w)
+            noise_of_mean = tau2_star / m_k
+            b = 1.0 if noise_of_mean + omega2 <= self.eps else noise_of_mean / (noise_of_mean + omega2)
+            pooled[k] = (sigma2_star, tau2_star, (1 - b) * mu_k + b * mu_glob)
+        out = [0.0] * len(rewards)
+        for g, idx in groups.items():
+            sigma2_star, tau2_star, mu_star = pooled[group_topic[g]]
+            noise = sigma2_star / len(idx)
+            s = 1.0 if noise + tau2_star <= self.eps else noise / (noise + tau2_star)
+            baseline = (1 - s) * group_mean[g] + s * mu_star
+            for i in idx:
+                out[i] = rewards[i] - baseline
+        if self.center:
+            m = mean(out)
+            out = [a - m for a in out]
+        if self.std_normalize:
+            raw_std = std(out, unbiased=True)
+            out = [a / (raw_std + self.eps) for a in out]
+        return out, {"omega2": omega2, "tau2_within": tau2_w, "sigma2_within": sigma2_w, "mu_glob": mu_glob}

@@ -162,3 +162,36 @@ def test_float32_output_dtype_and_non_negativity():
     mirror = NeuralMirror(seed=0)
     out = mirror(P.log().float(), P_REF.log().float())
     assert out.dtype == torch.float32 and bool((out >= 0).all())
+
+
+# ---------------------------------------------------------------- issue 12 §2: values and exact non-negativity
+
+
+def test_k2_and_log_l2_values_against_closed_forms():
+    """k2 = (log p_ref - log p)^2 / 2 and log_l2 = (log p - log p_ref)^2, at hand-computed points."""
+    logp = torch.log(torch.tensor([0.5, 0.1, 0.9, 0.25], dtype=torch.float64))
+    ref = torch.log(torch.tensor([0.25, 0.4, 0.9, 0.5], dtype=torch.float64))
+    ln2, ln4 = math.log(2.0), math.log(4.0)
+    expected_sq = torch.tensor([ln2**2, ln4**2, 0.0, ln2**2], dtype=torch.float64)  # (log(p / p_ref))^2
+    k2 = build_divergence("kl", estimator="k2")(logp, ref)
+    log_l2 = build_divergence("log_l2")(logp, ref)
+    assert torch.allclose(k2, expected_sq / 2, rtol=1e-14, atol=0)
+    assert torch.allclose(log_l2, expected_sq, rtol=1e-14, atol=0)
+    # k2's gradient w.r.t. log p is -(log p_ref - log p) = log(p / p_ref)
+    logp_g = logp.clone().requires_grad_()
+    build_divergence("kl", estimator="k2")(logp_g, ref).sum().backward()
+    assert torch.allclose(logp_g.grad, logp - ref, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed,init_scale", [(0, 0.01), (1, 1.0), (2, 0.1)])
+def test_neural_mirror_is_non_negative_next_to_the_diagonal(dtype, seed, init_scale):
+    """D_h >= 0 exactly (convex h) on a dense grid of (p, p_ref) pairs a relative 1e-12 .. 1e-3 apart."""
+    div = NeuralMirror(seed=seed, init_scale=init_scale)
+    base = torch.cat([torch.logspace(-8, 0, 80, dtype=torch.float64), torch.linspace(0.01, 0.99, 80, dtype=torch.float64)])
+    rel = torch.cat([-torch.logspace(-12, -3, 40, dtype=torch.float64), torch.logspace(-12, -3, 40, dtype=torch.float64)])
+    ref = base.log().unsqueeze(1).expand(-1, rel.numel())  # (160, 80)
+    logp = (ref + rel.unsqueeze(0)).clamp_max(0.0)
+    values = div(logp.to(dtype), ref.to(dtype))
+    assert values.dtype == dtype
+    assert float(values.min()) >= 0.0, float(values.min())

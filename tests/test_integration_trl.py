@@ -153,3 +153,31 @@ def test_two_process_gloo_run_has_identical_estimator_state_on_both_ranks(tmp_pa
     assert states[0] == states[1]
     # 3 steps x 2 ranks x 2 prompts: each rank's estimator saw the global batch
     assert states[0]["estimator_state"]["group_stats"]["count"] == 12.0
+
+
+class RecordingTopics(EBPOGRPOTrainer):
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        record = (self._ebpo_rewards.sum(1).clone(), [row["topic"] for row in inputs], output["advantages"].clone())
+        self.recorded = getattr(self, "recorded", []) + [record]
+        return output
+
+
+def test_topic_column_reaches_the_hierarchical_prior(setup):
+    from ebpo.grouping import stable_topic_ids
+
+    model, tokenizer, dataset, tmp = setup
+    dataset = dataset.add_column("topic", [["easy", "hard", None][i % 3] for i in range(len(dataset))])
+    options = {"prior": "running", "hierarchical": True}
+    args = make_args(tmp / "t", max_steps=2, save_strategy="no", ebpo_estimator_options=options, ebpo_topic_column="topic")
+    trainer = RecordingTopics(model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    replay = build_estimator("ebpo", weighting="ha_dw", **options)
+    for rewards, topics, used in trainer.recorded:
+        group_ids = torch.arange(rewards.numel()) // 4
+        expected, metrics = replay(rewards.cpu(), group_ids, topic_ids=stable_topic_ids(topics))
+        assert torch.allclose(used.cpu().double(), expected.double(), atol=1e-6)
+    assert metrics["ebpo/num_topics"] >= 1 and "ebpo/omega2" in trainer.state.log_history[0]
+    with pytest.raises(ValueError, match="ebpo_topic_column='nope' is not a column"):
+        bad = make_args(tmp / "u", max_steps=1, save_strategy="no", ebpo_estimator_options=options, ebpo_topic_column="nope")
+        RecordingTopics(model=model, reward_funcs=[varied], args=bad, train_dataset=dataset, processing_class=tokenizer).train()

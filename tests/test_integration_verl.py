@@ -67,3 +67,40 @@ def test_errors():
             adapter.register()
     else:  # pragma: no cover - only where verl is installed
         assert adapter.register() == sorted(adapter.SPECS)
+
+
+def test_topics_from_non_tensor_batch_reach_the_hierarchical_prior():
+    """install_topic_forwarding on a stand-in for verl's ray_trainer: verl's compute_advantage passes only the uids."""
+    import types
+
+    from ebpo.grouping import stable_topic_ids
+
+    def verl_compute_advantage(data, adv_estimator, config=None):  # what verl does for registered estimators
+        fn = adapter.FUNCTIONS[adv_estimator]
+        return fn(data.batch["token_level_rewards"], data.batch["response_mask"], index=data.non_tensor_batch["uid"], config=config)
+
+    fake = types.SimpleNamespace(compute_advantage=verl_compute_advantage)
+    adapter.install_topic_forwarding(fake)
+    adapter.install_topic_forwarding(fake)  # idempotent
+    assert fake.compute_advantage._ebpo_wrapped is verl_compute_advantage
+    adapter.ESTIMATORS.clear()
+    reference = build_estimator("ebpo", prior="running", hierarchical=True)
+    for step in range(3):
+        token_rewards, mask, uids, scores = verl_batch(step)
+        sources = np.array([{"uid-0": "gsm8k", "uid-1": "math", "uid-2": "gsm8k"}[u] for u in uids], dtype=object)
+        data = types.SimpleNamespace(batch={"token_level_rewards": token_rewards, "response_mask": mask}, non_tensor_batch={"uid": uids, "data_source": sources})
+        advantages, _ = fake.compute_advantage(data, "ebpo_hier_running")
+        _, group_ids = np.unique(uids.astype(str), return_inverse=True)
+        expected, metrics = reference(scores, torch.as_tensor(group_ids), topic_ids=stable_topic_ids(list(sources)))
+        assert torch.allclose(advantages[:, 0], expected.float() * mask[:, 0], atol=1e-6)
+        assert metrics["ebpo/num_topics"] == 2.0
+    assert adapter._BATCH_TOPICS.get() is None  # nothing outlives the call
+    # an explicit keyword (verl variants that forward data_source) works without the wrapper
+    token_rewards, mask, uids, scores = verl_batch(9)
+    adapter.ESTIMATORS.clear()
+    sources = np.array(["x" if u == "uid-0" else "y" for u in uids], dtype=object)
+    a, _ = adapter.FUNCTIONS["ebpo_hier"](token_rewards, mask, index=uids, data_source=sources)
+    b, _ = adapter.FUNCTIONS["ebpo_hier"](token_rewards, mask, index=uids)
+    assert not torch.allclose(a, b)  # the topics changed the prior
+    with pytest.raises(ValueError, match="different topic ids"):  # a topic per sample that splits a group is a bug
+        adapter.FUNCTIONS["ebpo_hier"](token_rewards, mask, index=uids, data_source=np.array(["x"] * 6 + ["y"] * 6, dtype=object))

@@ -124,7 +124,7 @@ def _trainer(tmp_path, *flags, echo=lambda _: None):
 
 def _batch(trainer, seed=0):
     """One rollout of the trainer's policy and synthetic advantages (N(0, 1) per response), so every path has signal."""
-    rollout, _, _ = trainer.rollout_and_score()
+    rollout, _, _, _ = trainer.rollout_and_score()
     gen = torch.Generator().manual_seed(seed)
     return rollout, torch.randn(len(rollout.texts), generator=gen)
 

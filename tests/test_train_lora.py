@@ -66,7 +66,7 @@ def test_lora_old_logprobs_keep_the_adapters_and_reference_ones_drop_them(tmp_pa
         for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)  # the adapters now change the policy
-    rollout, _, _ = trainer.rollout_and_score()
+    rollout, _, _, _ = trainer.rollout_and_score()
     rows = torch.arange(rollout.input_ids.shape[0])
     with torch.no_grad():
         with_adapters = rows_logprobs(trainer.model, rollout, rows)

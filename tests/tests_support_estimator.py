@@ -19,3 +19,18 @@ class ConstantBaseline:
 
     def load_state_dict(self, state):
         pass
+
+
+class NonNegativeOnly:
+    """A user weighting that, like HA-DW before issue 12, reads the (possibly shaped) reward and rejects < 0."""
+
+    def __call__(self, advantages, batch: GroupedBatch, *, training: bool):
+        if bool((batch.rewards < 0).any()):
+            raise ValueError("NonNegativeOnly needs rewards >= 0")
+        return advantages.new_ones(advantages.shape), {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

@@ -47,7 +47,7 @@ def main() -> None:
     for step in range(STEPS):
         rewards = torch.tensor([float((i * 7 + step * 3) % 5 < 2) for i in range(16)], dtype=torch.float64)  # (16,)
         mine = rollout.select(rows)
-        advantages, adv_metrics = trainer.compute_advantages(mine, rewards[rows])
+        advantages, adv_metrics = trainer.compute_advantages(mine, rewards[rows], rewards[rows])
         metrics = trainer.update(mine, advantages)
         trainer.step += 1
         history.append({**adv_metrics, **metrics})

@@ -164,6 +164,9 @@ class NeuralMirror:
     rescaled), which tends to v w act'(x0) (y - y0)^2 / 2 as w -> 0; we use that
     Taylor form for |w| < 1e-6. Plus (a/2)(y - y0)^2 and
     c (y log(y/y0) - y + y0). Computed in float64, returned in the input dtype.
+    With ``project_nonneg`` (convex h) D >= 0 holds exactly: each unit's
+    Bregman term, which is >= 0 in exact arithmetic, is clamped at 0 where
+    cancellation next to the diagonal would make it a rounding-level negative.
 
     Args:
         params: flat (380,) vector [v (126), w (126), b (126), a, c]; if None,
@@ -236,12 +239,23 @@ class NeuralMirror:
             sl = slice(k * UNITS_PER_ACTIVATION, (k + 1) * UNITS_PER_ACTIVATION)
             xk, x0k = x[..., sl], x0[..., sl]
             bregman = _antiderivative(k, xk) - _antiderivative(k, x0k) - _act(k, x0k) * (xk - x0k)
+            if self.project_nonneg:
+                # F is convex (act non-decreasing), so its Bregman divergence is >= 0; next to the
+                # diagonal the three terms cancel and rounding leaves values down to -1e-13 (issue 12 §2).
+                # The true value there is below that rounding level, so 0 is the nearest representable answer.
+                bregman = bregman.clamp_min(0.0)
             taylor = 0.5 * w[sl] * _act_slope(k, x0k) * (y - y0) ** 2
             parts.append(torch.where(small[sl], taylor, bregman / w_safe[sl]))
         units = (torch.cat(parts, dim=-1) * v).sum(-1)  # (...)
         y, y0 = y.squeeze(-1), y0.squeeze(-1)
         quadratic = 0.5 * a * (y - y0) ** 2
-        entropy = c * (y * (lp - ref) - y + y0)  # c * (y log(y / y0) - y + y0)
+        # c * (y log(y / y0) - y + y0) = c * y0 * (d e^d - (e^d - 1)), d = log y - log y0: written with
+        # expm1 so that it does not cancel catastrophically next to the diagonal.
+        d = lp - ref
+        entropy_core = d * d.exp() - torch.expm1(d)
+        if self.project_nonneg:
+            entropy_core = entropy_core.clamp_min(0.0)  # t log t - t + 1 >= 0; rounding only below that
+        entropy = c * y0 * entropy_core
         return (units + quadratic + entropy).to(logprobs.dtype)
 
     def save(self, path: str | Path) -> None:

@@ -27,6 +27,7 @@ also docs/methods.md#advantage-estimators.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ebpo.grouping import GroupedBatch
 from ebpo.registry import Registry
-from ebpo.stats import Welford
+from ebpo.stats import KeyedWelford, Welford
 from ebpo.weighting import WEIGHTINGS, Weighting
 
 __all__ = [
@@ -106,7 +107,7 @@ class GroupBaseline(_Stateless):
         self.scale, self.unbiased_std, self.eps = scale, unbiased_std, eps
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
-        centred = batch.rewards - batch.broadcast(batch.group_means)  # (N,)
+        centred = batch.centred  # (N,) r - mu_m, exactly 0 in all-equal groups
         if self.scale == "group":
             std = batch.broadcast(batch.group_var(unbiased=self.unbiased_std).sqrt())  # (N,)
         elif self.scale == "batch":
@@ -127,17 +128,22 @@ class RLOO(_Stateless):
     """REINFORCE leave-one-out (Ahmadian et al., arXiv 2402.14740).
 
     A_i = r_i - mean_{j != i} r_j = G/(G-1) * (r_i - mu_m).
+
+    Computed in the second form (float64, from the centred rewards): the
+    first, (G mu - r_i) / (G - 1), cancels and leaves rounding noise in
+    all-equal groups.
     """
 
     min_group_size = 2
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         sizes = batch.broadcast(batch.group_sizes)  # (N,)
-        loo_mean = (batch.broadcast(batch.group_means) * sizes - batch.rewards) / (sizes - 1.0)
-        return batch.rewards - loo_mean, {}
+        return batch.centred * (sizes / (sizes - 1.0)), {}
 
 
 _PRIOR_DECAY = {"batch": 0.0, "running": 1.0}
+_POOLINGS = ("partial", "none")
+_TOPIC_PRIOR_GROUPS = 2.0  # nu: pseudo-groups of the pooled within-topic variances (docs/hierarchical-prior.md)
 
 
 @ESTIMATORS.register("ebpo")
@@ -172,6 +178,17 @@ class EBPO:
             ``center=False, std_normalize=False`` the estimator returns
             A_raw itself (used by ``ebpo simulate`` to read the baseline).
         eps: the shrinkage and standardisation epsilon (1e-6).
+        hierarchical: a two-level prior (our extension, METHODS.md §2b;
+            derivation in docs/hierarchical-prior.md): each group shrinks
+            toward its topic's mean (``topic_ids=`` of the call), and each
+            topic's mean and variances are partially pooled toward the
+            global ones. Without topic ids, or with one topic, it is flat
+            EBPO (to rounding, 1e-12). Per-topic accumulators follow
+            ``prior`` (batch / running / ema) and are part of the state.
+        pooling: ``"partial"`` (default) or ``"none"``, METHODS.md §2b's
+            no-pooling form (each topic's statistics on their own).
+        topic_prior_groups: nu, how many groups' worth of weight the pooled
+            within-topic variances get against a topic's own (default 2).
 
     Because of the prior, EBPO gives a baseline to groups of any size,
     including G = 1, so ``min_group_size`` is 1. With std_normalize the
@@ -187,6 +204,9 @@ class EBPO:
         std_normalize: bool = True,
         center: bool = True,
         eps: float = EPS,
+        hierarchical: bool = False,
+        pooling: str | None = None,
+        topic_prior_groups: float | None = None,
     ) -> None:
         if prior == "ema":
             decay = 0.9 if decay is None else decay
@@ -200,48 +220,116 @@ class EBPO:
             raise ValueError(f"ebpo prior must be one of ['batch', 'running', 'ema'], got {prior!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        if not hierarchical and (pooling is not None or topic_prior_groups is not None):
+            raise ValueError("ebpo pooling and topic_prior_groups apply only with hierarchical=True")
+        pooling = "partial" if pooling is None else pooling
+        topic_prior_groups = _TOPIC_PRIOR_GROUPS if topic_prior_groups is None else float(topic_prior_groups)
+        if pooling not in _POOLINGS:
+            raise ValueError(f"ebpo pooling must be one of {list(_POOLINGS)}, got {pooling!r}")
+        if not (math.isfinite(topic_prior_groups) and topic_prior_groups >= 0):
+            raise ValueError(f"ebpo topic_prior_groups must be a finite number >= 0, got {topic_prior_groups}")
         self.prior, self.decay = prior, float(decay)
         self.std_normalize, self.center, self.eps = std_normalize, center, eps
+        self.hierarchical, self.pooling, self.topic_prior_groups = hierarchical, pooling, float(topic_prior_groups)
         self.reward_stats = Welford()  # over individual rewards -> sigma^2
         self.group_stats = Welford()  # over group means -> mu_glob, tau^2
+        self.topic_reward_stats = KeyedWelford.empty()  # hierarchical: per topic, over rewards -> sigma_k^2
+        self.topic_group_stats = KeyedWelford.empty()  # hierarchical: per topic, over group means -> mu_k, tau_k^2
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         if self.std_normalize and batch.num_responses < 2:
             raise ValueError("ebpo batch-level standardisation needs at least 2 responses in the batch")
         # The current batch enters the statistics before they are used (Algorithm 1, step 2).
+        # Everything below computes the new state without storing it; it is committed at the end,
+        # once nothing can fail (a rejected batch leaves the prior as it was).
         reward_stats = self.reward_stats.decayed(self.decay).merge(Welford.from_values(batch.rewards))
         group_stats = self.group_stats.decayed(self.decay).merge(Welford.from_values(batch.group_means))
-        if training:  # evaluation must never move the prior
-            self.reward_stats, self.group_stats = reward_stats, group_stats
         sigma2, mu_glob, tau2 = reward_stats.var, group_stats.mean, group_stats.var
+        if not all(math.isfinite(x) for x in (sigma2, mu_glob, tau2)):
+            raise ValueError(
+                f"ebpo statistics overflow float64 (sigma^2={sigma2}, mu_glob={mu_glob}, tau^2={tau2}): "
+                f"rewards up to {float(batch.rewards.abs().max()):.3g} are too large; rescale the rewards"
+            )
+        metrics = {"ebpo/mu_glob": mu_glob, "ebpo/sigma2": sigma2, "ebpo/tau2": tau2, "ebpo/prior_count": group_stats.count}
+        if self.hierarchical:
+            topic_rewards, topic_groups, (group_sigma2, group_tau2, target), topic_metrics = self._topic_prior(
+                batch, mu_glob
+            )
+            metrics.update(topic_metrics)
+        else:  # flat EBPO: one prior for every group
+            group_sigma2, group_tau2, target = sigma2, tau2, mu_glob
 
-        noise = sigma2 / batch.group_sizes  # (M,) sigma^2 / G_q
-        denom = noise + tau2
+        noise = group_sigma2 / batch.group_sizes  # (M,) sigma^2 / G_q
+        denom = noise + group_tau2
         shrinkage = torch.where(denom > self.eps, noise / denom.clamp_min(self.eps), torch.ones_like(noise))  # (M,)
-        baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * mu_glob  # (M,)
+        baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * target  # (M,)
         advantages = batch.rewards - batch.broadcast(baseline)  # (N,) A_raw
         raw_mean = float(advantages.mean())
         if self.center:
             advantages = advantages - raw_mean
         if self.std_normalize:
             advantages = advantages / (advantages.std(unbiased=True) + self.eps)
-        metrics = {
-            "ebpo/shrinkage": float(shrinkage.mean()),
-            "ebpo/mu_glob": mu_glob,
-            "ebpo/sigma2": sigma2,
-            "ebpo/tau2": tau2,
-            "ebpo/prior_count": group_stats.count,
-            "ebpo/raw_adv_mean": raw_mean,
-        }
+        metrics.update({"ebpo/shrinkage": float(shrinkage.mean()), "ebpo/raw_adv_mean": raw_mean})
+        if training:  # evaluation must never move the prior; commit only once nothing can fail here
+            self.reward_stats, self.group_stats = reward_stats, group_stats
+            if self.hierarchical:
+                self.topic_reward_stats, self.topic_group_stats = topic_rewards, topic_groups
         return advantages, metrics
 
+    def _topic_prior(
+        self, batch: GroupedBatch, mu_glob: float
+    ) -> tuple[KeyedWelford, KeyedWelford, tuple[Tensor, Tensor, Tensor], dict[str, float]]:
+        """The hierarchical prior of each group (docs/hierarchical-prior.md): (sigma_k*^2, tau_k*^2, mu_k*) per group (M,).
+
+        Per topic k: sigma_k^2, mu_k, tau_k^2 from the topic's accumulators
+        (the batch merged in); pooled within-topic sigma_w^2, tau_w^2 and the
+        between-topic omega^2 over every topic the prior knows; then
+        w_k = m_k / (m_k + nu) pulls the topic's variances toward the pooled
+        ones and B_k = (tau_k*^2/m_k) / (tau_k*^2/m_k + omega^2) its mean toward mu_glob.
+        """
+        topic_rewards = self.topic_reward_stats.decayed(self.decay).merge(
+            KeyedWelford.from_values(batch.rewards, batch.broadcast(batch.group_topics))
+        )
+        topic_groups = self.topic_group_stats.decayed(self.decay).merge(
+            KeyedWelford.from_values(batch.group_means, batch.group_topics)
+        )
+        # Both accumulators see the same topics with the same decay, so their keys agree.
+        m_k, mu_k = topic_groups.count, topic_groups.mean  # (K,) effective groups, topic means
+        sigma2_k, tau2_k = topic_rewards.var, topic_groups.var  # (K,)
+        sigma2_within = float(topic_rewards.m2.sum() / topic_rewards.count.sum())
+        tau2_within = float(topic_groups.m2.sum() / m_k.sum())
+        omega2 = float((m_k * (mu_k - mu_glob) ** 2).sum() / m_k.sum())
+        if self.pooling == "none":  # METHODS.md §2b's no-pooling form: each topic on its own
+            sigma2_pooled, tau2_pooled, topic_mean, pool = sigma2_k, tau2_k, mu_k, torch.zeros_like(mu_k)
+        else:
+            weight = m_k / (m_k + self.topic_prior_groups)  # (K,) trust in the topic's own variances
+            sigma2_pooled = sigma2_within + weight * (sigma2_k - sigma2_within)
+            tau2_pooled = tau2_within + weight * (tau2_k - tau2_within)
+            mean_noise = tau2_pooled / m_k  # (K,) variance of mu_k as an estimate of the topic's mean
+            denom = mean_noise + omega2
+            pool = torch.where(denom > self.eps, mean_noise / denom.clamp_min(self.eps), torch.ones_like(denom))  # B_k
+            topic_mean = (1.0 - pool) * mu_k + pool * mu_glob
+        slot = topic_groups.lookup(batch.group_topics)  # (M,) each group's topic
+        metrics = {
+            "ebpo/num_topics": float(torch.unique(batch.group_topics).numel()),
+            "ebpo/omega2": omega2,
+            "ebpo/tau2_within": tau2_within,
+            "ebpo/sigma2_within": sigma2_within,
+            "ebpo/topic_pooling": float(pool[slot].mean()),
+        }
+        return topic_rewards, topic_groups, (sigma2_pooled[slot], tau2_pooled[slot], topic_mean[slot]), metrics
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "prior": self.prior,
             "decay": self.decay,
             "reward_stats": self.reward_stats.state_dict(),
             "group_stats": self.group_stats.state_dict(),
         }
+        if self.hierarchical:
+            state["topic_reward_stats"] = self.topic_reward_stats.state_dict()
+            state["topic_group_stats"] = self.topic_group_stats.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("prior") != self.prior or float(state.get("decay", math.nan)) != self.decay:
@@ -249,8 +337,21 @@ class EBPO:
                 f"ebpo state was saved with prior={state.get('prior')!r}, decay={state.get('decay')!r} "
                 f"but this estimator has prior={self.prior!r}, decay={self.decay!r}"
             )
-        self.reward_stats = Welford.from_state_dict(state["reward_stats"])
-        self.group_stats = Welford.from_state_dict(state["group_stats"])
+        has_topics = "topic_group_stats" in state
+        if has_topics != self.hierarchical:
+            raise ValueError(
+                f"ebpo state was saved {'with' if has_topics else 'without'} a hierarchical (per-topic) prior "
+                f"but this estimator has hierarchical={self.hierarchical}"
+            )
+        reward_stats = Welford.from_state_dict(state["reward_stats"])
+        group_stats = Welford.from_state_dict(state["group_stats"])
+        if self.hierarchical:
+            topic_rewards = KeyedWelford.from_state_dict(state["topic_reward_stats"])
+            topic_groups = KeyedWelford.from_state_dict(state["topic_group_stats"])
+            if not torch.equal(topic_rewards.keys, topic_groups.keys):
+                raise ValueError("ebpo state: the per-topic reward and group-mean accumulators name different topics")
+            self.topic_reward_stats, self.topic_group_stats = topic_rewards, topic_groups
+        self.reward_stats, self.group_stats = reward_stats, group_stats
 
 
 class AdvantagePipeline:
@@ -273,10 +374,48 @@ class AdvantagePipeline:
         return int(self.estimator.min_group_size)
 
     def __call__(
-        self, rewards: Tensor | Sequence[float], group_ids: Tensor | Sequence[int], *, training: bool = True
+        self,
+        rewards: Tensor | Sequence[float],
+        group_ids: Tensor | Sequence[int],
+        *,
+        topic_ids: Tensor | Sequence[int] | None = None,
+        correctness: Tensor | Sequence[float] | None = None,
+        training: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
-        batch = GroupedBatch.from_inputs(rewards, group_ids)
+        """Advantages (N,) in the rewards' dtype and metrics.
+
+        Args:
+            rewards: (N,) the rewards the policy is trained on (possibly shaped).
+            group_ids: (N,) integer prompt id of each response.
+            topic_ids: optional (N,) integer topic id of each response (one
+                topic per group). Estimators without a use for them (all but
+                ``ebpo`` with ``hierarchical=True``) ignore them; they are
+                validated all the same.
+            correctness: optional (N,) the verifier's correctness before any
+                shaping; what HA-DW's accuracy and difficulty read. Defaults
+                to ``rewards``.
+            training: False computes the same advantages without moving any state.
+
+        Transactional: a batch that is rejected anywhere (validation, the
+        estimator, the weighting, non-finite or unrepresentable advantages)
+        raises and leaves the estimator's and the weighting's state exactly as
+        before the call (issue 11 item 5).
+        """
+        batch = GroupedBatch.from_inputs(rewards, group_ids, topic_ids=topic_ids, correctness=correctness)
         batch.require_min_group_size(self.min_group_size, self.name)
+        if not training:  # nothing moves: no snapshot needed
+            return self._run(batch, training=False)
+        # Components are asked to validate before they change state, but a later component (the
+        # weighting, the final checks) can still reject the batch after an earlier one has moved:
+        # commit all or nothing by restoring the snapshot on any failure.
+        snapshot = copy.deepcopy(self.state_dict())
+        try:
+            return self._run(batch, training=True)
+        except BaseException:
+            self.load_state_dict(snapshot)
+            raise
+
+    def _run(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         advantages, metrics = self.estimator.compute(batch, training=training)  # (N,) float64
         metrics = dict(metrics)
         if self.weighting is not None:
@@ -285,8 +424,17 @@ class AdvantagePipeline:
             metrics.update(weight_metrics)
         if not bool(torch.isfinite(advantages).all()):  # a bug, never a user's input: fail loudly
             raise FloatingPointError(f"{self.name} produced non-finite advantages")
+        out = advantages.to(batch.dtype)
+        if not bool(torch.isfinite(out).all()):
+            # Computed in float64, but the caller asked for its rewards' dtype, which cannot hold them:
+            # refuse rather than return inf (a half-precision reward pipeline with large rewards).
+            largest = float(advantages.abs().max())
+            raise ValueError(
+                f"{self.name} advantages reach {largest:.6g}, beyond the range of the rewards' dtype {batch.dtype} "
+                f"(max {torch.finfo(batch.dtype).max:.6g}); pass the rewards as float32 or rescale them"
+            )
         metrics.update(_advantage_metrics(advantages, batch))
-        return advantages.to(batch.dtype), metrics
+        return out, metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -307,14 +455,17 @@ class AdvantagePipeline:
 
 
 def _advantage_metrics(advantages: Tensor, batch: GroupedBatch) -> dict[str, float]:
-    all_equal = batch.group_var(unbiased=False) <= 0.0  # (M,) groups whose rewards are all equal
+    # Zero signal: an advantage that is rounding noise next to the batch's largest (group-relative
+    # estimators give all-equal groups exact zeros; see GroupedBatch.centred).
+    scale = float(advantages.abs().max())
+    zero = advantages.abs() <= 1e-12 * scale
     return {
         "adv/mean": float(advantages.mean()),
         "adv/abs_mean": float(advantages.abs().mean()),
         "adv/max": float(advantages.max()),
         "adv/min": float(advantages.min()),
-        "adv/zero_signal_frac": float((advantages.abs() <= 1e-12).double().mean()),
-        "adv/all_equal_group_frac": float(all_equal.double().mean()),
+        "adv/zero_signal_frac": float(zero.double().mean()),
+        "adv/all_equal_group_frac": float(batch.all_equal.double().mean()),
         "reward/mean": float(batch.rewards.mean()),
     }
 

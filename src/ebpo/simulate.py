@@ -20,6 +20,10 @@ plots and (``--json``) every number:
 4. A softmax bandit (many prompts of varied difficulty, learnable logits
    over candidate answers): learning and entropy curves for GRPO, Dr. GRPO,
    RLOO, EBPO (each prior), HA-DW and EBPO + HA-DW at small G.
+5. A mixture of topics (Beta topics with means ``--topic-means``): baseline
+   MSE of the hierarchical prior (no pooling and partial pooling) vs flat
+   EBPO vs the group mean vs an oracle, balanced and with one topic reduced
+   to ``--topic-small-groups`` groups.
 
 The estimators are the library's own (``ebpo.estimators.build_estimator``);
 the oracle and closed-form quantities live in :mod:`ebpo.sim.theory`.
@@ -41,6 +45,7 @@ from ebpo.sim.bandit import BANDIT_ESTIMATORS, UPDATES, BanditConfig, bandit_cur
 from ebpo.sim.baselines import SIGNAL_ESTIMATORS, baseline_mse, zero_signal
 from ebpo.sim.populations import Population, parse_dist, sample_rewards
 from ebpo.sim.report import PAPER_HADW, markdown, plots
+from ebpo.sim.topics import topic_mixture_mse, topic_population
 from ebpo.sim.theory import (
     bias_closed_form,
     bias_mc,
@@ -118,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bandit-updates", nargs="+", choices=UPDATES, default=list(UPDATES), help="sgd: advantages as given; rms: each step's advantages divided by their RMS, equal step sizes across estimators (default: both)")
     add("--hadw-anchor", choices=["soft", "hard"], default="soft", help="HA-DW difficulty anchor: soft (paper) or hard (released code) (default: %(default)s)")
     add("--hadw-lam", type=float, default=1.3, help="HA-DW scale lambda (paper's best 1.3; released code 1.5) (default: %(default)s)")
+    add("--topic-means", type=float, nargs="+", default=[0.05, 0.3, 0.7, 0.95], help="mean success rate of each topic of the mixture analysis (default: %(default)s, METHODS.md §2b)")
+    add("--topic-concentration", type=float, default=4.0, help="Beta concentration a + b of every topic (default: %(default)s)")
+    add("--topic-groups", type=int, default=16, help="groups (prompts) per topic per batch (default: %(default)s)")
+    add("--topic-group-sizes", type=int, nargs="+", default=[2, 4, 8], help="group sizes G of the balanced mixture (default: %(default)s)")
+    add("--topic-small-groups", type=int, nargs="+", default=[1, 2], help="unbalanced case: one topic (each in turn) has this many groups, at G = 4 (default: %(default)s)")
+    add("--topic-batches", type=int, default=400, help="batches of the balanced mixture; the unbalanced runs use half (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
     add("--quick", action="store_true", help="small settings that finish in seconds (used by the tests)")
     add("--out", default="runs/simulate", help="directory for report.md and the PNG plots (default: %(default)s)")
@@ -136,6 +147,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"need --mc-samples >= 40 and --bandit-seeds >= 1, got {args.mc_samples}, {args.bandit_seeds}")
     parse_dist(args.dist)
     parse_dist(args.bandit_dist)
+    for mean in args.topic_means:
+        topic_population(mean, args.topic_concentration)
+    if min(args.topic_group_sizes) < 2 or args.topic_groups < 1 or min(args.topic_small_groups) < 1 or args.topic_batches < 2:
+        raise ValueError("need --topic-group-sizes >= 2, --topic-groups >= 1, --topic-small-groups >= 1 and --topic-batches >= 2")
     for g in args.bandit_group_sizes:  # BanditConfig validates the rest
         _bandit_config(args, g, args.bandit_updates[0])
 
@@ -186,7 +201,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for update in args.bandit_updates
         },
     )
+    result["topics"] = timed("topics", lambda: topic_analysis(args, gen))
     return result
+
+
+UNBALANCED_G = 4
+
+
+def topic_analysis(args: argparse.Namespace, gen: torch.Generator) -> dict[str, Any]:
+    """The mixture of topics: balanced at each ``--topic-group-sizes``; unbalanced (each topic in turn small) at G = 4."""
+    means, k = args.topic_means, len(args.topic_means)
+    balanced = {
+        str(g): topic_mixture_mse(means, args.topic_concentration, [args.topic_groups] * k, g, args.topic_batches, gen)
+        for g in args.topic_group_sizes
+    }
+    unbalanced = {}
+    for small in args.topic_small_groups:
+        for which in range(k):
+            groups = [args.topic_groups] * k
+            groups[which] = small
+            unbalanced[f"{small}@{means[which]}"] = topic_mixture_mse(
+                means, args.topic_concentration, groups, UNBALANCED_G, max(2, args.topic_batches // 2), gen
+            )
+    return {"balanced": balanced, "unbalanced": unbalanced, "unbalanced_group_size": UNBALANCED_G}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bandit_seeds = min(args.bandit_seeds, 3)
         args.bandit_prompts = min(args.bandit_prompts, 256)
         args.bandit_batch = min(args.bandit_batch, 32)
+        args.topic_batches = min(args.topic_batches, 20)
     try:
         _validate(args)
     except ValueError as exc:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Welford"]
+__all__ = ["Welford", "KeyedWelford"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,92 @@ class Welford:
         if missing:
             raise ValueError(f"Welford state is missing keys {sorted(missing)}")
         return cls(count=float(state["count"]), mean=float(state["mean"]), m2=float(state["m2"]))
+
+
+@dataclass(frozen=True)
+class KeyedWelford:
+    """One :class:`Welford` accumulator per key (a topic id), held as tensors (K,) and updated with scatter ops.
+
+    ``keys`` (K,) int64 are sorted and unique; ``count``, ``mean`` and ``m2``
+    (K,) float64. Every operation is the scalar accumulator's, elementwise:
+    the same Chan merge, the same forgetting, so one key behaves exactly like
+    a :class:`Welford`. Keys appear when first seen; a key whose weight has
+    fallen to 0 (the ``batch`` prior forgets everything) is dropped.
+
+    >>> acc = KeyedWelford.from_values(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([7, 7, 9, 9]))
+    >>> acc.keys.tolist(), acc.mean.tolist(), (acc.m2 / acc.count).tolist()
+    ([7, 9], [1.5, 4.0], [0.25, 1.0])
+    """
+
+    keys: Tensor
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def empty(cls) -> "KeyedWelford":
+        zeros = torch.zeros(0, dtype=torch.float64)
+        return cls(torch.zeros(0, dtype=torch.long), zeros, zeros.clone(), zeros.clone())
+
+    @classmethod
+    def from_values(cls, values: Tensor, keys: Tensor) -> "KeyedWelford":
+        """Per-key statistics of ``values`` (N,) labelled by ``keys`` (N,) (two-pass, vectorised)."""
+        values = values.detach().to(torch.float64).reshape(-1)
+        unique, index = torch.unique(keys.reshape(-1).to(torch.long), sorted=True, return_inverse=True)
+        k = unique.numel()
+        count = torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(0, index, torch.ones_like(values))
+        mean = torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(0, index, values) / count
+        centred = values - mean[index]
+        m2 = torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(0, index, centred * centred)
+        return cls(unique, count, mean, m2)
+
+    def decayed(self, factor: float) -> "KeyedWelford":
+        """Down-weight every key by ``factor`` (as :meth:`Welford.decayed`); 0 forgets every key."""
+        if not 0.0 <= factor <= 1.0:
+            raise ValueError(f"decay factor must be in [0, 1], got {factor}")
+        if factor == 0.0:
+            return KeyedWelford.empty()
+        return KeyedWelford(self.keys, self.count * factor, self.mean, self.m2 * factor)
+
+    def merge(self, other: "KeyedWelford") -> "KeyedWelford":
+        """Chan et al.'s merge per key over the union of keys; a key on one side only is copied as is."""
+        keys = torch.unique(torch.cat([self.keys, other.keys.to(self.keys.device)]), sorted=True)
+
+        def aligned(acc: "KeyedWelford") -> tuple[Tensor, Tensor, Tensor]:
+            slot = torch.searchsorted(keys, acc.keys)
+            zeros = torch.zeros(keys.numel(), dtype=torch.float64, device=keys.device)
+            return (zeros.index_copy(0, slot, acc.count), zeros.index_copy(0, slot, acc.mean), zeros.index_copy(0, slot, acc.m2))
+
+        (ca, ma, m2a), (cb, mb, m2b) = aligned(self), aligned(other)
+        count = ca + cb
+        safe = torch.where(count > 0, count, torch.ones_like(count))
+        delta = mb - ma
+        mean = torch.where(ca == 0, mb, torch.where(cb == 0, ma, ma + delta * cb / safe))
+        m2 = torch.where(ca == 0, m2b, torch.where(cb == 0, m2a, m2a + m2b + delta * delta * ca * cb / safe))
+        keep = count > 0
+        return KeyedWelford(keys[keep], count[keep], mean[keep], m2[keep])
+
+    def lookup(self, keys: Tensor) -> Tensor:
+        """Index (len(keys),) of each of ``keys`` in this accumulator (all must be present)."""
+        return torch.searchsorted(self.keys, keys.to(self.keys.device))
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance per key (K,); every kept key has count > 0."""
+        return self.m2 / self.count
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"keys": self.keys.clone(), "count": self.count.clone(), "mean": self.mean.clone(), "m2": self.m2.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> "KeyedWelford":
+        missing = {"keys", "count", "mean", "m2"} - set(state)
+        if missing:
+            raise ValueError(f"KeyedWelford state is missing keys {sorted(missing)}")
+        keys = torch.as_tensor(state["keys"], dtype=torch.long)
+        fields = [torch.as_tensor(state[name], dtype=torch.float64) for name in ("count", "mean", "m2")]
+        if any(f.shape != keys.shape for f in fields) or keys.dim() != 1:
+            raise ValueError("KeyedWelford state tensors must all have shape (K,)")
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise ValueError("KeyedWelford state keys must be sorted and unique")
+        return cls(keys, *fields)

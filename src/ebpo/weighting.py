@@ -114,17 +114,25 @@ class HADW:
         return prior, updated, history, {"hadw/eta_t": gain}
 
     def __call__(self, advantages: Tensor, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
-        if bool((batch.rewards < 0).any() or (batch.rewards > 1).any()):
+        correct = batch.correctness  # (N,) the verifier's correctness: the rewards unless the caller passed it
+        if bool((correct < 0).any() or (correct > 1).any()):
             # diff = mu_q - C is a difference of accuracies; exp(|diff|) of arbitrary rewards overflows.
+            what = "rewards" if correct is batch.rewards else "correctness"
             raise ValueError(
-                "ha_dw weights by accuracy and needs rewards in [0, 1], got rewards in "
-                f"[{float(batch.rewards.min())}, {float(batch.rewards.max())}]; rescale the rewards"
+                f"ha_dw weights by accuracy and needs {what} in [0, 1], got {what} in "
+                f"[{float(correct.min())}, {float(correct.max())}]; "
+                + (
+                    "pass the unshaped verifier score as correctness= (shaped rewards, e.g. DAPO's overlong "
+                    "penalty, may leave [0, 1]) or rescale the rewards"
+                    if what == "rewards"
+                    else "correctness is the verifier's score before shaping"
+                )
             )
-        accuracy = float(batch.rewards.mean())  # y_t
+        accuracy = float(correct.mean())  # y_t, over correctness (issue 12 §2: not the shaped reward)
         anchor, updated, history, metrics = self._next_anchor(accuracy)
         if training:
             self.anchor, self.history = updated, history
-        diff = batch.broadcast(batch.group_means) - anchor  # (N,) mu_q - C
+        diff = batch.broadcast(batch.group_correctness) - anchor  # (N,) mu_q - C, mu_q = the group's accuracy
         direction = -torch.sign(advantages) * torch.sign(diff)  # (N,) D in {-1, 0, 1}
         weights = self.lam * torch.exp(direction * diff.abs())  # (N,)
         metrics.update(

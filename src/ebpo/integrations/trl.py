@@ -17,6 +17,10 @@ every reward function skipped (NaN) get advantage 0, as in TRL, and are left
 out of the estimator's statistics. ebpo's metrics are added to TRL's logs
 (``ebpo/...``), and the estimator state is saved in every TRL checkpoint
 (``ebpo_estimator_state.pt``) and restored by ``resume_from_checkpoint``.
+With ``ebpo_topic_column="source"`` each completion's topic label (that
+dataset column, gathered from every process) reaches the estimator as
+``topic_ids`` (a stable hash, :func:`ebpo.grouping.stable_topic_ids`), which
+the hierarchical prior (``ebpo_estimator_options={"hierarchical": True}``) uses.
 
 GBMPO divergences in place of TRL's KL term: ``ebpo_divergence="prob_l2"``
 (or ``log_l2``, ``neural_mirror`` with ``{"params_path": ...}``, ``kl`` with
@@ -49,12 +53,14 @@ from packaging.version import Version
 
 from ebpo.divergences import build_divergence
 from ebpo.estimators import build_estimator
+from ebpo.grouping import stable_topic_ids
 
 SUPPORTED_TRL = (Version("1.0"), Version("2.0"))  # [min, max)
 STATE_FILE = "ebpo_estimator_state.pt"
 
 try:
     import trl
+    from accelerate.utils import gather_object
     from trl import GRPOConfig, GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ebpo.integrations.trl needs TRL: pip install 'trl>=1.0,<2.0'") from exc
@@ -78,6 +84,13 @@ class EBPOGRPOConfig(GRPOConfig):
     ebpo_estimator_options: dict = field(default_factory=dict, metadata={"help": "options of the estimator, e.g. {'prior': 'running'}"})
     ebpo_weighting: str | None = field(default=None, metadata={"help": "advantage weighting, e.g. ha_dw"})
     ebpo_weighting_options: dict = field(default_factory=dict, metadata={"help": "options of the weighting"})
+    ebpo_topic_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "dataset column with each prompt's topic (any labels), passed to the estimator as topic ids; "
+            "used by ebpo_estimator_options={'hierarchical': True}, ignored by the other estimators"
+        },
+    )
     ebpo_divergence: str | None = field(
         default=None, metadata={"help": "replace TRL's KL term: kl, prob_l2, log_l2, neural_mirror (coefficient: beta)"}
     )
@@ -127,7 +140,11 @@ class EBPOGRPOTrainer(GRPOTrainer):
         generations = self.num_generations if mode == "train" else self.num_generations_eval
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // generations  # TRL's consecutive groups
         advantages = torch.zeros_like(rewards)
-        est_adv, metrics = self.ebpo_estimator(rewards[scorable].cpu(), group_ids[scorable].cpu(), training=mode == "train")
+        topic_ids = self._ebpo_topic_ids(inputs)  # (N_global,) or None
+        est_adv, metrics = self.ebpo_estimator(
+            rewards[scorable].cpu(), group_ids[scorable].cpu(),
+            topic_ids=None if topic_ids is None else topic_ids[scorable.cpu()], training=mode == "train",
+        )  # fmt: skip
         advantages[scorable] = est_adv.to(advantages)
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
@@ -135,6 +152,17 @@ class EBPOGRPOTrainer(GRPOTrainer):
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         return output
+
+    def _ebpo_topic_ids(self, inputs: list[dict]) -> torch.Tensor | None:
+        """Topic ids of every process's completions (N_global,), hashed from ``ebpo_topic_column`` (stable across ranks)."""
+        column = self.args.ebpo_topic_column
+        if column is None:
+            return None
+        missing = [i for i, row in enumerate(inputs) if column not in row]
+        if missing:
+            raise ValueError(f"ebpo_topic_column={column!r} is not a column of the training data (row {missing[0]} has {sorted(inputs[missing[0]])})")
+        labels = gather_object([row[column] for row in inputs])  # every process's rows, in process order like the rewards
+        return stable_topic_ids(labels)
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
         super()._save_checkpoint(model, trial)

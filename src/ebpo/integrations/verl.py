@@ -12,7 +12,21 @@ numpy array of prompt uids. :func:`register` adds, under new names:
 ``ebpo_ema``       EBPO, exponentially forgetting prior
 ``ha_dw``          GRPO + HA-DW
 ``ebpo_ha_dw``     EBPO (per-batch prior) + HA-DW
+``ebpo_hier``      hierarchical EBPO (per-topic prior), per-batch
+``ebpo_hier_running``  hierarchical EBPO, Welford prior across steps
 =================  =====================================================
+
+Topics (for the hierarchical prior; every estimator accepts and validates
+them): each sample's label in ``non_tensor_batch[TOPIC_KEY]`` (default
+``data_source``, verl's dataset-name field; set ``EBPO_VERL_TOPIC_KEY`` to
+use another key), hashed to stable integer ids
+(:func:`ebpo.grouping.stable_topic_ids`). verl's ``compute_advantage``
+passes an estimator only ``index`` (the uids) and ``config``, so
+:func:`install_topic_forwarding` (run by the plugin) wraps it to hand the
+batch's labels to ebpo's functions for the duration of the call; a
+``topic_labels=`` keyword or a ``TOPIC_KEY`` keyword (verl variants that
+forward ``data_source``) is used as is. Without labels every sample is one
+topic: flat EBPO.
 
 The sequence reward is ``token_level_rewards.sum(-1)``; the advantage is
 broadcast over the response mask; returns equal advantages (as verl's GRPO).
@@ -42,6 +56,7 @@ import verl.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from typing import Any
 
@@ -51,10 +66,11 @@ from torch import Tensor
 
 from ebpo.divergences import Divergence, build_divergence
 from ebpo.estimators import AdvantagePipeline, build_estimator
+from ebpo.grouping import stable_topic_ids
 
 __all__ = [
     "ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states",
-    "divergence_penalty", "install_divergences", "DIVERGENCE_PREFIX",
+    "divergence_penalty", "install_divergences", "DIVERGENCE_PREFIX", "install_topic_forwarding", "TOPIC_KEY",
 ]  # fmt: skip
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -63,7 +79,13 @@ SPECS: dict[str, dict[str, Any]] = {
     "ebpo_ema": {"name": "ebpo", "prior": "ema"},
     "ha_dw": {"name": "grpo", "weighting": "ha_dw"},
     "ebpo_ha_dw": {"name": "ebpo", "weighting": "ha_dw"},
+    "ebpo_hier": {"name": "ebpo", "prior": "batch", "hierarchical": True},
+    "ebpo_hier_running": {"name": "ebpo", "prior": "running", "hierarchical": True},
 }
+TOPIC_KEY = os.environ.get("EBPO_VERL_TOPIC_KEY", "data_source")
+# The labels of the batch whose advantages verl is computing, set by install_topic_forwarding's wrapper
+# for the duration of one compute_advantage call (a context variable: no state outlives the call).
+_BATCH_TOPICS: contextvars.ContextVar[Any] = contextvars.ContextVar("ebpo_verl_batch_topics", default=None)
 ESTIMATORS: dict[str, AdvantagePipeline] = {}
 STATE_FILE = "ebpo_estimator_states.pt"
 
@@ -83,12 +105,15 @@ def _group_ids(index: Any) -> Tensor:
     return torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
 
 
-def compute_advantage(key: str, token_level_rewards: Tensor, response_mask: Tensor, index: Any, training: bool = True) -> tuple[Tensor, Tensor]:
-    """Advantages (bs, T) and returns (bs, T) with verl's conventions."""
+def compute_advantage(
+    key: str, token_level_rewards: Tensor, response_mask: Tensor, index: Any, training: bool = True, topic_labels: Any = None
+) -> tuple[Tensor, Tensor]:
+    """Advantages (bs, T) and returns (bs, T) with verl's conventions; ``topic_labels`` (bs,) any labels, optional."""
     if token_level_rewards.shape != response_mask.shape:
         raise ValueError(f"token_level_rewards {tuple(token_level_rewards.shape)} and response_mask {tuple(response_mask.shape)} differ")
     scores = token_level_rewards.sum(dim=-1)  # (bs,)
-    advantages, _ = _estimator(key)(scores.detach().float().cpu(), _group_ids(index), training=training)
+    topic_ids = None if topic_labels is None else stable_topic_ids(list(np.asarray(topic_labels, dtype=object).reshape(-1)))
+    advantages, _ = _estimator(key)(scores.detach().float().cpu(), _group_ids(index), topic_ids=topic_ids, training=training)
     advantages = advantages.to(token_level_rewards.device, token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return advantages, advantages
 
@@ -97,7 +122,10 @@ def _make(key: str):
     def fn(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if index is None:
             raise ValueError(f"{key} is group-relative: verl must pass the uid index")
-        return compute_advantage(key, token_level_rewards, response_mask, index)
+        labels = kwargs.get("topic_labels", kwargs.get(TOPIC_KEY))
+        if labels is None:
+            labels = _BATCH_TOPICS.get()
+        return compute_advantage(key, token_level_rewards, response_mask, index, topic_labels=labels)
 
     fn.__name__ = f"ebpo_{key}_advantage"
     return fn
@@ -129,6 +157,39 @@ def load_estimator_states(directory: str) -> None:
         raise ValueError(f"{directory} has no {STATE_FILE}")
     for key, state in torch.load(path, weights_only=False).items():
         _estimator(key).load_state_dict(state)
+
+
+def install_topic_forwarding(ray_trainer: Any = None) -> None:
+    """Wrap verl's ``ray_trainer.compute_advantage(data, adv_estimator, ...)`` so ebpo's functions see the topics.
+
+    For ebpo's estimator names the wrapper reads ``data.non_tensor_batch[TOPIC_KEY]``
+    (when present) and makes it visible to the estimator function for that
+    one call; everything else goes to verl's function unchanged. Idempotent.
+    ``ray_trainer``: the module to patch (default: verl's; a stand-in in tests).
+    """
+    if ray_trainer is None:
+        try:
+            from verl.trainer.ppo import ray_trainer
+        except ImportError as exc:
+            raise ImportError("ebpo.integrations.verl.install_topic_forwarding() needs verl installed (pip install verl)") from exc
+    original = ray_trainer.compute_advantage
+    if getattr(original, "_ebpo_wrapped", None) is not None:
+        return
+
+    def compute_advantage(data: Any, adv_estimator: Any, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(adv_estimator, "value", adv_estimator)  # verl passes a str or its AdvantageEstimator enum
+        non_tensor = getattr(data, "non_tensor_batch", None) or {}
+        if name not in FUNCTIONS or TOPIC_KEY not in non_tensor:
+            return original(data, adv_estimator, *args, **kwargs)
+        token = _BATCH_TOPICS.set(non_tensor[TOPIC_KEY])
+        try:
+            return original(data, adv_estimator, *args, **kwargs)
+        finally:
+            _BATCH_TOPICS.reset(token)
+
+    compute_advantage.__doc__ = original.__doc__
+    compute_advantage._ebpo_wrapped = original  # type: ignore[attr-defined]
+    ray_trainer.compute_advantage = compute_advantage
 
 
 # ------------------------------------------------------------------ divergences

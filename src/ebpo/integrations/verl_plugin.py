@@ -3,11 +3,16 @@
 Every verl process (driver and Ray workers) imports this module at the end of
 ``import verl``. It registers ebpo's advantage estimators in verl's registry
 (``algorithm.adv_estimator=ebpo_running`` ...) and routes ``ebpo:...`` KL loss
-types to ebpo's divergences (``actor_rollout_ref.actor.kl_loss_type=ebpo:prob_l2``).
+types to ebpo's divergences (``actor_rollout_ref.actor.kl_loss_type=ebpo:prob_l2``),
+and forwards each sample's topic (``non_tensor_batch["data_source"]``) to the hierarchical prior.
 See :mod:`ebpo.integrations.verl`.
 """
 
-from ebpo.integrations.verl import install_divergences, register
+from ebpo.integrations.verl import install_divergences, install_topic_forwarding, register
 
 REGISTERED = register()
 install_divergences()
+try:
+    install_topic_forwarding()
+except ImportError:  # a process without verl's trainer dependencies: advantages are computed in the driver anyway
+    pass

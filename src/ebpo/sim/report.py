@@ -135,7 +135,41 @@ def markdown(result: dict[str, Any]) -> str:
             ]
             lines.append(f"| {update} | {label} | " + " | ".join(cells) + " |")
     lines += [""] + [f"![bandit, {u} updates](bandit_{u}.png)" for u in bandit] + [""]
+    if "topics" in result:
+        lines += _topics_markdown(result["topics"], cfg)
     return "\n".join(lines)
+
+
+def _topics_markdown(topics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    from ebpo.sim.topics import TOPIC_BASELINES
+
+    lines = [
+        f"## 5. A mixture of topics (means {cfg['topic_means']}, Beta concentration {cfg['topic_concentration']})",
+        "",
+        f"Baseline MSE against the true θ, per-batch prior, mean over batches (± s.e.). Balanced: {cfg['topic_groups']} groups "
+        "per topic. Oracle: shrinks toward each topic's true mean with its optimal factor (knows the population).",
+        "",
+        "| G | " + " | ".join(TOPIC_BASELINES) + " |",
+        "|---" * (len(TOPIC_BASELINES) + 1) + "|",
+    ]
+    for g, row in topics["balanced"].items():
+        lines.append(f"| {g} | " + " | ".join(f"{row['mean'][n]:.4f} ± {row['std_error'][n]:.4f}" for n in TOPIC_BASELINES) + " |")
+    lines += [
+        "",
+        f"Unbalanced (G = {topics['unbalanced_group_size']}): one topic has only a few groups; MSE over that topic's groups "
+        "(and over the whole batch):",
+        "",
+        "| small topic | groups | " + " | ".join(TOPIC_BASELINES) + " | whole batch: no pooling | whole batch: partial |",
+        "|---" * (len(TOPIC_BASELINES) + 4) + "|",
+    ]
+    for key, row in topics["unbalanced"].items():
+        small = min(row["groups"])
+        cells = " | ".join(f"{row['smallest_topic'][n]:.4f}" for n in TOPIC_BASELINES)
+        lines.append(
+            f"| {row['smallest_topic_mean']} | {small} | {cells} | {row['mean']['hierarchical (no pooling)']:.4f} | "
+            f"{row['mean']['hierarchical (partial)']:.4f} |"
+        )
+    return lines + [""]
 
 
 def plots(result: dict[str, Any], out: Path) -> list[Path]:

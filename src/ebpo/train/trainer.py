@@ -70,6 +70,7 @@ def build_components(config: TrainConfig) -> Components:
             f"estimator {config.estimator!r} compares responses within a group and needs group_size >= "
             f"{estimator.min_group_size}, got {config.group_size}; raise --group-size or use --estimator ebpo"
         )
+    _probe_estimator(estimator, config)
     divergence_options = dict(config.divergence_options)
     if config.mirror_params is not None:  # validate() checked that the divergence is neural_mirror
         divergence_options["params_path"] = config.mirror_params
@@ -90,6 +91,31 @@ def build_components(config: TrainConfig) -> Components:
     task = build_task(config.task, config.task_options)
     verifier = build_verifier_for(task, config.verifier)
     return Components(task, verifier, estimator, loss_fn, divergence)
+
+
+def _probe_estimator(estimator: Any, config: TrainConfig) -> None:
+    """Refuse, before training, an estimator/weighting that cannot take the rewards this config produces.
+
+    One dry run (``training=False``: no state moves) on a synthetic step with
+    the config's group size and reward range: a mixed group, an all-correct and
+    an all-wrong group, correctness in {0, 1}, and, with DAPO's overlong
+    shaping, rewards down to ``-overlong_penalty`` (issue 12 §2: HA-DW once
+    rejected those mid-run). Two topics, so a hierarchical prior is exercised.
+    """
+    g = config.group_size
+    correctness = torch.cat([(torch.arange(g) % 2 == 0).double(), torch.ones(g), torch.zeros(g)])  # (3G,)
+    shaping = torch.zeros(3 * g, dtype=torch.float64)
+    if config.overlong_buffer > 0:
+        shaping[1::2] = -config.overlong_penalty  # every other response truncated
+    group_ids = torch.arange(3).repeat_interleave(g)
+    try:
+        estimator(correctness + shaping, group_ids, topic_ids=(group_ids > 0).long(), correctness=correctness, training=False)
+    except ValueError as exc:
+        raise ValueError(
+            f"this configuration cannot train: estimator {config.estimator!r} with weighting {config.weighting!r} "
+            f"rejects the rewards it would get (group size {g}, overlong shaping down to "
+            f"{-config.overlong_penalty if config.overlong_buffer else 0.0}): {exc}"
+        ) from exc
 
 
 def peak_rss_mb() -> float:
@@ -283,8 +309,8 @@ class Trainer:
         bar = _progress(cfg.steps, self.step, enabled=cfg.progress and self.dist.is_main)
         while self.step < cfg.steps:
             started = time.time()
-            rollout, rewards, metrics = self.rollout_and_score()
-            advantages, adv_metrics = self.compute_advantages(rollout, rewards)
+            rollout, rewards, correctness, metrics = self.rollout_and_score()
+            advantages, adv_metrics = self.compute_advantages(rollout, rewards, correctness)
             rollout_seconds = time.time() - started
             update_metrics = self.update(rollout, advantages)
             self.step += 1
@@ -306,16 +332,20 @@ class Trainer:
         self.save()
         return self.finish(accuracy_after)
 
-    def rollout_and_score(self) -> tuple[Rollout, Tensor, dict[str, float]]:
+    def rollout_and_score(self) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
         """Sample and score one step's responses (this rank's share); DAPO dynamic sampling resamples.
 
         Each round draws ``prompts_per_step`` prompts from the stream (the same on
         every rank) and rank r rolls out prompts r, r + world, ... Group ids
         are global, so the estimator can pool groups from every rank.
+
+        Returns the rollout, the rewards it is trained on (the verifier's
+        correctness plus DAPO's overlong shaping), the correctness itself
+        (what dynamic sampling and HA-DW read) and metrics.
         """
         cfg, dist = self.config, self.dist
         rounds = 1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)
-        rollouts, rewards_list, metrics = [], [], {}
+        rollouts, rewards_list, correct_list, metrics = [], [], [], {}
         kept_ids = torch.empty(0, dtype=torch.long)
         for round_ in range(rounds):
             problems = self.stream.take(cfg.prompts_per_step)
@@ -327,25 +357,30 @@ class Trainer:
                 top_p=cfg.top_p, do_sample=True, chat_template=cfg.chat_template, batch_size=cfg.generation_batch_size,
                 share_prompt_cache=cfg.share_prompt_cache, autocast=self._generation_context,
             )
-            rewards, keep, info = score(rollout, self.c.verifier)
+            correctness, keep, info = score(rollout, self.c.verifier)  # (B,) the verifier's reward, unshaped
             if round_ == 0:
-                metrics.update(self._rollout_metrics(rollout, rewards, keep, info))
-            rewards = rewards + self._overlong(rollout)
-            rollout, rewards = rollout.select(torch.nonzero(keep).squeeze(1)), rewards[keep]
+                metrics.update(self._rollout_metrics(rollout, correctness, keep, info))
+            rewards = correctness + self._overlong(rollout)
+            rows = torch.nonzero(keep).squeeze(1)
+            rollout, rewards, correctness = rollout.select(rows), rewards[keep], correctness[keep]
             rollouts.append(rollout)
             rewards_list.append(rewards)
+            correct_list.append(correctness)
             if not cfg.dynamic_sampling:
                 break
-            kept_ids = torch.cat([kept_ids, _mixed_groups(dist.all_gather_cat(rewards), dist.all_gather_cat(rollout.group_ids.cpu()))])
+            # DAPO keeps a group when 0 < #correct < G: on correctness, so that a group whose answers
+            # are all right (or all wrong) and differ only by the overlong penalty is dropped (issue 12 §2).
+            kept_ids = torch.cat([kept_ids, _mixed_groups(dist.all_gather_cat(correctness), dist.all_gather_cat(rollout.group_ids.cpu()))])
             if kept_ids.numel() >= cfg.prompts_per_step:
                 break
-        rollout, rewards = Rollout.concat(rollouts), torch.cat(rewards_list)
+        rollout, rewards, correctness = Rollout.concat(rollouts), torch.cat(rewards_list), torch.cat(correct_list)
         if cfg.dynamic_sampling:
             metrics.update({"dapo/rounds": float(round_ + 1), "dapo/kept_groups": float(min(kept_ids.numel(), cfg.prompts_per_step))})
-            if kept_ids.numel() > 0:  # train on the first prompts_per_step groups with differing rewards
+            if kept_ids.numel() > 0:  # train on the first prompts_per_step groups with differing correctness
                 selected = torch.isin(rollout.group_ids.cpu(), kept_ids[: cfg.prompts_per_step])
-                rollout, rewards = rollout.select(torch.nonzero(selected).squeeze(1)), rewards[selected]
-        return rollout, rewards, metrics
+                rows = torch.nonzero(selected).squeeze(1)
+                rollout, rewards, correctness = rollout.select(rows), rewards[selected], correctness[selected]
+        return rollout, rewards, correctness, metrics
 
     def _overlong(self, rollout: Rollout) -> Tensor:
         cfg = self.config
@@ -369,17 +404,23 @@ class Trainer:
         metrics.update(dist.sum_dict(info))  # ranks may see different diagnostic keys
         return metrics
 
-    def compute_advantages(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def compute_advantages(self, rollout: Rollout, rewards: Tensor, correctness: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Advantages of this rank's responses from the estimator run on the global batch.
 
-        Rewards and group ids of every rank are gathered first, so the
-        estimator sees the whole step (its statistics and state are then
-        bit-identical on every rank), and each rank keeps its own slice.
+        Rewards, correctness, group ids and topic ids of every rank are
+        gathered first, so the estimator sees the whole step (its statistics
+        and state are then bit-identical on every rank), and each rank keeps
+        its own slice. Topic ids hash ``Problem.topic`` (stable across ranks
+        and resumes; see :func:`ebpo.grouping.stable_topic_ids`).
         """
+        from ebpo.grouping import stable_topic_ids
+
         dist = self.dist
         all_rewards = dist.all_gather_cat(rewards)  # (N_global,)
+        all_correct = dist.all_gather_cat(correctness)  # (N_global,)
         all_ids = dist.all_gather_cat(rollout.group_ids.cpu())
-        advantages, metrics = self.c.estimator(all_rewards, all_ids, training=True)
+        all_topics = dist.all_gather_cat(stable_topic_ids([p.topic for p in rollout.problems]))
+        advantages, metrics = self.c.estimator(all_rewards, all_ids, topic_ids=all_topics, correctness=all_correct, training=True)
         offset = dist.local_offset(len(rewards))
         return advantages[offset : offset + len(rewards)].float().to(self.device), metrics
 
@@ -549,11 +590,15 @@ class Trainer:
 _ADDITIVE_METRICS = frozenset({"loss/policy", "loss/total"})
 
 
-def _mixed_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """Sorted ids of the groups whose rewards are not all equal (DAPO dynamic sampling), int64."""
+def _mixed_groups(correctness: Tensor, group_ids: Tensor) -> Tensor:
+    """Sorted ids of the groups whose correctness is not all equal (DAPO dynamic sampling), int64.
+
+    With 0/1 correctness that is 0 < #correct < G (DAPO, arXiv 2503.14476 eq. 11); pass the
+    verifier's score, not the shaped reward.
+    """
     ids, inverse = torch.unique(group_ids, return_inverse=True)
-    low = torch.full((len(ids),), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amin")
-    high = torch.full((len(ids),), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, rewards, "amax")
+    low = torch.full((len(ids),), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, correctness, "amin")
+    high = torch.full((len(ids),), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, correctness, "amax")
     return ids[high > low]
 
 
