@@ -27,7 +27,7 @@ ROOT = os.geteuid() == 0
 
 SANDBOXES = {
     "default": {},
-    "audit hook only": {"isolate_network": False, "private_tmp": False, "drop_privileges": False},
+    "audit hook only": {"isolate_network": False, "private_tmp": False, "drop_privileges": False, "pid_namespace": False},
     "os layers only": {"audit_hook": False},
 }
 
@@ -116,10 +116,10 @@ def test_hostile_code_gets_zero_within_the_limit_and_the_host_is_intact(sandbox,
     start = time.monotonic()
     result = sandbox(program, MBPP)
     assert time.monotonic() - start < TIMEOUT + 2
-    if not (case == "write into the host's /tmp" and not sandbox.layers["audit_hook"]):
+    if not (case == "write into the host's /tmp" and (sandbox.layers["readonly_mounts"] or not sandbox.layers["audit_hook"])):
         assert result.reward == 0.0, (case, sandbox.layers, sandbox.run(program).output[-500:])
-    # else: without the hook, the write lands in the child's private /tmp (a tmpfs that vanishes
-    # with it), which is allowed; the host's /tmp is checked below.
+    # else: the child's /tmp is its private working directory (a tmpfs that vanishes with it),
+    # so the write is allowed there; the host's /tmp is checked below.
     assert sentinel.read_text() == "keep me"
     assert not any(path.exists() for path in created)
 
