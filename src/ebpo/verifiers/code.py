@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ebpo.verifiers.base import VERIFIERS, VerifierResult
+from ebpo.verifiers.base import VERIFIERS, BadReference, VerifierResult
 
 __all__ = ["CodeVerifier", "CodeReference", "SandboxResult", "extract_code", "build_program", "parse_reference"]
 
@@ -117,21 +117,21 @@ def parse_reference(reference: str) -> CodeReference:
     if isinstance(spec, list):
         spec = {"tests": spec}
     if not isinstance(spec, dict) or not ({"tests", "test"} & set(spec)):
-        raise ValueError(f"code reference must hold 'tests' (MBPP) or 'test' + 'entry_point' (HumanEval): {reference[:200]!r}")
+        raise BadReference(f"code reference must hold 'tests' (MBPP) or 'test' + 'entry_point' (HumanEval): {reference[:200]!r}")
     if "test" in spec:
         if "entry_point" not in spec:
-            raise ValueError(f"a HumanEval-style code reference needs 'entry_point': {reference[:200]!r}")
+            raise BadReference(f"a HumanEval-style code reference needs 'entry_point': {reference[:200]!r}")
         tests, entry_point = spec["test"], spec["entry_point"]
     else:
         if not spec["tests"]:
-            raise ValueError(f"code reference has no tests: {reference[:200]!r}")  # would reward any code
+            raise BadReference(f"code reference has no tests: {reference[:200]!r}")  # would reward any code
         tests, entry_point = "\n".join(spec["tests"]), None
     parsed = CodeReference(spec.get("setup", "") or "", spec.get("prompt", "") or "", tests, entry_point)
     for part, source in (("setup", parsed.setup), ("prompt", parsed.prompt), ("tests", parsed.tests)):
         try:
             compile(source, f"<reference {part}>", "exec")
         except SyntaxError as exc:
-            raise ValueError(f"code reference's {part} is not valid Python ({exc}): {reference[:200]!r}") from exc
+            raise BadReference(f"code reference's {part} is not valid Python ({exc}): {reference[:200]!r}") from exc
     return parsed
 
 
