@@ -118,9 +118,14 @@ def _hook_factory(root):
         full = realpath(_os.fsdecode(path))
         return any(full == a or full.startswith(a + sep) for a in allowed)
 
+    # _posixsubprocess.fork_exec starts processes without any audit event: refuse the module.
+    denied_imports = {"_posixsubprocess", "_ctypes", "ctypes"}
+
     def hook(event, args):
         if event in denied or event.startswith("ctypes."):
             raise PermissionError("blocked by the ebpo sandbox: " + event)
+        if event == "import" and args[0] in denied_imports:
+            raise PermissionError("blocked by the ebpo sandbox: import " + args[0])
         if event == "open":
             path, mode, flags = args
             writes = (mode is not None and any(c in mode for c in "wax+")) or (flags & write_flags)
