@@ -69,13 +69,32 @@ def test_canonical_solutions_still_pass(verifier):
 
 
 def test_the_tests_never_reach_the_child(verifier):
-    # The child's program is setup + prompt + code; a program that prints everything it can
-    # find shows no trace of the expected values.
-    secret = json.dumps({"tests": ["assert add(1, 2) == 918273645"]})
-    probe = "import gc, sys\nprint([o for o in gc.get_objects() if isinstance(o, str) and '9182736' in o])\nprint(open('/proc/self/cmdline').read())\ndef add(a, b):\n    return 0"
-    result = verifier(probe, secret)
-    assert result.reward == 0.0
-    assert "918273645" not in verifier.run(probe + "\nprint(add(1, 2))").output
+    # Every integer constant in every code object on the child's stack, and every string the
+    # child can find in its files: the expected value (918273645) is in none of them.
+    secret = json.dumps({"tests": ["assert leak() == 918273645"]})
+    probe = """
+import sys
+seen = set()
+def walk(code):
+    for c in code.co_consts:
+        if type(c) is int:
+            seen.add(c)
+        elif hasattr(c, 'co_consts'):
+            walk(c)
+frame = sys._getframe()
+while frame:
+    walk(frame.f_code)
+    frame = frame.f_back
+for path in ('/proc/self/cmdline', '/proc/self/environ', 'program.py'):
+    try:
+        seen.update(int(t) for t in open(path, errors='ignore').read().replace('=', ' ').split() if t.isdigit())
+    except OSError:
+        pass
+def leak():  # any constant that looks like the secret (the probe itself must not contain it)
+    return next((c for c in seen if str(c).startswith('9182')), 0)
+"""
+    assert verifier(probe, secret).reward == 0.0
+    assert verifier(probe, json.dumps({"tests": ["assert leak() == 0"]})).reward == 1.0  # the probe runs
 
 
 def test_plain_data_round_trip(verifier):
