@@ -1,5 +1,8 @@
 """The code verifier: correct programs pass; hostile programs get 0 within the limit and leave the host intact.
 
+The full attack corpus (network to a real listener, processes, dir_fd writes, reward
+faking) is in test_redteam_code.py; this file keeps the basics under three sandboxes.
+
 Each hostile program runs under three sandboxes: the default (every layer this
 machine allows), the Python audit hook alone (what a non-root CI runner gets),
 and, as root, the OS layers alone (namespaces, ``nobody``, rlimits; no hook).
@@ -100,8 +103,6 @@ def hostile_programs(sentinel: Path, created: list[Path]) -> dict[str, str]:
         "write next to a host file": f"open({str(created[0])!r}, 'w').write('x')",
         "write into the host's home": f"open({str(created[1])!r}, 'w').write('x')",
         "write into the host's /tmp": f"import os\nfd = os.open({str(created[2])!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')",
-        "network connection": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
-        "raw network connection": "import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 22))",
         "1 GB of output": "import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * (1 << 20))",
     }
 
@@ -135,16 +136,6 @@ def test_run_reports_capped_output(verifier):
     assert len(result.output) == verifier.max_report_bytes and result.output.endswith("END")
 
 
-def test_network_reaches_nothing_even_without_the_hook():
-    if not ROOT:
-        pytest.skip("network namespaces need root")
-    bare = CodeVerifier(timeout_seconds=TIMEOUT, audit_hook=False)
-    # In an empty network namespace even loopback is down: connecting fails at once.
-    probe = "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\nexcept OSError as e:\n    print(type(e).__name__)\n"
-    assert bare.layers["network_namespace"]
-    assert "Error" in bare.run(probe).output
-
-
 def test_thread_safe(verifier):
     results: list[float | None] = []
     solution = "def add(a, b):\n    return a + b"
@@ -158,7 +149,7 @@ def test_thread_safe(verifier):
 
 def test_sandbox_layers_active_here(verifier):
     if ROOT:  # CI containers and this machine run as root: the OS layers must be on where the kernel allows
-        assert verifier.layers["nobody"]
+        assert verifier.layers["nobody"] and verifier.layers["pid_namespace"] and verifier.layers["readonly_mounts"]
     assert verifier.layers["audit_hook"] and verifier.layers["rlimits"]
 
 

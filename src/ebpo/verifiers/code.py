@@ -8,55 +8,52 @@ Reference format (a JSON string; the MBPP and HumanEval loaders write it):
 * HumanEval style: ``{"test": "def check(candidate): ...", "entry_point": "f",
   "prompt": "def f(x):\n    \"\"\"...\"\"\"\n"}`` (``prompt`` optional: it is put before
   the code, as HumanEval's harness does, so a body-only continuation runs and a
-  complete function simply redefines it); the program ends with ``check(f)``.
+  complete function simply redefines it); the judge calls ``check(f)``.
 
 The candidate's code is the last fenced block (```python or ```), else the
-whole completion. The program is ``setup``, ``prompt``, code, then the tests; reward 1.0
-iff it runs its tests to the end and exits 0 within the limits (an early
-``sys.exit(0)`` fails), else 0.0 with the reason counted in
-``info``: ``timeout`` (wall clock or CPU limit), ``output_limit`` (wrote more
-than ``max_output_bytes``), ``failed`` (any other non-zero exit: a failed
-assert, a syntax error, a blocked operation, ``MemoryError``). Nothing the
-model writes can hang or kill the trainer: an unusable *reference* raises
-``ValueError``, and a sandbox that cannot start raises ``RuntimeError``
-(both are our bugs, never the model's).
+whole completion.
 
-The sandbox, layer by layer. The constructor probes which layers this machine
-allows, strongest first, and records them in :attr:`CodeVerifier.layers`.
+What decides the reward (docs/verifiers.md has the full story). The sandboxed
+child runs ``setup``, ``prompt`` and the candidate's code: never the tests. A
+trusted judge process (``_code_judge.py``) runs the tests with every function
+the candidate was to define replaced by a proxy that sends the call's arguments
+to the child and gets back *plain data* (``_plain_data.py``, exact types: a
+subclass of int whose ``__eq__`` is always true is refused). Asserts, tolerance
+checks, builtins and comparisons all run in the judge, on ordinary values; the
+child's exit status, output and objects are never evidence. Reward 1.0 iff the
+judge ran every test without an error, else 0.0 with the reason counted in
+``info``: ``failed`` (an assert, any error in the tests, a program that does not
+load or exits), ``timeout``, ``output_limit``, ``not_plain_data``, ``bad_output``
+(a malformed reply), ``unsupported_test`` (the test passes the candidate
+something that is not plain data, e.g. a lambda). A bad *reference* raises
+:class:`~ebpo.verifiers.base.BadReference`; a sandbox that cannot start raises
+``RuntimeError`` (the registry's guard counts it as ``error``).
 
-1. Always: a fresh temporary working directory, deleted afterwards; the child
-   runs in its own session, and on the wall-clock limit its whole process group
-   is killed; ``python -I -B`` (isolated mode: no environment variables, no user
-   site, no cwd on ``sys.path``; no ``.pyc`` writes); a minimal environment
-   (``HOME`` and ``TMPDIR`` are the working directory).
-2. Always: resource limits set in the child before any candidate code runs:
-   CPU seconds (``RLIMIT_CPU``), address space (``RLIMIT_AS``, default 1 GiB),
-   largest file written (``RLIMIT_FSIZE``; stdout and stderr go to a file, so
-   this also caps output), open files (``RLIMIT_NOFILE``), no core dumps.
-3. Always: a Python audit hook (PEP 578) installed before the candidate's code
-   that refuses writes, deletes, renames, chmods, links outside the working
-   directory; sockets; process creation (fork, exec, spawn, subprocess);
-   signals to other processes; and ``ctypes``. Audit hooks cannot be removed
-   from Python, but they are *not* a security boundary on their own (PEP 578
-   says so): code that escapes the interpreter escapes them. Layers 4-6 are the
-   OS-level boundary.
-4. As root, where the kernel allows: a new, empty network namespace
-   (``unshare(CLONE_NEWNET)``: no network at all, loopback included).
-5. As root, where the kernel allows: a new mount namespace with private,
-   empty ``tmpfs`` mounts over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (the
-   working directory is bind-mounted back at its own path), so the child
-   cannot leave files in the host's world-writable directories.
-6. As root: drop to the ``nobody`` user with ``RLIMIT_NPROC`` (stops fork
-   bombs; root ignores that limit), so the host's files are protected by
-   ordinary permissions.
+The sandbox, layer by layer (the constructor probes which this machine allows,
+strongest first, and records them in :attr:`CodeVerifier.layers`):
 
-Without root (a typical CI runner) layers 1-3 apply: the child runs as the
-calling user, so files that user can write are protected only by the audit
-hook. Train on untrusted code as root in a container (layers 4-6) or inside a
-VM. The child's interpreter must be usable by ``nobody`` when dropping
-privileges; the probe falls back to the system ``python3`` when the current
-one (e.g. a virtualenv under ``/root``) is not, and the candidate then sees
-only that interpreter's packages (the benchmarks need only the standard library).
+1. Always: output and replies on pipes the judge reads with a deadline and a size
+   limit (no file the program could swap for a FIFO); resource limits (CPU,
+   address space, file size, open files, no core dumps); ``python -I -B``; only
+   its own pipes inherited; a minimal environment.
+2. Always (defence in depth, not a boundary: PEP 578): an audit hook refusing
+   writes outside the working directory (and any ``dir_fd`` use), sockets,
+   process creation (also importing ``_posixsubprocess``, whose ``fork_exec`` has
+   no audit event), signals and ``ctypes``.
+3. Root, where the kernel allows: the child is the init of a new PID namespace
+   (every process it starts dies with it) with ``PR_SET_PDEATHSIG`` (it dies if
+   the judge does).
+4. Root, where the kernel allows: a mount namespace where every mount is
+   read-only and the only writable places are fresh tmpfs at ``/tmp`` (the
+   working directory) and ``/dev/shm``.
+5. Root, where the kernel allows: an empty network namespace.
+6. Root: run as ``nobody`` with ``RLIMIT_NPROC``.
+
+Without root only 1-2 apply (a warning is logged): the reward stays honest, but
+the host is protected only by the audit hook. The child's interpreter must be
+usable by ``nobody`` when dropping privileges; the probe falls back to the
+system ``python3`` when the current one (e.g. a virtualenv under ``/root``) is
+not, and the candidate then sees only that interpreter's packages.
 """
 
 from __future__ import annotations
