@@ -53,7 +53,7 @@ def test_attack(verifier, listener, attack):
         pytest.skip("would signal the test runner itself without a PID namespace or a separate user")
     outcome = run_attack(verifier, attack, listener, hard_limit=TIMEOUT + GRACE + 5)
     assert outcome.error == "", outcome  # the verifier neither raised nor hung
-    assert outcome.seconds < TIMEOUT + GRACE, outcome
+    assert outcome.seconds < TIMEOUT + GRACE + 0.5, outcome  # the hard limit, plus killing and reaping the judge
     assert outcome.reward == 0.0, outcome
     assert outcome.network == [], outcome
     if not (layers["pid_namespace"] and layers["readonly_mounts"]) and (outcome.processes_left or outcome.touched):

@@ -104,22 +104,29 @@ def _hook_factory(root):
               "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.setsid",
               "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
               "socket.sendto", "os.chroot", "os.startfile", "pty.spawn", "sys.remote_exec",
-              "os.fchmod", "os.fchown", "sys.setprofile", "sys.settrace"}
+              "sys.setprofile", "sys.settrace"}
     # event: (number of leading path arguments, positions of dir_fd arguments)
     path_events = {"os.remove": (1, (1,)), "os.rmdir": (1, (1,)), "os.mkdir": (1, (2,)), "os.rename": (2, (2, 3)),
                    "os.chmod": (1, (2,)), "os.chown": (1, (3,)), "os.truncate": (1, ()), "os.link": (2, (2, 3)),
                    "os.symlink": (2, (2,)), "os.utime": (1, (3,)), "os.chflags": (1, ()), "os.lchflags": (1, ()),
                    "os.setxattr": (1, ()), "os.removexattr": (1, ()), "shutil.rmtree": (1, ()), "os.mkfifo": (1, (2,)),
-                   "os.mknod": (1, (3,))}
+                   "os.mknod": (1, (3,)), "os.fchmod": (1, ()), "os.fchown": (1, ())}
 
     def inside(path):
-        if isinstance(path, int):
-            return True  # an already-open descriptor
+        if isinstance(path, int):  # a descriptor: where does it point (fchmod/fsetxattr on a host file)?
+            try:
+                path = _os.readlink("/proc/self/fd/%d" % path)
+            except OSError:
+                return False
+            if not path.startswith(sep):  # pipe:[...], socket:[...], anon_inode:...
+                return True
         full = realpath(_os.fsdecode(path))
         return any(full == a or full.startswith(a + sep) for a in allowed)
 
     # _posixsubprocess.fork_exec starts processes without any audit event: refuse the module.
-    denied_imports = {"_posixsubprocess", "_ctypes", "ctypes"}
+    # os, posix, signal and _signal are loaded, with pidfd_open / pidfd_send_signal (no audit
+    # events either) removed below: an import event for them is a re-import to get those back.
+    denied_imports = {"_posixsubprocess", "_ctypes", "ctypes", "os", "posix", "signal", "_signal"}
 
     def hook(event, args):
         if event in denied or event.startswith("ctypes."):
@@ -157,6 +164,11 @@ def _reply(message):
 _program_source = json.loads(_readline())
 _mode = cfg["mode"]
 if cfg["audit_hook"]:
+    import posix, signal, _signal
+    for _module, _name in ((os, "pidfd_open"), (posix, "pidfd_open"), (signal, "pidfd_send_signal"), (_signal, "pidfd_send_signal")):
+        if hasattr(_module, _name):
+            delattr(_module, _name)
+    del posix, signal, _signal, _module, _name
     sys.addaudithook(_hook_factory(workdir))
 del _hook_factory, cfg, resource, workdir
 _globals = {"__name__": "__main__", "__builtins__": __builtins__}

@@ -95,6 +95,7 @@ class Child:
         for fd in (status_w, request_r, reply_w, output_w):
             os.close(fd)
         self.status = self._read_all(status_r)
+        self.deadline = time.monotonic() + cfg["timeout_seconds"]  # the program's time starts once the sandbox is set up
         self.buffer = b""
 
     def _drain(self, fd):
@@ -113,7 +114,7 @@ class Child:
 
     def _read_all(self, fd):
         data = b""
-        while time.monotonic() < self.deadline + 5:  # set-up is ours; a little slack beyond the limit
+        while time.monotonic() < self.deadline + 5:  # set-up is ours: slack beyond the limit (the caller's hard limit still holds)
             if not select.select([fd], [], [], 0.5)[0]:
                 continue
             chunk = os.read(fd, 4096)
