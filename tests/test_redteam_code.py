@@ -121,3 +121,11 @@ def test_run_time_scales_with_calls_not_startup(verifier):
     start = time.monotonic()
     assert verifier("def add(a, b):\n    return a + b", reference).reward == 1.0
     assert time.monotonic() - start < TIMEOUT + GRACE
+
+
+def test_modules_the_tests_use_without_importing_them(verifier):
+    # MBPP tests such as `assert math.isclose(area(2), 12.56, rel_tol=0.001)` rely on the
+    # candidate's `import math`; the judge imports such modules itself (they are not the candidate's).
+    reference = json.dumps({"tests": ["assert math.isclose(area(3), 28.274, rel_tol=0.001)"]})
+    assert verifier("import math\ndef area(r):\n    return math.pi * r * r", reference).reward == 1.0
+    assert verifier("import math\ndef area(r):\n    return 2 * math.pi * r", reference).reward == 0.0

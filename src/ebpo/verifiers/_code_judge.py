@@ -22,6 +22,7 @@ candidate's); ``exited`` (run mode: the program's exit status, diagnostics only)
 
 import ast
 import builtins
+import importlib
 import json
 import os
 import resource
@@ -233,6 +234,11 @@ def free_names(tree, namespace):
     }
 
 
+def module_names(tree):
+    """Names the tests use as ``name.attr``: MBPP tests use ``math.isclose`` relying on the candidate's import."""
+    return {node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+
+
 def run_tests(child, tests):
     """The reference's tests, here, with the candidate's functions as proxies to the child."""
     namespace = {"__name__": "__ebpo_tests__", "__builtins__": builtins}
@@ -240,7 +246,14 @@ def run_tests(child, tests):
     exec(tests.get("prompt") or "", namespace)  # noqa: S102  (HumanEval's own helpers, e.g. poly)
     source = tests["source"]
     tree = ast.parse(source)
+    modules = module_names(tree)
     for name in free_names(tree, namespace):
+        if name in modules:  # a module the tests use, imported here (trusted), not the candidate's object
+            try:
+                namespace[name] = importlib.import_module(name)
+                continue
+            except ImportError:
+                pass
         namespace[name] = make_proxy(child, name)
     entry_point = tests.get("entry_point")
     if entry_point:
