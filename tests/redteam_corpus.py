@@ -307,7 +307,8 @@ def run_attack(verifier, attack: tuple[str, str, str], listener: Listener, hard_
     seconds = time.monotonic() - start
     if thread.is_alive():
         box["error"] = f"hung (> {hard_limit:.0f} s)"
-    time.sleep(0.2)  # a connection in flight reaches the listener
+    if attack_class == "network":
+        time.sleep(0.2)  # a connection in flight reaches the listener
     left = host.leftovers(before)
     result = box.get("result")
     outcome = Outcome(attack_class, name, None if result is None else result.reward, {} if result is None else dict(result.info),
