@@ -21,7 +21,47 @@ from collections import defaultdict
 from dataclasses import asdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from redteam_corpus import ATTACKS, NEEDS_ISOLATION, Listener, run_attack  # noqa: E402
+from redteam_corpus import ATTACKS, NEEDS_ISOLATION, TEXT_ATTACKS, Listener, run_attack  # noqa: E402
+
+
+def run_text(json_path: str | None) -> None:
+    """The math / gsm8k inputs: per verifier, how many raised (a raise ends a training run), paid, and the worst time."""
+    import threading
+
+    from ebpo.verifiers.gsm8k import GSM8KVerifier
+    from ebpo.verifiers.math_verifier import MathVerifier
+
+    rows = {}
+    for name, verifier in (("gsm8k", GSM8KVerifier()), ("math", MathVerifier(timeout_seconds=1, isolation="process"))):
+        raised, paid, worst, worst_input = 0, 0, 0.0, ""
+        for completion in TEXT_ATTACKS:
+            box: dict = {}
+
+            def call(completion: str = completion) -> None:
+                try:
+                    box["reward"] = verifier(completion, "42").reward
+                except Exception as exc:  # noqa: BLE001  (reported)
+                    box["error"] = type(exc).__name__
+
+            start = time.monotonic()
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            thread.join(120)
+            seconds = time.monotonic() - start
+            raised += int("error" in box)
+            paid += int(bool(box.get("reward")))
+            if seconds > worst:
+                worst, worst_input = seconds, repr(completion[:20])
+            print(f"{name:6} {completion[:30]!r:40} {box} {seconds:.2f}s", flush=True)
+        rows[name] = {"count": len(TEXT_ATTACKS), "raised": raised, "rewarded": paid, "worst_seconds": worst, "worst_input": worst_input}
+    print("| verifier | inputs | raised | reward 1 (unicode 42s are correct) | worst time (s) | slowest input |")
+    print("|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['count']} | {row['raised']} | {row['rewarded']} | {row['worst_seconds']:.2f} | {row['worst_input']} |")
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    os._exit(0)
 
 
 def main() -> None:
@@ -29,7 +69,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=2.0, help="the verifier's timeout_seconds")
     parser.add_argument("--json", help="write every outcome here")
     parser.add_argument("--option", action="append", default=[], help="extra CodeVerifier option NAME=JSON (repeatable)")
+    parser.add_argument("--text", action="store_true", help="run the math / gsm8k inputs instead of the code corpus")
     args = parser.parse_args()
+    if args.text:
+        run_text(args.json)
     from ebpo.verifiers.code import CodeVerifier
 
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.option)}

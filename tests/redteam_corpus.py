@@ -139,6 +139,24 @@ for fd in range(0, 40):
 NEEDS_ISOLATION = {"kill every visible process"}
 
 
+# --- math / gsm8k: inputs that crashed, hung or slowed the text verifiers ---------------------
+
+FULLWIDTH, ARABIC_INDIC, MATH_BOLD = "４２", "٤٢", "\U0001d7d2\U0001d7d0"  # all 42
+NEWLINES = "The answer is" + "\n" * 40000  # quadratic in the old "answer is" pattern: 18-39 s
+
+TEXT_ATTACKS = [  # for math and gsm8k; the answer is 42
+    FULLWIDTH, ARABIC_INDIC, MATH_BOLD, f"\\boxed{{{FULLWIDTH}}}", f"\\boxed{{{ARABIC_INDIC}}}", f"\\boxed{{{MATH_BOLD}}}",
+    f"#### {ARABIC_INDIC}", f"The answer is {MATH_BOLD}", "\\boxed{١/٢}", "\\boxed{１．５}", "\\boxed{߄߂}",  # NKo digits
+    NEWLINES, "#### " + "\n" * 40000, "answer:" * 20000, "\\boxed{" * 20000, "}" * 40000, "{" * 40000 + "\\boxed{1",
+    "answer is " + " " * 40000 + "x", "1," * 40000, "$" * 40000 + "1", "-" * 40000 + "1",
+    "#### sNaN", "#### NaN", "#### Infinity", "#### 1e999999999", "\\boxed{\\frac{1}{0}}", "\\boxed{0^{-1}}",
+    "\\boxed{\\sqrt{-1}}", "\\boxed{\u0000}", "\\boxed{\ud800}", "\\boxed{\\begin{matrix}}", "\\boxed{\\left(}",
+    "\\boxed{9^{9^{9^{9}}}}", "\\boxed{" + "(" * 200 + "1" + ")" * 200 + "}", "\\boxed{x_{" * 50 + "}" * 50 + "}",
+    "\\boxed{\\int_0^\\infty e^{-x^x} dx}", "\\boxed{10^{10^{10}}!}", "\\boxed{a=b=c=d}", "\\boxed{\\text{" + "x" * 400 + "}}",
+]
+
+
+
 def render(program: str, canary: str, canary_dir: str, port: int, udp_port: int, marker: str, outside: list[str]) -> str:
     return string.Template(program).safe_substitute(
         canary=canary, canary_dir=canary_dir, port=port, udp_port=udp_port, marker=marker,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import sys
 import time
 
 import pytest
@@ -20,19 +22,8 @@ from ebpo.verifiers.gsm8k import GSM8KVerifier
 
 requires_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None, reason="math-verify not installed")
 
-FULLWIDTH, ARABIC_INDIC, MATH_BOLD = "４２", "٤٢", "\U0001d7d2\U0001d7d0"  # all 42
-NEWLINES = "The answer is" + "\n" * 40000  # quadratic in the old "answer is" pattern: 18-39 s
-
-HOSTILE = [
-    FULLWIDTH, ARABIC_INDIC, MATH_BOLD, f"\\boxed{{{FULLWIDTH}}}", f"\\boxed{{{ARABIC_INDIC}}}", f"\\boxed{{{MATH_BOLD}}}",
-    f"#### {ARABIC_INDIC}", f"The answer is {MATH_BOLD}", "\\boxed{١/٢}", "\\boxed{１．５}", "\\boxed{߄߂}",  # NKo digits
-    NEWLINES, "#### " + "\n" * 40000, "answer:" * 20000, "\\boxed{" * 20000, "}" * 40000, "{" * 40000 + "\\boxed{1",
-    "answer is " + " " * 40000 + "x", "1," * 40000, "$" * 40000 + "1", "-" * 40000 + "1",
-    "#### sNaN", "#### NaN", "#### Infinity", "#### 1e999999999", "\\boxed{\\frac{1}{0}}", "\\boxed{0^{-1}}",
-    "\\boxed{\\sqrt{-1}}", "\\boxed{\u0000}", "\\boxed{\ud800}", "\\boxed{\\begin{matrix}}", "\\boxed{\\left(}",
-    "\\boxed{9^{9^{9^{9}}}}", "\\boxed{" + "(" * 200 + "1" + ")" * 200 + "}", "\\boxed{x_{" * 50 + "}" * 50 + "}",
-    "\\boxed{\\int_0^\\infty e^{-x^x} dx}", "\\boxed{10^{10^{10}}!}", "\\boxed{a=b=c=d}", "\\boxed{\\text{" + "x" * 400 + "}}",
-]
+sys.path.insert(0, os.path.dirname(__file__))
+from redteam_corpus import ARABIC_INDIC, FULLWIDTH, MATH_BOLD, NEWLINES, TEXT_ATTACKS as HOSTILE  # noqa: E402
 
 
 @pytest.mark.parametrize("completion", HOSTILE, ids=range(len(HOSTILE)))

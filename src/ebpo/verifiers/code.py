@@ -240,6 +240,7 @@ class CodeVerifier:
             "pid_namespace": self.pidns, "network_namespace": self.netns, "readonly_mounts": self.mountns,
             "nobody": self.user is not None, "audit_hook": audit_hook, "rlimits": True,
         }
+        logger.info("code verifier sandbox layers: %s (interpreter %s)", self.layers, self.python)
         if not (self.pidns and self.mountns and self.user):
             logger.warning("code verifier: weaker sandbox on this machine (%s); see docs/verifiers.md", ", ".join(f"{k}={v}" for k, v in self.layers.items()))
 
