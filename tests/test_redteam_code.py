@@ -129,3 +129,11 @@ def test_modules_the_tests_use_without_importing_them(verifier):
     reference = json.dumps({"tests": ["assert math.isclose(area(3), 28.274, rel_tol=0.001)"]})
     assert verifier("import math\ndef area(r):\n    return math.pi * r * r", reference).reward == 1.0
     assert verifier("import math\ndef area(r):\n    return 2 * math.pi * r", reference).reward == 0.0
+
+
+def test_stop_iteration_cannot_end_a_test_loop_early(verifier):
+    # `all(map(...))` stops at a StopIteration from the function it maps: a candidate that
+    # raises it would otherwise pass every test written that way without answering any.
+    reference = json.dumps({"tests": ["assert all(map(lambda x: add(x, 1) == x + 1, [1, 2, 3]))"]})
+    assert verifier("def add(a, b):\n    raise StopIteration", reference).reward == 0.0
+    assert verifier("def add(a, b):\n    return a + b", reference).reward == 1.0
