@@ -242,8 +242,12 @@ class Host:
         problems += [path for path in self.outside if os.path.lexists(path)]
         return problems
 
-    def processes(self) -> set[int]:
-        """Processes of any sandbox (nobody, a sandbox child's argv, a judge) or carrying our marker."""
+    def processes(self, broad: bool = False) -> set[int]:
+        """Processes carrying our marker (the verifier's ``label`` and the attacks' spawned argv).
+
+        ``broad`` (for verifiers without ``label``, i.e. older code, run alone): also any process of
+        ``nobody`` or with a sandbox's or judge's command line. Not safe with concurrent checks.
+        """
         found = set()
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or int(pid) == os.getpid():
@@ -258,14 +262,14 @@ class Host:
                 continue
             if zombie:
                 continue
-            if (os.geteuid() == 0 and uid == 65534) or self.marker.encode() in cmdline or b"request_fd" in cmdline or b"_code_judge" in cmdline:
+            if self.marker.encode() in cmdline or (broad and ((os.geteuid() == 0 and uid == 65534) or b"request_fd" in cmdline or b"_code_judge" in cmdline)):
                 found.add(int(pid))
         return found
 
-    def leftovers(self, before: set[int], settle: float = 1.0) -> set[int]:
+    def leftovers(self, before: set[int], broad: bool, settle: float = 1.0) -> set[int]:
         deadline = time.monotonic() + settle
         while True:
-            left = self.processes() - before
+            left = self.processes(broad) - before
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.05)
@@ -306,7 +310,10 @@ def run_attack(verifier, attack: tuple[str, str, str], listener: Listener, hard_
     """Run one attack with a fresh canary; the call runs in a thread so a hung verifier is reported, not waited on."""
     attack_class, name, program = attack
     host = Host()
-    before = host.processes()
+    broad = not hasattr(verifier, "label")
+    if not broad:
+        verifier.label = host.marker  # one check at a time per verifier object in this harness
+    before = host.processes(broad)
     listener.received.clear()
     reference = TOLERANCE if "truncate" in program else MBPP
     source = render(program, host.canary, host.canary_dir, listener.port, listener.udp_port, host.marker, host.outside)
@@ -327,7 +334,7 @@ def run_attack(verifier, attack: tuple[str, str, str], listener: Listener, hard_
         box["error"] = f"hung (> {hard_limit:.0f} s)"
     if attack_class == "network":
         time.sleep(0.2)  # a connection in flight reaches the listener
-    left = host.leftovers(before)
+    left = host.leftovers(before, broad)
     result = box.get("result")
     outcome = Outcome(attack_class, name, None if result is None else result.reward, {} if result is None else dict(result.info),
                       seconds, len(left), host.touched(), list(listener.received), box.get("error", ""))

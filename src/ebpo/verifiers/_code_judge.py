@@ -86,7 +86,7 @@ class Child:
             "netns": cfg["netns"], "mountns": cfg["mountns"], "pidns": cfg["pidns"], "workdir": self.workdir,
             "cpu_seconds": int(cfg["timeout_seconds"]) + 1, "memory_bytes": cfg["memory_mb"] << 20,
             "max_file_bytes": cfg["max_output_bytes"], "tmpfs_mb": cfg["tmpfs_mb"], "max_processes": cfg["max_processes"],
-            "audit_hook": cfg["audit_hook"], "uid": cfg["uid"], "gid": cfg["gid"],
+            "audit_hook": cfg["audit_hook"], "uid": cfg["uid"], "gid": cfg["gid"], "label": cfg["label"],
         }
         self.proc = subprocess.Popen(
             [cfg["python"], "-I", "-B", "-c", _CHILD_SOURCE, json.dumps(child_cfg)],
@@ -188,7 +188,7 @@ class Child:
     def close(self):
         self.kill()
         self.proc.wait()
-        self.drain.join(timeout=5)
+        self.drain.join(timeout=0.5)  # a process outside our reach (no PID namespace) may hold the pipe open
         for fd in (self.request_w, self.reply_r):
             os.close(fd)
         if self.workdir:

@@ -188,6 +188,8 @@ class CodeVerifier:
         python: interpreter for the programs; default: this one, else the system ``python3``.
         grace_seconds: slack for starting the two interpreters, on top of ``timeout_seconds``;
             the call returns within ``timeout_seconds + grace_seconds`` whatever the program does.
+        label: a word put in the command line of the judge and the sandboxed interpreter (and so
+            of every process the program forks), to find them with ``ps``; the red-team tests use it.
 
     Thread-safe: each call starts its own judge process.
     """
@@ -206,6 +208,7 @@ class CodeVerifier:
         audit_hook: bool = True,
         python: str | None = None,
         grace_seconds: float = 5.0,
+        label: str = "ebpo-sandbox",
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError(f"code verifier timeout_seconds must be > 0, got {timeout_seconds}")
@@ -217,7 +220,7 @@ class CodeVerifier:
             raise ValueError(f"code verifier grace_seconds must be > 0, got {grace_seconds}")
         self.timeout_seconds, self.memory_mb, self.grace_seconds = timeout_seconds, memory_mb, grace_seconds
         self.max_output_bytes, self.max_report_bytes, self.max_processes = max_output_bytes, max_report_bytes, max_processes
-        self.audit_hook = audit_hook
+        self.audit_hook, self.label = audit_hook, label
         root = os.geteuid() == 0
         nobody = _nobody() if drop_privileges else None
         interpreters = [python] if python else list(dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]))
@@ -259,14 +262,14 @@ class CodeVerifier:
             "judge_memory_mb": max(2048, 2 * self.memory_mb), "max_output_bytes": self.max_output_bytes,
             "max_report_bytes": self.max_report_bytes, "max_processes": self.max_processes, "tmpfs_mb": 64,
             "pidns": self.pidns, "netns": self.netns, "mountns": self.mountns, "audit_hook": self.audit_hook,
-            "uid": self.user[0] if self.user else None, "gid": self.user[1] if self.user else None,
+            "uid": self.user[0] if self.user else None, "gid": self.user[1] if self.user else None, "label": self.label,
         }
 
     def _judge(self, request: dict[str, Any]) -> dict[str, Any]:
         """One judge process per check; killed (and the sandbox with it) past the hard limit."""
         request["config"] = self._config()
         judge = subprocess.Popen(
-            [sys.executable, "-I", "-B", _JUDGE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-I", "-B", _JUDGE, self.label], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         try:
