@@ -32,8 +32,12 @@ _SPAWN = """
 import os, _posixsubprocess
 def spawn(*argv):
     r, w = os.pipe()
-    return _posixsubprocess.fork_exec([a.encode() for a in argv], [argv[0].encode()], True, (w,), None, None,
+    pid = _posixsubprocess.fork_exec([a.encode() for a in argv], [argv[0].encode()], True, (w,), None, None,
         -1, -1, -1, -1, -1, -1, r, w, True, True, -1, None, None, None, -1, None, False)
+    os.close(w)
+    os.read(r, 1)  # EOF once the child has exec'd (the pipe is close-on-exec): it is running on its own
+    os.close(r)
+    return pid
 """
 _SLEEPER = "'/usr/bin/python3', '-c', 'import time; time.sleep(60)', '$marker'"
 
