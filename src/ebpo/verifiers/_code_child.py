@@ -9,7 +9,8 @@
 # Protocol (one JSON document per line): the judge sends the program on the request pipe;
 # the child replies {"loaded": true} or {"loaded": false, "error": "TypeName"}; then for
 # each call {"name": ..., "args": [...], "kwargs": [...]} it replies {"ok": <encoded>},
-# {"raised": "TypeName"} or {"unserialisable": "TypeName"}. Encoding: see _encode.
+# {"raised": "TypeName"} or {"unserialisable": "why"}. Encoding: _plain_data.py, whose text
+# the judge puts before this file's.
 import json, os, resource, sys
 
 cfg = json.loads(sys.argv[1])
