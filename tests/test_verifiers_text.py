@@ -198,7 +198,7 @@ def test_unreadable_gsm8k_reference_raises():
         build_verifier("gsm8k")("#### 3", "three")
 
 
-@pytest.mark.parametrize("module", ["ebpo.verifiers.gsm8k", "ebpo.verifiers.code", "ebpo.verifiers.reasoning_gym", "ebpo.verifiers.math_verifier"])
+@pytest.mark.parametrize("module", ["ebpo.verifiers.base", "ebpo.verifiers.answers", "ebpo.verifiers.gsm8k", "ebpo.verifiers.code", "ebpo.verifiers.reasoning_gym", "ebpo.verifiers.math_verifier"])
 def test_verifier_docstring_examples(module):
     if module.endswith("math_verifier") and importlib.util.find_spec("math_verify") is None:
         pytest.skip("math-verify not installed")

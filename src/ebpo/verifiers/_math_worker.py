@@ -35,8 +35,13 @@ def compare(reference: str, answer: str, timeout: int | None) -> dict[str, Any]:
 
     try:
         gold = parse(as_latex(reference), parsing_timeout=timeout, raise_on_error=True)
-        if not gold:
-            return {"status": "reference_error", "message": f"math reference could not be parsed: {reference!r}"}
+    except TimeoutException:
+        return {"status": "reference_error", "message": f"math reference timed out in parsing: {reference[:200]!r}"}
+    except Exception as exc:  # noqa: BLE001  (the reference is ours: reported, and raised by the caller)
+        return {"status": "reference_error", "message": f"math reference could not be parsed ({type(exc).__name__}: {exc}): {reference[:200]!r}"}
+    if not gold:
+        return {"status": "reference_error", "message": f"math reference could not be parsed: {reference!r}"}
+    try:
         pred = parse(as_latex(answer), parsing_timeout=timeout, raise_on_error=True)
         if not pred:
             return {"status": "parse_error"}
@@ -45,6 +50,8 @@ def compare(reference: str, answer: str, timeout: int | None) -> dict[str, Any]:
         return {"status": "timeout"}
     except MemoryError:  # a model's expression blew the worker's memory limit: its fault, a timeout-like failure
         return {"status": "timeout"}
+    except Exception:  # noqa: BLE001  (sympy raises many types on odd input; the completion's answer is at fault)
+        return {"status": "parse_error"}
     return {"status": "ok", "correct": bool(correct)}
 
 

@@ -9,9 +9,12 @@ a bare answer (``"\\frac{1}{2}"``) or LaTeX containing ``\\boxed{...}``.
 
 Symbolic comparison can hang (``12345678^{12345678}``), so guards apply:
 
-* an input-size guard: an extracted answer longer than ``max_answer_chars``
-  (default 500) is not parsed (reward 0, ``info["oversize"]``); extraction
-  itself is linear in the completion's length;
+* input-size guards, checked before any work: a completion longer than
+  ``max_completion_chars`` (default 100,000) is not even searched, and an
+  extracted answer longer than ``max_answer_chars`` (default 500) is not parsed
+  (reward 0, ``info["oversize"]`` for both); extraction is linear in the
+  completion's length, and Unicode digits (fullwidth, Arabic-Indic,
+  mathematical bold, ...) become ASCII first (:func:`~ebpo.verifiers.answers.normalize_digits`);
 * a per-call time limit ``timeout_seconds`` (default 5, whole seconds) on each
   of the three steps (parse reference, parse answer, compare), enforced by
   ``isolation``:
@@ -30,8 +33,9 @@ Symbolic comparison can hang (``12345678^{12345678}``), so guards apply:
 Parse failures (``parse_error``), time-outs (``timeout``; plus ``killed``
 when the hard limit fired), a worker that died on the input
 (``worker_crash``) and oversize answers (``oversize``) give reward
-0 and are counted in ``info``. An unparseable *reference* raises ValueError;
-any other error raises.
+0 and are counted in ``info``; so does any exception math-verify or sympy raise
+on the completion's answer (``parse_error``). An unparseable *reference* raises
+:class:`~ebpo.verifiers.base.BadReference`; any other error raises.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ import weakref
 from typing import Any
 
 from ebpo.verifiers._math_worker import compare
-from ebpo.verifiers.answers import extract_answer
-from ebpo.verifiers.base import VERIFIERS, VerifierResult
+from ebpo.verifiers.answers import extract_answer, normalize_digits
+from ebpo.verifiers.base import VERIFIERS, BadReference, VerifierMisuse, VerifierResult
 
 __all__ = ["MathVerifier"]
 
@@ -64,18 +68,22 @@ class MathVerifier:
     1.0
     """
 
-    def __init__(self, timeout_seconds: int = 5, max_answer_chars: int = 500, isolation: str = "auto", worker_memory_mb: int = 4096) -> None:
+    def __init__(
+        self, timeout_seconds: int = 5, max_answer_chars: int = 500, isolation: str = "auto", worker_memory_mb: int = 4096,
+        max_completion_chars: int = 100_000,
+    ) -> None:
         try:
             import math_verify  # noqa: F401
         except ImportError as exc:  # an optional dependency: say how to get it
             raise ValueError("the math verifier needs math-verify: pip install 'ebpo[math]'") from exc
         if not isinstance(timeout_seconds, int) or timeout_seconds < 1:
             raise ValueError(f"timeout_seconds must be a whole number >= 1 (SIGALRM has one-second resolution), got {timeout_seconds!r}")
-        if max_answer_chars < 1:
-            raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
+        if max_answer_chars < 1 or max_completion_chars < 1:
+            raise ValueError(f"max_answer_chars and max_completion_chars must be >= 1, got {max_answer_chars}, {max_completion_chars}")
         if isolation not in _ISOLATIONS:
             raise ValueError(f"isolation must be one of {_ISOLATIONS}, got {isolation!r}")
         self.timeout_seconds, self.max_answer_chars, self.isolation = timeout_seconds, max_answer_chars, isolation
+        self.max_completion_chars = max_completion_chars
         self.worker_memory_mb = worker_memory_mb
         self._local = threading.local()
         self._workers: list[_Worker] = []
@@ -83,14 +91,16 @@ class MathVerifier:
         weakref.finalize(self, _close_all, self._workers)
 
     def __call__(self, completion: str, reference: str) -> VerifierResult:
-        answer = extract_answer(completion)
+        if len(completion) > self.max_completion_chars:  # the guard comes first: nothing below sees a huge input
+            return VerifierResult(0.0, {"oversize": 1.0})
+        answer = extract_answer(normalize_digits(completion))
         if answer is None or not answer.strip():
             return VerifierResult(0.0, {"parse_error": 1.0})
         if len(answer) > self.max_answer_chars:
             return VerifierResult(0.0, {"oversize": 1.0})
         in_main = threading.current_thread() is threading.main_thread()
         if self.isolation == "signal" and not in_main:
-            raise RuntimeError("math verifier isolation='signal' uses SIGALRM and must run in the main thread; use 'auto' or 'process'")
+            raise VerifierMisuse("math verifier isolation='signal' uses SIGALRM and must run in the main thread; use 'auto' or 'process'")
         if self.isolation == "process" or (self.isolation == "auto" and not in_main):
             reply = self._worker().request(reference, answer, self.timeout_seconds, hard_limit=3 * self.timeout_seconds + 2)
         else:
@@ -121,7 +131,7 @@ def _to_result(reply: dict[str, Any]) -> VerifierResult:
     if status == "crash":  # the worker died on this input; counted, and the next call restarts it
         return VerifierResult(0.0, {"worker_crash": 1.0})
     if status == "reference_error":
-        raise ValueError(reply["message"])
+        raise BadReference(reply["message"])
     raise RuntimeError(f"math verifier worker failed:\n{reply.get('message', reply)}")
 
 

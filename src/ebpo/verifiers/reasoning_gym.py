@@ -21,7 +21,7 @@ import re
 from functools import lru_cache
 from typing import Any, Callable
 
-from ebpo.verifiers.base import VERIFIERS, VerifierResult
+from ebpo.verifiers.base import VERIFIERS, BadReference, VerifierResult
 
 __all__ = ["ReasoningGymVerifier", "extract_final", "encode_reference", "require_reasoning_gym"]
 
@@ -61,7 +61,7 @@ def _scorer(dataset: str, options_json: str) -> Callable[[str, dict[str, Any]], 
     try:
         return rg.create_dataset(dataset, size=1, seed=0, **json.loads(options_json)).score_answer
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"reasoning-gym cannot build dataset {dataset!r} to score with: {exc}") from exc
+        raise BadReference(f"reasoning-gym cannot build dataset {dataset!r} to score with: {exc}") from exc
 
 
 @VERIFIERS.register("reasoning_gym")
@@ -74,7 +74,7 @@ class ReasoningGymVerifier:
             dataset, entry = spec["dataset"], spec["entry"]
             options = {k: v for k, v in spec.get("options", {}).items() if k not in ("size", "seed")}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"reasoning_gym reference must be JSON with 'dataset' and 'entry': {reference[:200]!r}") from exc
+            raise BadReference(f"reasoning_gym reference must be JSON with 'dataset' and 'entry': {reference[:200]!r}") from exc
         answer = extract_final(completion)
         if not answer:
             return VerifierResult(0.0, {"parse_error": 1.0})
