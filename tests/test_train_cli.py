@@ -73,7 +73,7 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["train", "--steps", "1", "--out", str(out), *TINY]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists, is not empty and was not created by ebpo" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 

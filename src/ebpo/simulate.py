@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ebpo.fileio import check_output_dir, check_output_file, make_output_dir
+
 from ebpo.sim.bandit import BANDIT_ESTIMATORS, UPDATES, BanditConfig, bandit_curves
 from ebpo.sim.baselines import SIGNAL_ESTIMATORS, baseline_mse, zero_signal
 from ebpo.sim.populations import Population, parse_dist, sample_rewards
@@ -199,12 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         args.bandit_seeds = min(args.bandit_seeds, 3)
         args.bandit_prompts = min(args.bandit_prompts, 256)
         args.bandit_batch = min(args.bandit_batch, 32)
+    out = Path(args.out)
     try:
         _validate(args)
+        check_output_dir(out, "ebpo simulate", reuse=True)
+        if args.json:
+            check_output_file(args.json, "ebpo simulate", flag="--json")
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and the usage line
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "ebpo simulate")
     # Every tensor here is small (<= a few thousand rows): intra-op threads cost more in start-up and
     # contention than they save (measured 4x slower with 2 threads on a busy 2-core machine).
     threads = torch.get_num_threads()

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ebpo.divergences import Divergence, build_divergence
 from ebpo.estimators import AdvantagePipeline, build_estimator
+from ebpo.fileio import load_tensors
 
 __all__ = [
     "ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states",
@@ -127,7 +128,10 @@ def load_estimator_states(directory: str) -> None:
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
         raise ValueError(f"{directory} has no {STATE_FILE}")
-    for key, state in torch.load(path, weights_only=False).items():
+    states = load_tensors(path, what="ebpo estimator states")
+    if not isinstance(states, dict):
+        raise ValueError(f"{path} does not hold ebpo estimator states (a mapping of estimator name to state)")
+    for key, state in states.items():
         _estimator(key).load_state_dict(state)
 
 
