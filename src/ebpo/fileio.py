@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ def load_tensors(path: str | os.PathLike[str], *, what: str) -> Any:
     path = str(path)
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one loses its directory
+        raise ValueError(f"{what} {path} is corrupt or truncated (not a complete torch.save archive)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure of a file we were handed is the file's fault, reported as such

@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
         elif hint is dict:
             parser.add_argument(_flag(f.name), type=_parse_dict, metavar="YAML", help=help_)
-        elif hint in (int, float):
-            parser.add_argument(_flag(f.name), type=hint, help=help_)
+        elif hint in (int, float):  # kept as text: coerce_fields checks it like a YAML value, with the same message
+            parser.add_argument(_flag(f.name), metavar=hint.__name__.upper(), help=help_)
         elif f.name == "method":
             parser.add_argument(_flag(f.name), choices=list_methods(), help=help_)
         elif typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):

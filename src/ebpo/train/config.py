@@ -300,7 +300,7 @@ def _check_types(config: TrainConfig) -> None:
 _POSITIVE = (
     "length_buckets", "difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs",
     "mini_batches", "log_every", "keep_checkpoints", "warmstart_batch_size",
-    "lr", "warmstart_lr", "temperature", "difficulty_temperature",
+    "lr", "warmstart_lr", "temperature", "difficulty_temperature", "top_p",
 )
 _NON_NEGATIVE = (
     "warmstart_steps", "threads", "lora_rank", "generation_batch_size", "micro_batch_size", "eval_every", "eval_samples",
