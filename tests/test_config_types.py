@@ -23,6 +23,16 @@ INTS = [f.name for f in dataclasses.fields(TrainConfig) if HINTS[f.name] is int]
 FLOATS = [f.name for f in dataclasses.fields(TrainConfig) if HINTS[f.name] is float]
 
 
+@pytest.fixture(autouse=True)
+def _never_train(monkeypatch):
+    """A configuration that gets past the checks would start training: fail at once instead."""
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the configuration was accepted and training started")
+
+    monkeypatch.setattr("ebpo.train.cli.run", never)
+
+
 def run_yaml(tmp_path, values: dict, capsys, *flags: str) -> tuple[int, str]:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(values) if isinstance(values, dict) else values)

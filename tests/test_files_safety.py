@@ -338,6 +338,10 @@ def test_a_new_run_directory_is_marked(run_copy):
 
 
 # ------------------------------------------------------------------ the other commands' output directories
+def _never(*_args, **_kwargs):
+    raise AssertionError("the command started working in a directory it should have refused")
+
+
 def _user_dir(tmp_path: Path) -> Path:
     out = tmp_path / "mine"
     out.mkdir()
@@ -346,9 +350,10 @@ def _user_dir(tmp_path: Path) -> Path:
     return out
 
 
-def test_compare_refuses_a_directory_it_did_not_create(tmp_path, capsys):
+def test_compare_refuses_a_directory_it_did_not_create(tmp_path, capsys, monkeypatch):
     from ebpo import compare
 
+    monkeypatch.setattr(compare, "run_all", _never)
     out = _user_dir(tmp_path)
     before = snapshot(out)
     assert compare.main(["--quick", "--out", str(out)]) == 2
@@ -356,9 +361,10 @@ def test_compare_refuses_a_directory_it_did_not_create(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_meta_refuses_a_directory_it_did_not_create(tmp_path, capsys):
+def test_meta_refuses_a_directory_it_did_not_create(tmp_path, capsys, monkeypatch):
     from ebpo import meta
 
+    monkeypatch.setattr(meta, "es_iteration", _never)
     out = _user_dir(tmp_path)
     before = snapshot(out)
     assert meta.main(["--quick", "--out", str(out)]) == 2
@@ -366,7 +372,8 @@ def test_meta_refuses_a_directory_it_did_not_create(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_eval_refuses_a_directory_it_did_not_create(tmp_path, capsys):
+def test_eval_refuses_a_directory_it_did_not_create(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ebpo.models.loading.load_policy", _never)
     out = _user_dir(tmp_path)
     before = snapshot(out)
     assert main(["eval", "--model", "builtin:tiny", "--out", str(out)]) == 2
@@ -374,7 +381,8 @@ def test_eval_refuses_a_directory_it_did_not_create(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_simulate_refuses_a_directory_or_json_file_it_did_not_write(tmp_path, capsys):
+def test_simulate_refuses_a_directory_or_json_file_it_did_not_write(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ebpo.simulate.run", _never)
     out = _user_dir(tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exc:
