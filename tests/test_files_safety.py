@@ -307,6 +307,11 @@ def test_remove_output_dir_never_deletes_root_home_or_the_working_directory(tmp_
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         remove_output_dir(tmp_path / "file", "ebpo train")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "mine.txt").write_text("x")
+    with pytest.raises(ValueError, match="was not created by ebpo train"):
+        remove_output_dir(tmp_path / "plain", "ebpo train")
+    assert (tmp_path / "plain" / "mine.txt").exists()
 
 
 def test_unwritable_out_directory_is_refused_before_writing(tmp_path, capsys, monkeypatch):
