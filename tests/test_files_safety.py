@@ -408,3 +408,29 @@ def test_check_output_dir_allows_new_empty_and_own_directories(tmp_path):
     check_output_dir(tmp_path / "own", "ebpo eval", reuse=True)
     with pytest.raises(ValueError, match="was created by ebpo eval"):
         check_output_dir(tmp_path / "own", "ebpo simulate", reuse=True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--train-args", "--lr ten"], "lr must be a number"),
+        (["--group-sizes", "2", "1"], "needs group_size >= 2, got 1"),
+        (["--variant", "x", "--stepz 3"], "unrecognized arguments: --stepz 3"),
+    ],
+)
+def test_compare_checks_every_runs_flags_before_writing(tmp_path, capsys, monkeypatch, argv, needle):
+    from ebpo import compare
+
+    monkeypatch.setattr(compare, "run_all", _never)
+    assert compare.main(["--quick", "--out", str(tmp_path / "cmp"), *argv]) == 2
+    assert needle in one_error_line(capsys, "ebpo compare: error:")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_meta_checks_the_members_flags_before_writing(tmp_path, capsys, monkeypatch):
+    from ebpo import meta
+
+    monkeypatch.setattr(meta, "es_iteration", _never)
+    assert meta.main(["--quick", "--out", str(tmp_path / "meta"), "--train-args", "--steps 1.5"]) == 2
+    assert "steps must be an integer" in one_error_line(capsys, "ebpo meta: error:")
+    assert not (tmp_path / "meta").exists()

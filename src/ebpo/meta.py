@@ -49,6 +49,7 @@ from ebpo.divergences import NeuralMirror
 from ebpo.es import ESConfig, ESState, es_iteration
 from ebpo.fileio import check_output_dir, load_tensors, make_output_dir
 from ebpo.procs import run_parallel
+from ebpo.train.cli import check_train_args
 
 __all__ = ["main"]
 
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             iterations=args.iterations, elite_frac=args.elite_frac, patience=args.patience,
             min_improvement=args.min_improvement, project_nonneg=args.project_nonneg, seed=args.seed,
         )  # fmt: skip
+        check_train_args(_member_command(args, out / "members" / "check.json", out / "members" / "check")[4:])
         state = _start_or_resume(args, config, out)
     except ValueError as exc:
         print(f"ebpo meta: error: {exc}", file=sys.stderr)

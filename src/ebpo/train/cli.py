@@ -24,7 +24,7 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import list_methods, preset
 
-__all__ = ["main", "build_parser", "resolve_config"]
+__all__ = ["main", "build_parser", "resolve_config", "check_train_args"]
 
 _NONE = ("none", "null", "")
 _COMMAND = "ebpo train"  # the marker of the run directories it creates
@@ -110,6 +110,31 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(f"method must be one of {list_methods()}, got {method!r}")
     values = {**dataclasses.asdict(TrainConfig()), **preset(method), **file_values, **flags, "method": method}
     return TrainConfig(**coerce_fields(values))
+
+
+def check_train_args(argv: list[str], *, build: bool = False) -> None:
+    """ValueError if ``ebpo train argv`` has a bad flag or config value, for commands that launch train runs
+    and must fail before writing anything rather than in every child. ``build``: also build the components
+    (catches e.g. an estimator's minimum group size; needs every file the flags name to exist)."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["invalid flags"]
+        raise ValueError(f"bad ebpo train flags: {lines[-1].removeprefix('ebpo train: error: ')}") from None
+    config = resolve_config(args)
+    if build:
+        from ebpo.train.trainer import build_components
+
+        build_components(config)
+    else:
+        from ebpo.train.config import validate
+
+        validate(config)
 
 
 def _prepare_run_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
