@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         args.bandit_seeds = min(args.bandit_seeds, 3)
         args.bandit_prompts = min(args.bandit_prompts, 256)
         args.bandit_batch = min(args.bandit_batch, 32)
-    out = Path(args.out)
     try:
         _validate(args)
+        out = Path(args.out)
         check_output_dir(out, "ebpo simulate", reuse=True)
         if args.json:
             check_output_file(args.json, "ebpo simulate", flag="--json")

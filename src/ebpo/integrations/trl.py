@@ -49,7 +49,6 @@ from packaging.version import Version
 
 from ebpo.divergences import build_divergence
 from ebpo.estimators import build_estimator
-from ebpo.fileio import load_tensors
 
 SUPPORTED_TRL = (Version("1.0"), Version("2.0"))  # [min, max)
 STATE_FILE = "ebpo_estimator_state.pt"
@@ -148,6 +147,8 @@ class EBPOGRPOTrainer(GRPOTrainer):
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if not os.path.exists(path):
             raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by EBPOGRPOTrainer")
+        from ebpo.fileio import load_tensors  # weights_only: a checkpoint folder is never unpickled
+
         self.ebpo_estimator.load_state_dict(load_tensors(path, what="ebpo estimator state"))
 
     # ------------------------------------------------------------ divergence

@@ -51,7 +51,6 @@ from torch import Tensor
 
 from ebpo.divergences import Divergence, build_divergence
 from ebpo.estimators import AdvantagePipeline, build_estimator
-from ebpo.fileio import load_tensors
 
 __all__ = [
     "ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states",
@@ -128,6 +127,8 @@ def load_estimator_states(directory: str) -> None:
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
         raise ValueError(f"{directory} has no {STATE_FILE}")
+    from ebpo.fileio import load_tensors  # weights_only: a checkpoint folder is never unpickled
+
     states = load_tensors(path, what="ebpo estimator states")
     if not isinstance(states, dict):
         raise ValueError(f"{path} does not hold ebpo estimator states (a mapping of estimator name to state)")
