@@ -75,7 +75,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     uninterrupted = run(ESState.start(torch.zeros(20), config), config, quadratic, 8)
     half = run(ESState.start(torch.zeros(20), config), config, quadratic, 4)
     torch.save(half.state_dict(), tmp_path / "es.pt")
-    resumed = ESState.from_state_dict(torch.load(tmp_path / "es.pt", weights_only=False))
+    resumed = ESState.from_state_dict(torch.load(tmp_path / "es.pt", weights_only=True))
     resumed = run(resumed, config, quadratic, 4)
     assert torch.equal(resumed.phi, uninterrupted.phi)
     assert resumed.history == uninterrupted.history

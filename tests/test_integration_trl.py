@@ -58,7 +58,7 @@ def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
     assert replay.state_dict() == trainer.ebpo_estimator.state_dict()
     assert any(k.startswith("ebpo/") for k in trainer.state.log_history[0])  # ebpo's metrics reach TRL's logs
 
-    saved = torch.load(tmp / "a" / "checkpoint-1" / STATE_FILE, weights_only=False)
+    saved = torch.load(tmp / "a" / "checkpoint-1" / STATE_FILE, weights_only=True)
     assert saved["estimator_state"]["group_stats"]["count"] == 2.0  # one step of 2 prompts
     resumed = EBPOGRPOTrainer(model=build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer)
     resumed._load_from_checkpoint(str(tmp / "a" / "checkpoint-1"))

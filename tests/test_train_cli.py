@@ -62,7 +62,7 @@ def test_short_default_run_learns_and_writes_every_artifact(tmp_path):
             assert math.isfinite(value), (row["step"], key)
     assert {"ebpo/shrinkage", "loss/policy", "optim/grad_norm", "train/accuracy"} <= set(rows[0])
     # Parameters moved away from the warm start the run began from.
-    state = torch.load(final / "trainer_state.pt", weights_only=False)
+    state = torch.load(final / "trainer_state.pt", weights_only=True)
     start, end = _weights(state["init_model"]), _weights(str(final / "model"))
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert state["estimator"]["estimator"] == "ebpo"
@@ -73,7 +73,7 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["train", "--steps", "1", "--out", str(out), *TINY]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists, is not empty and was not created by ebpo" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -84,15 +84,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert main(["train", "--out", str(full), *args]) == 0
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000004")  # as if killed after the step-2 checkpoint
-    state_at_2 = torch.load(resumed / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    state_at_2 = torch.load(resumed / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
     assert state_at_2["estimator"]["estimator_state"]["group_stats"]["count"] > 0  # a non-trivial prior to restore
     assert main(["train", "--resume", str(resumed), "--no-progress"]) == 0
     rows_full = [_timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))]
     rows_resumed = [_timeless(r) for r in read_metrics(str(resumed / "metrics.jsonl"))]
     assert rows_resumed == rows_full
     assert [r["step"] for r in rows_full if "reward/mean" in r] == [1, 2, 3, 4]
-    end_full = torch.load(full / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
-    end_resumed = torch.load(resumed / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
+    end_full = torch.load(full / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
+    end_resumed = torch.load(resumed / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
     assert end_full["estimator"] == end_resumed["estimator"]
     assert end_full["stream"] == end_resumed["stream"]
     a, b = _weights(str(full / "checkpoints" / "step-000004" / "model")), _weights(str(resumed / "checkpoints" / "step-000004" / "model"))
@@ -125,8 +125,8 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     rows_full = [_timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))]
     rows_resumed = [_timeless(r) for r in read_metrics(str(killed / "metrics.jsonl"))]
     assert rows_resumed == rows_full  # the steps after the kill, recomputed, equal the uninterrupted run's
-    end_full = torch.load(full / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
-    end_resumed = torch.load(killed / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
+    end_full = torch.load(full / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=True)
+    end_resumed = torch.load(killed / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=True)
     assert end_full["estimator"] == end_resumed["estimator"]  # the estimator state was restored, then moved alike
     assert end_full["estimator"]["estimator_state"]["group_stats"]["count"] > 0
     assert not [p for p in os.listdir(killed / "checkpoints") if p.endswith(".tmp")]  # no half-written checkpoint left
@@ -182,7 +182,7 @@ def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
 def test_two_process_gloo_run_has_identical_estimator_state(tmp_path):
     out = str(tmp_path / "ddp")
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), out, str(tmp_path / "cache")), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in (0, 1))
+    rank0, rank1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     assert rank0["estimator"] == rank1["estimator"]  # bit-identical floats, lists and tensors
     assert rank0["estimator"]["estimator_state"]["group_stats"]["count"] == 3 * 4  # 3 steps x 4 global prompts
     assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])

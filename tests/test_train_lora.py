@@ -26,7 +26,7 @@ def test_lora_run_trains_adapters_only_and_resumes(tmp_path):
     final = full / "checkpoints" / "step-000004" / "model"
     adapter = json.loads((final / "adapter_config.json").read_text())
     assert not (final / "model.safetensors").exists()  # the adapter only
-    state = torch.load(full / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
+    state = torch.load(full / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
     assert adapter["base_model_name_or_path"] == state["init_model"]
     assert any(abs(w).sum() > 0 for k, w in _adapter(final).items() if "lora_B" in k)  # B starts at 0: it moved
 

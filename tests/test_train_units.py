@@ -62,7 +62,7 @@ def test_presets_cover_the_papers_and_reset_other_methods_components():
 def test_unknown_yaml_field(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("grop_size: 4\n")
-    with pytest.raises(ValueError, match="unknown fields \\['grop_size'\\]"):
+    with pytest.raises(ValueError, match="unknown field\\(s\\) 'grop_size' \\(did you mean 'group_size'\\?\\)"):
         resolve_config(build_parser().parse_args(["--config", str(yaml_file)]))
 
 

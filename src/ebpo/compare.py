@@ -38,8 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ebpo.fileio import check_output_dir, make_output_dir
 from ebpo.procs import run_parallel
 from ebpo.stats_report import mean_ci, samples_to_target
+from ebpo.train.cli import check_train_args
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 
@@ -293,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _resolve(build_parser().parse_args(argv))
     out = Path(args.out)
+    try:  # checked before any run starts or anything is written
+        for method, g in itertools.product(args.methods, sorted(args.group_sizes)):  # seeds differ only in --seed
+            # components are built once per method, at the smallest G (estimators state a minimum group size)
+            check_train_args(_command(RunSpec(method, g, 0), args, out / "runs" / "check")[4:], build=g == min(args.group_sizes))
+        check_output_dir(out, "ebpo compare", reuse=True)
+    except ValueError as exc:
+        print(f"ebpo compare: error: {exc}", file=sys.stderr)
+        return 2
+    make_output_dir(out, "ebpo compare")
     specs = [RunSpec(m, g, s) for m, g, s in itertools.product(args.methods, args.group_sizes, range(args.seeds))]
     print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
     dirs = run_all(specs, args, out)

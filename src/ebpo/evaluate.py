@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ebpo.eval_metrics import avg_at_k, pass_at_k
+from ebpo.fileio import check_output_dir, make_output_dir
 from ebpo.tasks.base import Problem
 
 __all__ = ["sample_correctness", "main"]
@@ -170,6 +171,8 @@ def _run(args: argparse.Namespace) -> int:
     from ebpo.models.loading import load_policy, select_device
     from ebpo.train.data import build_task, build_verifier_for
 
+    if args.out:  # checked before the model loads; nothing is written until the results are in
+        check_output_dir(args.out, "ebpo eval", reuse=True)
     model_path, run = _resolve_model(args.model)
 
     def pick(flag: Any, key: str, default: Any) -> Any:
@@ -217,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out, "ebpo eval")
         (out / "eval.md").write_text(text)
         (out / "eval.json").write_text(json.dumps({"model": args.model, "settings": settings, "results": results}, indent=2))
     return 0

@@ -47,7 +47,9 @@ import torch
 
 from ebpo.divergences import NeuralMirror
 from ebpo.es import ESConfig, ESState, es_iteration
+from ebpo.fileio import check_output_dir, load_tensors, make_output_dir
 from ebpo.procs import run_parallel
+from ebpo.train.cli import check_train_args
 
 __all__ = ["main"]
 
@@ -154,29 +156,41 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _start_or_resume(args: argparse.Namespace, config: ESConfig, out: Path) -> ESState:
+    """The search state to continue from (read without unpickling), after checking ``out``; writes only the marker."""
+    state_file = out / "es_state.pt"
+    if args.resume:
+        if not state_file.is_file():
+            raise ValueError(f"--resume but {state_file} does not exist")
+        saved = load_tensors(state_file, what="ES search state")
+        try:
+            state = ESState.from_state_dict(saved["state"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"ES search state {state_file} is not a search state written by ebpo meta ({exc})") from None
+        state.done = state.iteration >= config.iterations or state.no_improvement >= config.patience
+        print(f"resuming after iteration {state.iteration}")
+        return state
+    if state_file.exists():
+        raise ValueError(f"{out} already holds a search; pass --resume to continue it or choose another --out")
+    check_output_dir(out, "ebpo meta", reuse=True)
+    make_output_dir(out, "ebpo meta")
+    return ESState.start(NeuralMirror(seed=args.init_seed).flat_params, config)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _resolve(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
-    config = ESConfig(
-        population=args.population, sigma=args.sigma, sigma_decay=args.sigma_decay, step_size=args.step_size,
-        iterations=args.iterations, elite_frac=args.elite_frac, patience=args.patience,
-        min_improvement=args.min_improvement, project_nonneg=args.project_nonneg, seed=args.seed,
-    )  # fmt: skip
-    state_file = out / "es_state.pt"
-    if args.resume:
-        if not state_file.exists():
-            print(f"ebpo meta: error: --resume but {state_file} does not exist", file=sys.stderr)
-            return 2
-        saved = torch.load(state_file, weights_only=False)
-        state = ESState.from_state_dict(saved["state"])
-        state.done = state.iteration >= config.iterations or state.no_improvement >= config.patience
-        print(f"resuming after iteration {state.iteration}")
-    else:
-        if state_file.exists():
-            print(f"ebpo meta: error: {out} already holds a search; pass --resume to continue it or choose another --out", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        state = ESState.start(NeuralMirror(seed=args.init_seed).flat_params, config)
+    try:  # everything is checked before anything is written
+        config = ESConfig(
+            population=args.population, sigma=args.sigma, sigma_decay=args.sigma_decay, step_size=args.step_size,
+            iterations=args.iterations, elite_frac=args.elite_frac, patience=args.patience,
+            min_improvement=args.min_improvement, project_nonneg=args.project_nonneg, seed=args.seed,
+        )  # fmt: skip
+        check_train_args(_member_command(args, out / "members" / "check.json", out / "members" / "check")[4:])
+        state = _start_or_resume(args, config, out)
+    except ValueError as exc:
+        print(f"ebpo meta: error: {exc}", file=sys.stderr)
+        return 2
     while not state.done:
         state = es_iteration(state, config, _fitness(args, out, state.iteration + 1))
         record = state.history[-1]

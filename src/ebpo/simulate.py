@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ebpo.fileio import check_output_dir, check_output_file, make_output_dir
+
 from ebpo.sim.bandit import BANDIT_ESTIMATORS, UPDATES, BanditConfig, bandit_curves
 from ebpo.sim.baselines import SIGNAL_ESTIMATORS, baseline_mse, zero_signal
 from ebpo.sim.populations import Population, parse_dist, sample_rewards
@@ -239,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         args.topic_batches = min(args.topic_batches, 20)
     try:
         _validate(args)
+        out = Path(args.out)
+        check_output_dir(out, "ebpo simulate", reuse=True)
+        if args.json:
+            check_output_file(args.json, "ebpo simulate", flag="--json")
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and the usage line
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "ebpo simulate")
     # Every tensor here is small (<= a few thousand rows): intra-op threads cost more in start-up and
     # contention than they save (measured 4x slower with 2 threads on a busy 2-core machine).
     threads = torch.get_num_threads()

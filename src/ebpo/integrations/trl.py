@@ -175,7 +175,9 @@ class EBPOGRPOTrainer(GRPOTrainer):
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if not os.path.exists(path):
             raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by EBPOGRPOTrainer")
-        self.ebpo_estimator.load_state_dict(torch.load(path, weights_only=False))
+        from ebpo.fileio import load_tensors  # weights_only: a checkpoint folder is never unpickled
+
+        self.ebpo_estimator.load_state_dict(load_tensors(path, what="ebpo estimator state"))
 
     # ------------------------------------------------------------ divergence
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):  # type: ignore[no-untyped-def]

@@ -155,7 +155,12 @@ def load_estimator_states(directory: str) -> None:
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
         raise ValueError(f"{directory} has no {STATE_FILE}")
-    for key, state in torch.load(path, weights_only=False).items():
+    from ebpo.fileio import load_tensors  # weights_only: a checkpoint folder is never unpickled
+
+    states = load_tensors(path, what="ebpo estimator states")
+    if not isinstance(states, dict):
+        raise ValueError(f"{path} does not hold ebpo estimator states (a mapping of estimator name to state)")
+    for key, state in states.items():
         _estimator(key).load_state_dict(state)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 import typing
@@ -20,12 +19,15 @@ from typing import Any
 
 import yaml
 
-from ebpo.train.config import TrainConfig, field_docs
+from ebpo.fileio import check_output_dir, make_output_dir, remove_output_dir
+from ebpo.train import checkpoint as ckpt
+from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import list_methods, preset
 
-__all__ = ["main", "build_parser", "resolve_config"]
+__all__ = ["main", "build_parser", "resolve_config", "check_train_args"]
 
 _NONE = ("none", "null", "")
+_COMMAND = "ebpo train"  # the marker of the run directories it creates
 
 
 def _flag(name: str) -> str:
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of config fields (flags override it).")
     parser.add_argument("--resume", metavar="DIR", help="Continue the run in DIR from its latest checkpoint.")
-    parser.add_argument("--overwrite", action="store_true", help="Delete an existing run directory instead of refusing.")
+    parser.add_argument("--overwrite", action="store_true", help="Delete an existing run directory that ebpo train created (never any other directory) instead of refusing.")
     parser.add_argument("--list-methods", action="store_true", help="Print the --method presets and exit.")
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs()
@@ -72,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
         elif hint is dict:
             parser.add_argument(_flag(f.name), type=_parse_dict, metavar="YAML", help=help_)
-        elif hint in (int, float):
-            parser.add_argument(_flag(f.name), type=hint, help=help_)
+        elif hint in (int, float):  # kept as text: coerce_fields checks it like a YAML value, with the same message
+            parser.add_argument(_flag(f.name), metavar=hint.__name__.upper(), help=help_)
         elif f.name == "method":
             parser.add_argument(_flag(f.name), choices=list_methods(), help=help_)
         elif typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
@@ -89,41 +91,76 @@ def _read_yaml(path: str) -> dict[str, Any]:
             values = yaml.safe_load(handle) or {}
     except OSError as exc:
         raise ValueError(f"cannot read config file {path!r}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of field: value")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"config file {path!r} has unknown fields {unknown}; see 'ebpo train --help'")
+    check_known_fields(values, f"config file {path!r}")
     return values
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < preset < YAML < flags (or, with --resume, the run's saved config < flags)."""
+    """Defaults < preset < YAML < flags (or, with --resume, the run's saved config < flags), type-checked."""
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "list_methods")}
     if getattr(args, "resume", None):
+        if not os.path.isdir(args.resume):
+            raise ValueError(f"--resume {args.resume!r}: no such run directory")
         values = _read_yaml(os.path.join(args.resume, "config.yaml"))
         values.update(flags)
         values["out"] = args.resume
-        return TrainConfig(**values)
+        return TrainConfig(**coerce_fields(values))
     file_values = _read_yaml(args.config) if getattr(args, "config", None) else {}
     method = flags.get("method", file_values.get("method", TrainConfig.method))
+    if method not in list_methods():
+        raise ValueError(f"method must be one of {list_methods()}, got {method!r}")
     values = {**dataclasses.asdict(TrainConfig()), **preset(method), **file_values, **flags, "method": method}
-    return TrainConfig(**values)
+    return TrainConfig(**coerce_fields(values))
+
+
+def check_train_args(argv: list[str], *, build: bool = False) -> None:
+    """ValueError if ``ebpo train argv`` has a bad flag or config value, for commands that launch train runs
+    and must fail before writing anything rather than in every child. ``build``: also build the components
+    (catches e.g. an estimator's minimum group size; needs every file the flags name to exist)."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["invalid flags"]
+        raise ValueError(f"bad ebpo train flags: {lines[-1].removeprefix('ebpo train: error: ')}") from None
+    config = resolve_config(args)
+    if build:
+        from ebpo.train.trainer import build_components
+
+        build_components(config)
+    else:
+        from ebpo.train.config import validate
+
+        validate(config)
 
 
 def _prepare_run_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
+    """The run directory, after every check that can fail (nothing is written here but ``--overwrite``'s removal).
+
+    A new run needs a path that does not exist, an empty directory, or (with ``--overwrite``) a directory that
+    ``ebpo train`` created: see :mod:`ebpo.fileio`. A resumed run needs a complete, readable checkpoint.
+    """
     run_dir = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}")
     if resume:
         if not os.path.isdir(run_dir):
             raise ValueError(f"--resume {run_dir!r}: no such run directory")
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--resume {run_dir!r}: the run directory is not writable")
+        ckpt.check_checkpoint(run_dir, int(os.environ.get("WORLD_SIZE", "1")))
         return run_dir
     if int(os.environ.get("RANK", "0")) != 0:
         return run_dir  # rank 0 alone checks and creates it (it may already have written config.yaml)
-    if os.path.exists(run_dir) and os.listdir(run_dir):
-        if not overwrite:
-            raise ValueError(f"run directory {run_dir!r} already exists; pass --overwrite to replace it, --resume {run_dir} to continue it, or another --out")
-        shutil.rmtree(run_dir)
+    check_output_dir(run_dir, _COMMAND, overwrite=overwrite)
+    if overwrite and os.path.isdir(run_dir) and os.listdir(run_dir):
+        remove_output_dir(run_dir, _COMMAND)
     return run_dir
 
 
@@ -153,10 +190,13 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
     _quiet_transformers()
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
-        os.makedirs(run_dir, exist_ok=True)
+        if not resume:
+            make_output_dir(run_dir, _COMMAND)
         config = dataclasses.replace(config, out=run_dir)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
+        tmp = os.path.join(run_dir, ".config.yaml.tmp")
+        with open(tmp, "w") as handle:
             yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
+        os.replace(tmp, os.path.join(run_dir, "config.yaml"))  # a resumed run's config is replaced whole or not at all
     trainer = Trainer(config, run_dir, components, resume=resume, echo=print if is_main else (lambda _: None))
     summary = trainer.train()
     if is_main:

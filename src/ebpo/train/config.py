@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
+import json
+import math
+import os
+import re
 import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
-__all__ = ["TrainConfig", "field_docs", "validate"]
+__all__ = ["TrainConfig", "field_docs", "validate", "coerce_fields", "check_known_fields"]
 
 
 @dataclass
@@ -188,26 +194,161 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-_POSITIVE = ("length_buckets", "difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs", "mini_batches", "log_every", "keep_checkpoints")
+# ------------------------------------------------------------------ types
+# Checked from the dataclass annotations, one rule per type (no per-field ladder). YAML 1.1, which PyYAML
+# follows, reads '1e-4' (no dot) as a string, so a float field accepts a string that parses as a finite
+# number; an int field accepts only integral values (2.0 or '1e3', never 1.5); booleans are never numbers.
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("a number")
+    if not math.isfinite(value):
+        raise TypeError("a finite number")
+    return float(value)
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        number = _as_float(value)
+    except TypeError:
+        raise TypeError("an integer") from None
+    if number != int(number):
+        raise TypeError("an integer (a whole number)")
+    return int(number)
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("true or false")
+    return value
+
+
+def _as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string")
+    return value
+
+
+def _as_dict(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError("a mapping ({key: value})")
+    return value
+
+
+_COERCE: dict[Any, Callable[[Any], Any]] = {float: _as_float, int: _as_int, bool: _as_bool, str: _as_str, dict: _as_dict}
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[Callable[[Any], Any], bool]]:
+    """Each field's coercion and whether it may be None (``X | None``)."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if base not in _COERCE:  # a bug in this file, caught by every test that builds a config
+            raise RuntimeError(f"TrainConfig.{name} has type {hint}, which coerce_fields cannot check; add a rule to _COERCE")
+        out[name] = (_COERCE[base], optional)
+    return out
+
+
+def _coerce(name: str, value: Any) -> Any:
+    convert, optional = _field_types()[name]
+    if value is None and optional:
+        return None
+    try:
+        return convert(value)
+    except TypeError as exc:
+        expected = f"{exc}{' or none' if optional else ''}"
+        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})") from None
+
+
+def check_known_fields(values: Mapping[str, Any], source: str) -> None:
+    """ValueError naming every key of ``values`` that is not a field, with the closest field name."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{source} has unknown field(s) {', '.join(hints)}; see 'ebpo train --help'")
+
+
+def coerce_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every field checked against its annotated type and normalised (YAML's '1e-4' -> 1e-4)."""
+    check_known_fields(values, "the configuration")
+    return {name: _coerce(name, value) for name, value in values.items()}
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Every field already holds its annotated type (an int is fine where a float is expected)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        coerced = _coerce(f.name, value)
+        if type(coerced) is not type(value) and not (type(value) is int and type(coerced) is float):
+            convert, _ = _field_types()[f.name]
+            expected = {_as_float: "a number", _as_int: "an integer"}.get(convert, "its annotated type")
+            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); coerce_fields() converts text")
+
+
+# ------------------------------------------------------------------ ranges
+_POSITIVE = (
+    "length_buckets", "difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs",
+    "mini_batches", "log_every", "keep_checkpoints", "warmstart_batch_size",
+    "lr", "warmstart_lr", "temperature", "difficulty_temperature", "top_p",
+)
 _NON_NEGATIVE = (
     "warmstart_steps", "threads", "lora_rank", "generation_batch_size", "micro_batch_size", "eval_every", "eval_samples",
     "max_eval_problems", "save_every", "max_resample_rounds", "overlong_buffer", "lr_warmup_steps", "weight_decay",
-    "max_grad_norm", "div_coef", "overlong_penalty", "eps_low", "eps_high",
+    "max_grad_norm", "div_coef", "overlong_penalty", "eps_low", "eps_high", "seed", "warmstart_seed",
 )
+# Size fields whose huge values would not fail but run (nearly) forever or exhaust memory: a typo like
+# max_new_tokens 1e8 must be an error, not a hang. Generous: no real run comes near these.
+_AT_MOST = {"max_new_tokens": 131_072, "group_size": 4096, "eval_samples": 4096, "difficulty_samples": 4096, "top_p": 1.0}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "linear", "cosine"),
     "chat_template": ("auto", "always", "never"),
 }
 
 
+def _model_max_positions(model: str) -> int | None:
+    """The policy's context length when it is known without loading it (built-in spec, local config.json)."""
+    if model.startswith("builtin:"):
+        from ebpo.models import loading
+
+        # builtin_spec names every built-in size (builtin:medium came with it); without it only the tiny one exists
+        spec = loading.builtin_spec(model) if hasattr(loading, "builtin_spec") else loading.TinyLlamaSpec()
+        return spec.max_positions
+    try:
+        with open(os.path.join(model, "config.json")) as handle:
+            value = json.load(handle).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def validate(config: TrainConfig) -> None:
     """Field-level checks that need no model or component (components are checked when built)."""
+    _check_types(config)
     for name in _POSITIVE:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
     for name in _NON_NEGATIVE:
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    for name, most in _AT_MOST.items():
+        if getattr(config, name) > most:
+            raise ValueError(f"{name} must be <= {most}, got {getattr(config, name)}")
+    positions = _model_max_positions(config.model)
+    if positions is not None and config.max_new_tokens >= positions:
+        raise ValueError(f"max_new_tokens ({config.max_new_tokens}) must be smaller than the model's context length ({positions} positions, prompt included)")
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
@@ -217,8 +358,6 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"temperature must be > 0, got {config.temperature}; use --eval-samples 0 for greedy evaluation")
     if not 0 < config.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
-    if not config.lr > 0 or not config.warmstart_lr > 0:
-        raise ValueError(f"lr and warmstart_lr must be > 0, got {config.lr}, {config.warmstart_lr}")
     if config.overlong_buffer >= config.max_new_tokens:
         raise ValueError(f"overlong_buffer ({config.overlong_buffer}) must be smaller than max_new_tokens ({config.max_new_tokens})")
     if config.prompts_per_step * config.group_size < config.mini_batches:

@@ -244,7 +244,12 @@ class Trainer:
         )  # fmt: skip
         path = os.path.join(cache_dir(), "difficulty", hashlib.sha256(key_src.encode()).hexdigest()[:16] + ".pt")
         if os.path.exists(path):
-            return torch.load(path)
+            from ebpo.fileio import load_tensors
+
+            try:
+                return load_tensors(path, what="difficulty cache")  # weights_only: the cache dir is shared
+            except ValueError as exc:
+                self.echo(f"{exc}; estimating it again")
         self.echo(f"difficulty curriculum: estimating the starting model's pass rate on {len(problems)} prompts x {cfg.difficulty_samples} samples")
         with self._generation_context():
             rewards, _ = sample_correctness(
