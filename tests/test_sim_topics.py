@@ -1,4 +1,4 @@
-"""The mixture-of-topics analysis of ``ebpo simulate`` (METHODS.md §2b)."""
+"""The mixture-of-topics analysis of ``ebpo simulate`` (docs/hierarchical-prior.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_hierarchical_beats_flat_beats_group_mean_on_the_mixture(group_size):
 
 
 def test_reproduces_the_spec_reference_figure_at_g4():
-    """METHODS.md §2b: no pooling 0.0146, flat EBPO 0.0242, group mean 0.0256 (G = 4, 16 groups per topic)."""
+    """docs/hierarchical-prior.md: no pooling 0.0146, flat EBPO 0.0242, group mean 0.0256 (G = 4, 16 groups per topic)."""
     mse = topic_mixture_mse(MEANS, 4.0, [16] * 4, 4, 200, torch.Generator().manual_seed(1))["mean"]
     assert mse["hierarchical (no pooling)"] == pytest.approx(0.0146, abs=0.0008)
     assert mse["flat ebpo"] == pytest.approx(0.0242, abs=0.0010)

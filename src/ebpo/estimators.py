@@ -178,15 +178,15 @@ class EBPO:
             ``center=False, std_normalize=False`` the estimator returns
             A_raw itself (used by ``ebpo simulate`` to read the baseline).
         eps: the shrinkage and standardisation epsilon (1e-6).
-        hierarchical: a two-level prior (our extension, METHODS.md §2b;
-            derivation in docs/hierarchical-prior.md): each group shrinks
+        hierarchical: a two-level prior (our extension; derivation in
+            docs/hierarchical-prior.md): each group shrinks
             toward its topic's mean (``topic_ids=`` of the call), and each
             topic's mean and variances are partially pooled toward the
             global ones. Without topic ids, or with one topic, it is flat
             EBPO (to rounding, 1e-12). Per-topic accumulators follow
             ``prior`` (batch / running / ema) and are part of the state.
-        pooling: ``"partial"`` (default) or ``"none"``, METHODS.md §2b's
-            no-pooling form (each topic's statistics on their own).
+        pooling: ``"partial"`` (default) or ``"none"``, the no-pooling
+            form (each topic's statistics on their own).
         topic_prior_groups: nu, how many groups' worth of weight the pooled
             within-topic variances get against a topic's own (default 2).
 
@@ -299,7 +299,7 @@ class EBPO:
         sigma2_within = float(topic_rewards.m2.sum() / topic_rewards.count.sum())
         tau2_within = float(topic_groups.m2.sum() / m_k.sum())
         omega2 = float((m_k * (mu_k - mu_glob) ** 2).sum() / m_k.sum())
-        if self.pooling == "none":  # METHODS.md §2b's no-pooling form: each topic on its own
+        if self.pooling == "none":  # the no-pooling form of docs/hierarchical-prior.md: each topic on its own
             sigma2_pooled, tau2_pooled, topic_mean, pool = sigma2_k, tau2_k, mu_k, torch.zeros_like(mu_k)
         else:
             weight = m_k / (m_k + self.topic_prior_groups)  # (K,) trust in the topic's own variances

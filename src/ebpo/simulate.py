@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bandit-updates", nargs="+", choices=UPDATES, default=list(UPDATES), help="sgd: advantages as given; rms: each step's advantages divided by their RMS, equal step sizes across estimators (default: both)")
     add("--hadw-anchor", choices=["soft", "hard"], default="soft", help="HA-DW difficulty anchor: soft (paper) or hard (released code) (default: %(default)s)")
     add("--hadw-lam", type=float, default=1.3, help="HA-DW scale lambda (paper's best 1.3; released code 1.5) (default: %(default)s)")
-    add("--topic-means", type=float, nargs="+", default=[0.05, 0.3, 0.7, 0.95], help="mean success rate of each topic of the mixture analysis (default: %(default)s, METHODS.md §2b)")
+    add("--topic-means", type=float, nargs="+", default=[0.05, 0.3, 0.7, 0.95], help="mean success rate of each topic of the mixture analysis (default: %(default)s, docs/hierarchical-prior.md)")
     add("--topic-concentration", type=float, default=4.0, help="Beta concentration a + b of every topic (default: %(default)s)")
     add("--topic-groups", type=int, default=16, help="groups (prompts) per topic per batch (default: %(default)s)")
     add("--topic-group-sizes", type=int, nargs="+", default=[2, 4, 8], help="group sizes G of the balanced mixture (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Baseline MSE on a mixture of topics: hierarchical EBPO vs flat EBPO vs the group mean (METHODS.md §2b).
+"""Baseline MSE on a mixture of topics: hierarchical EBPO vs flat EBPO vs the group mean (docs/hierarchical-prior.md).
 
 Topic k has success rates theta ~ Beta(c m_k, c (1 - m_k)) (mean m_k,
 concentration c); a batch holds ``groups[k]`` prompts of topic k, each with a
@@ -8,7 +8,7 @@ returns A_raw = r - V_q), all with the per-batch prior:
 
 * group mean (Dr. GRPO: V = r - A);
 * flat EBPO (one global prior);
-* hierarchical EBPO, no pooling (METHODS.md §2b's per-topic form);
+* hierarchical EBPO, no pooling (the per-topic form of docs/hierarchical-prior.md);
 * hierarchical EBPO, partial pooling (docs/hierarchical-prior.md);
 * oracle: knows each topic's Beta and shrinks toward the topic's true mean
   with the MSE-optimal linear factor S*_k = (E[θ(1-θ)]/G) / (E[θ(1-θ)]/G + Var θ)
