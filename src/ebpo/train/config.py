@@ -321,11 +321,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def _model_max_positions(model: str) -> int | None:
     """The policy's context length when it is known without loading it (built-in spec, local config.json)."""
     if model.startswith("builtin:"):
-        from ebpo.models import loading
+        from ebpo.models.loading import builtin_spec
 
-        # builtin_spec names every built-in size (builtin:medium came with it); without it only the tiny one exists
-        spec = loading.builtin_spec(model) if hasattr(loading, "builtin_spec") else loading.TinyLlamaSpec()
-        return spec.max_positions
+        return builtin_spec(model).max_positions
     try:
         with open(os.path.join(model, "config.json")) as handle:
             value = json.load(handle).get("max_position_embeddings")
