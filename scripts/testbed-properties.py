@@ -48,12 +48,25 @@ def _check(name: str, value: float) -> str:
     return "yes" if ok else "NO"
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     task_options = yaml.safe_load(args.task_options) if args.task_options else {}
     task = build_task(args.task, task_options)
     verifier = build_verifier_for(task, None)
-    max_new_tokens = args.max_new_tokens or getattr(task, "recommended", {}).get("max_new_tokens", 12)
+    recommended = getattr(task, "recommended", {})
+    max_new_tokens = args.max_new_tokens or recommended.get("max_new_tokens", 12)
+    for name, default in (("warmstart_steps", 300), ("warmstart_lr", 3e-3), ("warmstart_batch_size", 128)):
+        if getattr(args, name) is None:
+            setattr(args, name, recommended.get(name, default))
     spec = TinyLlamaSpec()
     model, tokenizer = load_policy("builtin:tiny", device=torch.device("cpu"), spec=spec, seed=args.warmstart_seed)
     problems = task.train_problems()
@@ -82,7 +95,7 @@ def measure(args: argparse.Namespace) -> dict:
     accuracies = [v["avg@16"] for v in per_topic.values()]
     avg1 = float(correct16.mean())
     return {
-        "task": args.task, "task_options": task_options, "model": "builtin:tiny", "spec": vars(spec) if hasattr(spec, "__dict__") else str(spec),
+        "argv": sys.argv, "commit": _commit(), "task": args.task, "task_options": task_options, "model": "builtin:tiny", "spec": vars(spec) if hasattr(spec, "__dict__") else str(spec),
         "warmstart": {"steps": args.warmstart_steps, "lr": args.warmstart_lr, "batch_size": args.warmstart_batch_size, "seed": args.warmstart_seed, "seconds": warmstart_s},
         "max_new_tokens": max_new_tokens, "held_out_problems": len(held_out), "train_groups": len(train),
         "mean_completion_tokens": sum(lengths) / len(lengths),
@@ -112,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="stepwise")
     parser.add_argument("--task-options", default=None, help="task options as YAML")
-    parser.add_argument("--warmstart-steps", type=int, default=300)
-    parser.add_argument("--warmstart-lr", type=float, default=3e-3)
-    parser.add_argument("--warmstart-batch-size", type=int, default=128)
+    parser.add_argument("--warmstart-steps", type=int, default=None, help="default: the task's recommendation, else ebpo train's (300)")
+    parser.add_argument("--warmstart-lr", type=float, default=None, help="default: the task's recommendation, else ebpo train's (3e-3)")
+    parser.add_argument("--warmstart-batch-size", type=int, default=None, help="default: the task's recommendation, else ebpo train's (128)")
     parser.add_argument("--warmstart-seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0 = the task's recommendation (else 12)")
     parser.add_argument("--train-groups", type=int, default=256, help="training prompts sampled for the all-fail share")
