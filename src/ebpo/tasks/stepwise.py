@@ -3,15 +3,15 @@
 The built-in ``arithmetic`` task asks for a bare answer (about 4 tokens):
 there is nothing to reason through, so RL moves its accuracy by a point or
 two and methods cannot be told apart. ``stepwise`` asks for the same kind of
-sums, but as chains of 3-4 terms evaluated left to right, with every
+sums, but as chains of 3-5 terms evaluated left to right, with every
 intermediate result written out before a final ``#`` marker::
 
-    prompt  "34+57-12+80="
-    target  "34+57=91;91-12=79;79+80=159;#159"
+    prompt  "3+5+8-2+7="
+    target  "3+5=8;8+8=16;16-2=14;14+7=21;#21"
 
 Only the final answer after the last ``#`` is scored (verifier
 ``stepwise``, below); the steps are free, as in RL with outcome rewards.
-Completions are 15-35 tokens, errors compound over the steps, and the topics
+Completions are 15-35 tokens (23 on average), errors compound over the steps, and the topics
 run from trivial to out of reach of a warm-started tiny model, so at the
 start of RL many groups are all-fail at small G while sampling 16 times often
 finds a right answer: the sparse-reward regime of the papers (docs/testbed.md).
@@ -19,10 +19,10 @@ finds a right answer: the sparse-reward regime of the papers (docs/testbed.md).
 Topics (``Problem.topic``), in order of difficulty:
 
 * ``add1``: three 1-digit terms added (``3+5+8=``).
+* ``chain4``: four 1-digit terms, ``+`` or ``-`` (``9-4+7+2=``).
+* ``mul1``: a product of two digits, then two 1-digit terms (``7*8+5-3=``).
+* ``chain5``: five 1-digit terms, ``+`` or ``-``.
 * ``add2``: three 2-digit terms, ``+`` or ``-`` (``34+57-12=``).
-* ``mul1``: a product of two digits, then two 2-digit terms (``7*8+15-23=``).
-* ``add2x4``: four 2-digit terms, ``+`` or ``-``.
-* ``add3``: three 3-digit terms, ``+`` or ``-``.
 
 Subtractions never go below zero (the subtrahend is drawn at most the
 running value), so every number is written without a sign. Operators are
@@ -62,10 +62,10 @@ class _Shape:
 
 TOPICS: dict[str, _Shape] = {
     "add1": _Shape(terms=3, digits=1, ops="+"),
+    "chain4": _Shape(terms=4, digits=1, ops="+-"),
+    "mul1": _Shape(terms=4, digits=1, ops="+-", product_first=True),
+    "chain5": _Shape(terms=5, digits=1, ops="+-"),
     "add2": _Shape(terms=3, digits=2, ops="+-"),
-    "mul1": _Shape(terms=4, digits=2, ops="+-", product_first=True),
-    "add2x4": _Shape(terms=4, digits=2, ops="+-"),
-    "add3": _Shape(terms=3, digits=3, ops="+-"),
 }
 """Topic name -> shape, easiest first (the order gives ``difficulty``)."""
 
@@ -121,8 +121,8 @@ def make_problem(rng: random.Random, topic: str, *, index: int, split: str) -> P
     return Problem(id=f"stepwise-{split}-{index}", prompt=prompt, answer=str(answer), topic=topic, difficulty=difficulty, target=target)
 
 
-RECOMMENDED: dict[str, Any] = {"max_new_tokens": 40, "warmstart_steps": 1000, "warmstart_batch_size": 32, "warmstart_lr": 3e-3}
-"""Settings of ``ebpo train`` for this task (docs/testbed.md): the longest target is 36 tokens plus EOS,
+RECOMMENDED: dict[str, Any] = {"max_new_tokens": 44, "warmstart_steps": 1000, "warmstart_batch_size": 32, "warmstart_lr": 3e-3}
+"""Settings of ``ebpo train`` for this task (docs/testbed.md): the longest target is 34 tokens plus EOS,
 and the warm start takes more, smaller steps than the default (300 x 128) so the tiny model reaches partial
 competence (held-out avg@4 ~0.17) at about the same cost."""
 
