@@ -180,7 +180,7 @@ def test_grpo_learns_the_task_on_cpu(tmp_path):
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "ebpo", "train", "--task", "stepwise", "--method", "grpo", "--group-size", "8",
-        "--max-new-tokens", "44", "--warmstart-steps", "500", "--warmstart-batch-size", "32",
+        "--max-new-tokens", "44", "--warmstart-steps", "600", "--warmstart-batch-size", "32",
         "--steps", "100", "--prompts-per-step", "16", "--lr", "1e-4",
         "--out", str(out), "--no-progress", "--no-tensorboard", "--save-every", "0",
     ]  # fmt: skip
