@@ -172,7 +172,7 @@ def test_docstring_examples():
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 15 item 2 not met yet: in 100 steps GRPO does not raise stepwise's held-out avg@4 (docs/testbed.md)",
+    reason="issue 15 item 2 not met yet: GRPO gains ~2 points of held-out avg@4 in 200 steps (docs/testbed.md)",
     strict=False,
 )
 def test_grpo_learns_the_task_on_cpu(tmp_path):
@@ -181,7 +181,7 @@ def test_grpo_learns_the_task_on_cpu(tmp_path):
     command = [
         sys.executable, "-m", "ebpo", "train", "--task", "stepwise", "--method", "grpo", "--group-size", "8",
         "--max-new-tokens", "44", "--warmstart-steps", "600", "--warmstart-batch-size", "32",
-        "--steps", "100", "--prompts-per-step", "16", "--lr", "1e-4",
+        "--steps", "200", "--prompts-per-step", "16", "--lr", "3e-5",
         "--out", str(out), "--no-progress", "--no-tensorboard", "--save-every", "0",
     ]  # fmt: skip
     subprocess.run(command, check=True, env={**os.environ, "EBPO_CACHE_DIR": os.environ.get("EBPO_CACHE_DIR", str(tmp_path / "cache"))})
