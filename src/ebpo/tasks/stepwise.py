@@ -1,0 +1,225 @@
+"""``stepwise``: a built-in reasoning task whose solutions are short worked derivations.
+
+The built-in ``arithmetic`` task asks for a bare answer (about 4 tokens):
+there is nothing to reason through, so RL moves its accuracy by a point or
+two and methods cannot be told apart. ``stepwise`` asks for the same kind of
+sums, but as chains of 3-5 terms evaluated left to right, with every
+intermediate result written out before a final ``#`` marker::
+
+    prompt  "3+5+8-2+7="
+    target  "3+5=8;8+8=16;16-2=14;14+7=21;#21"
+
+Only the final answer after the last ``#`` is scored (verifier
+``stepwise``, below); the steps are free, as in RL with outcome rewards.
+Completions are 15-35 tokens (23 on average), errors compound over the steps, and the topics
+run from trivial to out of reach of a warm-started tiny model, so at the
+start of RL many groups are all-fail at small G while sampling 16 times often
+finds a right answer: the sparse-reward regime of the papers (docs/testbed.md).
+
+Topics (``Problem.topic``), in order of difficulty:
+
+* ``add1``: three 1-digit terms added (``3+5+8=``).
+* ``chain4``: four 1-digit terms, ``+`` or ``-`` (``9-4+7+2=``).
+* ``mul1``: a product of two digits, then two 1-digit terms (``7*8+5-3=``).
+* ``chain5``: five 1-digit terms, ``+`` or ``-``.
+* ``add2``: three 2-digit terms, ``+`` or ``-`` (``34+57-12=``).
+
+Subtractions never go below zero (the subtrahend is drawn at most the
+running value), so every number is written without a sign. Operators are
+evaluated left to right, and ``*`` only appears first, so left-to-right and
+the usual precedence agree. ``Problem.difficulty`` in [0, 1] is the topic's
+rank plus the share of digit columns that carry or borrow.
+
+The held-out set is drawn from its own seed and its prompts are removed from
+training (as in ``arithmetic``, including ``exclude_eval_seeds``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ebpo.tasks.base import TASKS, Problem
+from ebpo.verifiers.base import VERIFIERS, VerifierResult
+
+__all__ = ["StepwiseTask", "StepwiseVerifier", "TOPICS", "RECOMMENDED", "make_problem", "derivation", "MARKER"]
+
+MARKER = "#"
+"""Marks the final answer; the verifier reads what follows the last one."""
+
+STEP_SEPARATOR = ";"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    terms: int  # numbers in the chain
+    digits: int  # digits of each added/subtracted number
+    ops: str  # operators drawn for the additive steps
+    product_first: bool = False  # the first step multiplies two digits
+
+
+TOPICS: dict[str, _Shape] = {
+    "add1": _Shape(terms=3, digits=1, ops="+"),
+    "chain4": _Shape(terms=4, digits=1, ops="+-"),
+    "mul1": _Shape(terms=4, digits=1, ops="+-", product_first=True),
+    "chain5": _Shape(terms=5, digits=1, ops="+-"),
+    "add2": _Shape(terms=3, digits=2, ops="+-"),
+}
+"""Topic name -> shape, easiest first (the order gives ``difficulty``)."""
+
+
+def _carries(a: int, b: int, op: str) -> tuple[int, int]:
+    """(columns that carry or borrow, columns) of the written sum or difference ``a op b``."""
+    columns = max(len(str(a)), len(str(b)))
+    carry, count = 0, 0
+    for i in range(columns):  # column arithmetic is sequential in the carry
+        x, y = (a // 10**i) % 10, (b // 10**i) % 10
+        if op == "+":
+            carry = int(x + y + carry >= 10)
+        else:
+            carry = int(x - y - carry < 0)
+        count += carry
+    return count, columns
+
+
+def derivation(numbers: list[int], ops: list[str]) -> tuple[str, int]:
+    """The worked derivation ``"a+b=c;c-d=e;#e"`` of a left-to-right chain, and its value."""
+    value, steps = numbers[0], []
+    for op, number in zip(ops, numbers[1:]):
+        result = value + number if op == "+" else value - number if op == "-" else value * number
+        steps.append(f"{value}{op}{number}={result}")
+        value = result
+    return STEP_SEPARATOR.join(steps) + f"{STEP_SEPARATOR}{MARKER}{value}", value
+
+
+def make_problem(rng: random.Random, topic: str, *, index: int, split: str) -> Problem:
+    """One random problem of ``topic`` (a key of :data:`TOPICS`)."""
+    shape = TOPICS[topic]
+    low, high = (1, 9) if shape.digits == 1 else (10 ** (shape.digits - 1), 10**shape.digits - 1)
+    if shape.product_first:
+        numbers, ops = [rng.randint(2, 9), rng.randint(2, 9)], ["*"]
+    else:
+        numbers, ops = [rng.randint(low, high)], []
+    value = numbers[0] * numbers[1] if shape.product_first else numbers[0]
+    carried, columns = 0, 0
+    while len(numbers) < shape.terms:  # each step depends on the running value
+        op = rng.choice(shape.ops)
+        if op == "-" and value < low:
+            op = "+"
+        number = rng.randint(low, min(high, value)) if op == "-" else rng.randint(low, high)
+        c, n = _carries(value, number, op)
+        carried, columns = carried + c, columns + n
+        value = value + number if op == "+" else value - number
+        numbers.append(number)
+        ops.append(op)
+    target, answer = derivation(numbers, ops)
+    rank = list(TOPICS).index(topic)
+    difficulty = (rank + carried / max(columns, 1)) / len(TOPICS)
+    prompt = "".join(f"{n}{op}" for n, op in zip(numbers, ops)) + f"{numbers[-1]}="
+    return Problem(id=f"stepwise-{split}-{index}", prompt=prompt, answer=str(answer), topic=topic, difficulty=difficulty, target=target)
+
+
+RECOMMENDED: dict[str, Any] = {"max_new_tokens": 44, "warmstart_steps": 600, "warmstart_batch_size": 32, "warmstart_lr": 3e-3}
+"""Settings of ``ebpo train`` for this task (docs/testbed.md): the longest target is 34 tokens plus EOS;
+the warm start takes smaller steps than the default (300 x 128): 600 x 32 leaves the tiny model at
+held-out avg@4 ~0.39 (partial competence); 500 x 32 gives ~0.21, 1000 x 32 already ~0.73."""
+
+
+@TASKS.register("stepwise")
+@dataclass
+class StepwiseTask:
+    """Left-to-right chains of sums, differences and a product, solved step by step.
+
+    Args:
+        num_train: training problems (the training stream cycles through them).
+        num_eval: held-out problems.
+        topics: topic names (keys of :data:`TOPICS`) to draw from; None = all.
+        topic_weights: relative frequency of each topic in ``topics`` (None = uniform).
+        seed: seed of the training problems.
+        eval_seed: seed of the held-out problems (separate from ``seed``).
+        exclude_eval_seeds: held-out sets (drawn with these seeds and ``num_eval``) kept out of both
+            splits, as in ``arithmetic`` (``ebpo meta`` validates on its own split this way).
+    """
+
+    num_train: int = 20000
+    num_eval: int = 256
+    topics: tuple[str, ...] | None = None
+    topic_weights: tuple[float, ...] | None = None
+    seed: int = 0
+    eval_seed: int = 1_000_003
+    exclude_eval_seeds: tuple[int, ...] = ()
+    name: str = field(default="stepwise", init=False)
+    verifier: str = field(default="stepwise", init=False)
+
+    recommended: dict[str, Any] = field(default_factory=lambda: dict(RECOMMENDED), init=False)
+    """``ebpo train`` settings this task is measured with (:data:`RECOMMENDED`); not read by the trainer yet."""
+
+    def __post_init__(self) -> None:
+        self.topics = tuple(self.topics or TOPICS)
+        unknown = [t for t in self.topics if t not in TOPICS]
+        if unknown or not self.topics:
+            raise ValueError(f"stepwise topics must be a non-empty list of {list(TOPICS)}, got {list(self.topics)}")
+        self.topic_weights = tuple(self.topic_weights or (1.0,) * len(self.topics))
+        if len(self.topic_weights) != len(self.topics) or any(w < 0 for w in self.topic_weights) or sum(self.topic_weights) <= 0:
+            raise ValueError(f"stepwise topic_weights needs {len(self.topics)} non-negative weights with a positive sum, got {self.topic_weights}")
+        if self.num_train < 1 or self.num_eval < 1:
+            raise ValueError(f"stepwise needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
+        excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))
+        held_out = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())
+        self._eval = [p for p in held_out if p.prompt not in excluded]
+        if not self._eval:
+            raise ValueError("stepwise: the excluded held-out sets cover the whole evaluation set; choose other seeds")
+        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out))
+
+    def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
+        rng = random.Random(seed)
+        problems: list[Problem] = []
+        attempts = 0
+        while len(problems) < count:  # building strings is inherently per problem
+            attempts += 1
+            if attempts > 50 * count + 1000:
+                raise ValueError(f"stepwise: cannot draw {count} {split} problems outside the held-out set; lower num_train")
+            topic = rng.choices(self.topics, weights=self.topic_weights)[0]  # type: ignore[arg-type]
+            problem = make_problem(rng, topic, index=len(problems), split=split)
+            if problem.prompt not in exclude:
+                problems.append(problem)
+        return problems
+
+    def train_problems(self) -> list[Problem]:
+        return self._train
+
+    def eval_problems(self) -> list[Problem]:
+        return self._eval
+
+
+_FINAL = re.compile(r"\d+")
+
+
+@VERIFIERS.register("stepwise")
+class StepwiseVerifier:
+    """Reward 1.0 when the integer after the completion's last ``#`` equals the reference, else 0.0.
+
+    Only the final answer counts: the steps before it are not checked. The
+    answer is the digits right after the last marker, up to the end of that
+    line; anything else on that line (``#57x``), no marker, or no digits
+    after it scores 0 (no marker or no digits is also ``info["parse_error"]``).
+
+    >>> StepwiseVerifier()("2+3=5;5*3=15;#15", "15").reward
+    1.0
+    >>> StepwiseVerifier()("2+3=5;5*3=15;15", "15").info
+    {'parse_error': 1.0}
+    """
+
+    def __call__(self, completion: str, reference: str) -> VerifierResult:
+        if not _FINAL.fullmatch(reference.strip()):
+            raise ValueError(f"stepwise reference must be a non-negative integer, got {reference!r}")
+        position = completion.rfind(MARKER)
+        if position < 0:
+            return VerifierResult(0.0, {"parse_error": 1.0})
+        lines = completion[position + 1 :].splitlines()
+        answer = lines[0].strip() if lines else ""
+        if not answer:
+            return VerifierResult(0.0, {"parse_error": 1.0})
+        return VerifierResult(1.0 if _FINAL.fullmatch(answer) and int(answer) == int(reference) else 0.0)
