@@ -150,14 +150,20 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         config = dataclasses.replace(config, out=run_dir)
+        from ebpo.train.warmstart import library_versions
+
         with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
+            # What the numbers also depend on (comments, so --resume reads the file as before); summary.json has the threads used.
+            versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+            handle.write(f"# ebpo train with {versions}, python {sys.version.split()[0]}; {os.cpu_count()} CPU cores\n")
             yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
     trainer = Trainer(config, run_dir, components, resume=resume, echo=print if is_main else (lambda _: None))
     summary = trainer.train()
     if is_main:
         print(
             f"done: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
-            f"({summary['accuracy_gain']:+.3f}, {summary['eval_mode']}, {summary['eval_problems']} problems) | "
+            f"({summary['accuracy_gain']:+.3f} ± {summary['accuracy_gain_se']:.3f} {summary['accuracy_gain_se_kind']} SE, "
+            f"{summary['eval_mode']}, {summary['eval_problems']} problems) | "
             f"{summary['wall_seconds']:.0f} s | peak RSS {summary['peak_rss_mb']:.0f} MiB | run dir {run_dir}"
         )
     return 0
