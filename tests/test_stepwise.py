@@ -64,7 +64,7 @@ def test_answers_and_derivations_match_an_independent_evaluation(task):
 
 def test_every_target_scores_one_with_the_task_verifier(task):
     verifier = build_verifier_for(task, None)
-    assert isinstance(verifier, StepwiseVerifier)
+    assert isinstance(verifier.verifier, StepwiseVerifier)  # inside the registry's error guard
     for problem in task.train_problems() + task.eval_problems():
         assert verifier(problem.completion_target, problem.answer).reward == 1.0, problem
 

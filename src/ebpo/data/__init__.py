@@ -74,6 +74,8 @@ class DatasetSpec:
     difficulty: tuple[str, ...] = ()
     to_answer: Callable[[dict[str, Any]], str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    solution: tuple[str, ...] = ()
+    """Columns holding a reference solution (code datasets): ``Problem.target``, the text a correct completion holds."""
 
 
 def _mbpp_answer(row: dict[str, Any]) -> str:
@@ -97,8 +99,8 @@ _SPECS = {
     "amc2023": DatasetSpec("math-ai/amc23", ("question", "problem"), ("answer",), "math", "math"),
     "olympiadbench": DatasetSpec("Hothan/OlympiadBench", ("question", "problem"), ("final_answer", "answer"), "math", "math", hub_config="OE_TO_maths_en_COMP", hub_split="train", topic=("subfield", "subject")),
     "gsm8k": DatasetSpec("openai/gsm8k", ("question",), ("answer",), "gsm8k", "gsm8k", hub_config="main"),
-    "mbpp": DatasetSpec("google-research-datasets/mbpp", ("text", "prompt"), ("test_list",), "code", "code", hub_config="full", to_answer=_mbpp_answer),
-    "humaneval": DatasetSpec("openai/openai_humaneval", ("prompt",), ("test",), "code", "raw", to_answer=_humaneval_answer),
+    "mbpp": DatasetSpec("google-research-datasets/mbpp", ("text", "prompt"), ("test_list",), "code", "code", hub_config="full", to_answer=_mbpp_answer, solution=("code",)),
+    "humaneval": DatasetSpec("openai/openai_humaneval", ("prompt",), ("test",), "code", "raw", to_answer=_humaneval_answer, solution=("canonical_solution",)),
 }
 for _name, _spec in _SPECS.items():
     DATASETS.register(_name)(lambda _spec=_spec: _spec)
@@ -167,10 +169,27 @@ def to_problems(name: str, rows: Iterable[dict[str, Any]], *, template: str | No
         ident = next((row[k] for k in spec.id_field if k in row), index)
         topic = next((str(row[k]) for k in spec.topic if row.get(k) is not None), None)
         difficulty = next((_level(row[k]) for k in spec.difficulty if row.get(k) is not None), None)
-        problems.append(Problem(id=f"{name}-{ident}", prompt=fmt.format(question=question, tests=tests), answer=answer, topic=topic, difficulty=difficulty))
+        target = _target(spec, row, answer)
+        problems.append(Problem(id=f"{name}-{ident}", prompt=fmt.format(question=question, tests=tests), answer=answer, topic=topic, difficulty=difficulty, target=target))
     if not problems:
         raise ValueError(f"{name}: no records")
     return problems
+
+
+def _target(spec: DatasetSpec, row: dict[str, Any], answer: str) -> str | None:
+    """``Problem.target``: a completion its verifier scores 1.0 (None: the answer itself is one).
+
+    Math answers go in ``\\boxed{}`` (what the math template asks for; a bare
+    LaTeX tuple does not parse); code datasets use their reference solution
+    column, when the row has one; GSM8K's answer is already a worked solution
+    ending in ``#### n``.
+    """
+    if spec.verifier == "math":
+        return "\\boxed{" + answer.strip().strip("$").strip() + "}"
+    if spec.solution:
+        found = [row[k] for k in spec.solution if isinstance(row.get(k), str)]
+        return found[0] if found else None
+    return None
 
 
 def _level(value: Any) -> float:

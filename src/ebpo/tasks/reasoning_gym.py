@@ -6,7 +6,12 @@ Training and held-out problems come from two seeds (``seed``,
 ``eval_seed``); held-out prompts that also occur in the training draw are
 dropped from training. ``Problem.answer`` carries the whole entry as JSON
 (:func:`ebpo.verifiers.reasoning_gym.encode_reference`), which the
-``reasoning_gym`` verifier decodes to call the dataset's own ``score_answer``.
+``reasoning_gym`` verifier decodes to call the dataset's own ``score_answer``;
+``Problem.target`` (what the warm start teaches) is the entry's answer string
+as a completion would write it: bare when it is one line, else inside
+``<answer>...</answer>`` (the verifier reads the last line or the tag); it is
+empty for datasets that store no reference answer (their scorers check a
+completion's validity), and the warm start leaves such problems out.
 Extra keyword options are the dataset's configuration (``min_terms=2`` for
 ``chain_sum``), passed to ``reasoning_gym.create_dataset``.
 """
@@ -18,7 +23,20 @@ from typing import Any
 from ebpo.tasks.base import TASKS, Problem
 from ebpo.verifiers.reasoning_gym import ReasoningGymVerifier, encode_reference, extract_final, require_reasoning_gym
 
-__all__ = ["ReasoningGymTask", "ReasoningGymVerifier", "extract_final"]  # the verifier re-exported for old imports
+__all__ = ["ReasoningGymTask", "ReasoningGymVerifier", "extract_final", "completion_text"]  # the verifier re-exported for old imports
+
+
+def completion_text(answer: str) -> str:
+    """A completion that states ``answer`` so that :func:`extract_final` reads it back.
+
+    The bare answer when it is one line (short, so it fits a tiny model's
+    positions), else wrapped in reasoning-gym's ``<answer>`` tag.
+
+    >>> completion_text("62"), completion_text("1 2\\n3 4")
+    ('62', '<answer>1 2\\n3 4</answer>')
+    """
+    answer = answer.strip()
+    return answer if "\n" not in answer else f"<answer>{answer}</answer>"
 
 
 @TASKS.register("reasoning_gym")
@@ -62,7 +80,11 @@ class ReasoningGymTask:
 
     def _problem(self, entry: dict[str, Any], split: str, index: int) -> Problem:
         prompt = self.template.format(question=entry["question"])
-        return Problem(id=f"{self.dataset}-{split}-{index}", prompt=prompt, answer=encode_reference(self.dataset, entry, self.options))
+        return Problem(
+            id=f"{self.dataset}-{split}-{index}", prompt=prompt, answer=encode_reference(self.dataset, entry, self.options),
+            # Some datasets (graph_color, rush_hour, ...) accept many answers and store none: no supervised text ("").
+            target="" if entry.get("answer") is None else completion_text(str(entry["answer"])),
+        )
 
     def train_problems(self) -> list[Problem]:
         return self._train

@@ -193,8 +193,13 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
         if not resume:
             make_output_dir(run_dir, _COMMAND)
         config = dataclasses.replace(config, out=run_dir)
+        from ebpo.train.warmstart import library_versions
+
         tmp = os.path.join(run_dir, ".config.yaml.tmp")
         with open(tmp, "w") as handle:
+            # What the numbers also depend on (comments, so --resume reads the file as before); summary.json has the threads used.
+            versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+            handle.write(f"# ebpo train with {versions}, python {sys.version.split()[0]}; {os.cpu_count()} CPU cores\n")
             yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
         os.replace(tmp, os.path.join(run_dir, "config.yaml"))  # a resumed run's config is replaced whole or not at all
     trainer = Trainer(config, run_dir, components, resume=resume, echo=print if is_main else (lambda _: None))
@@ -202,7 +207,8 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
     if is_main:
         print(
             f"done: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
-            f"({summary['accuracy_gain']:+.3f}, {summary['eval_mode']}, {summary['eval_problems']} problems) | "
+            f"({summary['accuracy_gain']:+.3f} ± {summary['accuracy_gain_se']:.3f} {summary['accuracy_gain_se_kind']} SE, "
+            f"{summary['eval_mode']}, {summary['eval_problems']} problems) | "
             f"{summary['wall_seconds']:.0f} s | peak RSS {summary['peak_rss_mb']:.0f} MiB | run dir {run_dir}"
         )
     return 0

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Callable
 
-__all__ = ["Tracker", "format_line", "plot_curves", "read_metrics"]
+__all__ = ["Tracker", "accuracy_change_se", "format_line", "plot_curves", "read_metrics", "CURVE_PANELS"]
 
 # (metric, label, format) shown on the console line, in order.
 _CONSOLE = (
@@ -79,25 +79,95 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_curves(metrics_path: str, png_path: str, title: str) -> None:
-    """Training reward and held-out accuracy against step (matplotlib Agg, no display needed)."""
+def accuracy_change_se(
+    scores_before: Any, scores_after: Any, *, accuracy_before: float, accuracy_after: float, samples: int
+) -> tuple[float, str]:
+    """Standard error of the held-out accuracy change, and which one it is (``"paired"`` or ``"binomial"``).
+
+    Paired when both evaluations' per-problem scores (mean reward over a
+    problem's samples, NaN where none was scored) are at hand: the SE of the
+    mean per-problem difference, ``std(after_i - before_i, ddof=1) / sqrt(n)``
+    over the problems scored both times. The same problems are evaluated
+    twice, so this removes the between-problem variance that the unpaired
+    formula counts. Otherwise (a resumed run does not keep the starting
+    scores) the binomial SE of two independent proportions over ``samples``
+    scored completions each: ``sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n)``.
+    """
+    import torch
+
+    if scores_before is not None and scores_after is not None and len(scores_before) == len(scores_after):
+        diff = (torch.as_tensor(scores_after, dtype=torch.float64) - torch.as_tensor(scores_before, dtype=torch.float64))
+        diff = diff[~torch.isnan(diff)]  # (n,) problems scored both times
+        if diff.numel() >= 2:
+            return float(diff.std(unbiased=True) / math.sqrt(diff.numel())), "paired"
+    if samples < 1:
+        raise ValueError(f"accuracy_change_se needs samples >= 1 for the binomial SE, got {samples}")
+    variance = (accuracy_before * (1 - accuracy_before) + accuracy_after * (1 - accuracy_after)) / samples
+    return math.sqrt(max(variance, 0.0)), "binomial"
+
+
+#: The learning-curve panels: (title, [(metric, label, style)], y label).
+CURVE_PANELS = (
+    ("held-out accuracy", (("eval/accuracy", "held-out accuracy", "o-"),), "accuracy"),
+    ("training reward", (("train/accuracy", "train accuracy", "-"), ("reward/mean", "reward (shaped)", ":")), "mean over rollouts"),
+    ("divergence to the reference", (("loss/divergence", "divergence", "-"),), "per token"),
+    ("policy entropy", (("policy/entropy", "entropy", "-"),), "nats per token"),
+)
+
+
+def plot_curves(metrics_path: str, png_path: str, title: str, *, accuracy_before: float | None = None) -> dict[str, list[str]]:
+    """The learning curve PNG: one panel per quantity that the run logged (matplotlib Agg, no display needed).
+
+    Panels (:data:`CURVE_PANELS`, each drawn when one of its metrics is in
+    ``metrics.jsonl``): held-out accuracy, starting at step 0 with
+    ``accuracy_before`` (the evaluation before RL); training reward
+    (``train/accuracy``, and ``reward/mean`` where shaping makes it differ);
+    divergence to the reference (``loss/divergence``);
+    policy entropy (``policy/entropy``). Steps are integers on the x axis.
+    Returns the layout drawn, ``{panel title: [series labels]}``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, style in (("reward/mean", "train reward", "-"), ("eval/accuracy", "held-out accuracy", "o-")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
+    panels = []
+    for panel_title, series, ylabel in CURVE_PANELS:
+        drawn = []
+        for key, label, style in series:
+            points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+            if key == "eval/accuracy" and accuracy_before is not None:
+                points = [(0, accuracy_before)] + points
+            if key == "reward/mean" and points == [(r["step"], r["train/accuracy"]) for r in rows if "train/accuracy" in r]:
+                continue  # identical to train/accuracy without reward shaping: one line is enough
+            if points:
+                drawn.append((label, style, points))
+        if drawn:
+            panels.append((panel_title, ylabel, drawn))
+    columns = 2 if len(panels) > 1 else 1
+    rows_count = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows_count, columns, figsize=(5.5 * columns, 3.2 * rows_count), squeeze=False)
+    layout: dict[str, list[str]] = {}
+    for ax, (panel_title, ylabel, drawn) in zip(axes.flat, panels):
+        for label, style, points in drawn:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, style, label=label)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("accuracy / reward")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+            ax.plot(xs, ys, style, label=label, markersize=4)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(drawn) > 1 or panel_title == "held-out accuracy":
+            ax.legend(loc="best", fontsize=8)
+        layout[panel_title] = [label for label, _, _ in drawn]
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    if not panels:
+        axes.flat[0].text(0.5, 0.5, "no metrics logged", ha="center", va="center")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+    return layout

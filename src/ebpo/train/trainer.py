@@ -34,8 +34,8 @@ from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream, build_task, build_verifier_for
 from ebpo.train.distributed import Dist, setup
 from ebpo.train.rollout import Rollout, generate, length_chunks, overlong_penalty, rows_logprobs, score
-from ebpo.train.tracking import Tracker, format_line, plot_curves
-from ebpo.train.warmstart import cached_warmstart, train_data_id
+from ebpo.train.tracking import Tracker, accuracy_change_se, format_line, plot_curves
+from ebpo.train.warmstart import cached_warmstart, library_versions, train_data_id
 
 __all__ = ["Components", "build_components", "Trainer", "peak_rss_mb"]
 
@@ -158,6 +158,8 @@ class Trainer:
         else:
             self.ref_model = copy.deepcopy(self.model).to(self.compute_dtype).eval().requires_grad_(False)
         self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
+        self.scores_before: Tensor | None = None  # per-problem held-out scores before RL (not kept across --resume)
+        self.last_eval_scores: Tensor | None = None
         pass_rates = self._starting_pass_rates() if config.curriculum == "difficulty" else None
         self.stream = PromptStream(components.task.train_problems(), config.curriculum, config.seed, pass_rates)
         if resume:
@@ -310,6 +312,7 @@ class Trainer:
         cfg = self.config
         if self.accuracy_before is None:
             self.accuracy_before = self.evaluate()
+            self.scores_before = self.last_eval_scores  # per problem, for the paired standard error of the change
             self.echo(f"held-out accuracy before RL: {self.accuracy_before:.3f}")
         bar = _progress(cfg.steps, self.step, enabled=cfg.progress and self.dist.is_main)
         while self.step < cfg.steps:
@@ -324,7 +327,7 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 metrics["eval/accuracy"] = self.evaluate()
             self.tracker.log(self.step, metrics)
-            if self.step % cfg.log_every == 0 or self.step == 1:
+            if self.step % cfg.log_every == 0 or self.step == 1 or self.step == cfg.steps:  # first, every log_every, last
                 _write(bar, format_line(self.step, cfg.steps, metrics), self.echo if self.dist.is_main else None)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
@@ -547,6 +550,8 @@ class Trainer:
                 seed=cfg.seed + EVAL_SEED_OFFSET * (dist.rank + 1),
             )
         scored = ~torch.isnan(rewards)
+        # (P,) per-problem mean reward (NaN where every sample was skipped), gathered in rank order.
+        self.last_eval_scores = dist.all_gather_cat(torch.nanmean(rewards, dim=1).to(self.device)).cpu()
         return dist.sum(float(rewards[scored].sum())) / max(dist.sum(float(scored.sum())), 1.0)
 
     # ---------------------------------------------------------------- checkpoint and summary
@@ -564,6 +569,12 @@ class Trainer:
         ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, trainer_state=state, dist=self.dist, keep=self.config.keep_checkpoints)
 
     def finish(self, accuracy_after: float) -> dict[str, Any]:
+        eval_problems = len(self.c.task.eval_problems()) if not self.config.max_eval_problems else min(self.config.max_eval_problems, len(self.c.task.eval_problems()))
+        samples = max(self.config.eval_samples, 1)
+        gain_se, gain_se_kind = accuracy_change_se(
+            self.scores_before, self.last_eval_scores, accuracy_before=self.accuracy_before or 0.0,
+            accuracy_after=accuracy_after, samples=eval_problems * samples,
+        )  # fmt: skip
         summary = {
             "method": self.config.method,
             "task": self.config.task,
@@ -572,12 +583,16 @@ class Trainer:
             "accuracy_before": self.accuracy_before,
             "accuracy_after": accuracy_after,
             "accuracy_gain": accuracy_after - (self.accuracy_before or 0.0),
-            "eval_problems": len(self.c.task.eval_problems()) if not self.config.max_eval_problems else min(self.config.max_eval_problems, len(self.c.task.eval_problems())),
+            "accuracy_gain_se": gain_se,
+            "accuracy_gain_se_kind": gain_se_kind,
+            "eval_problems": eval_problems,
             "eval_mode": "greedy" if self.config.eval_samples == 0 else f"avg@{self.config.eval_samples}",
             "wall_seconds": self.elapsed_before + time.time() - self.start_time,
             "peak_rss_mb": peak_rss_mb(),
             "world_size": self.dist.world,
             "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "versions": {**library_versions(), "python": sys.version.split()[0]},
             "estimator_state": _plain(self.c.estimator.state_dict()),
         }
         self.tracker.close()
@@ -586,7 +601,10 @@ class Trainer:
 
             with open(os.path.join(self.run_dir, "summary.json"), "w") as handle:
                 json.dump(summary, handle, indent=2)
-            plot_curves(os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "learning_curve.png"), f"{self.config.method} on {self.config.task}")
+            plot_curves(
+                os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "learning_curve.png"),
+                f"{self.config.method} on {self.config.task}", accuracy_before=self.accuracy_before,
+            )  # fmt: skip
         return summary
 
 

@@ -3,13 +3,20 @@
 RL with verifiable rewards needs a policy that is sometimes right: a freshly
 initialised model never is, so every group is all-zero and no estimator has
 a signal. The warm start teaches the answer format and some arithmetic by
-teacher forcing on (prompt, answer, EOS) of the task's training problems,
-for few enough steps that plenty is left for RL to learn.
+teacher forcing on (prompt, ``Problem.completion_target``, EOS) of the
+task's training problems, for few enough steps that plenty is left for RL
+to learn. Problems with an empty target (nothing to teach: reasoning-gym
+datasets that store no reference answer) and problems whose prompt + target
++ EOS is longer than the model's
+positions (``max_position_embeddings``, 64 for the built-in model) are left
+out of the warm start (a log line says how many); when none fits it raises
+ValueError rather than train on sequences the model was not built for.
 
 The result is cached under ``$EBPO_CACHE_DIR/warmstart/<hash>`` (default
-``~/.cache/ebpo``), keyed by everything that determines it, and written
-atomically (temporary directory, then rename), so runs with other RL seeds
-or methods reuse it.
+``~/.cache/ebpo``), keyed by everything that determines it, the torch and
+transformers versions included (their kernels and initialisation change the
+trained weights), and written atomically (temporary directory, then
+rename), so runs with other RL seeds or methods reuse it.
 """
 
 from __future__ import annotations
@@ -20,18 +27,27 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
+import transformers
 from transformers import PreTrainedModel
 
 from ebpo.models.loading import TinyLlamaSpec
 from ebpo.tasks.base import Problem
 
-__all__ = ["cache_dir", "warmstart_key", "supervised_batch", "train_supervised", "cached_warmstart"]
+__all__ = ["cache_dir", "warmstart_key", "supervised_batch", "fitting_problems", "train_supervised", "cached_warmstart", "library_versions"]
 
-_VERSION = 1  # bump when the warm-start procedure changes, to invalidate old caches
+# Bump when the warm-start procedure changes, to invalidate old caches.
+# 2: problems longer than the model's positions are left out; torch/transformers versions in the key.
+_VERSION = 2
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries the trained weights depend on (part of the cache key and of run summaries)."""
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def cache_dir() -> str:
@@ -59,18 +75,45 @@ def supervised_batch(problems: Sequence[Problem], tokenizer: Any) -> tuple[torch
     return input_ids, attention_mask, labels
 
 
+def fitting_problems(problems: Sequence[Problem], tokenizer: Any, max_positions: int) -> list[Problem]:
+    """The problems with a non-empty target whose prompt + target + EOS fits in ``max_positions`` tokens.
+
+    Raises ValueError when none does (e.g. reasoning-gym's ``leg_counting``
+    prompts on the 64-position built-in model).
+    """
+    problems = [p for p in problems if p.completion_target]
+    if not problems:
+        raise ValueError("warm start: no training problem has a target to teach; pass --warmstart-steps 0")
+    prompts = tokenizer([p.prompt for p in problems])["input_ids"]
+    targets = tokenizer([p.completion_target for p in problems], add_special_tokens=False)["input_ids"]
+    lengths = [len(prompt) + len(target) + 1 for prompt, target in zip(prompts, targets)]
+    kept = [problem for problem, length in zip(problems, lengths) if length <= max_positions]
+    if not kept:
+        raise ValueError(
+            f"warm start: no training problem fits the model's {max_positions} positions (prompt + target + EOS: "
+            f"{min(lengths)} to {max(lengths)} tokens); pass --warmstart-steps 0, or choose task options with shorter problems"
+        )
+    return kept
+
+
 def train_supervised(
-    model: PreTrainedModel, tokenizer: Any, problems: Sequence[Problem], *, steps: int, lr: float, batch_size: int, seed: int
+    model: PreTrainedModel, tokenizer: Any, problems: Sequence[Problem], *, steps: int, lr: float, batch_size: int, seed: int,
+    log: Any = None, log_every: int = 0,
 ) -> list[float]:
-    """Teacher-forced cross-entropy on the answers; linear warm-up then linear decay. Returns the losses."""
+    """Teacher-forced cross-entropy on the targets; linear warm-up then linear decay. Returns the losses.
+
+    With ``log``, one progress line (step, mean loss since the last line,
+    seconds) every ``log_every`` steps and at the last step.
+    """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
     device = next(model.parameters()).device
     model.train()
-    losses = []
-    for _ in range(steps):
+    losses: list[float] = []
+    started = time.time()
+    for step in range(1, steps + 1):
         batch = [problems[rng.randrange(len(problems))] for _ in range(batch_size)]
         input_ids, attention_mask, labels = (t.to(device) for t in supervised_batch(batch, tokenizer))
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
@@ -80,6 +123,9 @@ def train_supervised(
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         losses.append(float(loss.detach()))
+        if log is not None and log_every and (step % log_every == 0 or step == steps):
+            recent = losses[-((step - 1) % log_every + 1) :]  # the steps since the previous line
+            log(f"warm start: step {step:>{len(str(steps))}}/{steps} | loss {sum(recent) / len(recent):.3f} | {time.time() - started:.0f} s")
     return losses
 
 
@@ -110,16 +156,24 @@ def cached_warmstart(
     log: Any = print,
 ) -> tuple[PreTrainedModel, str]:
     """Load the cached warm start for these settings, or train it and cache it. Returns (model, cache path)."""
-    settings = {"spec": asdict(spec), "alphabet": getattr(tokenizer, "alphabet", None), "task": task_id, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    settings = {
+        "spec": asdict(spec), "alphabet": getattr(tokenizer, "alphabet", None), "task": task_id, "steps": steps, "lr": lr,
+        "batch_size": batch_size, "seed": seed, "versions": library_versions(),
+    }  # fmt: skip
     path = os.path.join(cache_dir(), "warmstart", warmstart_key(settings))
     if os.path.isfile(os.path.join(path, "warmstart.json")):
         log(f"warm start: reusing {path}")
         loaded = type(model).from_pretrained(path).to(next(model.parameters()).device)
         return loaded, path
-    log(f"warm start: {steps} supervised steps (cached afterwards in {path})")
+    fitting = fitting_problems(problems, tokenizer, model.config.max_position_embeddings)
+    if len(fitting) < len(problems):
+        log(f"warm start: {len(problems) - len(fitting)} of {len(problems)} training problems are longer than the model's {model.config.max_position_embeddings} positions; left out")
+    log(f"warm start: {steps} supervised steps on {len(fitting)} problems (cached afterwards in {path})")
     with torch.random.fork_rng(devices=[]):  # the warm start must not move the run's RNG stream
         torch.manual_seed(seed)
-        losses = train_supervised(model, tokenizer, problems, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+        losses = train_supervised(
+            model, tokenizer, fitting, steps=steps, lr=lr, batch_size=batch_size, seed=seed, log=log, log_every=max(1, steps // 6),
+        )  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
     model.save_pretrained(tmp)

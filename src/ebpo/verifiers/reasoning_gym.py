@@ -37,8 +37,27 @@ def require_reasoning_gym() -> Any:
 
 
 def encode_reference(dataset: str, entry: dict[str, Any], options: dict[str, Any] | None = None) -> str:
-    """The reference string for one entry (tuples in metadata become lists; other objects their ``str``)."""
-    return json.dumps({"dataset": dataset, "options": options or {}, "entry": entry}, default=str, sort_keys=True)
+    """The reference string for one entry (tuples kept as ``{"__tuple__": [...]}``; other objects become their ``str``).
+
+    Tuples survive the round trip because some scorers compare with ``==``
+    against metadata tuples (``arc_agi``/``rearc`` boards: a list never equals
+    the parsed tuple board, and the right answer scored 0.05).
+    """
+    return json.dumps({"dataset": dataset, "options": options or {}, "entry": _tag_tuples(entry)}, default=str, sort_keys=True)
+
+
+def _tag_tuples(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tag_tuples(v) for v in value]}
+    if isinstance(value, list):
+        return [_tag_tuples(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _tag_tuples(v) for k, v in value.items()}
+    return value
+
+
+def _untag_tuples(obj: dict[str, Any]) -> Any:
+    return tuple(obj["__tuple__"]) if set(obj) == {"__tuple__"} else obj
 
 
 def extract_final(completion: str) -> str:
@@ -70,7 +89,7 @@ class ReasoningGymVerifier:
 
     def __call__(self, completion: str, reference: str) -> VerifierResult:
         try:
-            spec = json.loads(reference)
+            spec = json.loads(reference, object_hook=_untag_tuples)
             dataset, entry = spec["dataset"], spec["entry"]
             options = {k: v for k, v in spec.get("options", {}).items() if k not in ("size", "seed")}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
