@@ -470,7 +470,7 @@ def _advantage_metrics(advantages: Tensor, batch: GroupedBatch, total: Tensor, l
             magnitude.mean(),
             high,
             low,
-            (magnitude <= 1e-12 * scale).sum().to(torch.float64) / n,
+            torch.count_nonzero(magnitude <= 1e-12 * scale).to(torch.float64) / n,
             batch.all_equal.sum().to(torch.float64) / batch.num_groups,  # (M,) group statistic
             batch.rewards.mean(),
         ]

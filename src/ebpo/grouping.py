@@ -79,11 +79,12 @@ def as_reward_tensor(rewards: Tensor | Sequence[float], group_ids: Tensor | Sequ
 def _all_finite(values: Tensor) -> bool:
     """Whether every element of ``values`` is finite, in one fused pass and one host sync.
 
-    A float64 sum is NaN or infinite when an element is; only then (or when a
-    float64 sum of finite values near the float64 limit overflows) is the
-    elementwise check run.
+    A sum is NaN or infinite when an element is; only then (or when the sum
+    of large finite values overflows) is the elementwise check run.
     """
-    if math.isfinite(float(values.sum(dtype=torch.float64))):
+    # Summed in the values' own dtype (a float64 accumulator costs a conversion pass); half precision in float32.
+    total = values.sum() if values.dtype in (torch.float32, torch.float64) else values.sum(dtype=torch.float32)
+    if math.isfinite(float(total)):
         return True
     return bool(torch.isfinite(values).all())
 
@@ -356,7 +357,10 @@ class GroupedBatch:
         scale = torch.maximum(high.abs().max(), low.abs().max())  # max |r|, from the (M,) extremes
         all_equal = (high - low) <= EQUAL_ULPS * torch.finfo(torch.float64).eps * scale  # (M,)
         means = torch.where(all_equal, low, grouping.sum(r64) / sizes)  # (M,)
-        centred = grouping.map(lambda r, equal, mu: torch.where(equal, 0.0, r - mu), r64, all_equal, means)  # (N,)
+        # r - mu_m, zeroed in all-equal groups by a 0/1 factor (cheaper than where): there mu_m is the
+        # group's minimum, so r - mu_m >= 0 and the product is +0.0, the same bits as a where.
+        keep = (~all_equal).to(torch.float64)  # (M,)
+        centred = grouping.map(lambda r, mu, factor: (r - mu).mul_(factor), r64, means, keep)  # (N,)
         group_correctness = means if correctness is None else grouping.sum(correct) / sizes
         return cls(
             rewards=r64, grouping=grouping, group_sizes=sizes, group_means=means, dtype=rewards_t.dtype,
