@@ -10,9 +10,10 @@ responses in a random order: the general path). Before anything is timed the
 two results are compared (advantages un-shuffled, and every metric), and for
 N <= ``--loop-max`` both are checked against the per-sample loop oracles of
 ``tests/oracles.py``, whose time is reported too; a fast wrong answer cannot
-enter the table. Prints a markdown table (median milliseconds per call over
-``--repeats`` calls, with the interquartile range as the noise) and writes
-every number to JSON.
+enter the table. Prints a markdown table (median wall-clock milliseconds per
+call over ``--repeats`` calls, their interquartile range as the noise, and
+the median process CPU milliseconds, which a busy machine inflates less) and
+writes every number to JSON.
 
 Timings default to one torch thread (``--threads``): on a shared machine
 that is the most stable comparison.
@@ -74,13 +75,15 @@ def make_batch(n: int, g: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def time_call(fn: Callable[[], object], repeats: int) -> list[float]:
-    times = []
+def time_call(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each call (CPU time is less sensitive to a shared machine)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        cpu.append(time.process_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
+    return wall, cpu
 
 
 def quartiles(times: list[float]) -> tuple[float, float, float]:
@@ -101,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     rows = []
-    print("| estimator | N | contiguous ms | shuffled ms | loop ms | contiguous IQR ms | shuffled IQR ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| estimator | N | contiguous ms | shuffled ms | loop ms | contiguous IQR ms | shuffled IQR ms | contiguous CPU ms | shuffled CPU ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         batch = make_batch(n, args.group_size, seed=n)
         perm = batch["perm"]
@@ -119,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 estimator = build_estimator(name, **spec)
                 advantages, metrics = estimator(rewards, group_ids, topic_ids=topic_ids)  # first call (checked)
                 results[layout] = (advantages, metrics)
-                times = time_call(lambda: estimator(rewards, group_ids, topic_ids=topic_ids, training=False), args.repeats)
-                q1, median, q3 = quartiles(times)
+                wall, cpu = time_call(lambda: estimator(rewards, group_ids, topic_ids=topic_ids, training=False), args.repeats)
+                q1, median, q3 = quartiles(wall)
                 row[f"{layout}_ms"], row[f"{layout}_iqr_ms"] = median * 1e3, (q3 - q1) * 1e3
+                row[f"{layout}_cpu_ms"] = statistics.median(cpu) * 1e3
             (contiguous, contiguous_metrics), (shuffled, shuffled_metrics) = results["contiguous"], results["shuffled"]
             unshuffled = torch.empty_like(shuffled).index_copy_(0, perm, shuffled)
             row["path_max_abs_diff"] = float((contiguous.double() - unshuffled.double()).abs().max())
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             loop = f"{row['loop_ms']:.1f}" if row["loop_ms"] is not None else "-"
             print(
                 f"| {label} | {n} | {row['contiguous_ms']:.2f} | {row['shuffled_ms']:.2f} | {loop} "
-                f"| {row['contiguous_iqr_ms']:.2f} | {row['shuffled_iqr_ms']:.2f} |",
+                f"| {row['contiguous_iqr_ms']:.2f} | {row['shuffled_iqr_ms']:.2f} "
+                f"| {row['contiguous_cpu_ms']:.2f} | {row['shuffled_cpu_ms']:.2f} |",
                 flush=True,
             )
     args.json.parent.mkdir(parents=True, exist_ok=True)

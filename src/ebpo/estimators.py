@@ -263,12 +263,12 @@ class EBPO:
         denom = noise + group_tau2
         shrinkage = torch.where(denom > self.eps, noise / denom.clamp_min(self.eps), torch.ones_like(noise))  # (M,)
         baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * target  # (M,)
-        advantages = batch.grouping.map(torch.sub, batch.rewards, baseline)  # (N,) A_raw = r - V_q
+        advantages = batch.grouping.map(torch.sub, batch.rewards, baseline)  # (N,) A_raw = r - V_q (fresh: in place below)
         raw_mean = float(advantages.mean())
         if self.center:
-            advantages = advantages - raw_mean
+            advantages.sub_(raw_mean)
         if self.std_normalize:
-            advantages = advantages / (advantages.std(unbiased=True) + self.eps)
+            advantages.div_(advantages.std(unbiased=True) + self.eps)
         metrics.update({"ebpo/shrinkage": float(shrinkage.mean()), "ebpo/raw_adv_mean": raw_mean})
         if training:  # evaluation must never move the prior; commit only once nothing can fail here
             self.reward_stats, self.group_stats = reward_stats, group_stats

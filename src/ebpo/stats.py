@@ -54,7 +54,8 @@ class Welford:
         if n == 0:
             return cls()
         mean = values.mean()
-        m2 = ((values - mean) ** 2).sum()
+        centred = values - mean  # (n,) a fresh tensor: square it in place (no second (n,) allocation)
+        m2 = centred.mul_(centred).sum()
         return cls(count=float(n), mean=float(mean), m2=float(m2))
 
     def merge(self, other: "Welford") -> "Welford":
