@@ -461,16 +461,17 @@ def _advantage_metrics(advantages: Tensor, batch: GroupedBatch, total: Tensor, l
     """The shared metrics from advantages (N,) and their sum, min and max; one host sync for all of them."""
     # Zero signal: an advantage that is rounding noise next to the batch's largest (group-relative
     # estimators give all-equal groups exact zeros; see GroupedBatch.centred).
-    magnitude = advantages.abs()  # (N,)
-    scale = torch.maximum(-low, high)  # max |A|
+    threshold = 1e-12 * torch.maximum(-low, high)  # max |A| * 1e-12
     n = batch.num_responses
+    # |A| <= t counted as (A <= t) - (A < -t): two (N,) bool masks instead of an (N,) float64 |A|.
+    zero = torch.count_nonzero(advantages <= threshold) - torch.count_nonzero(advantages < -threshold)
     values = torch.stack(
         [
             total / n,
-            magnitude.mean(),
+            torch.linalg.vector_norm(advantages, ord=1) / n,  # mean |A| without materialising |A|
             high,
             low,
-            torch.count_nonzero(magnitude <= 1e-12 * scale).to(torch.float64) / n,
+            zero.to(torch.float64) / n,
             batch.all_equal.sum().to(torch.float64) / batch.num_groups,  # (M,) group statistic
             batch.rewards.mean(),
         ]
