@@ -80,7 +80,7 @@ def run_both(label: str, batch, steps: int = 2, use_correctness: bool = False, g
         steps_out = []
         with pytest.MonkeyPatch.context() as patch:
             if path == "general" and general == "forced":
-                patch.setattr(grouping_module, "_block_size", lambda ids: None)
+                patch.setattr(grouping_module, "_block_candidate", lambda ids: (None, False))
             for step in range(steps):
                 shift = 0.05 * step  # a different batch per step moves running priors and the HA-DW anchor
                 r = rewards if step == 0 or use_correctness else (rewards * (1 - shift)).to(rewards.dtype)

@@ -187,21 +187,14 @@ class Grouping:
     @classmethod
     def from_ids(cls, group_ids: Tensor) -> "Grouping":
         """Group validated ids (N,) int64, N >= 1."""
-        n = group_ids.numel()
-        block = _block_size(group_ids)
-        if block is not None:
-            return cls(n, n // block, block=block, index=None, device=group_ids.device)
-        low, high = (int(x) for x in group_ids.aminmax())
-        if high - low < _DENSE_SPAN * n:  # ids in a compact range: rank by lookup table, O(N + span), no sort
-            offset = group_ids - low  # (N,)
-            present = torch.zeros(high - low + 1, dtype=torch.long, device=group_ids.device).index_fill_(0, offset, 1)
-            rank = present.cumsum(0) - 1  # rank of each present id among the present ids
-            index = rank.index_select(0, offset)  # (N,)
-            num_groups = int(rank[-1]) + 1
-        else:  # sparse ids (hashes): sort
-            unique, index = torch.unique(group_ids, sorted=True, return_inverse=True)
-            num_groups = unique.numel()
-        return cls(n, num_groups, block=None, index=index, device=group_ids.device)
+        n, device = group_ids.numel(), group_ids.device
+        block, increasing = _block_candidate(group_ids)
+        if block is not None and increasing:  # the common layout: decided in O(N), nothing sorted or ranked
+            return cls(n, n // block, block=block, index=None, device=device)
+        index, num_groups = _rank(group_ids)
+        if block is not None and num_groups == n // block:  # blocks in any order, each a distinct id
+            return cls(n, num_groups, block=block, index=None, device=device)
+        return cls(n, num_groups, block=None, index=index, device=device)
 
     @property
     def index(self) -> Tensor:
@@ -275,13 +268,13 @@ class Grouping:
         return out.reshape(-1)
 
 
-def _block_size(group_ids: Tensor) -> int | None:
-    """G if ``group_ids`` (N,) is constant over consecutive blocks of G and distinct between blocks, else None.
+def _block_candidate(group_ids: Tensor) -> tuple[int | None, bool]:
+    """(G, whether the block ids increase) if ``group_ids`` (N,) is constant over consecutive blocks of G, else (None, False).
 
-    O(N), vectorised, no sort of the N ids: G is the length of the first run
-    (found on a growing prefix), then one comparison of the (M, G) view with
-    its first column; block ids are distinct if they increase (else the M
-    block ids, not the N response ids, are sorted to check).
+    O(N), vectorised, no sort: G is the length of the first run (found on a
+    growing prefix), then one comparison of the (M, G) view with its first
+    column. Blocks are distinct groups for sure when their ids increase;
+    otherwise the caller compares M with the number of distinct ids.
     """
     n = group_ids.numel()
     first = group_ids[0]
@@ -292,17 +285,28 @@ def _block_size(group_ids: Tensor) -> int | None:
             block = int(differs.to(torch.uint8).argmax())  # first index whose id differs
             break
         if width >= n:
-            return n  # one group
+            return n, True  # one group
         width *= 16
     if n % block:
-        return None
-    blocks = group_ids.reshape(n // block, block)  # (M, G)
-    if not torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
-        return None
+        return None, False
+    blocks = group_ids.reshape(n // block, block)  # (M, G), a view of contiguous ids
+    if block > 1 and not torch.equal(blocks, blocks[:, :1].expand_as(blocks)):
+        return None, False
     heads = blocks[:, 0]  # (M,)
-    if bool((heads[1:] > heads[:-1]).all()) or torch.unique(heads).numel() == heads.numel():
-        return block
-    return None  # a prompt's responses in several blocks: one group of unequal layout
+    return block, bool((heads[1:] > heads[:-1]).all())
+
+
+def _rank(group_ids: Tensor) -> tuple[Tensor, int]:
+    """Each id's rank among the distinct ids (N,) int64 (the inverse of a sorted unique), and their count."""
+    n = group_ids.numel()
+    low, high = (int(x) for x in group_ids.aminmax())
+    if high - low < _DENSE_SPAN * n:  # ids in a compact range: a lookup table, O(N + span), no sort
+        offset = group_ids - low  # (N,)
+        present = torch.zeros(high - low + 1, dtype=torch.long, device=group_ids.device).index_fill_(0, offset, 1)
+        rank = present.cumsum(0) - 1  # rank of each present id among the present ids
+        return rank.index_select(0, offset), int(rank[-1]) + 1
+    unique, index = torch.unique(group_ids, sorted=True, return_inverse=True)  # sparse ids (hashes): sort
+    return index, unique.numel()
 
 
 @dataclass(frozen=True)
