@@ -222,3 +222,18 @@ def test_fast_path_equals_general_path_random_shapes(num_groups, g, first_id, se
     batch = contiguous_batch(seed, num_groups, g, dtype, kind="shaped" if shaped else "binary", first_id=first_id)
     fast, general = run_both(label, batch)
     assert_same(fast, general, dtype)
+
+
+def test_strided_inputs_take_the_fast_path_too():
+    """Rewards, correctness and topic ids may be strided views (every other element of a buffer)."""
+    rewards, group_ids, topic_ids, binary, _ = contiguous_batch(seed=3, num_groups=8, g=4, dtype=torch.float64)
+    strided = lambda t: torch.stack([t, t]).t().reshape(-1)[::2]  # noqa: E731  same values, stride 2
+    assert not strided(rewards).is_contiguous() and torch.equal(strided(rewards), rewards)
+    estimator = build_estimator("ebpo", hierarchical=True, weighting="ha_dw")
+    expected, _ = build_estimator("ebpo", hierarchical=True, weighting="ha_dw")(
+        rewards, group_ids, topic_ids=topic_ids, correctness=binary
+    )
+    advantages, _ = estimator(
+        strided(rewards), strided(group_ids), topic_ids=strided(topic_ids), correctness=strided(binary)
+    )
+    assert torch.equal(advantages, expected)

@@ -213,7 +213,7 @@ class Grouping:
     def sum(self, values: Tensor) -> Tensor:
         """Segment sum of per-response ``values`` (N,) -> (M,)."""
         if self.block is not None:
-            blocks = values.view(self.num_groups, self.block)  # (M, G)
+            blocks = values.reshape(self.num_groups, self.block)  # (M, G), a view unless values is strided
             if self.block > _COLUMN_SUM_MAX:
                 return blocks.sum(dim=1)
             # Small G: add the G columns left to right. A reduction over an inner dimension of 4 barely
@@ -235,7 +235,7 @@ class Grouping:
 
     def _extreme(self, values: Tensor, reduce: str) -> Tensor:
         if self.block is not None:
-            blocks = values.view(self.num_groups, self.block)
+            blocks = values.reshape(self.num_groups, self.block)
             return blocks.amin(dim=1) if reduce == "amin" else blocks.amax(dim=1)
         out = torch.empty(self.num_groups, dtype=values.dtype, device=values.device)
         with warnings.catch_warnings():  # index_reduce_ is "beta" but 2x faster than scatter_reduce here
