@@ -108,13 +108,14 @@ class GroupBaseline(_Stateless):
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         centred = batch.centred  # (N,) r - mu_m, exactly 0 in all-equal groups
+        eps = self.eps
         if self.scale == "group":
-            std = batch.broadcast(batch.group_var(unbiased=self.unbiased_std).sqrt())  # (N,)
-        elif self.scale == "batch":
+            std = batch.group_var(unbiased=self.unbiased_std).sqrt()  # (M,)
+            return batch.grouping.map(lambda c, s: c / (s + eps), centred, std), {}
+        if self.scale == "batch":
             std = batch.rewards.std(unbiased=self.unbiased_std)  # N >= 2 since G >= 2
-        else:
-            return centred, {}
-        return centred / (std + self.eps), {}
+            return centred / (std + eps), {}
+        return centred, {}
 
 
 @ESTIMATORS.register("dr_grpo")
@@ -137,8 +138,7 @@ class RLOO(_Stateless):
     min_group_size = 2
 
     def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
-        sizes = batch.broadcast(batch.group_sizes)  # (N,)
-        return batch.centred * (sizes / (sizes - 1.0)), {}
+        return batch.grouping.map(lambda c, g: c * (g / (g - 1.0)), batch.centred, batch.group_sizes), {}  # (N,)
 
 
 _PRIOR_DECAY = {"batch": 0.0, "running": 1.0}
@@ -263,12 +263,12 @@ class EBPO:
         denom = noise + group_tau2
         shrinkage = torch.where(denom > self.eps, noise / denom.clamp_min(self.eps), torch.ones_like(noise))  # (M,)
         baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * target  # (M,)
-        advantages = batch.rewards - batch.broadcast(baseline)  # (N,) A_raw
+        advantages = batch.grouping.map(torch.sub, batch.rewards, baseline)  # (N,) A_raw = r - V_q (fresh: in place below)
         raw_mean = float(advantages.mean())
         if self.center:
-            advantages = advantages - raw_mean
+            advantages.sub_(raw_mean)
         if self.std_normalize:
-            advantages = advantages / (advantages.std(unbiased=True) + self.eps)
+            advantages.div_(advantages.std(unbiased=True) + self.eps)
         metrics.update({"ebpo/shrinkage": float(shrinkage.mean()), "ebpo/raw_adv_mean": raw_mean})
         if training:  # evaluation must never move the prior; commit only once nothing can fail here
             self.reward_stats, self.group_stats = reward_stats, group_stats
@@ -287,8 +287,9 @@ class EBPO:
         w_k = m_k / (m_k + nu) pulls the topic's variances toward the pooled
         ones and B_k = (tau_k*^2/m_k) / (tau_k*^2/m_k + omega^2) its mean toward mu_glob.
         """
+        keys, topic_of_group = torch.unique(batch.group_topics, sorted=True, return_inverse=True)  # (K,), (M,)
         topic_rewards = self.topic_reward_stats.decayed(self.decay).merge(
-            KeyedWelford.from_values(batch.rewards, batch.broadcast(batch.group_topics))
+            KeyedWelford.from_grouped_values(batch.rewards, batch.grouping, batch.group_sizes, keys, topic_of_group)
         )
         topic_groups = self.topic_group_stats.decayed(self.decay).merge(
             KeyedWelford.from_values(batch.group_means, batch.group_topics)
@@ -311,7 +312,7 @@ class EBPO:
             topic_mean = (1.0 - pool) * mu_k + pool * mu_glob
         slot = topic_groups.lookup(batch.group_topics)  # (M,) each group's topic
         metrics = {
-            "ebpo/num_topics": float(torch.unique(batch.group_topics).numel()),
+            "ebpo/num_topics": float(keys.numel()),
             "ebpo/omega2": omega2,
             "ebpo/tau2_within": tau2_within,
             "ebpo/sigma2_within": sigma2_within,
@@ -422,19 +423,21 @@ class AdvantagePipeline:
             weights, weight_metrics = self.weighting(advantages, batch, training=training)  # (N,)
             advantages = advantages * weights
             metrics.update(weight_metrics)
-        if not bool(torch.isfinite(advantages).all()):  # a bug, never a user's input: fail loudly
-            raise FloatingPointError(f"{self.name} produced non-finite advantages")
-        out = advantages.to(batch.dtype)
-        if not bool(torch.isfinite(out).all()):
+        total = advantages.sum()  # NaN or inf iff an advantage is (or, finite, their sum overflows)
+        if not math.isfinite(float(total)) and not bool(torch.isfinite(advantages).all()):
+            raise FloatingPointError(f"{self.name} produced non-finite advantages")  # a bug, never a user's input
+        low, high = advantages.aminmax()
+        if batch.dtype != torch.float64 and not bool(torch.isfinite(torch.stack([low, high]).to(batch.dtype)).all()):
             # Computed in float64, but the caller asked for its rewards' dtype, which cannot hold them:
             # refuse rather than return inf (a half-precision reward pipeline with large rewards).
-            largest = float(advantages.abs().max())
+            # Rounding is monotone, so the extremes overflow iff any advantage does.
+            largest = float(torch.maximum(-low, high))
             raise ValueError(
                 f"{self.name} advantages reach {largest:.6g}, beyond the range of the rewards' dtype {batch.dtype} "
                 f"(max {torch.finfo(batch.dtype).max:.6g}); pass the rewards as float32 or rescale them"
             )
-        metrics.update(_advantage_metrics(advantages, batch))
-        return out, metrics
+        metrics.update(_advantage_metrics(advantages, batch, total, low, high))
+        return advantages.to(batch.dtype), metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -454,20 +457,27 @@ class AdvantagePipeline:
             raise ValueError("state has a weighting state but this estimator has no weighting")
 
 
-def _advantage_metrics(advantages: Tensor, batch: GroupedBatch) -> dict[str, float]:
+def _advantage_metrics(advantages: Tensor, batch: GroupedBatch, total: Tensor, low: Tensor, high: Tensor) -> dict[str, float]:
+    """The shared metrics from advantages (N,) and their sum, min and max; one host sync for all of them."""
     # Zero signal: an advantage that is rounding noise next to the batch's largest (group-relative
     # estimators give all-equal groups exact zeros; see GroupedBatch.centred).
-    scale = float(advantages.abs().max())
-    zero = advantages.abs() <= 1e-12 * scale
-    return {
-        "adv/mean": float(advantages.mean()),
-        "adv/abs_mean": float(advantages.abs().mean()),
-        "adv/max": float(advantages.max()),
-        "adv/min": float(advantages.min()),
-        "adv/zero_signal_frac": float(zero.double().mean()),
-        "adv/all_equal_group_frac": float(batch.all_equal.double().mean()),
-        "reward/mean": float(batch.rewards.mean()),
-    }
+    threshold = 1e-12 * torch.maximum(-low, high)  # max |A| * 1e-12
+    n = batch.num_responses
+    # |A| <= t counted as (A <= t) - (A < -t): two (N,) bool masks instead of an (N,) float64 |A|.
+    zero = torch.count_nonzero(advantages <= threshold) - torch.count_nonzero(advantages < -threshold)
+    values = torch.stack(
+        [
+            total / n,
+            torch.linalg.vector_norm(advantages, ord=1) / n,  # mean |A| without materialising |A|
+            high,
+            low,
+            zero.to(torch.float64) / n,
+            batch.all_equal.sum().to(torch.float64) / batch.num_groups,  # (M,) group statistic
+            batch.rewards.mean(),
+        ]
+    ).tolist()
+    names = ("adv/mean", "adv/abs_mean", "adv/max", "adv/min", "adv/zero_signal_frac", "adv/all_equal_group_frac", "reward/mean")
+    return dict(zip(names, values))
 
 
 def build_estimator(

@@ -21,9 +21,13 @@ d in (0, 1) (old steps lose weight geometrically, for a moving policy).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ebpo.grouping import Grouping
 
 __all__ = ["Welford", "KeyedWelford"]
 
@@ -50,7 +54,8 @@ class Welford:
         if n == 0:
             return cls()
         mean = values.mean()
-        m2 = ((values - mean) ** 2).sum()
+        centred = values - mean  # (n,) a fresh tensor: square it in place (no second (n,) allocation)
+        m2 = centred.mul_(centred).sum()
         return cls(count=float(n), mean=float(mean), m2=float(m2))
 
     def merge(self, other: "Welford") -> "Welford":
@@ -137,6 +142,27 @@ class KeyedWelford:
         centred = values - mean[index]
         m2 = torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(0, index, centred * centred)
         return cls(unique, count, mean, m2)
+
+    @classmethod
+    def from_grouped_values(
+        cls, values: Tensor, grouping: "Grouping", group_sizes: Tensor, keys: Tensor, key_of_group: Tensor
+    ) -> "KeyedWelford":
+        """Per-key statistics of per-response ``values`` (N,) whose group's key is ``keys[key_of_group]``.
+
+        The same two-pass statistics as :meth:`from_values` with each
+        response keyed by its group's key, but every N-sized reduction is the
+        grouping's segment sum (an (M, G) view for contiguous groups) followed
+        by an (M,) -> (K,) sum, and only the M group keys are sorted (by the
+        caller), not N response keys. ``keys`` (K,) sorted unique,
+        ``key_of_group`` (M,) index into it, ``group_sizes`` (M,) float64.
+        """
+        values = values.detach().to(torch.float64)
+        zeros = torch.zeros(keys.numel(), dtype=torch.float64, device=values.device)
+        count = zeros.index_add(0, key_of_group, group_sizes)
+        mean = zeros.index_add(0, key_of_group, grouping.sum(values)) / count  # (K,)
+        centred = grouping.map(torch.sub, values, mean.index_select(0, key_of_group))  # (N,)
+        m2 = zeros.index_add(0, key_of_group, grouping.sum(centred * centred))
+        return cls(keys, count, mean, m2)
 
     def decayed(self, factor: float) -> "KeyedWelford":
         """Down-weight every key by ``factor`` (as :meth:`Welford.decayed`); 0 forgets every key."""

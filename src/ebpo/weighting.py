@@ -115,12 +115,13 @@ class HADW:
 
     def __call__(self, advantages: Tensor, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         correct = batch.correctness  # (N,) the verifier's correctness: the rewards unless the caller passed it
-        if bool((correct < 0).any() or (correct > 1).any()):
+        low, high = torch.stack(correct.aminmax()).tolist()  # one pass, one host sync
+        if low < 0 or high > 1:
             # diff = mu_q - C is a difference of accuracies; exp(|diff|) of arbitrary rewards overflows.
             what = "rewards" if correct is batch.rewards else "correctness"
             raise ValueError(
                 f"ha_dw weights by accuracy and needs {what} in [0, 1], got {what} in "
-                f"[{float(correct.min())}, {float(correct.max())}]; "
+                f"[{low}, {high}]; "
                 + (
                     "pass the unshaped verifier score as correctness= (shaped rewards, e.g. DAPO's overlong "
                     "penalty, may leave [0, 1]) or rescale the rewards"
@@ -132,16 +133,23 @@ class HADW:
         anchor, updated, history, metrics = self._next_anchor(accuracy)
         if training:
             self.anchor, self.history = updated, history
-        diff = batch.broadcast(batch.group_correctness) - anchor  # (N,) mu_q - C, mu_q = the group's accuracy
-        direction = -torch.sign(advantages) * torch.sign(diff)  # (N,) D in {-1, 0, 1}
-        weights = self.lam * torch.exp(direction * diff.abs())  # (N,)
+        diff = batch.group_correctness - anchor  # (M,) mu_q - C, mu_q = the group's accuracy
+        lam = self.lam
+
+        def weight(adv: Tensor, diff_sign: Tensor, diff_size: Tensor) -> Tensor:
+            direction = -torch.sign(adv) * diff_sign  # D in {-1, 0, 1}
+            return lam * torch.exp(direction * diff_size)
+
+        weights = batch.grouping.map(weight, advantages, torch.sign(diff), diff.abs())  # (N,)
+        weight_min, weight_max = weights.aminmax()
+        weight_mean, weight_max, weight_min = torch.stack([weights.mean(), weight_max, weight_min]).tolist()
         metrics.update(
             {
                 "hadw/anchor": anchor,
                 "hadw/batch_accuracy": accuracy,
-                "hadw/weight_mean": float(weights.mean()),
-                "hadw/weight_max": float(weights.max()),
-                "hadw/weight_min": float(weights.min()),
+                "hadw/weight_mean": weight_mean,
+                "hadw/weight_max": weight_max,
+                "hadw/weight_min": weight_min,
             }
         )
         return weights, metrics
