@@ -38,6 +38,11 @@ from pathlib import Path
 import torch
 
 
+def threads(args: argparse.Namespace) -> int:
+    """Torch threads of every contender: ``--threads``, or what ebpo train uses by default (all cores, at most 8)."""
+    return args.threads or max(1, min(os.cpu_count() or 1, 8))
+
+
 def run_ebpo(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     out = work / "ebpo"
     cmd = [
@@ -45,6 +50,7 @@ def run_ebpo(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
         "--prompts-per-step", str(args.prompts), "--group-size", str(args.group_size),
         "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--max-eval-problems", "8",
         "--eval-samples", "1", "--no-progress", "--no-tensorboard", "--save-every", "0", "--out", str(out),
+        "--threads", str(threads(args)),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -68,7 +74,7 @@ def run_bare(args: argparse.Namespace, model_path: str) -> dict:
     from ebpo.tasks.arithmetic import ArithmeticTask
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))  # what ebpo train uses
+    torch.set_num_threads(threads(args))
     tokenizer = load_tokenizer(model_path)  # pads on the left
     model = AutoModelForCausalLM.from_pretrained(model_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -147,6 +153,7 @@ def run_trl(args: argparse.Namespace, model_path: str, work: Path) -> dict:
             if logs and "completions/mean_length" in logs:
                 lengths.append(float(logs["completions/mean_length"]))
 
+    torch.set_num_threads(threads(args))
     model = AutoModelForCausalLM.from_pretrained(model_path)
     trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="completion length")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for every contender; 0 = all cores (at most 8). On a loaded machine 1 avoids oversubscription stalls")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/throughput.json"), help="output file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,3 +169,65 @@ def test_update_reads_metrics_back_once_per_step_not_per_micro_batch(tmp_path, m
         assert all(isinstance(v, float) for v in metrics.values())
     assert counts[2] - counts[0] == 7, counts  # 8 micro-batches vs 1: one finiteness check each
     assert counts[0] <= 3, counts
+
+
+def _input_rows(model):
+    """Record the batch size of every forward of the model's token embedding."""
+    rows = []
+    return rows, model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("subset", ["all", "uneven"])
+@pytest.mark.parametrize("kind", ["hf", "wrapped", "lora"])
+def test_shared_prompt_forward_equals_one_row_per_sample_with_gradients(tiny, rollout, kind, subset):
+    """Oracle: the row-per-sample forward; same log-probs, entropies and parameter gradients, one prompt per group."""
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    if kind == "lora":
+        pytest.importorskip("peft")
+        from ebpo.models.loading import add_lora
+
+        torch.manual_seed(0)
+        model = add_lora(model, 4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    call = _Wrapper(model) if kind == "wrapped" else model
+    rows = torch.arange(len(rollout.texts)) if subset == "all" else torch.tensor([0, 1, 2, 5, 6, 7, 9])  # groups of 2 and 1 rows
+    mask = rollout.completion_mask[rows].bool()
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        seen, hook = _input_rows(model)
+        try:
+            logprobs, entropy = rows_logprobs(call, rollout, rows, 0.7, entropy=True, share_prompts=share)
+        finally:
+            hook.remove()
+        (logprobs * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logprobs.detach(), entropy, grads, seen))
+    (lp0, ent0, g0, seen0), (lp1, ent1, g1, seen1) = results
+    assert torch.allclose(lp1[mask], lp0[mask], atol=1e-5) and torch.allclose(ent1[mask], ent0[mask], atol=1e-5)
+    assert torch.all(lp1[~mask] == 0)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-4), name
+    groups = len(torch.unique(rollout.group_ids[rows]))
+    assert seen0 == [len(rows)] and seen1 == [groups]  # one packed sequence per group
+
+
+def test_shared_prompt_forward_falls_back_without_sdpa(tiny, rollout):
+    model, _ = tiny
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    rows = torch.arange(len(rollout.texts))
+    seen, hook = _input_rows(eager)
+    try:
+        with torch.no_grad():
+            got = rows_logprobs(eager, rollout, rows, share_prompts=True)
+    finally:
+        hook.remove()
+    expected, _ = _oracle(eager, rollout, 1.0)
+    mask = rollout.completion_mask.bool()
+    assert seen == [len(rows)] and torch.allclose(got[mask], expected[mask], atol=1e-5)
