@@ -80,7 +80,7 @@ class TrainConfig:
     generation_batch_size: int = 0
     """Sequences per generate call, rounded down to whole groups (at least one); 0 = all at once."""
     share_prompt_cache: bool = True
-    """Run each prompt once for its G samples: one prefill whose KV cache is copied to the samples, and one packed forward per group in the update (turn off for models whose cache cannot be repeated or whose attention ignores a custom 4D mask)."""
+    """Prefill each prompt once and copy its KV cache to its G samples (turn off for models whose cache cannot be repeated)."""
 
     # --- advantages ---
     estimator: str = "ebpo"

@@ -334,78 +334,6 @@ def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
     return logits / temperature if temperature != 1.0 else logits
 
 
-def _shares_prompts(model: Any) -> bool:
-    """Whether the packed shared-prompt forward (:func:`_packed_completion_logits`) is exact for ``model``.
-
-    It needs a custom 4D boolean attention mask taken as is, which
-    transformers' SDPA attention does for its decoder-only models; other
-    attention implementations (eager adds a float mask) use the row-per-sample forward.
-    """
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, FSDP
-        inner = inner.module
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    config = getattr(base, "config", None)
-    return getattr(config, "_attn_implementation", None) == "sdpa" and not getattr(config, "is_encoder_decoder", False)
-
-
-def _packed_completion_logits(model: Any, rollout: "Rollout", rows: Tensor, lengths: tuple[Tensor, Tensor], temperature: float) -> Tensor:
-    """The logits (R, T', V) of :func:`completion_logits` for ``rows``, with each prompt run once for its rows.
-
-    Rows of one group share their prompt. Each group becomes one packed
-    sequence ``[prompt, completion 1, ..., completion K]`` (K = most rows of
-    one group here, T' = longest completion here), with a block attention
-    mask: the prompt is causal, completion k attends to the prompt and to its
-    own earlier tokens only, at the positions it has in its own row. Every
-    completion token therefore sees exactly what it sees in its own row, so
-    the logits equal the row-per-sample forward (up to float rounding; tested),
-    while the prompt's layers run once per group instead of once per sample
-    (and its gradient is the sum over the group's samples, as before).
-    """
-    prompt_lengths, completion_lengths = lengths
-    device = rollout.input_ids.device
-    P = rollout.prompt_length
-    used_prompt = int(prompt_lengths[rows].max())
-    width = max(int(completion_lengths[rows].max()), 1)  # T'
-    groups, inverse = torch.unique(rollout.group_ids[rows], return_inverse=True)  # (n,), (R,)
-    # slot of each row within its group: its rank among the rows of the same group
-    order = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=len(groups))  # (n,)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(inverse)
-    slot[order] = torch.arange(len(rows)) - starts[inverse[order]]
-    slots = int(counts.max())  # K
-    first = rows[order[starts]]  # (n,) one row per group, for its prompt
-    n, L = len(groups), used_prompt + slots * width
-    group_of, slot_of = inverse.to(device), slot.to(device)
-    prompt_ids = rollout.input_ids[first, P - used_prompt : P]  # (n, P')
-    prompt_mask = rollout.attention_mask[first, P - used_prompt : P].bool()  # (n, P')
-    completions = torch.full((n, slots, width), 0, dtype=rollout.input_ids.dtype, device=device)
-    completions[group_of, slot_of] = rollout.input_ids[rows, P : P + width]
-    input_ids = torch.cat([prompt_ids, completions.reshape(n, slots * width)], dim=1)  # (n, L)
-    prompt_positions = (prompt_mask.long().cumsum(1) - 1).clamp_min(0)  # (n, P')
-    real_prompt = prompt_mask.sum(1, keepdim=True)  # (n, 1)
-    steps = torch.arange(width, device=device)
-    completion_positions = (real_prompt.unsqueeze(1) + steps).expand(n, slots, width).reshape(n, slots * width)
-    positions = torch.cat([prompt_positions, completion_positions], dim=1)  # (n, L)
-    # block mask (n, 1, L, L): True = attend
-    block = torch.full((L,), -1, device=device)
-    block[used_prompt:] = torch.arange(slots, device=device).repeat_interleave(width)  # -1 = prompt, k = completion k
-    index = torch.arange(L, device=device)
-    causal = index.unsqueeze(1) >= index.unsqueeze(0)  # (L, L) query >= key
-    same_block = (block.unsqueeze(1) == block.unsqueeze(0)) | (block.unsqueeze(0) == -1)  # key in own completion or prompt
-    key_real = torch.cat([prompt_mask, torch.ones(n, slots * width, dtype=torch.bool, device=device)], dim=1)  # (n, L)
-    mask = (causal & same_block).unsqueeze(0) & key_real.unsqueeze(1)
-    mask = (mask | torch.eye(L, dtype=torch.bool, device=device)).unsqueeze(1)  # a padded query attends to itself (no empty row)
-    kwargs = {"logits_to_keep": slots * width + 1} if _keeps_logits(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **kwargs).logits
-    logits = logits[:, -(slots * width) - 1 :].float()  # (n, 1 + K T', V): the last prompt token, then every completion token
-    shared, own = logits[:, :1], logits[:, 1:].reshape(n, slots, width, -1)
-    per_slot = torch.cat([shared.unsqueeze(1).expand(n, slots, 1, logits.shape[-1]), own[:, :, : width - 1]], dim=2)  # (n, K, T', V)
-    out = per_slot[group_of, slot_of]  # (R, T', V)
-    return out / temperature if temperature != 1.0 else out
-
-
 def _gather_logprobs(logits: Tensor, targets: Tensor, lse: Tensor | None = None) -> Tensor:
     # log_softmax + gather, written as logit - logsumexp to avoid a second (B, T, V) tensor.
     lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
@@ -428,14 +356,7 @@ def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
 
 
 def rows_logprobs(
-    model: Any,
-    rollout: Rollout,
-    rows: Tensor,
-    temperature: float = 1.0,
-    *,
-    entropy: bool = False,
-    lengths: tuple[Tensor, Tensor] | None = None,
-    share_prompts: bool = False,
+    model: Any, rollout: Rollout, rows: Tensor, temperature: float = 1.0, *, entropy: bool = False, lengths: tuple[Tensor, Tensor] | None = None
 ) -> Any:
     """Completion log-probs (len(rows), T) of ``rows``, computed on those rows' own padding.
 
@@ -447,21 +368,15 @@ def rows_logprobs(
     per-token entropy (len(rows), T) of the same temperature-scaled
     distribution, from the same forward pass, detached. ``lengths``:
     :meth:`Rollout.row_lengths`, computed once by the caller, so the cut
-    reads no value back from the device. ``share_prompts``: rows of the same
-    group run their shared prompt once (:func:`_packed_completion_logits`;
-    models whose attention cannot take the block mask fall back).
+    reads no value back from the device.
     """
     prompt_length, width = rollout.prompt_length, rollout.completion_mask.shape[1]
-    lengths = rollout.row_lengths() if lengths is None else lengths
-    prompt_lengths, completion_lengths = lengths
+    prompt_lengths, completion_lengths = rollout.row_lengths() if lengths is None else lengths
     used_prompt = int(prompt_lengths[rows].max())
     used_completion = max(int(completion_lengths[rows].max()), 1)
     start, end = prompt_length - used_prompt, prompt_length + used_completion
     input_ids = rollout.input_ids[rows, start:end]
-    if share_prompts and len(rows) > len(torch.unique(rollout.group_ids[rows])) and _shares_prompts(model):
-        logits = _packed_completion_logits(model, rollout, rows, lengths, temperature)  # (R, T', V)
-    else:
-        logits = completion_logits(model, input_ids, rollout.attention_mask[rows, start:end], used_prompt, temperature)  # (R, T', V)
+    logits = completion_logits(model, input_ids, rollout.attention_mask[rows, start:end], used_prompt, temperature)  # (R, T', V)
     lse = torch.logsumexp(logits, dim=-1)  # (R, T'), shared by the log-probs and the entropy
     logprobs = torch.nn.functional.pad(_gather_logprobs(logits, input_ids[:, used_prompt:], lse), (0, width - used_completion))
     if not entropy:
@@ -471,27 +386,16 @@ def rows_logprobs(
     return logprobs, entropies
 
 
-def length_chunks(
-    rollout: Rollout, rows: Tensor, size: int, chunks: int, lengths: tuple[Tensor, Tensor] | None = None, *, by_group: bool = False
-) -> list[Tensor]:
+def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int, lengths: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
     """Split ``rows`` into micro-batches of rows of similar length (so :func:`rows_logprobs` cuts more padding).
 
     ``size`` > 0: micro-batches of ``size`` rows; otherwise ``chunks`` micro-batches of equal size.
     Rows are ordered by real length (prompt + completion), stably. ``lengths``: :meth:`Rollout.row_lengths`.
-    ``by_group``: keep the rows of a group together (for the shared-prompt forward): groups are
-    ordered by their longest row, rows within a group by length.
     """
     if rows.numel() == 0:
         return [rows]
     prompt_lengths, completion_lengths = rollout.row_lengths() if lengths is None else lengths  # CPU, as rows
-    key = (prompt_lengths + completion_lengths)[rows]  # (R,)
-    if by_group:
-        groups, inverse = torch.unique(rollout.group_ids[rows], return_inverse=True)
-        longest = torch.zeros(len(groups), dtype=key.dtype).scatter_reduce(0, inverse, key, "amax")  # (n,)
-        rank = torch.empty_like(inverse)
-        rank[torch.sort(longest, stable=True).indices] = torch.arange(len(groups))  # group order by longest row
-        key = (rank * (int(key.max()) + 1) + key)  # group first, then the row's own length
-    ordered = rows[torch.sort(key, stable=True).indices]
+    ordered = rows[torch.sort((prompt_lengths + completion_lengths)[rows], stable=True).indices]
     if size > 0:
         return list(torch.split(ordered, size))
     return [c for c in torch.tensor_split(ordered, max(1, min(chunks, ordered.numel()))) if c.numel() > 0]

@@ -399,7 +399,6 @@ class Trainer:
         # Row lengths on the CPU, read back once: micro-batch cuts and token counts need no device sync.
         lengths = rollout.row_lengths()
         completion_lengths = lengths[1]  # (B,) int64
-        share = cfg.share_prompt_cache  # each group's prompt runs once in the forwards too (rollout.rows_logprobs)
         # Old log-probs are needed only when the policy moves before the last
         # mini-batch is seen; with one epoch and one mini-batch the policy *is*
         # the old policy, so the ratio's denominator is the detached log-prob
@@ -418,7 +417,7 @@ class Trainer:
             for mini in torch.tensor_split(order, cfg.mini_batches):
                 num_tokens = dist.sum(float(completion_lengths[mini].sum()))
                 num_seqs = dist.sum(float(len(mini)))
-                micros = [m for m in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths, by_group=share) if m.numel() > 0]
+                micros = [m for m in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths) if m.numel() > 0]
                 # DDP needs the same number of backward passes on every rank: ranks with fewer micro-batches
                 # (dynamic sampling, skipped rewards, uneven shards) pad with zero-weight passes, and only the
                 # last pass of the mini-batch all-reduces (the others accumulate under no_sync).
@@ -430,7 +429,7 @@ class Trainer:
                             loss = self._padding_loss()
                         else:
                             micro = micros[index]
-                            logprobs, entropy = rows_logprobs(self.train_model, rollout, micro, cfg.temperature, entropy=True, lengths=lengths, share_prompts=share)
+                            logprobs, entropy = rows_logprobs(self.train_model, rollout, micro, cfg.temperature, entropy=True, lengths=lengths)
                             inputs = LossInputs(
                                 logprobs=logprobs,
                                 old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
@@ -479,13 +478,12 @@ class Trainer:
         (The flag, not ``model is self.ref_model``: with LoRA both are the same object, and the old
         log-probs of PPO epochs must keep the adapters on.)
         """
-        cfg = self.config
         lengths = rollout.row_lengths() if lengths is None else lengths
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
         with model.disable_adapter() if self.lora and reference else contextlib.nullcontext(), self.dist.autocast():
-            for micro in length_chunks(rollout, rows, cfg.micro_batch_size, cfg.length_buckets, lengths, by_group=cfg.share_prompt_cache):
+            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths):
                 if micro.numel() > 0:
-                    out[micro] = rows_logprobs(model, rollout, micro, cfg.temperature, lengths=lengths, share_prompts=cfg.share_prompt_cache).float()
+                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature, lengths=lengths).float()
         return out[rows]
 
     @torch.no_grad()
