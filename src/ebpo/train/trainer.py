@@ -378,7 +378,7 @@ class Trainer:
         """
         dist = self.dist
         all_rewards = dist.all_gather_cat(rewards)  # (N_global,)
-        all_ids = dist.all_gather_cat(rollout.group_ids)  # (N_global,) on the CPU, as the rollout keeps them
+        all_ids = dist.all_gather_cat(rollout.group_ids.cpu())
         advantages, metrics = self.c.estimator(all_rewards, all_ids, training=True)
         offset = dist.local_offset(len(rewards))
         return advantages[offset : offset + len(rewards)].float().to(self.device), metrics
