@@ -83,7 +83,9 @@ class LossInputs:
 
 class LossOutputs(NamedTuple):
     loss: Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, Tensor | float]
+    """Flat diagnostics; the per-token ones are detached 0-dim tensors on the loss's device (``float()`` reads
+    one), so a training loop can sum them over micro-batches and read them back once per step."""
 
 
 class PolicyLoss(Protocol):
@@ -136,8 +138,8 @@ def aggregate(
     return AGGREGATIONS.get(mode)(per_token, mask, constant=constant, num_tokens=num_tokens, num_seqs=num_seqs)
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> float:
-    return float((values * mask).sum() / mask.sum().clamp_min(1.0))
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return ((values * mask).sum() / mask.sum().clamp_min(1.0)).detach()  # 0-dim; no host sync
 
 
 def _covariance(inputs: LossInputs, advantages: Tensor, mask: Tensor) -> Tensor:
@@ -188,9 +190,10 @@ class _ClippedSurrogate:
             advantages = advantages.unsqueeze(-1).expand(shape)  # (B,) -> (B, T)
         elif advantages.shape != shape:
             raise ValueError(f"advantages must be (B,) or (B, T) = {tuple(shape)}, got {tuple(advantages.shape)}")
-        for name, tensor in (("advantages", advantages), ("logprobs", inputs.logprobs), ("old_logprobs", inputs.old_logprobs)):
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name} contains NaN or infinite values")
+        checked = (("advantages", advantages), ("logprobs", inputs.logprobs), ("old_logprobs", inputs.old_logprobs))
+        finite = torch.stack([torch.isfinite(tensor.detach()).all() for _, tensor in checked])  # (3,): one host sync, not three
+        if not bool(finite.all()):
+            raise ValueError(f"{checked[int((~finite).nonzero()[0])][0]} contains NaN or infinite values")
         if self.divergence is not None and self.div_coef > 0:
             if inputs.ref_logprobs is None:
                 raise ValueError(
@@ -217,21 +220,21 @@ class _ClippedSurrogate:
         per_token = self._surrogate(ratio, advantages)
         per_token, metrics = self._select(inputs, per_token, ratio, advantages, mask)
         policy_loss = aggregate(per_token, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs)
-        total = per_token
+        loss = policy_loss  # aggregated once when there is no divergence term
         if self.divergence is not None and self.div_coef > 0:
             assert inputs.ref_logprobs is not None
             div = self.divergence(inputs.logprobs, inputs.ref_logprobs.detach())  # (B, T)
             total = per_token + self.div_coef * div
             metrics["loss/divergence"] = _masked_mean(div.detach(), mask)
-        loss = aggregate(total, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs)
+            loss = aggregate(total, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs)
         with torch.no_grad():
             r = ratio.detach()
             low = (r < 1.0 - self.eps_low) & (advantages < 0)  # clip binds on the low side
             high = (r > 1.0 + self.eps_high) & (advantages > 0)  # clip binds on the high side
             metrics.update(
                 {
-                    "loss/policy": float(policy_loss.detach()),
-                    "loss/total": float(loss.detach()),
+                    "loss/policy": policy_loss.detach(),
+                    "loss/total": loss.detach(),
                     "loss/clip_frac_low": _masked_mean(low.to(mask.dtype), mask),
                     "loss/clip_frac_high": _masked_mean(high.to(mask.dtype), mask),
                     # k3 estimate of KL(old || new) from tokens sampled by old

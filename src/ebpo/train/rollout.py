@@ -45,7 +45,7 @@ class Rollout:
     attention_mask: Tensor  # (B, P + T) 1 on real prompt tokens and on completion tokens up to EOS
     completion_mask: Tensor  # (B, T) 1 on completion tokens up to and including the first EOS
     prompt_length: int  # P
-    group_ids: Tensor  # (B,) int64, one id per prompt of the step (global over ranks)
+    group_ids: Tensor  # (B,) int64 on the CPU, one id per prompt of the step (global over ranks); the estimator runs on the CPU
     texts: list[str]  # decoded completions, special tokens removed
     problems: list[Problem]  # the problem of each row
 
@@ -71,6 +71,15 @@ class Rollout:
             texts=[t for p in parts for t in p.texts],
             problems=[q for p in parts for q in p.problems],
         )
+
+    def row_lengths(self) -> tuple[Tensor, Tensor]:
+        """Real prompt tokens and completion tokens (through EOS) of each row: two (B,) int64 CPU tensors.
+
+        One device-to-host copy; the update slices micro-batches with them
+        instead of reading a maximum back from the device per micro-batch.
+        """
+        lengths = torch.stack([self.attention_mask[:, : self.prompt_length].sum(1), self.completion_mask.sum(1)]).cpu()  # (2, B)
+        return lengths[0], lengths[1]
 
     def select(self, rows: Tensor) -> "Rollout":
         """The rows ``rows`` (int64 index tensor) of this rollout."""
@@ -290,27 +299,54 @@ def generate(
         attention_mask=torch.cat([prompt_mask, mask], dim=1),
         completion_mask=mask,
         prompt_length=prompt_length,
-        group_ids=group_ids.repeat_interleave(group_size).to(device),
+        group_ids=group_ids.cpu().repeat_interleave(group_size),
         texts=texts,
         problems=repeated,
     )
 
 
+def _keeps_logits(model: Any) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50).
+
+    Looked up on the class of the innermost model (DDP/FSDP wrappers expose
+    ``.module``, peft ``get_base_model``), as :func:`_cache_kwarg` does; the
+    wrappers pass the keyword through to it.
+    """
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, FSDP
+        inner = inner.module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
 def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
-    """The temperature-scaled logits (B, T, V) that predict each completion token, fp32; grad flows when enabled."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False).logits
-    logits = logits[:, prompt_length - 1 : -1].float()  # (B, T, V) the logits that predict each completion token
+    """The temperature-scaled logits (B, T, V) that predict each completion token, fp32; grad flows when enabled.
+
+    Only the positions that predict a completion token go through the LM
+    head (``logits_to_keep``): the (B, P, V) prompt logits were computed and
+    thrown away otherwise. Models whose forward does not take
+    ``logits_to_keep`` run the full forward and are sliced (same values).
+    """
+    completion = input_ids.shape[1] - prompt_length  # T
+    kwargs = {"logits_to_keep": completion + 1} if _keeps_logits(model) else {}  # positions P-1 .. P+T-1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False, **kwargs).logits
+    logits = logits[:, -completion - 1 : -1].float()  # (B, T, V) the logits that predict each completion token
     return logits / temperature if temperature != 1.0 else logits
 
 
-def _gather_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+def _gather_logprobs(logits: Tensor, targets: Tensor, lse: Tensor | None = None) -> Tensor:
     # log_softmax + gather, written as logit - logsumexp to avoid a second (B, T, V) tensor.
-    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
+    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - lse
 
 
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy (B, T) of the softmax of ``logits`` (B, T, V): logsumexp(z) - sum softmax(z) z."""
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+def token_entropy(logits: Tensor, lse: Tensor | None = None) -> Tensor:
+    """Entropy (B, T) of the softmax of ``logits`` (B, T, V): logsumexp(z) - sum softmax(z) z.
+
+    ``lse``: ``logsumexp(logits, -1)`` when the caller has it already.
+    """
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
+    return lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
 
 
 def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
@@ -319,7 +355,9 @@ def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
     return _gather_logprobs(logits, input_ids[:, prompt_length:])
 
 
-def rows_logprobs(model: Any, rollout: Rollout, rows: Tensor, temperature: float = 1.0, *, entropy: bool = False) -> Any:
+def rows_logprobs(
+    model: Any, rollout: Rollout, rows: Tensor, temperature: float = 1.0, *, entropy: bool = False, lengths: tuple[Tensor, Tensor] | None = None
+) -> Any:
     """Completion log-probs (len(rows), T) of ``rows``, computed on those rows' own padding.
 
     Prompt columns that none of the rows uses (left padding) and completion
@@ -328,33 +366,36 @@ def rows_logprobs(model: Any, rollout: Rollout, rows: Tensor, temperature: float
     :func:`sequence_logprobs` on the full rows (up to float rounding) and is
     padded back to width T with zeros. ``entropy``: also return the
     per-token entropy (len(rows), T) of the same temperature-scaled
-    distribution, from the same forward pass, detached.
+    distribution, from the same forward pass, detached. ``lengths``:
+    :meth:`Rollout.row_lengths`, computed once by the caller, so the cut
+    reads no value back from the device.
     """
     prompt_length, width = rollout.prompt_length, rollout.completion_mask.shape[1]
-    attention = rollout.attention_mask[rows]
-    used_prompt = int(attention[:, :prompt_length].sum(dim=1).max())
-    used_completion = max(int(rollout.completion_mask[rows].sum(dim=1).max()), 1)
+    prompt_lengths, completion_lengths = rollout.row_lengths() if lengths is None else lengths
+    used_prompt = int(prompt_lengths[rows].max())
+    used_completion = max(int(completion_lengths[rows].max()), 1)
     start, end = prompt_length - used_prompt, prompt_length + used_completion
     input_ids = rollout.input_ids[rows, start:end]
-    logits = completion_logits(model, input_ids, attention[:, start:end], used_prompt, temperature)  # (R, T', V)
-    logprobs = torch.nn.functional.pad(_gather_logprobs(logits, input_ids[:, used_prompt:]), (0, width - used_completion))
+    logits = completion_logits(model, input_ids, rollout.attention_mask[rows, start:end], used_prompt, temperature)  # (R, T', V)
+    lse = torch.logsumexp(logits, dim=-1)  # (R, T'), shared by the log-probs and the entropy
+    logprobs = torch.nn.functional.pad(_gather_logprobs(logits, input_ids[:, used_prompt:], lse), (0, width - used_completion))
     if not entropy:
         return logprobs
     with torch.no_grad():
-        entropies = torch.nn.functional.pad(token_entropy(logits.detach()), (0, width - used_completion))
+        entropies = torch.nn.functional.pad(token_entropy(logits.detach(), lse.detach()), (0, width - used_completion))
     return logprobs, entropies
 
 
-def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int) -> list[Tensor]:
+def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int, lengths: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
     """Split ``rows`` into micro-batches of rows of similar length (so :func:`rows_logprobs` cuts more padding).
 
     ``size`` > 0: micro-batches of ``size`` rows; otherwise ``chunks`` micro-batches of equal size.
-    Rows are ordered by real length (prompt + completion), stably.
+    Rows are ordered by real length (prompt + completion), stably. ``lengths``: :meth:`Rollout.row_lengths`.
     """
     if rows.numel() == 0:
         return [rows]
-    lengths = rollout.attention_mask[rows].sum(dim=1).cpu()  # rows are a CPU index; the rollout may live on a GPU
-    ordered = rows[torch.sort(lengths, stable=True).indices]
+    prompt_lengths, completion_lengths = rollout.row_lengths() if lengths is None else lengths  # CPU, as rows
+    ordered = rows[torch.sort((prompt_lengths + completion_lengths)[rows], stable=True).indices]
     if size > 0:
         return list(torch.split(ordered, size))
     return [c for c in torch.tensor_split(ordered, max(1, min(chunks, ordered.numel()))) if c.numel() > 0]

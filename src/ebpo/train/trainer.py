@@ -445,24 +445,28 @@ class Trainer:
         cfg, dist = self.config, self.dist
         mask = rollout.completion_mask.float()  # (B, T)
         rows = torch.arange(len(advantages))
+        # Row lengths on the CPU, read back once: micro-batch cuts and token counts need no device sync.
+        lengths = rollout.row_lengths()
+        completion_lengths = lengths[1]  # (B,) int64
         # Old log-probs are needed only when the policy moves before the last
         # mini-batch is seen; with one epoch and one mini-batch the policy *is*
         # the old policy, so the ratio's denominator is the detached log-prob
         # of the same forward pass (saves a forward).
         on_policy = cfg.ppo_epochs * cfg.mini_batches == 1
-        old_logprobs = None if on_policy else self._logprobs(self.model, rollout, rows)
-        ref_logprobs = self._logprobs(self.ref_model, rollout, rows, reference=True) if self.ref_model is not None else None
-        additive: dict[str, float] = {}  # parts of a globally normalised loss: they sum over micro-batches and ranks
-        weighted: dict[str, float] = {"tokens": 0.0}  # token-weighted sums of per-token means
+        old_logprobs = None if on_policy else self._logprobs(self.model, rollout, rows, lengths=lengths)
+        ref_logprobs = self._logprobs(self.ref_model, rollout, rows, reference=True, lengths=lengths) if self.ref_model is not None else None
+        # Metrics stay on the device (0-dim tensors) until the end of the step: one host sync for all of them.
+        additive: dict[str, Any] = {}  # parts of a globally normalised loss: they sum over micro-batches and ranks
+        weighted: dict[str, Any] = {"tokens": 0.0}  # token-weighted sums of per-token means
         grad_norms, lrs = [], []
         from ebpo.losses import LossInputs
 
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(rows)) if cfg.mini_batches > 1 else rows
             for mini in torch.tensor_split(order, cfg.mini_batches):
-                num_tokens = dist.sum(float(mask[mini].sum()))
+                num_tokens = dist.sum(float(completion_lengths[mini].sum()))
                 num_seqs = dist.sum(float(len(mini)))
-                micros = [m for m in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets) if m.numel() > 0]
+                micros = [m for m in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths) if m.numel() > 0]
                 # DDP needs the same number of backward passes on every rank: ranks with fewer micro-batches
                 # (dynamic sampling, skipped rewards, uneven shards) pad with zero-weight passes, and only the
                 # last pass of the mini-batch all-reduces (the others accumulate under no_sync).
@@ -474,7 +478,7 @@ class Trainer:
                             loss = self._padding_loss()
                         else:
                             micro = micros[index]
-                            logprobs, entropy = rows_logprobs(self.train_model, rollout, micro, cfg.temperature, entropy=True)
+                            logprobs, entropy = rows_logprobs(self.train_model, rollout, micro, cfg.temperature, entropy=True, lengths=lengths)
                             inputs = LossInputs(
                                 logprobs=logprobs,
                                 old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
@@ -484,11 +488,11 @@ class Trainer:
                             )
                             out = self.c.loss_fn(inputs, num_tokens=num_tokens, num_seqs=num_seqs)
                             loss = out.loss
-                            tokens = float(mask[micro].sum())
+                            tokens = float(completion_lengths[micro].sum())
                             for key, value in out.metrics.items():
                                 target, weight = (additive, 1.0) if key in _ADDITIVE_METRICS else (weighted, tokens)
-                                target[key] = target.get(key, 0.0) + float(value) * weight
-                            weighted["policy/entropy"] = weighted.get("policy/entropy", 0.0) + float((entropy * mask[micro]).sum())
+                                target[key] = target.get(key, 0.0) + value * weight
+                            weighted["policy/entropy"] = weighted.get("policy/entropy", 0.0) + (entropy * mask[micro]).sum()
                             weighted["tokens"] += tokens
                         # The loss is this rank's share of the global-count-normalised loss, so the *sum* over ranks
                         # of the gradients is the full-batch gradient; DDP (and FSDP, DeepSpeed) *average* them over
@@ -499,7 +503,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        totals = dist.sum_dict({**{f"sum:{k}": v for k, v in additive.items()}, **{f"weighted:{k}": v for k, v in weighted.items()}})
+        local = _read_back({**{f"sum:{k}": v for k, v in additive.items()}, **{f"weighted:{k}": v for k, v in weighted.items()}})
+        totals = dist.sum_dict(local)
         tokens = max(totals.get("weighted:tokens", 0.0), 1.0)
         metrics = {k[len("sum:") :]: v / len(lrs) for k, v in totals.items() if k.startswith("sum:")}
         metrics.update({k[len("weighted:") :]: v / tokens for k, v in totals.items() if k.startswith("weighted:") and k != "weighted:tokens"})
@@ -516,17 +521,18 @@ class Trainer:
         return logits.float().sum() * 0.0
 
     @torch.no_grad()
-    def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor, *, reference: bool = False) -> Tensor:
+    def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor, *, reference: bool = False, lengths: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Detached log-probs of ``rows`` at the rollout temperature; ``reference`` under LoRA: adapters disabled.
 
         (The flag, not ``model is self.ref_model``: with LoRA both are the same object, and the old
         log-probs of PPO epochs must keep the adapters on.)
         """
+        lengths = rollout.row_lengths() if lengths is None else lengths
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
         with model.disable_adapter() if self.lora and reference else contextlib.nullcontext(), self.dist.autocast():
-            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets):
+            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths):
                 if micro.numel() > 0:
-                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature).float()
+                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature, lengths=lengths).float()
         return out[rows]
 
     @torch.no_grad()
@@ -611,6 +617,13 @@ class Trainer:
 # Loss metrics that are parts of a loss normalised by global counts (they add up over micro-batches and
 # ranks); every other loss metric is a per-token mean and is averaged with token weights.
 _ADDITIVE_METRICS = frozenset({"loss/policy", "loss/total"})
+
+
+def _read_back(values: dict[str, Any]) -> dict[str, float]:
+    """Floats of a dict of floats and 0-dim tensors, with one device-to-host copy for all the tensors."""
+    tensors = [v.detach().to(torch.float64) for v in values.values() if isinstance(v, Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])  # the one sync
+    return {k: next(read) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
 
 
 def _mixed_groups(correctness: Tensor, group_ids: Tensor) -> Tensor:
