@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ebpo.tasks.base import TASKS, Problem
+from ebpo.tasks.base import TASKS, GeneratedSplits, Problem
 
 __all__ = ["ArithmeticTask", "make_problem"]
 
@@ -61,7 +61,7 @@ def make_problem(
 
 @TASKS.register("arithmetic")
 @dataclass
-class ArithmeticTask:
+class ArithmeticTask(GeneratedSplits):
     """Sums and products of 1..``max_terms`` integers of 1..``max_digits`` digits.
 
     Args:
@@ -105,36 +105,10 @@ class ArithmeticTask:
                 raise ValueError(f"arithmetic {name} needs {size} non-negative weights with a positive sum, got {weights}")
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError(f"arithmetic needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
-        # Every held-out set is the plain draw of its seed. Excluded sets are removed from the evaluation
-        # split (not redrawn) and, with the evaluation set itself, from training: the training problems
-        # depend only on the *set* of seeds {eval_seed} | exclude_eval_seeds, so ebpo meta's validation
-        # members (eval 424242, exclude the final set) and final runs (exclude 424242) train on the same
-        # problems and share one warm start.
-        excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))
-        held_out = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())
-        self._eval = [p for p in held_out if p.prompt not in excluded]
-        if not self._eval:
-            raise ValueError("arithmetic: the excluded held-out sets cover the whole evaluation set; choose other seeds")
-        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out))
+        self._build_splits()
 
-    def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
-        rng = random.Random(seed)
-        problems: list[Problem] = []
-        attempts = 0
-        while len(problems) < count:  # building strings is inherently per problem
-            attempts += 1
-            if attempts > 50 * count + 1000:
-                raise ValueError(f"arithmetic: cannot draw {count} {split} problems outside the held-out set; lower num_train")
-            problem = make_problem(
-                rng, max_terms=self.max_terms, max_digits=self.max_digits, ops=self.ops, index=len(problems), split=split,
-                term_weights=self.term_weights, digit_weights=self.digit_weights,
-            )
-            if problem.prompt not in exclude:
-                problems.append(problem)
-        return problems
-
-    def train_problems(self) -> list[Problem]:
-        return self._train
-
-    def eval_problems(self) -> list[Problem]:
-        return self._eval
+    def _make(self, rng: random.Random, index: int, split: str) -> Problem:
+        return make_problem(
+            rng, max_terms=self.max_terms, max_digits=self.max_digits, ops=self.ops, index=index, split=split,
+            term_weights=self.term_weights, digit_weights=self.digit_weights,
+        )

@@ -9,12 +9,13 @@ may carry an argument after a colon-free suffix handled by the factory, e.g.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from ebpo.registry import Registry
 
-__all__ = ["Problem", "Task", "TASKS"]
+__all__ = ["Problem", "Task", "TASKS", "GeneratedSplits"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,50 @@ class Task(Protocol):
 
 
 TASKS: Registry[Task] = Registry("task")
+
+
+class GeneratedSplits:
+    """Train / held-out splits of a task generated in code (``arithmetic``, ``stepwise``).
+
+    A subclass (a dataclass with ``name``, ``num_train``, ``num_eval``,
+    ``seed``, ``eval_seed`` and ``exclude_eval_seeds``) supplies
+    :meth:`_make`, one problem from an RNG, and calls :meth:`_build_splits`
+    after checking its options. Every held-out set is the plain draw of its
+    seed. Excluded sets are removed from the evaluation split (not redrawn)
+    and, with the evaluation set itself, from training: the training problems
+    depend only on the *set* of seeds {eval_seed} | exclude_eval_seeds, so
+    ``ebpo meta``'s validation members (eval 424242, exclude the final set)
+    and final runs (exclude 424242) train on the same problems and share one
+    warm start.
+    """
+
+    def _make(self, rng: random.Random, index: int, split: str) -> Problem:
+        raise NotImplementedError
+
+    def _build_splits(self) -> None:
+        name = self.name  # type: ignore[attr-defined]
+        excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))  # type: ignore[attr-defined]
+        held_out = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())  # type: ignore[attr-defined]
+        self._eval = [p for p in held_out if p.prompt not in excluded]
+        if not self._eval:
+            raise ValueError(f"{name}: the excluded held-out sets cover the whole evaluation set; choose other seeds")
+        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out))  # type: ignore[attr-defined]
+
+    def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
+        rng = random.Random(seed)
+        problems: list[Problem] = []
+        attempts = 0
+        while len(problems) < count:  # building strings is inherently per problem
+            attempts += 1
+            if attempts > 50 * count + 1000:
+                raise ValueError(f"{self.name}: cannot draw {count} {split} problems outside the held-out set; lower num_train")  # type: ignore[attr-defined]
+            problem = self._make(rng, len(problems), split)
+            if problem.prompt not in exclude:
+                problems.append(problem)
+        return problems
+
+    def train_problems(self) -> list[Problem]:
+        return self._train
+
+    def eval_problems(self) -> list[Problem]:
+        return self._eval

@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ebpo.tasks.base import TASKS, Problem
+from ebpo.tasks.base import TASKS, GeneratedSplits, Problem
 from ebpo.verifiers.base import VERIFIERS, VerifierResult
 
 __all__ = ["StepwiseTask", "StepwiseVerifier", "TOPICS", "RECOMMENDED", "make_problem", "derivation", "MARKER"]
@@ -129,7 +129,7 @@ held-out avg@4 ~0.39 (partial competence); 500 x 32 gives ~0.21, 1000 x 32 alrea
 
 @TASKS.register("stepwise")
 @dataclass
-class StepwiseTask:
+class StepwiseTask(GeneratedSplits):
     """Left-to-right chains of sums, differences and a product, solved step by step.
 
     Args:
@@ -166,32 +166,11 @@ class StepwiseTask:
             raise ValueError(f"stepwise topic_weights needs {len(self.topics)} non-negative weights with a positive sum, got {self.topic_weights}")
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError(f"stepwise needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
-        excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))
-        held_out = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())
-        self._eval = [p for p in held_out if p.prompt not in excluded]
-        if not self._eval:
-            raise ValueError("stepwise: the excluded held-out sets cover the whole evaluation set; choose other seeds")
-        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out))
+        self._build_splits()
 
-    def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
-        rng = random.Random(seed)
-        problems: list[Problem] = []
-        attempts = 0
-        while len(problems) < count:  # building strings is inherently per problem
-            attempts += 1
-            if attempts > 50 * count + 1000:
-                raise ValueError(f"stepwise: cannot draw {count} {split} problems outside the held-out set; lower num_train")
-            topic = rng.choices(self.topics, weights=self.topic_weights)[0]  # type: ignore[arg-type]
-            problem = make_problem(rng, topic, index=len(problems), split=split)
-            if problem.prompt not in exclude:
-                problems.append(problem)
-        return problems
-
-    def train_problems(self) -> list[Problem]:
-        return self._train
-
-    def eval_problems(self) -> list[Problem]:
-        return self._eval
+    def _make(self, rng: random.Random, index: int, split: str) -> Problem:
+        topic = rng.choices(self.topics, weights=self.topic_weights)[0]  # type: ignore[arg-type]
+        return make_problem(rng, topic, index=index, split=split)
 
 
 _FINAL = re.compile(r"\d+")
