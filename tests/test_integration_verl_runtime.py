@@ -30,7 +30,7 @@ def report(tmp_path_factory):
 
 
 def test_external_module_registers_estimators_and_divergences(report):
-    assert report["registered"] == ["ebpo", "ebpo_ema", "ebpo_ha_dw", "ebpo_running", "ha_dw"]
+    assert report["registered"] == ["ebpo", "ebpo_ema", "ebpo_ha_dw", "ebpo_hier", "ebpo_hier_running", "ebpo_running", "ha_dw"]
     assert report["losses_module_sees_wrapper"]  # verl's engine-worker loss module calls our kl_penalty
 
 
