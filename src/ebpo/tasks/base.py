@@ -10,7 +10,7 @@ may carry an argument after a colon-free suffix handled by the factory, e.g.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from ebpo.registry import Registry
 
@@ -44,6 +44,10 @@ class Problem:
 class Task(Protocol):
     name: str
     verifier: str  # a name in ebpo.verifiers.VERIFIERS
+    recommended: dict[str, Any]
+    """``ebpo train`` settings the task is meant to be trained with (config field -> value, e.g.
+    ``{"max_new_tokens": 44}``): applied over the config defaults and under the ``--method`` preset,
+    ``--config`` YAML and flags, so any of them still wins. Optional: a task without it recommends nothing."""
 
     def train_problems(self) -> Sequence[Problem]: ...
 

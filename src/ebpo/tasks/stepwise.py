@@ -154,7 +154,8 @@ class StepwiseTask:
     verifier: str = field(default="stepwise", init=False)
 
     recommended: dict[str, Any] = field(default_factory=lambda: dict(RECOMMENDED), init=False)
-    """``ebpo train`` settings this task is measured with (:data:`RECOMMENDED`); not read by the trainer yet."""
+    """``ebpo train`` settings this task is measured with (:data:`RECOMMENDED`), applied by ``ebpo train`` under
+    the preset, YAML and flags (:class:`~ebpo.tasks.base.Task`)."""
 
     def __post_init__(self) -> None:
         self.topics = tuple(self.topics or TOPICS)
