@@ -2,8 +2,9 @@
 
 Every config field is a flag (``group_size`` -> ``--group-size``) whose help is
 the field's docstring. Precedence: defaults < the task's ``recommended``
-settings < ``--method`` preset < ``--config`` YAML < flags. ``--resume DIR`` reloads ``DIR/config.yaml`` (flags still
-override, e.g. ``--steps`` to extend a finished run). Bad configuration exits
+settings < ``--method`` preset < ``--config`` YAML < flags. ``--resume DIR``
+reloads ``DIR/config.yaml`` (flags still override, e.g. ``--steps`` to extend
+a finished run). Bad configuration exits
 with status 2 and a message saying what to change, before any training.
 """
 
