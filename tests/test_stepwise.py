@@ -172,17 +172,16 @@ def test_docstring_examples():
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="issue 15 item 2 not met yet: GRPO gains ~2 points of held-out avg@4 in 200 steps (docs/testbed.md)",
+    reason="issue 15 item 2 not met: with the task's recommended settings (128 prompts x 60 steps, lr 1e-4, "
+    "about 5 CPU minutes) GRPO gains 5.4 points of held-out avg@4 (0.387 -> 0.440; seed 1: 1.8), not 15 (docs/testbed.md)",
     strict=False,
 )
 def test_grpo_learns_the_task_on_cpu(tmp_path):
-    """GRPO at G = 8 from the recommended warm start gains >= 15 points of held-out avg@4 (the issue's target)."""
+    """GRPO at G = 8 with the task's recommended settings gains >= 15 points of held-out avg@4 (the issue's target)."""
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "ebpo", "train", "--task", "stepwise", "--method", "grpo", "--group-size", "8",
-        "--max-new-tokens", "44", "--warmstart-steps", "600", "--warmstart-batch-size", "32",
-        "--steps", "200", "--prompts-per-step", "16", "--lr", "3e-5",
-        "--out", str(out), "--no-progress", "--no-tensorboard", "--save-every", "0",
+        "--threads", "2", "--out", str(out), "--no-progress", "--no-tensorboard", "--save-every", "0",
     ]  # fmt: skip
     subprocess.run(command, check=True, env={**os.environ, "EBPO_CACHE_DIR": os.environ.get("EBPO_CACHE_DIR", str(tmp_path / "cache"))})
     summary = json.loads((out / "summary.json").read_text())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from ebpo.registry import Registry
 
@@ -45,6 +45,10 @@ class Problem:
 class Task(Protocol):
     name: str
     verifier: str  # a name in ebpo.verifiers.VERIFIERS
+    recommended: dict[str, Any]
+    """``ebpo train`` settings the task is meant to be trained with (config field -> value, e.g.
+    ``{"max_new_tokens": 44}``): applied over the config defaults and under the ``--method`` preset,
+    ``--config`` YAML and flags, so any of them still wins. Optional: a task without it recommends nothing."""
 
     def train_problems(self) -> Sequence[Problem]: ...
 

@@ -1,9 +1,10 @@
 """``ebpo train``: flags generated from :class:`~ebpo.train.config.TrainConfig`.
 
 Every config field is a flag (``group_size`` -> ``--group-size``) whose help is
-the field's docstring. Precedence: defaults < ``--method`` preset < ``--config``
-YAML < flags. ``--resume DIR`` reloads ``DIR/config.yaml`` (flags still
-override, e.g. ``--steps`` to extend a finished run). Bad configuration exits
+the field's docstring. Precedence: defaults < the task's ``recommended``
+settings < ``--method`` preset < ``--config`` YAML < flags. ``--resume DIR``
+reloads ``DIR/config.yaml`` (flags still override, e.g. ``--steps`` to extend
+a finished run). Bad configuration exits
 with status 2 and a message saying what to change, before any training.
 """
 
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 import typing
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -24,7 +25,7 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import list_methods, preset
 
-__all__ = ["main", "build_parser", "resolve_config", "check_train_args"]
+__all__ = ["main", "build_parser", "resolve_config", "check_train_args", "task_recommendations"]
 
 _NONE = ("none", "null", "")
 _COMMAND = "ebpo train"  # the marker of the run directories it creates
@@ -99,8 +100,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return values
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < preset < YAML < flags (or, with --resume, the run's saved config < flags), type-checked."""
+def resolve_config(args: argparse.Namespace, *, echo: Callable[[str], None] | None = None) -> TrainConfig:
+    """Defaults < the task's recommendations < preset < YAML < flags (or, with --resume, the run's saved
+    config < flags), type-checked. ``echo`` gets one line naming the recommendations applied."""
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite", "list_methods")}
     if getattr(args, "resume", None):
         if not os.path.isdir(args.resume):
@@ -113,8 +115,36 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     method = flags.get("method", file_values.get("method", TrainConfig.method))
     if method not in list_methods():
         raise ValueError(f"method must be one of {list_methods()}, got {method!r}")
-    values = {**dataclasses.asdict(TrainConfig()), **preset(method), **file_values, **flags, "method": method}
-    return TrainConfig(**coerce_fields(values))
+    chosen = {**preset(method), **file_values, **flags, "method": method}
+    values = coerce_fields({**dataclasses.asdict(TrainConfig()), **chosen})  # type errors first, as without a task
+    recommended = task_recommendations(values["task"], values["task_options"])
+    if recommended and echo is not None:
+        echo(_describe_recommendations(values["task"], recommended, chosen))
+    return TrainConfig(**coerce_fields({**values, **recommended, **chosen}))
+
+
+def task_recommendations(task: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``ebpo train`` settings the task recommends (its ``recommended`` mapping; {} when it has none),
+    checked: every key a config field of the right type, none of them the task itself or its options."""
+    from ebpo.train.data import build_task
+
+    recommended = dict(getattr(build_task(task, options), "recommended", None) or {})
+    source = f"task {task!r}'s recommended settings"
+    check_known_fields(recommended, source)
+    fixed = sorted({"task", "task_options", "method", "out"} & set(recommended))
+    if fixed:
+        raise ValueError(f"{source} may not set {fixed} (a task recommends training settings, not which run to do)")
+    try:
+        return coerce_fields(recommended)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def _describe_recommendations(task: str, recommended: dict[str, Any], chosen: dict[str, Any]) -> str:
+    applied = ", ".join(f"{k}={v!r}" for k, v in recommended.items() if k not in chosen)
+    overridden = ", ".join(k for k in recommended if k in chosen)
+    line = f"task {task} recommends {applied or 'nothing not already set'}"
+    return line + (f" (overridden by --method/--config/flags: {overridden})" if overridden else "")
 
 
 def check_train_args(argv: list[str], *, build: bool = False) -> None:
@@ -173,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     resume = bool(getattr(args, "resume", None))
     try:
-        config = resolve_config(args)
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        config = resolve_config(args, echo=print if is_main else None)
         from ebpo.train.trainer import Trainer, build_components
 
         components = build_components(config)

@@ -3,7 +3,8 @@
 Every field's docstring (the string literal under it) is its ``--help`` text
 and its documentation; :func:`field_docs` reads them from the class source
 with ``ast``, so help is never written twice. Values are resolved in this
-order, later ones winning: dataclass defaults < the ``--method`` preset
+order, later ones winning: dataclass defaults < the task's ``recommended``
+settings (:class:`~ebpo.tasks.base.Task`) < the ``--method`` preset
 (:mod:`ebpo.train.presets`) < the YAML file of ``--config`` < command-line
 flags. :func:`validate` checks everything that can be checked without a
 model, with errors that say what to change.
