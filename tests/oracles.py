@@ -102,12 +102,7 @@ class LoopEBPO:
             baseline = (1 - s) * group_mean[g] + s * mu_glob
             for i in idx:
                 out[i] = rewards[i] - baseline
-        if self.center:
-            m = mean(out)
-            out = [a - m for a in out]
-        if self.std_normalize:
-            raw_std = std(out, unbiased=True)
-            out = [a / (raw_std + self.eps) for a in out]
+        out = _batch_standardise(out, center=self.center, std_normalize=self.std_normalize, eps=self.eps)
         return out, {"shrinkage": mean(shrinks), "mu_glob": mu_glob, "sigma2": sigma2, "tau2": tau2}
 
 
@@ -192,10 +187,16 @@ class LoopHierEBPO:
             baseline = (1 - s) * group_mean[g] + s * mu_star
             for i in idx:
                 out[i] = rewards[i] - baseline
-        if self.center:
-            m = mean(out)
-            out = [a - m for a in out]
-        if self.std_normalize:
-            raw_std = std(out, unbiased=True)
-            out = [a / (raw_std + self.eps) for a in out]
+        out = _batch_standardise(out, center=self.center, std_normalize=self.std_normalize, eps=self.eps)
         return out, {"omega2": omega2, "tau2_within": tau2_w, "sigma2_within": sigma2_w, "mu_glob": mu_glob}
+
+
+def _batch_standardise(out: list[float], *, center: bool, std_normalize: bool, eps: float) -> list[float]:
+    """EBPO's batch-level step, shared by the flat and hierarchical loop oracles: centre, then divide by std (N-1) + eps."""
+    if center:
+        m = mean(out)
+        out = [a - m for a in out]
+    if std_normalize:
+        raw_std = std(out, unbiased=True)
+        out = [a / (raw_std + eps) for a in out]
+    return out
