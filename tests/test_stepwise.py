@@ -13,11 +13,11 @@ import pytest
 from ebpo.models.loading import TinyLlamaSpec
 from ebpo.models.tokenizer import CharTokenizer
 from ebpo.tasks.base import TASKS
-from ebpo.tasks.stepwise import TOPICS, StepwiseTask, StepwiseVerifier
+from ebpo.tasks.stepwise import DEFAULT_PLAIN_SLIP_RATE, DEFAULT_SLIP_RATE, TOPICS, StepwiseTask, StepwiseVerifier
 from ebpo.train.data import build_task, build_verifier_for
 from ebpo.verifiers.base import VERIFIERS
 
-SMALL = dict(num_train=2000, num_eval=200)
+SMALL = dict(num_train=2000, num_eval=200, slip_rate=0.0, plain_slip_rate=0.0)  # clean derivations; slips are tested on their own
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,53 @@ def test_every_target_scores_one_with_the_task_verifier(task):
     assert isinstance(verifier.verifier, StepwiseVerifier)  # inside the registry's error guard
     for problem in task.train_problems() + task.eval_problems():
         assert verifier(problem.completion_target, problem.answer).reward == 1.0, problem
+
+
+def _steps(problem) -> list[tuple[int, str, int, int]]:
+    """(a, op, b, written result) of each step of the problem's derivation."""
+    out = []
+    for step in problem.target.split(";")[:-1]:
+        left, result = step.split("=")
+        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", left).groups()
+        out.append((int(a), op, int(b), int(result)))
+    return out
+
+
+def _column_carries(a: int, b: int, op: str) -> bool:
+    """Independent check: does the written sum or difference carry or borrow in some digit column?"""
+    if op == "+":
+        return any((a % 10**k) + (b % 10**k) >= 10**k for k in range(1, 4))
+    return any((a % 10**k) < (b % 10**k) for k in range(1, 4))
+
+
+def test_slipped_demonstrations_are_off_by_one_on_carrying_steps_and_answers_stay_true():
+    slipped = StepwiseTask(num_train=4000, num_eval=200, slip_rate=0.6, plain_slip_rate=0.1)
+    clean = StepwiseTask(num_train=4000, num_eval=200, slip_rate=0.0, plain_slip_rate=0.0)
+    assert slipped.eval_problems() == clean.eval_problems()  # the held-out set and its targets are clean
+    hard, easy = [], []
+    for problem in slipped.train_problems():
+        assert int(problem.answer) == _oracle(problem.prompt), problem  # the answer is the true value
+        steps = _steps(problem)
+        for (a, op, b, written), following in zip(steps, steps[1:] + [None]):
+            slip = written - {"+": a + b, "-": a - b, "*": a * b}[op]
+            (hard if op == "*" or _column_carries(a, b, op) else easy).append(slip)
+            assert written >= 0 and (following is None or following[0] == written), problem  # chained from the written value
+        assert problem.target.endswith(f"#{steps[-1][3]}")
+    for slips, expected in ((hard, 0.6), (easy, 0.1)):  # carrying, borrowing or multiplying steps slip more
+        rate = sum(s != 0 for s in slips) / len(slips)
+        assert abs(rate - expected) < 4 * (expected * (1 - expected) / len(slips)) ** 0.5, (expected, rate)
+        assert set(slips) == {-1, 0, 1}
+    verifier = build_verifier_for(slipped, None)
+    scored = sum(verifier(p.target, p.answer).reward for p in slipped.train_problems()) / len(slipped.train_problems())
+    assert 0.25 < scored < 0.7, scored  # the warm start imitates a sloppy solver
+
+
+def test_default_demonstrations_slip():
+    default = StepwiseTask(num_train=10, num_eval=5)
+    assert default.slip_rate == DEFAULT_SLIP_RATE > default.plain_slip_rate == DEFAULT_PLAIN_SLIP_RATE > 0
+    for name in ("slip_rate", "plain_slip_rate"):
+        with pytest.raises(ValueError, match=name):
+            StepwiseTask(num_train=10, num_eval=5, **{name: 0.7})
 
 
 def test_topics_and_difficulty_fields(task):
@@ -171,13 +218,9 @@ def test_docstring_examples():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 15 item 2 not met: with the task's recommended settings (128 prompts x 60 steps, lr 1e-4, "
-    "about 5 CPU minutes) GRPO gains 5.4 points of held-out avg@4 (0.387 -> 0.440; seed 1: 1.8), not 15 (docs/testbed.md)",
-    strict=False,
-)
 def test_grpo_learns_the_task_on_cpu(tmp_path):
-    """GRPO at G = 8 with the task's recommended settings gains >= 15 points of held-out avg@4 (the issue's target)."""
+    """GRPO at G = 8 with the task's recommended settings gains >= 15 points of held-out avg@4 in under 2 GB
+    (issue 15; the wall time, under 5 minutes on 2 cores, is measured in docs/testbed.md, not asserted here)."""
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "ebpo", "train", "--task", "stepwise", "--method", "grpo", "--group-size", "8",
@@ -186,3 +229,4 @@ def test_grpo_learns_the_task_on_cpu(tmp_path):
     subprocess.run(command, check=True, env={**os.environ, "EBPO_CACHE_DIR": os.environ.get("EBPO_CACHE_DIR", str(tmp_path / "cache"))})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy_after"] - summary["accuracy_before"] >= 0.15, summary
+    assert summary["peak_rss_mb"] < 2048, summary

@@ -33,6 +33,8 @@ RG_NO_REFERENCE = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube"
 
 TASK_CASES: dict[str, list[tuple[str, dict]]] = {
     "arithmetic": [("arithmetic", {"num_train": 300, "num_eval": 30})],
+    # stepwise demonstrations slip on purpose (tests/test_stepwise.py); without slips every target is right
+    "stepwise": [("stepwise", {"num_train": 300, "num_eval": 30, "slip_rate": 0.0, "plain_slip_rate": 0.0})],
     "reasoning_gym": [(f"reasoning_gym:{name}", {"size": 6, "eval_size": 3}) for name in RG_SAMPLE],
     "dataset": [(f"dataset:{path.stem}", {"path": str(path)}) for path in sorted(FIXTURES.glob("*.jsonl"))],
 }

@@ -16,6 +16,13 @@ run from trivial to out of reach of a warm-started tiny model, so at the
 start of RL many groups are all-fail at small G while sampling 16 times often
 finds a right answer: the sparse-reward regime of the papers (docs/testbed.md).
 
+The training targets are a sloppy solver's: a step that carries, borrows or
+multiplies slips by one with probability ``slip_rate`` (0.6), any other step
+with ``plain_slip_rate`` (0.1), and the chain carries on from the slip. The
+warm-started model then knows each step but samples slips, so RL has a skill
+to sharpen from outcome rewards (``Problem.answer`` is always right, and the
+held-out targets are clean).
+
 Topics (``Problem.topic``), in order of difficulty:
 
 * ``add1``: three 1-digit terms added (``3+5+8=``).
@@ -44,12 +51,17 @@ from typing import Any
 from ebpo.tasks.base import TASKS, GeneratedSplits, Problem
 from ebpo.verifiers.base import VERIFIERS, VerifierResult
 
-__all__ = ["StepwiseTask", "StepwiseVerifier", "TOPICS", "RECOMMENDED", "make_problem", "derivation", "MARKER"]
+__all__ = ["StepwiseTask", "StepwiseVerifier", "TOPICS", "RECOMMENDED", "DEFAULT_SLIP_RATE", "DEFAULT_PLAIN_SLIP_RATE", "make_problem", "derivation", "MARKER"]
 
 MARKER = "#"
 """Marks the final answer; the verifier reads what follows the last one."""
 
 STEP_SEPARATOR = ";"
+
+DEFAULT_SLIP_RATE = 0.6
+"""Probability that a carrying step of a training demonstration is off by one (:class:`StepwiseTask`)."""
+DEFAULT_PLAIN_SLIP_RATE = 0.1
+"""Probability that any other step of a training demonstration is off by one."""
 
 
 @dataclass(frozen=True)
@@ -84,18 +96,53 @@ def _carries(a: int, b: int, op: str) -> tuple[int, int]:
     return count, columns
 
 
-def derivation(numbers: list[int], ops: list[str]) -> tuple[str, int]:
-    """The worked derivation ``"a+b=c;c-d=e;#e"`` of a left-to-right chain, and its value."""
+def derivation(numbers: list[int], ops: list[str], slips: list[int] | None = None) -> tuple[str, int]:
+    """The worked derivation ``"a+b=c;c-d=e;#e"`` of a left-to-right chain, and its final value.
+
+    ``slips[i]`` is added to the result of step ``i`` (a demonstrator's slip, :class:`StepwiseTask`'s
+    ``slip_rate``); later steps carry on from the slipped value, so the final value is then wrong.
+    """
     value, steps = numbers[0], []
-    for op, number in zip(ops, numbers[1:]):
+    for i, (op, number) in enumerate(zip(ops, numbers[1:])):
         result = value + number if op == "+" else value - number if op == "-" else value * number
+        result += slips[i] if slips else 0
         steps.append(f"{value}{op}{number}={result}")
         value = result
     return STEP_SEPARATOR.join(steps) + f"{STEP_SEPARATOR}{MARKER}{value}", value
 
 
-def make_problem(rng: random.Random, topic: str, *, index: int, split: str) -> Problem:
-    """One random problem of ``topic`` (a key of :data:`TOPICS`)."""
+def _draw_slips(rng: random.Random, numbers: list[int], ops: list[str], slip_rate: float, plain_slip_rate: float) -> list[int]:
+    """Per-step slips of +-1, with probability ``slip_rate`` on a step that carries or borrows (as written,
+    from the previous written result) or multiplies, ``plain_slip_rate`` on the others; a -1 that would
+    take a later value below 0 becomes +1.
+
+    Slips add up along the chain (``*`` only comes first), so the written value after step ``i`` is
+    the true one plus the slips so far; the true values are never negative, and a slip of +1 cannot
+    make them so.
+    """
+    true_values = [numbers[0]]
+    for op, number in zip(ops, numbers[1:]):
+        value = true_values[-1]
+        true_values.append(value * number if op == "*" else value + number if op == "+" else value - number)
+    slips, offset = [], 0
+    for i, (op, number) in enumerate(zip(ops, numbers[1:])):
+        hard = op == "*" or _carries(true_values[i] + offset, number, op)[0] > 0
+        slip = rng.choice((-1, 1)) if rng.random() < (slip_rate if hard else plain_slip_rate) else 0
+        if slip < 0 and min(true_values[i + 1 :]) + offset - 1 < 0:
+            slip = 1
+        slips.append(slip)
+        offset += slip
+    return slips
+
+
+def make_problem(rng: random.Random, topic: str, *, index: int, split: str, slip_rate: float = 0.0, plain_slip_rate: float = 0.0) -> Problem:
+    """One random problem of ``topic`` (a key of :data:`TOPICS`).
+
+    ``Problem.target`` is the worked derivation, in which the result of each step that carries or
+    borrows (and of the product) is off by one, up or down, with probability ``slip_rate``, and of
+    every other step with probability ``plain_slip_rate``: the demonstration the warm start imitates,
+    not the answer (``Problem.answer`` is always the true value).
+    """
     shape = TOPICS[topic]
     low, high = (1, 9) if shape.digits == 1 else (10 ** (shape.digits - 1), 10**shape.digits - 1)
     if shape.product_first:
@@ -114,7 +161,8 @@ def make_problem(rng: random.Random, topic: str, *, index: int, split: str) -> P
         value = value + number if op == "+" else value - number
         numbers.append(number)
         ops.append(op)
-    target, answer = derivation(numbers, ops)
+    _, answer = derivation(numbers, ops)
+    target, _ = derivation(numbers, ops, _draw_slips(rng, numbers, ops, slip_rate, plain_slip_rate) if slip_rate or plain_slip_rate else None)
     rank = list(TOPICS).index(topic)
     difficulty = (rank + carried / max(columns, 1)) / len(TOPICS)
     prompt = "".join(f"{n}{op}" for n, op in zip(numbers, ops)) + f"{numbers[-1]}="
@@ -122,14 +170,14 @@ def make_problem(rng: random.Random, topic: str, *, index: int, split: str) -> P
 
 
 RECOMMENDED: dict[str, Any] = {
-    "max_new_tokens": 44, "warmstart_steps": 600, "warmstart_batch_size": 32, "warmstart_lr": 3e-3,
-    "prompts_per_step": 128, "lr": 1e-4, "steps": 60,
+    "max_new_tokens": 44, "warmstart_steps": 1000, "warmstart_batch_size": 32, "warmstart_lr": 3e-3,
+    "prompts_per_step": 128, "lr": 3e-4, "steps": 60,
 }  # fmt: skip
 """Settings of ``ebpo train`` for this task (docs/testbed.md): the longest target is 34 tokens plus EOS;
-the warm start takes smaller steps than the default (300 x 128): 600 x 32 leaves the tiny model at
-held-out avg@4 ~0.39 (partial competence); 500 x 32 gives ~0.21, 1000 x 32 already ~0.73. RL: large
-batches at lr 1e-4 (the outcome-reward gradient of 24-token completions is noisy; 32 prompts per step
-stay flat, lr >= 3e-4 degrades even at 128), 60 steps to fit 5 CPU minutes: +5.4 / +1.8 points (seeds 0 / 1), not 15."""
+1000 warm-start steps of 32 on the slipped demonstrations leave the tiny model a sloppy solver
+(held-out avg@4 ~0.34, pass@16 ~0.85). RL: large batches (the outcome-reward gradient of 24-token
+completions is noisy; 32 prompts per step drift down even at lr 3e-4), 60 steps, inside 5 minutes on
+2 cores with the warm start."""
 
 
 @TASKS.register("stepwise")
@@ -155,6 +203,8 @@ class StepwiseTask(GeneratedSplits):
     seed: int = 0
     eval_seed: int = 1_000_003
     exclude_eval_seeds: tuple[int, ...] = ()
+    slip_rate: float = DEFAULT_SLIP_RATE
+    plain_slip_rate: float = DEFAULT_PLAIN_SLIP_RATE
     name: str = field(default="stepwise", init=False)
     verifier: str = field(default="stepwise", init=False)
 
@@ -170,13 +220,19 @@ class StepwiseTask(GeneratedSplits):
         self.topic_weights = tuple(self.topic_weights or (1.0,) * len(self.topics))
         if len(self.topic_weights) != len(self.topics) or any(w < 0 for w in self.topic_weights) or sum(self.topic_weights) <= 0:
             raise ValueError(f"stepwise topic_weights needs {len(self.topics)} non-negative weights with a positive sum, got {self.topic_weights}")
+        for name in ("slip_rate", "plain_slip_rate"):  # each wrong value gets rate / 2: the true one stays the likeliest
+            if not 0.0 <= getattr(self, name) < 2 / 3:
+                raise ValueError(f"stepwise {name} must be in [0, 2/3) (the right result must stay the likeliest), got {getattr(self, name)}")
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError(f"stepwise needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
         self._build_splits()
 
     def _make(self, rng: random.Random, index: int, split: str) -> Problem:
         topic = rng.choices(self.topics, weights=self.topic_weights)[0]  # type: ignore[arg-type]
-        return make_problem(rng, topic, index=index, split=split)
+        train = split == "train"  # held-out targets stay clean (they are never taught)
+        return make_problem(
+            rng, topic, index=index, split=split, slip_rate=self.slip_rate if train else 0.0, plain_slip_rate=self.plain_slip_rate if train else 0.0
+        )
 
 
 _FINAL = re.compile(r"\d+")
