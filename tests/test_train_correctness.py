@@ -106,7 +106,7 @@ def test_rollout_emits_no_future_or_deprecation_warning(tiny):
 
 # ---------------------------------------------------------------- trainer-level checks (in process, one rank)
 BASE = [
-    "--warmstart-steps", "0", "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
+    "--task", "arithmetic", "--warmstart-steps", "0", "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
     "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--no-progress", "--threads", "1",
     "--device", "cpu", "--no-tensorboard",
 ]  # fmt: skip
@@ -234,3 +234,29 @@ def test_builtin_medium_is_a_named_size_of_tens_of_millions_of_parameters():
         check_model_source("builtin:large")
     model = build_tiny_llama(BUILTIN_SPECS["medium"], CharTokenizer(), seed=0)
     assert 20e6 < sum(p.numel() for p in model.parameters()) < 100e6
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_accuracy_by_topic_maps_each_gathered_score_to_its_problems_topic(world):
+    """Scores come back in rank order of the ``problems[rank::world]`` shards; each lands on its own problem's topic."""
+    from types import SimpleNamespace
+
+    from ebpo.tasks.base import Problem
+    from ebpo.train.trainer import Trainer
+
+    problems = [Problem(id=str(i), prompt=f"{i}=", answer="0", topic="abc"[i % 3] if i != 4 else None) for i in range(11)]
+    truth_before = {"a": 1.0, "b": 0.25, "c": 0.0}
+    order = [p for rank in range(world) for p in problems[rank::world]]  # the gathered order
+    before = torch.tensor([truth_before.get(p.topic, 0.5) for p in order])
+    after = torch.tensor([float(int(p.id)) for p in order])  # score = problem index
+    stub = SimpleNamespace(
+        c=SimpleNamespace(task=SimpleNamespace(eval_problems=lambda: problems)), config=SimpleNamespace(max_eval_problems=0),
+        dist=SimpleNamespace(world=world), scores_before=before, last_eval_scores=after,
+    )
+    table = Trainer._by_topic(stub)
+    assert set(table) == {"a", "b", "c"}  # the topic-less problem is in no topic
+    for topic in "abc":
+        ids = [int(p.id) for p in problems if p.topic == topic]
+        assert table[topic] == {"problems": len(ids), "before": truth_before[topic], "after": pytest.approx(sum(ids) / len(ids))}
+    stub.c.task = SimpleNamespace(eval_problems=lambda: [Problem(id="x", prompt="1=", answer="1")])
+    assert Trainer._by_topic(stub) == {}

@@ -560,6 +560,29 @@ class Trainer:
         self.last_eval_scores = dist.all_gather_cat(torch.nanmean(rewards, dim=1).to(self.device)).cpu()
         return dist.sum(float(rewards[scored].sum())) / max(dist.sum(float(scored.sum())), 1.0)
 
+    def _by_topic(self) -> dict[str, dict[str, float]]:
+        """Held-out accuracy per ``Problem.topic`` before and after RL (``{}`` when no problem has a topic).
+
+        The per-problem scores were gathered in rank order of the ``problems[rank::world]`` shards;
+        every problem has the same number of samples, so a topic's accuracy is the mean of its problems'.
+        """
+        problems = list(self.c.task.eval_problems())
+        if self.config.max_eval_problems:
+            problems = problems[: self.config.max_eval_problems]
+        world = self.dist.world
+        topics = [p.topic for rank in range(world) for p in problems[rank::world]]
+        if all(t is None for t in topics):
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for name in sorted({t for t in topics if t is not None}):
+            rows = torch.tensor([t == name for t in topics])
+            out[name] = {
+                "problems": int(rows.sum()),
+                "before": float(torch.nanmean(self.scores_before[rows])),  # type: ignore[index]
+                "after": float(torch.nanmean(self.last_eval_scores[rows])),  # type: ignore[index]
+            }
+        return out
+
     # ---------------------------------------------------------------- checkpoint and summary
     def save(self) -> None:
         state = {
@@ -601,6 +624,8 @@ class Trainer:
             "versions": {**library_versions(), "python": sys.version.split()[0]},
             "estimator_state": _plain(self.c.estimator.state_dict()),
         }
+        if self.scores_before is not None and self.last_eval_scores is not None:
+            summary["accuracy_by_topic"] = self._by_topic()
         self.tracker.close()
         if self.dist.is_main:
             import json
