@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ebpo.compare import RunSpec, _command, _read_run, _resolve, aggregate_runs, build_parser, write_report
+from ebpo import compare
+from ebpo.compare import DEFAULT_METHODS, RunSpec, _command, _read_run, _resolve, aggregate_runs, build_parser, write_report
 
 
-def make_run(path: Path, before: float, evals: list[float], after: float, rounds: float = 1.0) -> Path:
+def make_run(path: Path, before: float, evals: list[float], after: float, rounds: float = 1.0, by_topic: dict | None = None) -> Path:
     path.mkdir(parents=True)
     rows = []
     for step in range(1, 7):
@@ -22,7 +23,10 @@ def make_run(path: Path, before: float, evals: list[float], after: float, rounds
         rows.append(row)
     rows.append({"step": 6, "eval/accuracy": after})  # the final evaluation, logged after the last step
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (path / "summary.json").write_text(json.dumps({"accuracy_before": before, "accuracy_after": after}))
+    summary = {"accuracy_before": before, "accuracy_after": after, "wall_seconds": 10.0}
+    if by_topic:
+        summary["accuracy_by_topic"] = {t: {"problems": 5, "before": before, "after": a} for t, a in by_topic.items()}
+    (path / "summary.json").write_text(json.dumps(summary))
     return path
 
 
@@ -97,3 +101,70 @@ def test_paired_differences_by_seed(tmp_path):
     assert row["mean"] == pytest.approx(0.015) and "grpo|G=2" not in result["paired"]
     assert "| 2 | ebpo | +0.015 ±" in write_report(result, tmp_path, "ebpo compare") and "1/2 |" in write_report(result, tmp_path, "x")
     assert aggregate_runs(runs, target=0.9, baseline="rloo")["paired"] == {}  # baseline not compared: no table
+
+
+def test_samples_to_the_baselines_final_accuracy_per_topic_and_length_curves(tmp_path):
+    runs = {
+        RunSpec("grpo", 2, 0): _read_run(make_run(tmp_path / "g0", 0.2, [0.25, 0.3], 0.35, by_topic={"a": 0.5, "b": 0.1}), 4, 2),
+        RunSpec("grpo", 2, 1): _read_run(make_run(tmp_path / "g1", 0.2, [0.3, 0.4], 0.45, by_topic={"a": 0.7, "b": 0.3}), 4, 2),
+        RunSpec("ebpo", 2, 0): _read_run(make_run(tmp_path / "e0", 0.2, [0.3, 0.5], 0.6, by_topic={"a": 0.9, "b": 0.2}), 4, 2),
+        RunSpec("ebpo", 2, 1): _read_run(make_run(tmp_path / "e1", 0.2, [0.4, 0.6], 0.6, by_topic={"a": 0.8, "b": 0.4}), 4, 2),
+    }
+    result = aggregate_runs(runs, target=0.9, baseline="grpo")
+    ebpo, grpo = result["rows"]["ebpo|G=2"], result["rows"]["grpo|G=2"]
+    # grpo's mean final is 0.40; the first evaluation at or above it: seed 0 at 32 samples (0.3 at 16, 0.5 at 32), seed 1 at 16
+    assert ebpo["to_baseline_final"]["accuracy"] == pytest.approx(0.40)
+    assert ebpo["to_baseline_final"]["samples"] == pytest.approx(24.0) and ebpo["to_baseline_final"]["reached"] == "2/2"
+    assert ebpo["to_baseline_final"]["fraction_of_budget"] == pytest.approx(0.5)
+    assert grpo["to_baseline_final"]["reached"] == "1/2"  # seed 0 ends at 0.35, below the mean
+    assert ebpo["by_topic"]["a"]["mean"] == pytest.approx(0.85) and grpo["by_topic"]["b"]["mean"] == pytest.approx(0.2)
+    assert [p["mean"] for p in ebpo["length_curve"]] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert [p["samples"] for p in ebpo["length_curve"]] == [8.0, 16.0, 24.0, 32.0, 40.0, 48.0]
+    assert result["runs"] == 4 and result["run_seconds"] == pytest.approx(40.0)
+    text = write_report(result, tmp_path, "ebpo compare")
+    assert "| 2 | ebpo | +0.200 ± " in text and "| 2/2 | 24 (2/2) | 0.50 |" in text
+    assert "| G | method | a | b |" in text and "| 2 | ebpo | 0.850 | 0.300 |" in text
+
+
+def test_default_budget_is_the_stepwise_testbed_and_quick_the_small_arithmetic_one(tmp_path):
+    args = _resolve(build_parser().parse_args([]))
+    assert (args.task, args.steps, args.prompts_per_step, args.eval_every, args.seeds, args.group_sizes) == ("stepwise", 60, 128, 10, 10, [2, 4, 8])
+    assert args.methods == DEFAULT_METHODS and len(DEFAULT_METHODS) == 9
+    running = _command(RunSpec("ebpo-running", 4, 0), args, tmp_path)
+    assert running[running.index("train") + 1 :][:4] == ["--method", "ebpo", "--estimator-options", "{prior: running}"]
+    quick = _resolve(build_parser().parse_args(["--quick"]))
+    assert (quick.task, quick.steps, quick.prompts_per_step, quick.seeds, quick.methods) == ("arithmetic", 15, 16, 2, ["grpo", "ebpo"])
+    one = _resolve(build_parser().parse_args(["--methods", "grpo", "ebpo-running", "--steps", "7"]))
+    assert one.methods == ["grpo", "ebpo-running"] and one.steps == 7 and "ebpo-running" in one.variants
+
+
+def _fake_runs(monkeypatch, calls):
+    def run_all(specs, args, out):
+        calls.append([s.name for s in specs])
+        for s in specs:
+            if not (out / "runs" / s.name / "summary.json").exists():
+                make_run(out / "runs" / s.name, 0.2, [0.3, 0.4], 0.5 if s.method == "grpo" else 0.45 + 0.01 * s.seed)
+        return {s: out / "runs" / s.name for s in specs}
+
+    monkeypatch.setattr(compare, "run_all", run_all)
+
+
+def test_slices_resume_under_the_same_settings_and_report_only_aggregates_what_finished(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    calls: list = []
+    _fake_runs(monkeypatch, calls)
+    base = ["--task", "arithmetic", "--group-sizes", "2", "--steps", "6", "--eval-every", "2", "--prompts-per-step", "4", "--out", str(out)]
+    assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "2", *base]) == 0
+    assert json.loads((out / "compare.json").read_text())["steps"] == 6
+    # a slice with another budget would mix incomparable runs: refused before anything runs
+    assert compare.main(["--methods", "grpo", "--seeds", "3", *base[:-4], "--steps", "8", "--prompts-per-step", "4", "--out", str(out)]) == 2
+    assert "other settings (steps" in capsys.readouterr().err and len(calls) == 1
+    # report-only over a larger grid: runs nothing, aggregates the 4 finished runs of the 6
+    assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "3", "--report-only", *base]) == 0
+    assert len(calls) == 1 and "4 of 6 runs of the grid have finished" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"]["ebpo|G=2"]["seeds"] == 2 and report["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([-0.05, -0.04])
+    # the next slice (same settings) adds seed 2
+    assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "3", *base]) == 0
+    assert json.loads((out / "report.json").read_text())["rows"]["ebpo|G=2"]["seeds"] == 3
+    assert compare.main(["--methods", "grpo", "--seeds", "1", "--report-only", "--out", str(tmp_path / "none"), *base[:-2]]) == 2

@@ -45,7 +45,17 @@ from ebpo.train.cli import check_train_args
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 
-DEFAULT_METHODS = ["grpo", "dr_grpo", "dapo", "ebpo", "ha_dw", "ebpo+ha_dw"]
+DEFAULT_METHODS = ["grpo", "dr_grpo", "rloo", "dapo", "ebpo", "ebpo-running", "ha_dw", "ebpo+ha_dw", "gbmpo-probl2"]
+DEFAULT_VARIANTS = {"ebpo-running": ["--method", "ebpo", "--estimator-options", "{prior: running}"]}
+"""Methods that are not presets but settings of one: EBPO with the running (Welford over all steps) prior."""
+
+# The default budget: the stepwise testbed with its recommended RL settings (docs/testbed.md), equal for every
+# method at a given G; ``--quick`` keeps the small arithmetic comparison that fits in about 5 minutes.
+DEFAULT_BUDGET: dict[str, Any] = {"task": "stepwise", "group_sizes": [2, 4, 8], "seeds": 10, "steps": 60, "prompts_per_step": 128, "eval_every": 10, "max_eval_problems": 0}
+QUICK_BUDGET: dict[str, Any] = {"task": "arithmetic", "group_sizes": [2, 4], "seeds": 2, "steps": 15, "prompts_per_step": 16, "eval_every": 5, "max_eval_problems": 128}
+
+SETTINGS_FILE = "compare.json"
+"""Records the settings every run of a comparison shares, so that slices run later aggregate honestly."""
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ebpo compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=None, help=f"--method presets to compare (default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--group-sizes", nargs="+", type=int, default=None, help="group sizes G (default: 2 4 8)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per method and group size (default: 5)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method and group size: 0 .. N-1 (default: 10)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: 60)")
-    parser.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step, the same for every G")
-    parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: steps / 6)")
-    parser.add_argument("--task", default="arithmetic", help="task passed to ebpo train")
+    parser.add_argument("--prompts-per-step", type=int, default=None, help="prompts per RL step, the same for every G (default: 128)")
+    parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: 10)")
+    parser.add_argument("--task", default=None, help="task passed to ebpo train (default: stepwise; --quick: arithmetic)")
     parser.add_argument("--max-eval-problems", type=int, default=None, help="held-out problems per evaluation (default: all; --quick: 128)")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: aggregate the finished runs of the grid in OUT (a slice of a larger comparison so far)",
+    )  # fmt: skip
     parser.add_argument("--target", type=float, default=None, help="accuracy whose samples-to-reach is reported (default: midway)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at once (one torch thread each)")
     parser.add_argument("--out", default="runs/compare", help="output directory (runs/, report.md, report.json, PNGs)")
@@ -96,13 +110,50 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.methods = []  # only the variants, unless presets are named too
     else:
         args.methods = args.methods or (["grpo", "ebpo"] if quick else DEFAULT_METHODS)
-    args.methods = list(args.methods) + list(args.variants)
-    args.group_sizes = args.group_sizes or ([2, 4] if quick else [2, 4, 8])
-    args.seeds = args.seeds or (2 if quick else 5)
-    args.steps = args.steps or (15 if quick else 60)
-    args.eval_every = args.eval_every or max(1, args.steps // (3 if quick else 6))
-    args.max_eval_problems = args.max_eval_problems if args.max_eval_problems is not None else (128 if quick else 0)
+    for label in args.methods:  # a default variant named in --methods (ebpo-running) runs its flags
+        if label in DEFAULT_VARIANTS and label not in args.variants:
+            args.variants[label] = list(DEFAULT_VARIANTS[label])
+    args.methods = list(dict.fromkeys(list(args.methods) + list(args.variants)))
+    budget = QUICK_BUDGET if quick else DEFAULT_BUDGET
+    for key, value in budget.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 1 or args.prompts_per_step < 1 or args.eval_every < 1 or args.seeds < 1:
+        raise SystemExit("ebpo compare: --steps, --prompts-per-step, --eval-every and --seeds must be >= 1")
     return args
+
+
+def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every run of the comparison shares; slices (other methods, G or seeds) must agree on it."""
+    return {
+        "task": args.task, "steps": args.steps, "prompts_per_step": args.prompts_per_step, "eval_every": args.eval_every,
+        "max_eval_problems": args.max_eval_problems, "train_args": args.train_args,
+        "variants": {label: args.variants[label] for label in sorted(args.variants)},
+    }  # fmt: skip
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Raise ValueError when ``out`` holds runs made with other shared settings (a slice must match)."""
+    path = out / SETTINGS_FILE
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    variants = {**recorded.get("variants", {}), **settings["variants"]}  # a slice may add variants
+    clash = [k for k in settings if k != "variants" and recorded.get(k) != settings[k]]
+    clash += [f"variant {label}" for label in settings["variants"] if recorded.get("variants", {}).get(label, variants[label]) != variants[label]]
+    if clash:
+        detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in clash if not k.startswith("variant "))
+        raise ValueError(
+            f"{out} holds a comparison made with other settings ({', '.join(clash)}{'; ' + detail if detail else ''}); "
+            "a slice must use the same ones, or another --out"
+        )
+
+
+def record_settings(out: Path, settings: dict[str, Any]) -> None:
+    path = out / SETTINGS_FILE
+    if path.exists():
+        settings = {**settings, "variants": {**json.loads(path.read_text()).get("variants", {}), **settings["variants"]}}
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str]:
@@ -152,6 +203,7 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     samples, curve, step_times, lengths = 0.0, [(0.0, summary["accuracy_before"])], [], []
+    length_curve: list[tuple[float, float]] = []
     seen_steps: set[int] = set()
     for row in rows:
         if row["step"] not in seen_steps and "time/step_seconds" in row:
@@ -160,13 +212,16 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str
             step_times.append(row["time/step_seconds"])
             if "rollout/completion_length" in row:
                 lengths.append(row["rollout/completion_length"])
+                length_curve.append((samples, row["rollout/completion_length"]))
         if "eval/accuracy" in row:
             curve.append((samples, row["eval/accuracy"]))
     return {
         "summary": summary,
         "curve": curve,
+        "length_curve": length_curve,
         "step_seconds": sum(step_times) / max(len(step_times), 1),
         "completion_length": sum(lengths) / len(lengths) if lengths else float("nan"),
+        "by_topic": {topic: row["after"] for topic, row in summary.get("accuracy_by_topic", {}).items()},
     }
 
 
@@ -206,6 +261,12 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
         for k in range(evaluations):
             xs, ys = [r["curve"][k][0] for r in seeds], [r["curve"][k][1] for r in seeds]
             curve.append({"samples": sum(xs) / len(xs), "samples_min": min(xs), "samples_max": max(xs), **mean_ci(ys)})
+        steps = min(len(r.get("length_curve", [])) for r in seeds)
+        length_curve = [
+            {"samples": sum(r["length_curve"][k][0] for r in seeds) / len(seeds), **mean_ci([r["length_curve"][k][1] for r in seeds])}
+            for k in range(steps)
+        ]
+        topics = sorted(set.intersection(*(set(r.get("by_topic", {})) for r in seeds)))
         table[f"{method}|G={g}"] = {
             "method": method,
             "group_size": g,
@@ -217,9 +278,28 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
             "step_seconds": mean_ci([r["step_seconds"] for r in seeds]),
             "completion_length": mean_ci([r["completion_length"] for r in seeds]),
             "curve": curve,
+            "length_curve": length_curve,
+            "by_topic": {t: mean_ci([r["by_topic"][t] for r in seeds]) for t in topics},
+            "run_seconds": sum(r["summary"].get("wall_seconds", 0.0) for r in seeds),
         }
     paired = paired_differences(runs, baseline) if baseline and any(s.method == baseline for s in runs) else {}
-    return {"target": target, "rows": table, "baseline": baseline, "paired": paired}
+    if paired:  # samples each method needs to reach the baseline's mean final accuracy at the same G
+        for row in table.values():
+            base = table.get(f"{baseline}|G={row['group_size']}")
+            if base is None:
+                continue
+            goal = base["final_accuracy"]["mean"]
+            seeds = [r for s, r in runs.items() if s.method == row["method"] and s.group_size == row["group_size"]]
+            reach = [samples_to_target([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], goal) for r in seeds]
+            reached = [x for x in reach if x is not None]
+            budget = base["curve"][-1]["samples"] if base["curve"] else float("nan")
+            row["to_baseline_final"] = {
+                "accuracy": goal, "reached": f"{len(reached)}/{len(seeds)}",
+                "samples": sum(reached) / len(reached) if reached else None,
+                "fraction_of_budget": (sum(reached) / len(reached) / budget) if reached and budget else None,
+            }  # fmt: skip
+    compute = sum(r["summary"].get("wall_seconds", 0.0) for r in runs.values())
+    return {"target": target, "rows": table, "baseline": baseline, "paired": paired, "runs": len(runs), "run_seconds": compute}
 
 
 def _fmt(ci: dict[str, float]) -> str:
@@ -233,7 +313,8 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Held-out accuracy (mean ± 95% CI over seeds). Target for samples-to-reach: {result['target']:.3f}.",
+        f"Held-out accuracy (mean ± 95% CI over seeds). Target for samples-to-reach: {result['target']:.3f}. "
+        f"{result.get('runs', 0)} runs, {result.get('run_seconds', 0.0) / 3600:.2f} h of run time in all (each run one thread).",
         "",
         "| G | method | seeds | final accuracy | run-to-run std | gain over start | samples to target (reached) | completion length | step s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -251,11 +332,27 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             f"Paired by seed (each seed starts from the same checkpoint and sees the same prompts): final accuracy "
             f"minus {result['baseline']}'s, mean ± 95% CI, and the seeds where the method did better.",
             "",
-            f"| G | method | minus {result['baseline']} | seeds better |",
-            "|---|---|---|---|",
+            f"Samples to reach {result['baseline']}'s mean final accuracy at that G (mean over the seeds that reach it, "
+            f"and as a share of the budget).",
+            "",
+            f"| G | method | minus {result['baseline']} | seeds better | samples to {result['baseline']}'s final (reached) | share of budget |",
+            "|---|---|---|---|---|---|",
         ]
+        rows = result["rows"]
         for row in result["paired"].values():
-            lines.append(f"| {row['group_size']} | {row['method']} | {row['mean']:+.3f} ± {row['ci_half_width']:.3f} | {row['better']}/{len(row['diffs'])} |")
+            reach = rows.get(f"{row['method']}|G={row['group_size']}", {}).get("to_baseline_final") or {}
+            samples = f"{reach['samples']:.0f}" if reach.get("samples") is not None else "-"
+            share = f"{reach['fraction_of_budget']:.2f}" if reach.get("fraction_of_budget") is not None else "-"
+            lines.append(
+                f"| {row['group_size']} | {row['method']} | {row['mean']:+.3f} ± {row['ci_half_width']:.3f} | "
+                f"{row['better']}/{len(row['diffs'])} | {samples} ({reach.get('reached', '-')}) | {share} |"
+            )
+    topics = sorted({t for row in result["rows"].values() for t in row.get("by_topic", {})})
+    if topics:
+        lines += ["", "Final held-out accuracy per topic (mean over seeds).", "", "| G | method | " + " | ".join(topics) + " |", "|---|---|" + "---|" * len(topics)]
+        for row in result["rows"].values():
+            cells = [f"{row['by_topic'][t]['mean']:.3f}" if t in row.get("by_topic", {}) else "-" for t in topics]
+            lines.append(f"| {row['group_size']} | {row['method']} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy vs samples](accuracy_vs_samples.png)", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
@@ -271,7 +368,14 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({row["group_size"] for row in result["rows"].values()})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 7.5), squeeze=False, sharey="row")
+    for ax, g in zip(axes[1], sizes):  # completion length over training
+        for row in result["rows"].values():
+            if row["group_size"] == g and row.get("length_curve"):
+                ax.plot([p["samples"] for p in row["length_curve"]], [p["mean"] for p in row["length_curve"]], "-", label=row["method"])
+        ax.set_xlabel("samples consumed")
+        ax.grid(alpha=0.3)
+    axes[1][0].set_ylabel("completion length (tokens, mean over seeds)")
     for ax, g in zip(axes[0], sizes):
         for row in result["rows"].values():
             if row["group_size"] != g or not row["curve"]:
@@ -282,7 +386,6 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             (line,) = ax.plot(xs, ys, "o-", label=row["method"])
             ax.fill_between(xs, [y - h for y, h in zip(ys, half)], [y + h for y, h in zip(ys, half)], color=line.get_color(), alpha=0.15)
         ax.set_title(f"G = {g}")
-        ax.set_xlabel("samples consumed")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy (mean, 95% CI)")
     axes[0][-1].legend(loc="best")
@@ -300,13 +403,22 @@ def main(argv: list[str] | None = None) -> int:
             # components are built once per method, at the smallest G (estimators state a minimum group size)
             check_train_args(_command(RunSpec(method, g, 0), args, out / "runs" / "check")[4:], build=g == min(args.group_sizes))
         check_output_dir(out, "ebpo compare", reuse=True)
+        check_settings(out, shared_settings(args))
     except ValueError as exc:
         print(f"ebpo compare: error: {exc}", file=sys.stderr)
         return 2
-    make_output_dir(out, "ebpo compare")
     specs = [RunSpec(m, g, s) for m, g, s in itertools.product(args.methods, args.group_sizes, range(args.seeds))]
-    print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
-    dirs = run_all(specs, args, out)
+    if args.report_only:
+        dirs = {s: out / "runs" / s.name for s in specs if (out / "runs" / s.name / "summary.json").is_file()}
+        print(f"ebpo compare: {len(dirs)} of {len(specs)} runs of the grid have finished in {out / 'runs'}")
+        if not dirs:
+            print("ebpo compare: error: no finished run to report", file=sys.stderr)
+            return 2
+    else:
+        make_output_dir(out, "ebpo compare")
+        record_settings(out, shared_settings(args))
+        print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
+        dirs = run_all(specs, args, out)
     runs = {s: _read_run(d, args.prompts_per_step, s.group_size) for s, d in dirs.items()}
     result = aggregate_runs(runs, args.target, args.baseline)
     print(write_report(result, out, "ebpo compare " + " ".join(argv)))
