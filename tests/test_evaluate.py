@@ -10,6 +10,7 @@ from ebpo.cli import main
 from ebpo.evaluate import summarise
 
 TINY = [
+    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
     "--steps", "2", "--prompts-per-step", "4", "--group-size", "2", "--warmstart-steps", "20",
     "--warmstart-batch-size", "16", "--max-eval-problems", "12", "--eval-samples", "3", "--no-progress",
     "--no-tensorboard", "--threads", "1",

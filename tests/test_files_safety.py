@@ -23,6 +23,7 @@ from ebpo.cli import main
 from ebpo.fileio import MARKER, check_output_dir, load_tensors, make_output_dir, remove_output_dir
 
 TINY = [
+    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
     "--warmstart-steps", "20", "--warmstart-batch-size", "16",
     "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
     "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--eval-samples", "0",

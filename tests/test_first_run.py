@@ -13,6 +13,7 @@ from ebpo.cli import main
 from ebpo.train.tracking import accuracy_change_se, plot_curves
 
 TINY = [
+    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
     "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--warmstart-steps", "20",
     "--warmstart-batch-size", "16", "--max-eval-problems", "12", "--eval-samples", "2", "--no-progress",
     "--no-tensorboard", "--threads", "1", "--save-every", "0",

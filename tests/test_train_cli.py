@@ -10,6 +10,7 @@ import socket
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("ebpo.losses", reason="the policy losses module is not installed yet")
 pytest.importorskip("ebpo.divergences", reason="the divergences module is not installed yet")
@@ -18,6 +19,7 @@ from ebpo.cli import main  # noqa: E402
 from ebpo.train.tracking import read_metrics  # noqa: E402
 
 TINY = [
+    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
     "--warmstart-steps", "40", "--warmstart-batch-size", "32",
     # Copy-a-digit problems: learnable in a few warm-start steps, so rewards are mixed and the policy moves.
     "--task-options", "{num_train: 400, num_eval: 16, max_terms: 1, max_digits: 2}",
@@ -216,3 +218,20 @@ def test_full_default_run_improves_held_out_accuracy(tmp_path, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["accuracy_after"] > summary["accuracy_before"]
     assert summary["wall_seconds"] < 300 and summary["peak_rss_mb"] < 2048
+
+
+def test_the_default_task_is_stepwise_with_its_recommendations(tmp_path):
+    """`ebpo train` with no --task runs the stepwise testbed under its recommended settings (shortened here)."""
+    out = tmp_path / "run"
+    short = [
+        "--steps", "1", "--warmstart-steps", "5", "--warmstart-batch-size", "8", "--prompts-per-step", "2", "--group-size", "2",
+        "--task-options", "{num_train: 40, num_eval: 10}", "--eval-samples", "1", "--no-progress", "--no-tensorboard",
+        "--threads", "1", "--save-every", "0",
+    ]  # fmt: skip
+    assert main(["train", "--out", str(out), *short]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["task"] == "stepwise" and config["method"] == "ebpo" and config["group_size"] == 2
+    assert config["max_new_tokens"] == 44 and config["lr"] == 3e-4 and config["warmstart_lr"] == 3e-3  # the task's recommendations
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "stepwise" and set(summary["accuracy_by_topic"]) <= {"add1", "chain4", "mul1", "chain5", "add2"}
+    assert sum(row["problems"] for row in summary["accuracy_by_topic"].values()) == 10

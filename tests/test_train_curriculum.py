@@ -7,7 +7,7 @@ import torch
 from ebpo.cli import main
 
 ARGS = [
-    "train", "--method", "ebpo-diff", "--task-options", "{num_train: 24, num_eval: 8}", "--difficulty-samples", "3",
+    "train", "--task", "arithmetic", "--method", "ebpo-diff", "--task-options", "{num_train: 24, num_eval: 8}", "--difficulty-samples", "3",
     "--steps", "1", "--prompts-per-step", "4", "--group-size", "2", "--warmstart-steps", "60",
     "--warmstart-batch-size", "32", "--eval-samples", "1", "--no-progress", "--no-tensorboard", "--threads", "1",
 ]  # fmt: skip

@@ -24,7 +24,7 @@ from ebpo.train.rollout import generate
 from ebpo.train.trainer import Trainer, build_components
 
 FLAGS = [
-    "--warmstart-steps", "0", "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
+    "--task", "arithmetic", "--warmstart-steps", "0", "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
     "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--no-progress", "--threads", "1",
     "--device", "cpu", "--no-tensorboard", "--micro-batch-size", "2", "--ppo-epochs", "2", "--lr", "1e-3",
     "--lr-warmup-steps", "0", "--estimator-options", "{prior: running}",

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("ebpo.train.cli", "post-train a causal LM with RLVR (default: built-in arithmetic task on CPU)"),
+    "train": ("ebpo.train.cli", "post-train a causal LM with RLVR (default: built-in stepwise reasoning task on CPU)"),
     "simulate": ("ebpo.simulate", "reproduce the papers' theory with simulated rewards (no model)"),
     "compare": ("ebpo.compare", "run methods x group sizes x seeds and report accuracy with CIs and plots"),
     "eval": ("ebpo.evaluate", "evaluate a checkpoint or HF model: avg@k, pass@k, maj@k"),

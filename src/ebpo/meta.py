@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"min D(p, p_ref) over a 64 x 64 grid in (0, 1]: {low:.3e} ({verdict})")
     print(
         "train with it on the members' training problems and warm start (the validation split stays unseen):\n"
-        f"  ebpo train --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
+        f"  ebpo train --task arithmetic --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
     )
     return 0
 

@@ -36,7 +36,7 @@ class TrainConfig:
     # --- run ---
     method: str = "ebpo"
     """Preset named after a paper (sets estimator, weighting, loss, divergence, ...); any field can still be overridden."""
-    task: str = "arithmetic"
+    task: str = "stepwise"
     """Task: a registered name, 'name:arg' for a task factory that takes an argument (reasoning_gym:chain_sum), or 'module:attr'."""
     task_options: dict = field(default_factory=dict)
     """Options for the task factory, as YAML ('{num_train: 5000}')."""
