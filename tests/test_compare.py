@@ -156,6 +156,7 @@ def test_slices_resume_under_the_same_settings_and_report_only_aggregates_what_f
     base = ["--task", "arithmetic", "--group-sizes", "2", "--steps", "6", "--eval-every", "2", "--prompts-per-step", "4", "--out", str(out)]
     assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "2", *base]) == 0
     assert json.loads((out / "compare.json").read_text())["steps"] == 6
+    assert calls[0] == ["grpo-G2-s0", "ebpo-G2-s0", "grpo-G2-s1", "ebpo-G2-s1"]  # seed-major: a stopped comparison stays paired
     # a slice with another budget would mix incomparable runs: refused before anything runs
     assert compare.main(["--methods", "grpo", "--seeds", "3", *base[:-4], "--steps", "8", "--prompts-per-step", "4", "--out", str(out)]) == 2
     assert "other settings (steps" in capsys.readouterr().err and len(calls) == 1

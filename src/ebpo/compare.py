@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ebpo compare: error: {exc}", file=sys.stderr)
         return 2
-    specs = [RunSpec(m, g, s) for m, g, s in itertools.product(args.methods, args.group_sizes, range(args.seeds))]
+    # Seed-major order: a comparison stopped part-way has every method at the same seeds (balanced pairs).
+    specs = [RunSpec(m, g, s) for s, g, m in itertools.product(range(args.seeds), args.group_sizes, args.methods)]
     if args.report_only:
         dirs = {s: out / "runs" / s.name for s in specs if (out / "runs" / s.name / "summary.json").is_file()}
         print(f"ebpo compare: {len(dirs)} of {len(specs)} runs of the grid have finished in {out / 'runs'}")
