@@ -48,8 +48,8 @@ import torch
 from ebpo.divergences import NeuralMirror
 from ebpo.es import ESConfig, ESState, es_iteration
 from ebpo.fileio import check_output_dir, load_tensors, make_output_dir
-from ebpo.procs import run_parallel
 from ebpo.train.cli import check_train_args
+from ebpo.train.procs import run_parallel
 
 __all__ = ["main"]
 
