@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ebpo.sim.baselines import MSE_BASELINES
+from ebpo.simulate.baselines import MSE_BASELINES
 
 __all__ = ["PAPER_HADW", "markdown", "plots"]
 
@@ -141,7 +141,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _topics_markdown(topics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    from ebpo.sim.topics import TOPIC_BASELINES
+    from ebpo.simulate.topics import TOPIC_BASELINES
 
     lines = [
         f"## 5. A mixture of topics (means {cfg['topic_means']}, Beta concentration {cfg['topic_concentration']})",
