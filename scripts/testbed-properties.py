@@ -28,9 +28,9 @@ import torch
 import yaml
 
 from ebpo.eval_metrics import pass_at_k
-from ebpo.evaluate import EVAL_SEED_OFFSET, sample_correctness
 from ebpo.models.loading import TinyLlamaSpec, load_policy
-from ebpo.train.data import build_task, build_verifier_for
+from ebpo.sampling import EVAL_SEED_OFFSET, sample_correctness
+from ebpo.tasks.build import build_task, build_verifier_for
 from ebpo.train.warmstart import cached_warmstart, train_data_id
 
 TARGETS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebpo.es import ESConfig, ESState, es_iteration
+from ebpo.meta.es import ESConfig, ESState, es_iteration
 
 TARGET = torch.linspace(0.1, 0.5, 20, dtype=torch.float64)
 

@@ -131,7 +131,7 @@ def test_meta_resume_reads_its_own_state(tmp_path, capsys):
     """A finished search written by ebpo meta resumes under weights_only (and writes its final parameters)."""
     from ebpo import meta
     from ebpo.divergences import NeuralMirror
-    from ebpo.es import ESConfig, ESState, es_iteration
+    from ebpo.meta.es import ESConfig, ESState, es_iteration
 
     out = tmp_path / "meta"
     make_output_dir(out, "ebpo meta")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ebpo.procs import run_parallel
+from ebpo.train.procs import run_parallel
 
 
 def test_exit_codes_logs_and_per_job_seconds(tmp_path):

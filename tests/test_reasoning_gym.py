@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("reasoning_gym")
 
 from ebpo.tasks import TASKS  # noqa: E402
-from ebpo.train.data import build_task  # noqa: E402
+from ebpo.tasks.build import build_task  # noqa: E402
 from ebpo.verifiers import build_verifier  # noqa: E402
 from ebpo.verifiers.reasoning_gym import extract_final  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebpo.sim.topics import TOPIC_BASELINES, topic_mixture_mse, topic_population
+from ebpo.simulate.topics import TOPIC_BASELINES, topic_mixture_mse, topic_population
 
 MEANS = [0.05, 0.3, 0.7, 0.95]
 

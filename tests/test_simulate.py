@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebpo.estimators import build_estimator
-from ebpo.sim.bandit import BANDIT_ESTIMATORS, BanditConfig, init_logits, reinforce_gradient, run_bandit
-from ebpo.sim.baselines import EBPO_PRIORS, baseline_mse, zero_signal
-from ebpo.sim.populations import parse_dist, sample_rewards
-from ebpo.sim.theory import (
+from ebpo.simulate.bandit import BANDIT_ESTIMATORS, BanditConfig, init_logits, reinforce_gradient, run_bandit
+from ebpo.simulate.baselines import EBPO_PRIORS, baseline_mse, zero_signal
+from ebpo.simulate.populations import parse_dist, sample_rewards
+from ebpo.simulate.theory import (
     bias_closed_form,
     bias_mc,
     ebpo_population_shrinkage,
@@ -311,9 +311,9 @@ def test_cli_passes_hadw_options_and_subsets(tmp_path):
 def test_populations_docstring_examples():
     import doctest
 
-    import ebpo.sim.populations
+    import ebpo.simulate.populations
 
-    result = doctest.testmod(ebpo.sim.populations)
+    result = doctest.testmod(ebpo.simulate.populations)
     assert result.attempted > 0 and result.failed == 0
 
 

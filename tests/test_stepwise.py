@@ -13,8 +13,8 @@ import pytest
 from ebpo.models.loading import TinyLlamaSpec
 from ebpo.models.tokenizer import CharTokenizer
 from ebpo.tasks.base import TASKS
+from ebpo.tasks.build import build_task, build_verifier_for
 from ebpo.tasks.stepwise import DEFAULT_PLAIN_SLIP_RATE, DEFAULT_SLIP_RATE, TOPICS, StepwiseTask, StepwiseVerifier
-from ebpo.train.data import build_task, build_verifier_for
 from ebpo.verifiers.base import VERIFIERS
 
 SMALL = dict(num_train=2000, num_eval=200, slip_rate=0.0, plain_slip_rate=0.0)  # clean derivations; slips are tested on their own

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ebpo.models import load_policy
+from ebpo.sampling import generate
 from ebpo.tasks.arithmetic import ArithmeticTask
-from ebpo.train.rollout import generate, sequence_logprobs
+from ebpo.train.rollout import sequence_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def _problems(n: int = 4):
 @pytest.mark.parametrize("temperature", [0.5, 1.7])
 def test_update_logprobs_are_the_samplers_own_scores_at_temperature(tiny, temperature):
     """Oracle: generate's processed scores (logits / T, nothing else) at the sampled tokens."""
-    from ebpo.train.rollout import completion_mask, sampling_config
+    from ebpo.sampling import completion_mask, sampling_config
 
     model, tok = tiny
     problems = _problems()
@@ -80,7 +81,7 @@ def test_rollouts_ignore_the_models_own_generation_config(tiny, do_sample):
 
 
 def test_evaluation_sampling_ignores_the_models_own_generation_config(tiny):
-    from ebpo.evaluate import sample_correctness
+    from ebpo.sampling import sample_correctness
     from ebpo.verifiers import build_verifier
 
     model, tok = tiny

@@ -65,8 +65,9 @@ def test_update_logprobs_are_the_samplers_scores_under_bf16_autocast():
     """Defect 1 on CUDA: at T = 0.5, under bf16 autocast in both passes, the update's log-probs are the sampler's
     processed scores (bf16 tolerance: generate runs token by token with a KV cache, the update in one pass)."""
     from ebpo.models import load_policy
+    from ebpo.sampling import completion_mask, sampling_config
     from ebpo.tasks.arithmetic import ArithmeticTask
-    from ebpo.train.rollout import completion_mask, sampling_config, sequence_logprobs
+    from ebpo.train.rollout import sequence_logprobs
 
     model, tok = load_policy("builtin:tiny", device=torch.device("cuda"), dtype="float32", seed=0)
     problems = ArithmeticTask(num_train=10, num_eval=4).eval_problems()

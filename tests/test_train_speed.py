@@ -17,8 +17,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from ebpo.models import load_policy
+from ebpo.sampling import generate
 from ebpo.tasks.arithmetic import ArithmeticTask
-from ebpo.train.rollout import _keeps_logits, generate, rows_logprobs, sequence_logprobs
+from ebpo.train.rollout import _keeps_logits, rows_logprobs, sequence_logprobs
 
 
 @pytest.fixture(scope="module")

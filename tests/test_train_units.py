@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from ebpo.models import load_policy
+from ebpo.sampling import Rollout, completion_mask, generate
 from ebpo.tasks.arithmetic import ArithmeticTask
+from ebpo.tasks.build import build_task
 from ebpo.train.cli import build_parser, resolve_config
 from ebpo.train.config import TrainConfig, field_docs
-from ebpo.train.data import PromptStream, build_task
+from ebpo.train.data import PromptStream
 from ebpo.train.distributed import Dist
 from ebpo.train.presets import PRESETS, list_methods
-from ebpo.train.rollout import Rollout, completion_mask, generate, length_chunks, overlong_penalty, rows_logprobs, sequence_logprobs
+from ebpo.train.rollout import length_chunks, overlong_penalty, rows_logprobs, sequence_logprobs
 from ebpo.train.trainer import _mixed_groups
 
 

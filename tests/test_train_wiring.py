@@ -13,10 +13,10 @@ import torch
 
 import ebpo.train.trainer as trainer_mod
 from ebpo.grouping import stable_topic_ids
+from ebpo.sampling import Rollout
 from ebpo.tasks.base import Problem
 from ebpo.train.config import TrainConfig
 from ebpo.train.distributed import Dist
-from ebpo.train.rollout import Rollout
 from ebpo.train.trainer import Trainer, _mixed_groups
 
 G = 2

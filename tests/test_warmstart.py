@@ -18,7 +18,7 @@ import pytest
 
 from ebpo.models.loading import TinyLlamaSpec, load_policy
 from ebpo.tasks.base import TASKS, Problem
-from ebpo.train.data import build_task, build_verifier_for, register_builtin_components
+from ebpo.tasks.build import build_task, build_verifier_for, register_builtin_components
 from ebpo.train.warmstart import cached_warmstart, fitting_problems, supervised_batch, train_data_id, train_supervised
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -19,8 +19,8 @@ import sys
 
 import torch
 
+from ebpo.sampling import generate
 from ebpo.train.cli import build_parser, resolve_config
-from ebpo.train.rollout import generate
 from ebpo.train.trainer import Trainer, build_components
 
 FLAGS = [

@@ -16,12 +16,16 @@ Two rules, each enforced here and nowhere else:
   command's marker; :func:`remove_output_dir` (``ebpo train --overwrite``)
   deletes only a directory with the marker, never a file, a symlink, ``/``,
   the home directory or the working directory (or a directory above them).
+
+It also knows where a run keeps its checkpoints (:func:`latest_checkpoint`),
+which ``ebpo train --resume`` and ``ebpo eval --model RUN_DIR`` both read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MARKER", "load_tensors", "check_output_dir", "check_output_file", "make_output_dir", "remove_output_dir", "marker_kind"]
+__all__ = ["MARKER", "load_tensors", "check_output_dir", "check_output_file", "make_output_dir", "remove_output_dir", "marker_kind", "step_dirs", "latest_checkpoint"]
 
 MARKER = ".ebpo-run"
 """File that marks a directory created by an ebpo command (JSON: ``{"created_by": "ebpo train"}``)."""
@@ -155,3 +159,19 @@ def remove_output_dir(path: str | os.PathLike[str], command: str) -> None:
     if marker_kind(p) != command:
         raise ValueError(f"refusing to delete {p}: it was not created by {command} (no {MARKER} marker); delete it yourself if you mean to")
     shutil.rmtree(p)
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dirs(root: str) -> list[str]:
+    """The complete checkpoints (``step-000050``) in ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint of ``run_dir`` (temporary directories are ignored)."""
+    dirs = step_dirs(os.path.join(run_dir, "checkpoints"))
+    return os.path.join(run_dir, "checkpoints", dirs[-1]) if dirs else None

@@ -27,19 +27,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from typing import Any
 
 import numpy as np
 import torch
 
-from ebpo.fileio import load_tensors
+from ebpo.fileio import latest_checkpoint, load_tensors, step_dirs
 from ebpo.train.distributed import Dist
 
-__all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "latest_checkpoint", "load_trainer_state", "check_checkpoint"]
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+__all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "load_trainer_state", "check_checkpoint"]
 
 FORMAT = 2
 """Checkpoint format: 2 = tensors and plain values only (loadable with weights_only=True)."""
@@ -95,22 +92,10 @@ def save_checkpoint(run_dir: str, step: int, *, model: Any, tokenizer: Any, trai
         torch.save({**trainer_state, "world": dist.world, "format": FORMAT}, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step (e.g. the final one)
         os.rename(tmp, final)
-        for old in _step_dirs(root)[:-keep]:
+        for old in step_dirs(root)[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
     return final
-
-
-def _step_dirs(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint of ``run_dir`` (temporary directories are ignored)."""
-    dirs = _step_dirs(os.path.join(run_dir, "checkpoints"))
-    return os.path.join(run_dir, "checkpoints", dirs[-1]) if dirs else None
 
 
 def _load(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def resolve_config(args: argparse.Namespace, *, echo: Callable[[str], None] | No
 def task_recommendations(task: str, options: dict[str, Any]) -> dict[str, Any]:
     """The ``ebpo train`` settings the task recommends (its ``recommended`` mapping; {} when it has none),
     checked: every key a config field of the right type, none of them the task itself or its options."""
-    from ebpo.train.data import build_task
+    from ebpo.tasks.build import build_task
 
     recommended = dict(getattr(build_task(task, options), "recommended", None) or {})
     source = f"task {task!r}'s recommended settings"

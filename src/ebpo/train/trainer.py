@@ -28,12 +28,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ebpo.fileio import latest_checkpoint
 from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, add_lora, builtin_spec, check_model_source, load_adapter, load_policy, resolve_dtype
+from ebpo.sampling import EVAL_SEED_OFFSET, Rollout, generate, sample_correctness
+from ebpo.tasks.build import build_task, build_verifier_for
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
-from ebpo.train.data import PromptStream, build_task, build_verifier_for
+from ebpo.train.data import PromptStream
 from ebpo.train.distributed import Dist, setup
-from ebpo.train.rollout import Rollout, generate, length_chunks, overlong_penalty, rows_logprobs, score
+from ebpo.train.rollout import length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, accuracy_change_se, format_line, plot_curves
 from ebpo.train.warmstart import cached_warmstart, library_versions, train_data_id
 
@@ -234,7 +237,6 @@ class Trainer:
         import hashlib
         import json
 
-        from ebpo.evaluate import sample_correctness
         from ebpo.train.warmstart import cache_dir
 
         cfg = self.config
@@ -282,7 +284,7 @@ class Trainer:
         return 1.0
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
+        path = latest_checkpoint(self.run_dir)
         if path is None:
             raise ValueError(f"--resume {self.run_dir}: no checkpoint in {os.path.join(self.run_dir, 'checkpoints')}")
         state, rng = ckpt.load_trainer_state(path, self.dist)
@@ -539,11 +541,9 @@ class Trainer:
     def evaluate(self) -> float:
         """Held-out accuracy: greedy, or avg@k with ``eval_samples`` samples (under a fixed seed).
 
-        Uses :func:`ebpo.evaluate.sample_correctness`, the function ``ebpo eval``
+        Uses :func:`ebpo.sampling.sample_correctness`, the function ``ebpo eval``
         uses, so ``ebpo eval`` on a checkpoint reproduces this number.
         """
-        from ebpo.evaluate import EVAL_SEED_OFFSET, sample_correctness
-
         cfg, dist = self.config, self.dist
         problems = list(self.c.task.eval_problems())
         if cfg.max_eval_problems:

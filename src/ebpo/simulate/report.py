@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ebpo.sim.baselines import MSE_BASELINES
+from ebpo.simulate.baselines import MSE_BASELINES
 
 __all__ = ["PAPER_HADW", "markdown", "plots"]
 
@@ -29,8 +29,18 @@ def markdown(result: dict[str, Any]) -> str:
     """The report: one section per analysis, every table from ``result``."""
     cfg = result["config"]
     lines = ["# ebpo simulate", "", f"Config: `{json.dumps(cfg, sort_keys=True)}`", ""]
+    lines += _hadw_markdown(result["hadw_table"], result["bias_curve"])
+    lines += _mse_markdown(result["mse"], cfg)
+    lines += _zero_signal_markdown(result["zero_signal"])
+    lines += _bandit_markdown(result["bandit"], cfg)
+    if "topics" in result:
+        lines += _topics_markdown(result["topics"], cfg)
+    return "\n".join(lines)
 
-    lines += [
+
+def _hadw_markdown(table: dict[str, Any], curves: dict[str, Any]) -> list[str]:
+    """Section 1: HA-DW's P(mu_hat > p | mixed) against the paper, and the bias of the group mean."""
+    lines = [
         "## 1. HA-DW bias: P(mu_hat > p | group not all-equal), p ~ U(0, upper)",
         "",
         "Exact: the binomial sum for each p, integrated over p by Gauss-Legendre between the jumps p = k/G. "
@@ -40,7 +50,7 @@ def markdown(result: dict[str, Any]) -> str:
         "| p range | G | exact | Monte Carlo | paper | exact - paper | pooled |",
         "|---|---|---|---|---|---|---|",
     ]
-    for upper, row in result["hadw_table"].items():
+    for upper, row in table.items():
         for g, v in row.items():
             mc = v["monte_carlo"]
             lines.append(
@@ -48,7 +58,6 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{v['paper']:.4f} | {v['exact'] - v['paper']:+.5f} | {v['pooled']:.4f} |"
             )
     lines += ["", "Bias of the group mean given a mixed group, E[mu_hat | mixed] - p (closed form; Monte Carlo ± s.e.):", ""]
-    curves = result["bias_curve"]
     probe = [0.1, 0.3, 0.5, 0.7, 0.9]
     lines += ["| G | " + " | ".join(f"p = {p}" for p in probe) + " |", "|---" * (len(probe) + 1) + "|"]
     for g, curve in curves.items():
@@ -57,9 +66,12 @@ def markdown(result: dict[str, Any]) -> str:
             i = min(range(len(curve["p"])), key=lambda j: abs(curve["p"][j] - p))
             cells.append(f"{curve['closed_form'][i]:+.4f} ({curve['monte_carlo'][i]:+.4f} ± {curve['std_error'][i]:.4f})")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    lines += ["", "Positive bias for p < 0.5: the group mean over-estimates p, so the advantage r - mu_hat of a hard prompt is under-estimated.", ""]
+    return lines + ["", "Positive bias for p < 0.5: the group mean over-estimates p, so the advantage r - mu_hat of a hard prompt is under-estimated.", ""]
 
-    lines += [
+
+def _mse_markdown(mse: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 2: baseline MSE per estimator and group size, simulated and in closed form."""
+    lines = [
         f"## 2. Baseline MSE against the true success rate (`{cfg['dist']}`, {cfg['prompts']} prompts x {cfg['batches']} batches)",
         "",
         "Mean of the per-batch MSE (± one standard error over batches). Closed forms: group mean E[θ(1-θ)]/G, "
@@ -68,7 +80,7 @@ def markdown(result: dict[str, Any]) -> str:
         "| G | " + " | ".join(MSE_BASELINES) + " | EBPO limit (closed form) | S (ebpo-batch) | S (EBPO limit) | S* (oracle) |",
         "|---" * (len(MSE_BASELINES) + 5) + "|",
     ]
-    for g, row in result["mse"].items():
+    for g, row in mse.items():
         cells = [f"{row['mean'][n]:.4f} ± {row['std_error'][n]:.4f}" for n in MSE_BASELINES]
         s = row["shrinkage"]
         lines.append(
@@ -76,28 +88,33 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['ebpo-batch']:.3f} | {s['ebpo (large-batch limit)']:.3f} | {s['oracle shrinkage']:.3f} |"
         )
     lines += ["", "Closed forms of the same (population) quantities:", "", "| G | group mean | leave-one-out | EBPO limit | oracle |", "|---|---|---|---|---|"]
-    for g, row in result["mse"].items():
+    for g, row in mse.items():
         c = row["closed_form"]
         lines.append(f"| {g} | {c['group mean']:.4f} | {c['leave-one-out']:.4f} | {c['ebpo (large-batch limit)']:.4f} | {c['oracle shrinkage']:.4f} |")
-    lines += ["", "![MSE against the true success rate](mse_vs_p.png)", "", "![MSE against G](mse_vs_g.png)", ""]
+    return lines + ["", "![MSE against the true success rate](mse_vs_p.png)", "", "![MSE against G](mse_vs_g.png)", ""]
 
-    lines += [
+
+def _zero_signal_markdown(zero: dict[str, Any]) -> list[str]:
+    """Section 3: the fraction of zero advantages and the advantage in all-failure groups, per estimator."""
+    lines = [
         "## 3. Zero learning signal and all-failure groups",
         "",
         "| G | estimator | zero-advantage fraction | mean advantage in all-failure groups | fraction of those >= 0 | raw -S·mu_glob (before centring) |",
         "|---|---|---|---|---|---|",
     ]
-    for g, row in result["zero_signal"].items():
+    for g, row in zero.items():
         for label, v in row["estimators"].items():
             lines.append(
                 f"| {g} | {label} | {v['zero_signal_frac']:.3f} | {_f(v['all_failure_adv_mean'], 3, sign=True)} | "
                 f"{_f(v['all_failure_nonneg_frac'], 2)} | {_f(v.get('raw_all_failure_adv', math.nan), 3, sign=True)} |"
             )
         lines.append(f"| {g} | *expected all-equal fraction* | {row['all_equal_frac_expected']:.3f} | all-failure groups: {row['all_failure_frac']:.3f} | | |")
-    lines += ["", "![zero signal](zero_signal.png)", ""]
+    return lines + ["", "![zero signal](zero_signal.png)", ""]
 
-    bandit = result["bandit"]
-    lines += [
+
+def _bandit_markdown(bandit: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Section 4: the softmax bandit's final success and entropy, and its area under the learning curve."""
+    lines = [
         f"## 4. Softmax bandit (`{cfg['bandit_dist']}`, {cfg['bandit_prompts']} prompts, {cfg['bandit_answers']} answers, "
         f"{cfg['bandit_batch']} prompts/step, {cfg['bandit_steps']} steps, lr {cfg['bandit_lr']}, {cfg['bandit_seeds']} seeds)",
         "",
@@ -107,7 +124,18 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     sizes = sorted({g for per_g in bandit.values() for g in per_g}, key=int)
-    lines += ["| update | estimator | " + " | ".join(f"success G={g} | Δ vs GRPO G={g} | entropy G={g}" for g in sizes) + " |", "|---" * (2 + 3 * len(sizes)) + "|"]
+    lines += _bandit_final_table(bandit, sizes)
+    lines += [
+        "",
+        "Success rate averaged over all steps (area under the learning curve), and its paired difference to GRPO:",
+        "",
+    ]
+    lines += _bandit_auc_table(bandit, sizes)
+    return lines + [""] + [f"![bandit, {u} updates](bandit_{u}.png)" for u in bandit] + [""]
+
+
+def _bandit_final_table(bandit: dict[str, Any], sizes: list[str]) -> list[str]:
+    lines = ["| update | estimator | " + " | ".join(f"success G={g} | Δ vs GRPO G={g} | entropy G={g}" for g in sizes) + " |", "|---" * (2 + 3 * len(sizes)) + "|"]
     for update, per_g in bandit.items():
         labels = list(next(iter(per_g.values())))
         for label in labels:
@@ -119,10 +147,11 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{e['mean']:.3f} ± {_f(e['ci_half_width'], 3)}"
                 )
             lines.append(f"| {update} | {label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Success rate averaged over all steps (area under the learning curve), and its paired difference to GRPO:",
-        "",
+    return lines
+
+
+def _bandit_auc_table(bandit: dict[str, Any], sizes: list[str]) -> list[str]:
+    lines = [
         "| update | estimator | " + " | ".join(f"mean success G={g} | Δ vs GRPO G={g}" for g in sizes) + " |",
         "|---" * (2 + 2 * len(sizes)) + "|",
     ]
@@ -134,14 +163,11 @@ def markdown(result: dict[str, Any]) -> str:
                 for g in sizes
             ]
             lines.append(f"| {update} | {label} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"![bandit, {u} updates](bandit_{u}.png)" for u in bandit] + [""]
-    if "topics" in result:
-        lines += _topics_markdown(result["topics"], cfg)
-    return "\n".join(lines)
+    return lines
 
 
 def _topics_markdown(topics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    from ebpo.sim.topics import TOPIC_BASELINES
+    from ebpo.simulate.topics import TOPIC_BASELINES
 
     lines = [
         f"## 5. A mixture of topics (means {cfg['topic_means']}, Beta concentration {cfg['topic_concentration']})",
@@ -187,9 +213,19 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
 
-    # HA-DW: the integrand P(mu_hat > p | mixed, p) and the bias curve.
+    save(_hadw_figure(plt, result["bias_curve"]), "hadw.png")
+    save(_mse_vs_p_figure(plt, result["mse"]), "mse_vs_p.png")
+    save(_mse_vs_g_figure(plt, result["mse"]), "mse_vs_g.png")
+    save(_zero_signal_figure(plt, result["zero_signal"]), "zero_signal.png")
+    for update, per_g in result["bandit"].items():
+        save(_bandit_figure(plt, update, per_g), f"bandit_{update}.png")
+    return written
+
+
+def _hadw_figure(plt: Any, curves: dict[str, Any]) -> Any:
+    """HA-DW: the integrand P(mu_hat > p | mixed, p) and the bias curve."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for g, curve in result["bias_curve"].items():
+    for g, curve in curves.items():
         (line,) = left.plot(curve["p"], curve["prob_above_given_p"], label=f"G={g}")
         right.plot(curve["p"], curve["closed_form"], color=line.get_color(), label=f"G={g} closed form")
         right.errorbar(curve["p"], curve["monte_carlo"], yerr=curve["std_error"], fmt=".", ms=3, color=line.get_color(), label=f"G={g} Monte Carlo")
@@ -200,10 +236,11 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
     right.legend(fontsize=6, ncol=2)
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    save(fig, "hadw.png")
+    return fig
 
-    # MSE against the true success rate, one panel per G: points from the simulation, lines closed forms.
-    mse = result["mse"]
+
+def _mse_vs_p_figure(plt: Any, mse: dict[str, Any]) -> Any:
+    """MSE against the true success rate, one panel per G: points from the simulation, lines closed forms."""
     cols = min(3, len(mse))
     rows = -(-len(mse) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
@@ -221,7 +258,12 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
     for ax in list(axes.flat)[len(mse):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, title="points: simulation per θ bin;\nlines: closed form given θ", title_fontsize=7)
-    save(fig, "mse_vs_p.png")
+    return fig
+
+
+def _mse_vs_g_figure(plt: Any, mse: dict[str, Any]) -> Any:
+    """Overall baseline MSE against G on log axes: points from the simulation, lines closed forms."""
+    from matplotlib.ticker import NullLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     gs = [int(g) for g in mse]
@@ -232,12 +274,14 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
             ax.plot(gs, [mse[str(g)]["closed_form"][key] for g in gs], "-", lw=0.8, color=line.get_color())
     ax.set(xscale="log", yscale="log", xlabel="group size G", ylabel="baseline MSE", title="Baseline MSE (points: simulation, lines: closed form)")
     ax.set_xticks(gs, [str(g) for g in gs])
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the G ticks, no log-scale minor labels
+    ax.xaxis.set_minor_locator(NullLocator())  # only the G ticks, no log-scale minor labels
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    save(fig, "mse_vs_g.png")
+    return fig
 
-    zero = result["zero_signal"]
+
+def _zero_signal_figure(plt: Any, zero: dict[str, Any]) -> Any:
+    """Bars per estimator and G: the zero-advantage fraction and the mean advantage in all-failure groups."""
     labels = list(next(iter(zero.values()))["estimators"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(zero)
@@ -251,24 +295,25 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="y")
     right.axhline(0, color="k", lw=0.5)
     left.legend(fontsize=7)
-    save(fig, "zero_signal.png")
+    return fig
 
-    for update, per_g in result["bandit"].items():
-        fig, axes = plt.subplots(2, len(per_g), figsize=(5.5 * len(per_g), 7), squeeze=False)
-        for col, (g, per_label) in enumerate(per_g.items()):
-            for label, v in per_label.items():
-                for row, key in enumerate(("success", "entropy")):
-                    mean, half = v[key]["mean"], v[key]["ci_half_width"]
-                    steps = range(len(mean))
-                    (line,) = axes[row][col].plot(steps, mean, lw=1.2, label=label)
-                    if not any(math.isnan(h) for h in half):
-                        lo = [m - h for m, h in zip(mean, half)]
-                        hi = [m + h for m, h in zip(mean, half)]
-                        axes[row][col].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-            axes[0][col].set(title=f"softmax bandit, G = {g}, {update} updates", ylabel="mean true success rate")
-            axes[1][col].set(xlabel="step", ylabel="mean policy entropy (nats)")
-            for ax in axes[:, col]:
-                ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7)
-        save(fig, f"bandit_{update}.png")
-    return written
+
+def _bandit_figure(plt: Any, update: str, per_g: dict[str, Any]) -> Any:
+    """Learning (top) and entropy (bottom) curves of one update rule, one column per G, mean and 95% CI band."""
+    fig, axes = plt.subplots(2, len(per_g), figsize=(5.5 * len(per_g), 7), squeeze=False)
+    for col, (g, per_label) in enumerate(per_g.items()):
+        for label, v in per_label.items():
+            for row, key in enumerate(("success", "entropy")):
+                mean, half = v[key]["mean"], v[key]["ci_half_width"]
+                steps = range(len(mean))
+                (line,) = axes[row][col].plot(steps, mean, lw=1.2, label=label)
+                if not any(math.isnan(h) for h in half):
+                    lo = [m - h for m, h in zip(mean, half)]
+                    hi = [m + h for m, h in zip(mean, half)]
+                    axes[row][col].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        axes[0][col].set(title=f"softmax bandit, G = {g}, {update} updates", ylabel="mean true success rate")
+        axes[1][col].set(xlabel="step", ylabel="mean policy entropy (nats)")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    return fig

@@ -19,7 +19,7 @@ the fitness differences come from the mirror maps, not from sampling noise).
 Members run ``--workers`` at a time; a member whose run fails is dropped from
 the gradient estimate and counted (``failed`` in the log), never scored 0.
 
-The ES update (:mod:`ebpo.es`): antithetic population, sigma decay, step
+The ES update (:mod:`ebpo.meta.es`): antithetic population, sigma decay, step
 size, elites and patience as in the GBMPO paper. Parameters are kept
 non-negative by default (``--no-project-nonneg`` to reproduce the released
 code, which can lose convexity and so D >= 0).
@@ -46,10 +46,10 @@ from typing import Any
 import torch
 
 from ebpo.divergences import NeuralMirror
-from ebpo.es import ESConfig, ESState, es_iteration
 from ebpo.fileio import check_output_dir, load_tensors, make_output_dir
-from ebpo.procs import run_parallel
+from ebpo.meta.es import ESConfig, ESState, es_iteration
 from ebpo.train.cli import check_train_args
+from ebpo.train.procs import run_parallel
 
 __all__ = ["main"]
 

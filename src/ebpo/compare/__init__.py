@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from ebpo.fileio import check_output_dir, make_output_dir
-from ebpo.procs import run_parallel
 from ebpo.stats_report import mean_ci, samples_to_target
 from ebpo.train.cli import check_train_args
+from ebpo.train.procs import run_parallel
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 

@@ -5,7 +5,7 @@
     ebpo eval --model Qwen/Qwen3-8B --benchmark math500=data/math500.jsonl --benchmark aime2025 --samples 32 \\
               --max-new-tokens 4096 --temperature 1.0 --k 1 8 32
 
-Sampling goes through :func:`sample_correctness`, the same function the
+Sampling goes through :func:`ebpo.sampling.sample_correctness`, the same function the
 trainer evaluates with (same chunking, same seed: ``seed + 7919``), so for
 the same checkpoint and sampling settings ``ebpo eval`` reproduces the
 held-out accuracy ``ebpo train`` logged. Given a run directory, the run's
@@ -30,55 +30,12 @@ import torch
 from torch import Tensor
 
 from ebpo.eval_metrics import avg_at_k, pass_at_k
-from ebpo.fileio import check_output_dir, make_output_dir
+from ebpo.fileio import check_output_dir, latest_checkpoint, make_output_dir
+from ebpo.sampling import EVAL_SEED_OFFSET, sample_correctness
 from ebpo.tasks.base import Problem
+from ebpo.tasks.build import build_task, build_verifier_for
 
-__all__ = ["sample_correctness", "main"]
-
-EVAL_SEED_OFFSET = 7919
-
-
-@torch.no_grad()
-def sample_correctness(
-    model: Any,
-    tokenizer: Any,
-    problems: Sequence[Problem],
-    verifier: Any,
-    *,
-    samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    chat_template: str,
-    generation_batch_size: int,
-    seed: int,
-) -> tuple[Tensor, list[list[str]]]:
-    """Rewards (P, k) (NaN where the verifier skipped) and completions of ``samples`` per problem.
-
-    ``samples = 0`` means one greedy completion. Sampling runs under its own
-    seed inside ``fork_rng``, so it neither moves nor depends on the caller's RNG.
-    """
-    from ebpo.train.rollout import generate
-
-    k = max(samples, 1)
-    device = next(model.parameters()).device
-    rewards = torch.full((len(problems), k), float("nan"), dtype=torch.float64)
-    texts: list[list[str]] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        batch = max(1, (generation_batch_size or 512) // k)
-        for start in range(0, len(problems), batch):
-            chunk = list(problems[start : start + batch])
-            rollout = generate(
-                model, tokenizer, chunk, torch.arange(len(chunk)), group_size=k, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, do_sample=samples > 0, chat_template=chat_template, batch_size=0,
-            )
-            for row, (text, problem) in enumerate(zip(rollout.texts, (p for p in chunk for _ in range(k)))):
-                result = verifier(text, problem.answer)  # strings: one verifier call per completion
-                if result.reward is not None:
-                    rewards[start + row // k, row % k] = float(result.reward)
-            texts += [rollout.texts[i * k : (i + 1) * k] for i in range(len(chunk))]
-    return rewards, texts
+__all__ = ["main"]
 
 
 def _majority(texts: list[list[str]], rewards: Tensor) -> float:
@@ -125,8 +82,6 @@ def _resolve_model(path: str) -> tuple[str, dict[str, Any]]:
     if os.path.isfile(config_file):
         import yaml
 
-        from ebpo.train.checkpoint import latest_checkpoint
-
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ValueError(f"run directory {path!r} has no checkpoint yet")
@@ -169,7 +124,6 @@ def _run(args: argparse.Namespace) -> int:
     import yaml
 
     from ebpo.models.loading import load_policy, select_device
-    from ebpo.train.data import build_task, build_verifier_for
 
     if args.out:  # checked before the model loads; nothing is written until the results are in
         check_output_dir(args.out, "ebpo eval", reuse=True)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ebpo.estimators import build_estimator
-from ebpo.sim.populations import parse_dist, sample_rewards
+from ebpo.simulate.populations import parse_dist, sample_rewards
 
 __all__ = ["TOPIC_BASELINES", "topic_population", "topic_mixture_mse"]
 
@@ -38,7 +38,7 @@ _ESTIMATORS: dict[str, dict[str, Any]] = {
 
 
 def topic_population(mean: float, concentration: float) -> Any:
-    """Beta(c m, c (1 - m)) as a :class:`~ebpo.sim.populations.Population` (exact moments)."""
+    """Beta(c m, c (1 - m)) as a :class:`~ebpo.simulate.populations.Population` (exact moments)."""
     if not 0.0 < mean < 1.0 or not concentration > 0:
         raise ValueError(f"topic means must be in (0, 1) and the concentration > 0, got {mean}, {concentration}")
     return parse_dist(f"beta:{concentration * mean!r},{concentration * (1.0 - mean)!r}")

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ebpo.sim.populations import Population
+from ebpo.simulate.populations import Population
 
 __all__ = [
     "binomial_pmf",

@@ -10,7 +10,7 @@ its baseline is read back from its output, never re-implemented here:
   returns A_raw = r - V_q, so V_q = r - A_raw.
 
 The oracle shrinkage baseline is ours (it needs the true population):
-V = (1 - S*) mu_q + S* E theta (see :mod:`ebpo.sim.theory`).
+V = (1 - S*) mu_q + S* E theta (see :mod:`ebpo.simulate.theory`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ebpo.estimators import AdvantagePipeline, build_estimator
-from ebpo.sim.populations import Population, sample_rewards
-from ebpo.sim.theory import (
+from ebpo.simulate.populations import Population, sample_rewards
+from ebpo.simulate.theory import (
     all_equal_probability,
     ebpo_population_shrinkage,
     oracle_shrinkage,

@@ -26,7 +26,7 @@ plots and (``--json``) every number:
    to ``--topic-small-groups`` groups.
 
 The estimators are the library's own (``ebpo.estimators.build_estimator``);
-the oracle and closed-form quantities live in :mod:`ebpo.sim.theory`.
+the oracle and closed-form quantities live in :mod:`ebpo.simulate.theory`.
 See docs/simulate.md.
 """
 
@@ -43,12 +43,12 @@ import torch
 
 from ebpo.fileio import check_output_dir, check_output_file, make_output_dir
 
-from ebpo.sim.bandit import BANDIT_ESTIMATORS, UPDATES, BanditConfig, bandit_curves
-from ebpo.sim.baselines import SIGNAL_ESTIMATORS, baseline_mse, zero_signal
-from ebpo.sim.populations import Population, parse_dist, sample_rewards
-from ebpo.sim.report import PAPER_HADW, markdown, plots
-from ebpo.sim.topics import topic_mixture_mse, topic_population
-from ebpo.sim.theory import (
+from ebpo.simulate.bandit import BANDIT_ESTIMATORS, UPDATES, BanditConfig, bandit_curves
+from ebpo.simulate.baselines import SIGNAL_ESTIMATORS, baseline_mse, zero_signal
+from ebpo.simulate.populations import Population, parse_dist, sample_rewards
+from ebpo.simulate.report import PAPER_HADW, markdown, plots
+from ebpo.simulate.topics import topic_mixture_mse, topic_population
+from ebpo.simulate.theory import (
     bias_closed_form,
     bias_mc,
     hadw_probability_exact,

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ebpo.estimators import build_estimator
-from ebpo.sim.baselines import SIGNAL_ESTIMATORS
-from ebpo.sim.populations import Population
+from ebpo.simulate.baselines import SIGNAL_ESTIMATORS
+from ebpo.simulate.populations import Population
 from ebpo.stats_report import mean_ci, t_quantile
 
 __all__ = ["BANDIT_ESTIMATORS", "BanditConfig", "init_logits", "reinforce_gradient", "run_bandit", "bandit_curves"]
