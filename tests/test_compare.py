@@ -122,7 +122,7 @@ def test_samples_to_the_baselines_final_accuracy_per_topic_and_length_curves(tmp
     assert [p["samples"] for p in ebpo["length_curve"]] == [8.0, 16.0, 24.0, 32.0, 40.0, 48.0]
     assert result["runs"] == 4 and result["run_seconds"] == pytest.approx(40.0)
     text = write_report(result, tmp_path, "ebpo compare")
-    assert "| 2 | ebpo | +0.200 ± " in text and "| 2/2 | 24 (2/2) | 0.50 |" in text
+    assert "| 2 | ebpo | +0.200 ± " in text and "| 24 (2/2) | 0.50 |" in text
     assert "| G | method | a | b |" in text and "| 2 | ebpo | 0.850 | 0.300 |" in text
 
 
@@ -169,3 +169,18 @@ def test_slices_resume_under_the_same_settings_and_report_only_aggregates_what_f
     assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "3", *base]) == 0
     assert json.loads((out / "report.json").read_text())["rows"]["ebpo|G=2"]["seeds"] == 3
     assert compare.main(["--methods", "grpo", "--seeds", "1", "--report-only", "--out", str(tmp_path / "none"), *base[:-2]]) == 2
+
+
+def test_paired_difference_at_the_baselines_sample_budget(tmp_path):
+    """A method that samples twice as much per step (DAPO) is also compared at the samples GRPO used."""
+    runs = {
+        RunSpec("grpo", 2, 0): _read_run(make_run(tmp_path / "g0", 0.2, [0.3, 0.35], 0.4), 4, 2),  # 48 samples in all
+        RunSpec("dapo", 2, 0): _read_run(make_run(tmp_path / "d0", 0.2, [0.32, 0.45], 0.6, rounds=2.0), 4, 2),
+        RunSpec("ebpo", 2, 0): _read_run(make_run(tmp_path / "e0", 0.2, [0.3, 0.4], 0.5), 4, 2),
+    }
+    paired = aggregate_runs(runs, target=0.9, baseline="grpo")["paired"]
+    # dapo's evaluations: 0.32 at 32 samples, 0.45 at 64, 0.6 at 96: within grpo's 48 samples the last is 0.32
+    assert paired["dapo|G=2"]["mean"] == pytest.approx(0.2) and paired["dapo|G=2"]["at_budget"]["mean"] == pytest.approx(-0.08)
+    assert paired["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx(paired["ebpo|G=2"]["diffs"])  # equal budgets: the final
+    text = write_report(aggregate_runs(runs, target=0.9, baseline="grpo"), tmp_path, "x")
+    assert "| 2 | dapo | +0.200 | 1/1 | -0.080 (0/1) |" in text

@@ -225,18 +225,32 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str
     }
 
 
+def _accuracy_within(curve: list[tuple[float, float]], budget: float) -> float:
+    """Held-out accuracy at the last evaluation that had consumed at most ``budget`` samples."""
+    return [a for samples, a in curve if samples <= budget * (1 + 1e-9)][-1]
+
+
 def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> dict[str, Any]:
-    """Final accuracy minus ``baseline``'s, seed by seed (same seed: same start and prompt stream), per (method, G)."""
+    """Final accuracy minus ``baseline``'s, seed by seed (same seed: same start and prompt stream), per (method, G).
+
+    ``at_budget``: the same at the baseline's sample budget (the method's last evaluation within the samples the
+    baseline's run consumed): different from the final difference only for methods that sample more (DAPO).
+    """
     out: dict[str, Any] = {}
     final = {s: r["summary"]["accuracy_after"] for s, r in runs.items()}
     for method, g in sorted({(s.method, s.group_size) for s in runs if s.method != baseline}, key=lambda k: (k[1], k[0])):
-        diffs = [
-            final[s] - final[RunSpec(baseline, g, s.seed)]
+        pairs = [
+            (s, RunSpec(baseline, g, s.seed))
             for s in sorted(final, key=lambda s: s.seed)
             if s.method == method and s.group_size == g and RunSpec(baseline, g, s.seed) in final
         ]
-        if diffs:
-            out[f"{method}|G={g}"] = {"method": method, "group_size": g, "diffs": diffs, "better": sum(d > 0 for d in diffs), **mean_ci(diffs)}
+        if pairs:
+            diffs = [final[s] - final[b] for s, b in pairs]
+            at_budget = [_accuracy_within(runs[s]["curve"], runs[b]["curve"][-1][0]) - final[b] for s, b in pairs]
+            out[f"{method}|G={g}"] = {
+                "method": method, "group_size": g, "diffs": diffs, "better": sum(d > 0 for d in diffs), **mean_ci(diffs),
+                "at_budget": {"diffs": at_budget, "better": sum(d > 0 for d in at_budget), **mean_ci(at_budget)},
+            }  # fmt: skip
     return out
 
 
@@ -307,6 +321,11 @@ def _fmt(ci: dict[str, float]) -> str:
     return f"{ci['mean']:.3f} ± {half:.3f}" if half == half else f"{ci['mean']:.3f}"
 
 
+def _paired(row: dict[str, Any]) -> str:
+    half = f" ± {row['ci_half_width']:.3f}" if row["ci_half_width"] == row["ci_half_width"] else ""
+    return f"{row['mean']:+.3f}{half} ({row['better']}/{len(row['diffs'])})"
+
+
 def write_report(result: dict[str, Any], out: Path, command: str) -> str:
     lines = [
         "# ebpo compare",
@@ -332,11 +351,14 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             f"Paired by seed (each seed starts from the same checkpoint and sees the same prompts): final accuracy "
             f"minus {result['baseline']}'s, mean ± 95% CI, and the seeds where the method did better.",
             "",
-            f"Samples to reach {result['baseline']}'s mean final accuracy at that G (mean over the seeds that reach it, "
-            f"and as a share of the budget).",
+            f"At {result['baseline']}'s sample budget: the method's last evaluation within the samples {result['baseline']}'s "
+            f"run of the same seed consumed, minus {result['baseline']}'s final (differs from the final only for methods "
+            f"that sample more, such as DAPO). Samples to reach {result['baseline']}'s mean final accuracy at that G: mean "
+            f"over the seeds that reach it, and as a share of the budget.",
             "",
-            f"| G | method | minus {result['baseline']} | seeds better | samples to {result['baseline']}'s final (reached) | share of budget |",
-            "|---|---|---|---|---|---|",
+            f"| G | method | minus {result['baseline']} | seeds better | minus {result['baseline']} at its sample budget | "
+            f"samples to {result['baseline']}'s final (reached) | share of budget |",
+            "|---|---|---|---|---|---|---|",
         ]
         rows = result["rows"]
         for row in result["paired"].values():
@@ -344,8 +366,8 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             samples = f"{reach['samples']:.0f}" if reach.get("samples") is not None else "-"
             share = f"{reach['fraction_of_budget']:.2f}" if reach.get("fraction_of_budget") is not None else "-"
             lines.append(
-                f"| {row['group_size']} | {row['method']} | {row['mean']:+.3f} ± {row['ci_half_width']:.3f} | "
-                f"{row['better']}/{len(row['diffs'])} | {samples} ({reach.get('reached', '-')}) | {share} |"
+                f"| {row['group_size']} | {row['method']} | {_paired(row).rsplit(' (', 1)[0]} | "
+                f"{row['better']}/{len(row['diffs'])} | {_paired(row['at_budget'])} | {samples} ({reach.get('reached', '-')}) | {share} |"
             )
     topics = sorted({t for row in result["rows"].values() for t in row.get("by_topic", {})})
     if topics:
