@@ -226,14 +226,17 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str
 
 
 def _accuracy_within(curve: list[tuple[float, float]], budget: float) -> float:
-    """Held-out accuracy at the last evaluation that had consumed at most ``budget`` samples."""
-    return [a for samples, a in curve if samples <= budget * (1 + 1e-9)][-1]
+    """Held-out accuracy after ``budget`` samples: linear between the evaluations around it, else the last one."""
+    for (s0, a0), (s1, a1) in zip(curve, curve[1:]):
+        if s0 <= budget <= s1:
+            return a0 if s1 == s0 else a0 + (a1 - a0) * (budget - s0) / (s1 - s0)
+    return curve[-1][1]
 
 
 def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> dict[str, Any]:
     """Final accuracy minus ``baseline``'s, seed by seed (same seed: same start and prompt stream), per (method, G).
 
-    ``at_budget``: the same at the baseline's sample budget (the method's last evaluation within the samples the
+    ``at_budget``: the same at the baseline's sample budget (the method's accuracy interpolated at the samples the
     baseline's run consumed): different from the final difference only for methods that sample more (DAPO).
     """
     out: dict[str, Any] = {}
@@ -351,8 +354,8 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             f"Paired by seed (each seed starts from the same checkpoint and sees the same prompts): final accuracy "
             f"minus {result['baseline']}'s, mean ± 95% CI, and the seeds where the method did better.",
             "",
-            f"At {result['baseline']}'s sample budget: the method's last evaluation within the samples {result['baseline']}'s "
-            f"run of the same seed consumed, minus {result['baseline']}'s final (differs from the final only for methods "
+            f"At {result['baseline']}'s sample budget: the method's accuracy interpolated (linearly between evaluations) at "
+            f"the samples {result['baseline']}'s run of the same seed consumed, minus {result['baseline']}'s final (differs from the final only for methods "
             f"that sample more, such as DAPO). Samples to reach {result['baseline']}'s mean final accuracy at that G: mean "
             f"over the seeds that reach it, and as a share of the budget.",
             "",
