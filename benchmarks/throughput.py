@@ -46,7 +46,7 @@ def threads(args: argparse.Namespace) -> int:
 def run_ebpo(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     out = work / "ebpo"
     cmd = [
-        sys.executable, "-m", "ebpo", "train", "--method", "grpo", "--steps", str(args.steps),
+        sys.executable, "-m", "ebpo", "train", "--task", "arithmetic", "--method", "grpo", "--steps", str(args.steps),
         "--prompts-per-step", str(args.prompts), "--group-size", str(args.group_size),
         "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--max-eval-problems", "8",
         "--eval-samples", "1", "--no-progress", "--no-tensorboard", "--save-every", "0", "--out", str(out),
@@ -57,7 +57,7 @@ def run_ebpo(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     steps = [r for r in rows if "time/step_seconds" in r][args.warmup :]
     seconds = sum(r["time/step_seconds"] for r in steps)
     tokens = sum(r["rollout/completion_length"] * args.prompts * args.group_size for r in steps)
-    state = torch.load(next((out / "checkpoints").glob("step-*")) / "trainer_state.pt", weights_only=False)
+    state = torch.load(next((out / "checkpoints").glob("step-*")) / "trainer_state.pt", weights_only=True)
     return {"steps": len(steps), "seconds": seconds, "steps_per_s": len(steps) / seconds, "tokens_per_s": tokens / seconds}, state["init_model"]
 
 
