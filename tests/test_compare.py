@@ -153,7 +153,7 @@ def test_slices_resume_under_the_same_settings_and_report_only_aggregates_what_f
     out = tmp_path / "cmp"
     calls: list = []
     _fake_runs(monkeypatch, calls)
-    base = ["--task", "arithmetic", "--group-sizes", "2", "--steps", "6", "--eval-every", "2", "--prompts-per-step", "4", "--out", str(out)]
+    base = ["--task", "arithmetic", "--final-samples", "0", "--group-sizes", "2", "--steps", "6", "--eval-every", "2", "--prompts-per-step", "4", "--out", str(out)]
     assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "2", *base]) == 0
     assert json.loads((out / "compare.json").read_text())["steps"] == 6
     assert calls[0] == ["grpo-G2-s0", "ebpo-G2-s0", "grpo-G2-s1", "ebpo-G2-s1"]  # seed-major: a stopped comparison stays paired
@@ -184,3 +184,48 @@ def test_paired_difference_at_the_baselines_sample_budget(tmp_path):
     assert paired["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx(paired["ebpo|G=2"]["diffs"])  # equal budgets: the final
     text = write_report(aggregate_runs(runs, target=0.9, baseline="grpo"), tmp_path, "x")
     assert "| 2 | dapo | +0.200 | 1/1 | -0.015 (0/1) |" in text
+
+
+def write_final_eval(run: Path, samples: int, accuracy: float, by_topic: dict[str, float]) -> None:
+    path = run / f"final-eval-k{samples}"
+    path.mkdir()
+    topics = {t: {"problems": 5.0, "avg": a} for t, a in by_topic.items()}
+    record = {"results": {"task": {f"avg@{samples}": accuracy}}, "by_topic": {"task": topics}, "wall_seconds": 2.0}
+    (path / "eval.json").write_text(json.dumps(record))
+
+
+def test_the_final_accuracy_comes_from_the_final_evaluation_and_the_curves_stay_in_training(tmp_path):
+    runs = {}
+    for (method, seed), (after, final) in {("grpo", 0): (0.4, 0.42), ("grpo", 1): (0.5, 0.47), ("ebpo", 0): (0.5, 0.45), ("ebpo", 1): (0.5, 0.52)}.items():
+        run = make_run(tmp_path / f"{method}{seed}", 0.2, [0.3, 0.35], after, by_topic={"a": 0.1})
+        write_final_eval(run, 32, final, {"a": final / 2})
+        runs[RunSpec(method, 2, seed)] = _read_run(run, 4, 2, final_samples=32)
+    result = aggregate_runs(runs, target=0.9, baseline="grpo")
+    assert result["rows"]["ebpo|G=2"]["final_accuracy"]["mean"] == pytest.approx(0.485)
+    assert result["rows"]["ebpo|G=2"]["by_topic"]["a"]["mean"] == pytest.approx(0.485 / 2)
+    assert result["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([0.03, 0.05])
+    assert result["paired"]["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx([0.1, 0.0])  # in-training: 0.5 - 0.4, 0.5 - 0.5
+    assert result["rows"]["grpo|G=2"]["curve"][-1]["mean"] == pytest.approx(0.45)  # the curve ends at the in-training value
+    assert result["run_seconds"] == pytest.approx(4 * (10.0 + 2.0))  # training and final evaluation
+    with pytest.raises(ValueError, match="no final evaluation with 16 samples"):
+        _read_run(tmp_path / "grpo0", 4, 2, final_samples=16)
+
+
+def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
+    """End to end with real runs: a tiny arithmetic grid, each run evaluated once more after training."""
+    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    train = "--warmstart-steps 20 --warmstart-batch-size 16 --no-tensorboard --eval-samples 2"
+    argv = ["--methods", "grpo", "--task", "arithmetic", "--group-sizes", "2", "--seeds", "1", "--steps", "2",
+            "--prompts-per-step", "4", "--eval-every", "2", "--max-eval-problems", "12", "--final-samples", "6",
+            "--workers", "1", "--train-args", train, "--out", str(out)]  # fmt: skip
+    assert compare.main(argv) == 0
+    evaluation = json.loads((out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").read_text())
+    (metrics,) = evaluation["results"].values()
+    assert metrics["problems"] == 12 and metrics["samples_per_problem"] == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"]["grpo|G=2"]["final_accuracy"]["mean"] == metrics["avg@6"] and report["final_samples"] == 6
+    assert "avg@6 on the held-out set after the last step" in (out / "report.md").read_text()
+    stamp = (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns
+    assert compare.main([*argv, "--report-only"]) == 0  # reused, not evaluated again
+    assert (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns == stamp

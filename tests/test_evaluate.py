@@ -7,7 +7,8 @@ import json
 import torch
 
 from ebpo.cli import main
-from ebpo.evaluate import summarise
+from ebpo.evaluate import by_topic, summarise
+from ebpo.tasks.base import Problem
 
 TINY = [
     "--task", "arithmetic",  # the small built-in task (the default is stepwise)
@@ -27,6 +28,12 @@ def test_eval_on_a_run_dir_reproduces_the_logged_accuracy(tmp_path, monkeypatch)
     (metrics,) = result["results"].values()
     assert metrics["avg@3"] == logged
     assert metrics["problems"] == 12
+    # per topic, the same as the trainer's own per-topic accuracy of that evaluation
+    topics = result["by_topic"][next(iter(result["results"]))]
+    trainer = json.loads((run / "summary.json").read_text())["accuracy_by_topic"]
+    assert topics and set(topics) == set(trainer)
+    for topic, row in topics.items():
+        assert abs(row["avg"] - trainer[topic]["after"]) < 1e-12, topic
 
 
 def test_summary_pass_at_k_and_majority():
@@ -36,3 +43,17 @@ def test_summary_pass_at_k_and_majority():
     assert metrics["avg@3"] == 2 / 6
     assert metrics["pass@2"] == (1 - 0 + 0) / 2  # problem 0: 1 - C(1,2)/C(3,2) = 1; problem 1: 0
     assert metrics["maj@3"] == 0.5
+
+
+def test_by_topic_matches_a_loop_over_problems():
+    gen = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(9, 4, generator=gen) > 0.5).double()
+    rewards[3, 1] = float("nan")  # an unscored sample counts in neither numerator nor denominator
+    names = ["a", "b", None, "a", "c", "b", "a", None, "c"]
+    problems = [Problem(id=str(i), prompt=f"p{i}", answer="1", topic=t) for i, t in enumerate(names)]
+    got = by_topic(rewards, problems)
+    assert set(got) == {"a", "b", "c"}  # problems without a topic are left out
+    for topic in got:
+        values = [v for i, t in enumerate(names) if t == topic for v in rewards[i].tolist() if v == v]
+        assert got[topic]["problems"] == names.count(topic)
+        assert abs(got[topic]["avg"] - sum(values) / len(values)) < 1e-12

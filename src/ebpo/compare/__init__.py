@@ -23,6 +23,13 @@ sample count), mean and 95% Student-t CI; final accuracy and its gain over the
 starting accuracy; samples needed to reach ``--target`` accuracy; mean step
 time; run-to-run standard deviation of the final accuracy; mean completion
 length over training. Written as ``report.md``, ``report.json`` and PNG plots in ``OUT``.
+
+The final accuracy is measured once more after training with more samples per
+problem (``--final-samples``, default 32; ``ebpo eval`` on the run's last
+checkpoint, written to ``RUN/final-eval-kK/``): with the in-training avg@4 on
+256 problems, the sampling noise of one evaluation (about 0.01) is as large as
+the differences the comparison looks for. Paired by seed, both runs use the
+same sampling seed. The curves keep the in-training evaluations.
 """
 
 from __future__ import annotations
@@ -51,8 +58,14 @@ DEFAULT_VARIANTS = {"ebpo-running": ["--method", "ebpo", "--estimator-options", 
 
 # The default budget: the stepwise testbed with its recommended RL settings (docs/testbed.md), equal for every
 # method at a given G; ``--quick`` keeps the small arithmetic comparison that fits in about 5 minutes.
-DEFAULT_BUDGET: dict[str, Any] = {"task": "stepwise", "group_sizes": [2, 4, 8], "seeds": 10, "steps": 60, "prompts_per_step": 128, "eval_every": 10, "max_eval_problems": 0}
-QUICK_BUDGET: dict[str, Any] = {"task": "arithmetic", "group_sizes": [2, 4], "seeds": 2, "steps": 15, "prompts_per_step": 16, "eval_every": 5, "max_eval_problems": 128}
+DEFAULT_BUDGET: dict[str, Any] = {
+    "task": "stepwise", "group_sizes": [2, 4, 8], "seeds": 10, "steps": 60, "prompts_per_step": 128, "eval_every": 10,
+    "max_eval_problems": 0, "final_samples": 32,
+}  # fmt: skip
+QUICK_BUDGET: dict[str, Any] = {
+    "task": "arithmetic", "group_sizes": [2, 4], "seeds": 2, "steps": 15, "prompts_per_step": 16, "eval_every": 5,
+    "max_eval_problems": 128, "final_samples": 0,
+}  # fmt: skip
 
 SETTINGS_FILE = "compare.json"
 """Records the settings every run of a comparison shares, so that slices run later aggregate honestly."""
@@ -80,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default=None, help="task passed to ebpo train (default: stepwise; --quick: arithmetic)")
     parser.add_argument("--max-eval-problems", type=int, default=None, help="held-out problems per evaluation (default: all; --quick: 128)")
     parser.add_argument(
+        "--final-samples", type=int, default=None,
+        help="samples per held-out problem of the final evaluation after training (0 = use the last in-training one; default: 32)",
+    )  # fmt: skip
+    parser.add_argument(
         "--report-only", action="store_true",
-        help="run nothing: aggregate the finished runs of the grid in OUT (a slice of a larger comparison so far)",
+        help="train nothing: aggregate the finished runs of the grid in OUT (a slice of a larger comparison so far); "
+        "their final evaluations are run if missing",
     )  # fmt: skip
     parser.add_argument("--target", type=float, default=None, help="accuracy whose samples-to-reach is reported (default: midway)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at once (one torch thread each)")
@@ -120,6 +138,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps < 1 or args.prompts_per_step < 1 or args.eval_every < 1 or args.seeds < 1:
         raise SystemExit("ebpo compare: --steps, --prompts-per-step, --eval-every and --seeds must be >= 1")
+    if args.final_samples < 0:
+        raise SystemExit(f"ebpo compare: --final-samples must be >= 0, got {args.final_samples}")
     return args
 
 
@@ -199,7 +219,32 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, out: Path) -> dict[R
     return {s: runs_dir / s.name for s in specs}
 
 
-def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str, Any]:
+def final_eval_dir(run_dir: Path, samples: int) -> Path:
+    return run_dir / f"final-eval-k{samples}"
+
+
+def evaluate_finals(dirs: dict[RunSpec, Path], samples: int, workers: int) -> None:
+    """``ebpo eval`` of each finished run's last checkpoint with ``samples`` per problem, where not done yet."""
+    pending = [d for d in dirs.values() if not (final_eval_dir(d, samples) / "eval.json").is_file()]
+    if not pending:
+        return
+    print(f"ebpo compare: final evaluation (avg@{samples}) of {len(pending)} runs, {workers} at a time", flush=True)
+
+    def report(name: str, code: int, seconds: float) -> None:
+        print(f"  final evaluation of {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} ({seconds:.0f}s)", flush=True)
+
+    jobs = [
+        (d.name, [sys.executable, "-m", "ebpo", "eval", "--model", str(d), "--samples", str(samples), "--k", "1",
+                  "--threads", "1", "--out", str(final_eval_dir(d, samples))], d.parent / f"{d.name}.final-eval-k{samples}.log")
+        for d in pending
+    ]  # fmt: skip
+    failed = sorted(name for name, code in run_parallel(jobs, workers, on_done=report).items() if code != 0)
+    if failed:
+        raise SystemExit(f"ebpo compare: the final evaluation of {len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_samples: int = 0) -> dict[str, Any]:
+    """A run's curves and final accuracy; the final one from its ``final_samples`` evaluation when that is given."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     samples, curve, step_times, lengths = 0.0, [(0.0, summary["accuracy_before"])], [], []
@@ -215,13 +260,26 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int) -> dict[str
                 length_curve.append((samples, row["rollout/completion_length"]))
         if "eval/accuracy" in row:
             curve.append((samples, row["eval/accuracy"]))
+    final, by_topic = summary["accuracy_after"], {topic: row["after"] for topic, row in summary.get("accuracy_by_topic", {}).items()}
+    eval_seconds = 0.0
+    if final_samples:
+        path = final_eval_dir(run_dir, final_samples) / "eval.json"
+        if not path.is_file():
+            raise ValueError(f"{run_dir} has no final evaluation with {final_samples} samples ({path} is missing)")
+        evaluation = json.loads(path.read_text())
+        ((suite, metrics),) = evaluation["results"].items()
+        final = metrics[f"avg@{final_samples}"]
+        by_topic = {topic: row["avg"] for topic, row in evaluation.get("by_topic", {}).get(suite, {}).items()}
+        eval_seconds = evaluation.get("wall_seconds", 0.0)
     return {
         "summary": summary,
+        "final": final,
         "curve": curve,
         "length_curve": length_curve,
         "step_seconds": sum(step_times) / max(len(step_times), 1),
         "completion_length": sum(lengths) / len(lengths) if lengths else float("nan"),
-        "by_topic": {topic: row["after"] for topic, row in summary.get("accuracy_by_topic", {}).items()},
+        "by_topic": by_topic,
+        "run_seconds": summary.get("wall_seconds", 0.0) + eval_seconds,
     }
 
 
@@ -240,7 +298,7 @@ def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> di
     baseline's run consumed): different from the final difference only for methods that sample more (DAPO).
     """
     out: dict[str, Any] = {}
-    final = {s: r["summary"]["accuracy_after"] for s, r in runs.items()}
+    final = {s: r["final"] for s, r in runs.items()}
     for method, g in sorted({(s.method, s.group_size) for s in runs if s.method != baseline}, key=lambda k: (k[1], k[0])):
         pairs = [
             (s, RunSpec(baseline, g, s.seed))
@@ -249,7 +307,8 @@ def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> di
         ]
         if pairs:
             diffs = [final[s] - final[b] for s, b in pairs]
-            at_budget = [_accuracy_within(runs[s]["curve"], runs[b]["curve"][-1][0]) - final[b] for s, b in pairs]
+            # on the in-training evaluations (the curves): the method's, interpolated, minus the baseline's last
+            at_budget = [_accuracy_within(runs[s]["curve"], runs[b]["curve"][-1][0]) - runs[b]["curve"][-1][1] for s, b in pairs]
             out[f"{method}|G={g}"] = {
                 "method": method, "group_size": g, "diffs": diffs, "better": sum(d > 0 for d in diffs), **mean_ci(diffs),
                 "at_budget": {"diffs": at_budget, "better": sum(d > 0 for d in at_budget), **mean_ci(at_budget)},
@@ -262,13 +321,13 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
     table: dict[str, Any] = {}
     befores = [r["summary"]["accuracy_before"] for r in runs.values()]
     if target is None:
-        finals = [r["summary"]["accuracy_after"] for r in runs.values()]
+        finals = [r["curve"][-1][1] for r in runs.values()]
         target = (sum(befores) / len(befores) + max(finals)) / 2
     keys = sorted({(s.method, s.group_size) for s in runs}, key=lambda k: (k[1], k[0]))
     for method, g in keys:
         seeds = [r for s, r in runs.items() if s.method == method and s.group_size == g]
-        finals = [r["summary"]["accuracy_after"] for r in seeds]
-        gains = [r["summary"]["accuracy_after"] - r["summary"]["accuracy_before"] for r in seeds]
+        finals = [r["final"] for r in seeds]
+        gains = [r["final"] - r["summary"]["accuracy_before"] for r in seeds]
         reach = [samples_to_target([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], target) for r in seeds]
         reached = [x for x in reach if x is not None]
         # Seeds evaluate at the same steps; with dynamic sampling (DAPO) the samples consumed by then differ
@@ -297,7 +356,7 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
             "curve": curve,
             "length_curve": length_curve,
             "by_topic": {t: mean_ci([r["by_topic"][t] for r in seeds]) for t in topics},
-            "run_seconds": sum(r["summary"].get("wall_seconds", 0.0) for r in seeds),
+            "run_seconds": sum(r["run_seconds"] for r in seeds),
         }
     paired = paired_differences(runs, baseline) if baseline and any(s.method == baseline for s in runs) else {}
     if paired:  # samples each method needs to reach the baseline's mean final accuracy at the same G
@@ -305,7 +364,7 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
             base = table.get(f"{baseline}|G={row['group_size']}")
             if base is None:
                 continue
-            goal = base["final_accuracy"]["mean"]
+            goal = base["curve"][-1]["mean"]  # on the curves' scale: the in-training evaluations
             seeds = [r for s, r in runs.items() if s.method == row["method"] and s.group_size == row["group_size"]]
             reach = [samples_to_target([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], goal) for r in seeds]
             reached = [x for x in reach if x is not None]
@@ -315,7 +374,7 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
                 "samples": sum(reached) / len(reached) if reached else None,
                 "fraction_of_budget": (sum(reached) / len(reached) / budget) if reached and budget else None,
             }  # fmt: skip
-    compute = sum(r["summary"].get("wall_seconds", 0.0) for r in runs.values())
+    compute = sum(r["run_seconds"] for r in runs.values())
     return {"target": target, "rows": table, "baseline": baseline, "paired": paired, "runs": len(runs), "run_seconds": compute}
 
 
@@ -337,6 +396,13 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
         "",
         f"Held-out accuracy (mean ± 95% CI over seeds). Target for samples-to-reach: {result['target']:.3f}. "
         f"{result.get('runs', 0)} runs, {result.get('run_seconds', 0.0) / 3600:.2f} h of run time in all (each run one thread).",
+        "",
+        (
+            f"Final accuracy: avg@{result['final_samples']} on the held-out set after the last step (each run's "
+            f"final-eval-k{result['final_samples']}/); curves and samples-to-reach: the in-training evaluations."
+            if result.get("final_samples")
+            else "Final accuracy: the last in-training evaluation."
+        ),
         "",
         "| G | method | seeds | final accuracy | run-to-run std | gain over start | samples to target (reached) | completion length | step s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -445,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         record_settings(out, shared_settings(args))
         print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
         dirs = run_all(specs, args, out)
-    runs = {s: _read_run(d, args.prompts_per_step, s.group_size) for s, d in dirs.items()}
-    result = aggregate_runs(runs, args.target, args.baseline)
+    if args.final_samples:
+        evaluate_finals(dirs, args.final_samples, args.workers)
+    runs = {s: _read_run(d, args.prompts_per_step, s.group_size, args.final_samples) for s, d in dirs.items()}
+    result = {**aggregate_runs(runs, args.target, args.baseline), "final_samples": args.final_samples}
     print(write_report(result, out, "ebpo compare " + " ".join(argv)))
     return 0

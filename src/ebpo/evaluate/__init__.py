@@ -12,8 +12,9 @@ held-out accuracy ``ebpo train`` logged. Given a run directory, the run's
 ``config.yaml`` supplies the task, verifier, lengths, temperature, top-p,
 samples and seed (flags override them).
 
-Output: one table per benchmark (avg@k, pass@k for each ``--k``, maj@k),
-printed and written to ``OUT/eval.md`` and ``OUT/eval.json``.
+Output: one table per benchmark (avg@k, pass@k for each ``--k``, maj@k) and,
+when the problems have topics, avg@k per topic; printed and written to
+``OUT/eval.md`` and ``OUT/eval.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,6 +78,21 @@ def summarise(rewards: Tensor, texts: list[list[str]], ks: Sequence[int]) -> dic
     return out
 
 
+def by_topic(rewards: Tensor, problems: Sequence[Problem]) -> dict[str, dict[str, float]]:
+    """avg@k of each ``Problem.topic`` (problems without a topic are left out): ``{topic: {problems, avg}}``."""
+    topics = sorted({p.topic for p in problems if p.topic})
+    out: dict[str, dict[str, float]] = {}
+    for topic in topics:
+        rows = torch.tensor([p.topic == topic for p in problems])
+        scores = rewards[rows]
+        scored = ~torch.isnan(scores)
+        out[topic] = {
+            "problems": float(rows.sum()),
+            "avg": float(torch.nan_to_num(scores, nan=0.0).sum() / scored.sum().clamp_min(1)),
+        }
+    return out
+
+
 def _resolve_model(path: str) -> tuple[str, dict[str, Any]]:
     """A run directory -> (its latest checkpoint's model dir, its config); else (path, {})."""
     config_file = os.path.join(path, "config.yaml")
@@ -107,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", default=None, help="auto, always, never (default: the run's, else auto)")
     parser.add_argument("--generation-batch-size", type=int, default=None, help="sequences per generate call (0 = 512)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="directory for eval.md and eval.json (default: print only)")
     return parser
 
@@ -127,6 +145,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.out:  # checked before the model loads; nothing is written until the results are in
         check_output_dir(args.out, "ebpo eval", reuse=True)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model_path, run = _resolve_model(args.model)
 
     def pick(flag: Any, key: str, default: Any) -> Any:
@@ -157,9 +179,10 @@ def _run(args: argparse.Namespace) -> int:
         limit = args.limit or run.get("max_eval_problems") or None
         suites.append((getattr(task, "name", args.task or "task"), problems[:limit] if limit else problems, build_verifier_for(task, args.verifier or run.get("verifier"))))
 
+    started = time.time()
     device = select_device(args.device)
     model, tokenizer = load_policy(model_path, device=device)
-    results = {}
+    results, topics = {}, {}
     for name, problems, verifier in suites:
         rewards, texts = sample_correctness(
             model, tokenizer, problems, verifier, samples=settings["samples"], max_new_tokens=settings["max_new_tokens"],
@@ -167,14 +190,19 @@ def _run(args: argparse.Namespace) -> int:
             generation_batch_size=settings["generation_batch_size"], seed=settings["seed"] + EVAL_SEED_OFFSET,
         )
         results[name] = summarise(rewards, texts, args.k)
+        topics[name] = by_topic(rewards, problems)
     lines = [f"# ebpo eval: {args.model}", "", f"Settings: `{json.dumps(settings)}`", ""]
     for name, metrics in results.items():
         lines += [f"## {name}", "", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()] + [""]
+        if topics[name]:
+            lines += [f"| topic | problems | avg@{metrics['samples_per_problem']:.0f} |", "|---|---|---|"]
+            lines += [f"| {t} | {row['problems']:.0f} | {row['avg']:.4f} |" for t, row in topics[name].items()] + [""]
     text = "\n".join(lines)
     print(text)
     if args.out:
         out = Path(args.out)
         make_output_dir(out, "ebpo eval")
         (out / "eval.md").write_text(text)
-        (out / "eval.json").write_text(json.dumps({"model": args.model, "settings": settings, "results": results}, indent=2))
+        record = {"model": args.model, "settings": settings, "results": results, "by_topic": topics}
+        (out / "eval.json").write_text(json.dumps({**record, "wall_seconds": time.time() - started}, indent=2))
     return 0
