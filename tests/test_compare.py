@@ -129,9 +129,11 @@ def test_samples_to_the_baselines_final_accuracy_per_topic_and_length_curves(tmp
 def test_default_budget_is_the_stepwise_testbed_and_quick_the_small_arithmetic_one(tmp_path):
     args = _resolve(build_parser().parse_args([]))
     assert (args.task, args.steps, args.prompts_per_step, args.eval_every, args.seeds, args.group_sizes) == ("stepwise", 60, 128, 10, 10, [2, 4, 8])
-    assert args.methods == DEFAULT_METHODS and len(DEFAULT_METHODS) == 9
+    assert args.methods == DEFAULT_METHODS and len(DEFAULT_METHODS) == 10
     running = _command(RunSpec("ebpo-running", 4, 0), args, tmp_path)
     assert running[running.index("train") + 1 :][:4] == ["--method", "ebpo", "--estimator-options", "{prior: running}"]
+    hier = _command(RunSpec("ebpo-hier", 4, 0), args, tmp_path)
+    assert hier[hier.index("train") + 1 :][:4] == ["--method", "ebpo", "--estimator-options", "{hierarchical: true}"]
     quick = _resolve(build_parser().parse_args(["--quick"]))
     assert (quick.task, quick.steps, quick.prompts_per_step, quick.seeds, quick.methods) == ("arithmetic", 15, 16, 2, ["grpo", "ebpo"])
     one = _resolve(build_parser().parse_args(["--methods", "grpo", "ebpo-running", "--steps", "7"]))

@@ -52,9 +52,13 @@ from ebpo.train.procs import run_parallel
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 
-DEFAULT_METHODS = ["grpo", "dr_grpo", "rloo", "dapo", "ebpo", "ebpo-running", "ha_dw", "ebpo+ha_dw", "gbmpo-probl2"]
-DEFAULT_VARIANTS = {"ebpo-running": ["--method", "ebpo", "--estimator-options", "{prior: running}"]}
-"""Methods that are not presets but settings of one: EBPO with the running (Welford over all steps) prior."""
+DEFAULT_METHODS = ["grpo", "dr_grpo", "rloo", "dapo", "ebpo", "ebpo-running", "ebpo-hier", "ha_dw", "ebpo+ha_dw", "gbmpo-probl2"]
+DEFAULT_VARIANTS = {
+    "ebpo-running": ["--method", "ebpo", "--estimator-options", "{prior: running}"],
+    "ebpo-hier": ["--method", "ebpo", "--estimator-options", "{hierarchical: true}"],
+}
+"""Methods that are not presets but settings of one: EBPO with the running (Welford over all steps) prior, and
+EBPO with the hierarchical (per-topic, partially pooled) prior of docs/hierarchical-prior.md."""
 
 # The default budget: the stepwise testbed with its recommended RL settings (docs/testbed.md), equal for every
 # method at a given G; ``--quick`` keeps the small arithmetic comparison that fits in about 5 minutes.
