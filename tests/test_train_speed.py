@@ -81,10 +81,8 @@ def _plain(model):
     return other.eval()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("kind", ["hf", "no_logits_to_keep", "wrapped", "lora"])
-def test_completion_logprobs_equal_the_full_forward_and_skip_prompt_logits(tiny, rollout, kind, temperature):
-    model, _ = tiny
+def model_of_kind(model, kind):
+    """(the model, what the code under test calls) for each kind of policy the trainer meets."""
     if kind == "no_logits_to_keep":
         model = _plain(model)
     elif kind == "lora":
@@ -97,7 +95,13 @@ def test_completion_logprobs_equal_the_full_forward_and_skip_prompt_logits(tiny,
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
-    call = _Wrapper(model) if kind == "wrapped" else model
+    return model, (_Wrapper(model) if kind == "wrapped" else model)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("kind", ["hf", "no_logits_to_keep", "wrapped", "lora"])
+def test_completion_logprobs_equal_the_full_forward_and_skip_prompt_logits(tiny, rollout, kind, temperature):
+    model, call = model_of_kind(tiny[0], kind)
     assert _keeps_logits(call) == (kind != "no_logits_to_keep")
     expected, expected_entropy = _oracle(call, rollout, temperature)
     mask = rollout.completion_mask.bool()

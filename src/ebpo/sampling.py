@@ -32,7 +32,7 @@ from torch import Tensor
 from ebpo.tasks.base import Problem
 
 __all__ = [
-    "Rollout", "prompt_text", "encode_prompts", "completion_mask", "position_ids", "sampling_config", "generate",
+    "Rollout", "prompt_text", "encode_prompts", "completion_mask", "position_ids", "base_model", "cache_kwarg", "sampling_config", "generate",
     "EVAL_SEED_OFFSET", "sample_correctness",
 ]  # fmt: skip
 
@@ -48,7 +48,8 @@ class Rollout:
     attention_mask: Tensor  # (B, P + T) 1 on real prompt tokens and on completion tokens up to EOS
     completion_mask: Tensor  # (B, T) 1 on completion tokens up to and including the first EOS
     prompt_length: int  # P
-    group_ids: Tensor  # (B,) int64 on the CPU, one id per prompt of the step (global over ranks); the estimator runs on the CPU
+    group_ids: Tensor  # (B,) int64 on the CPU, one id per prompt of the step (global over ranks); the estimator runs on the CPU.
+    # Rows with the same group id have the same prompt tokens and padding (the update runs each prompt once).
     texts: list[str]  # decoded completions, special tokens removed
     problems: list[Problem]  # the problem of each row
 
@@ -131,16 +132,23 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (torch.cumsum(attention_mask, dim=1) - 1).clamp_min(0)
 
 
-def _cache_kwarg(model: Any) -> str:
+def base_model(model: Any) -> Any:
+    """The Hugging Face model inside ``model``'s wrappers (DDP and FSDP expose ``.module``, peft ``get_base_model``)."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, FSDP
+        inner = inner.module
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def cache_kwarg(model: Any) -> str:
     """The name under which ``model`` (its forward and ``generate``) takes a KV cache.
 
     Recent transformers (5.2x) renamed ``past_key_values`` to ``cache`` and
     warn (FutureWarning) on the old name; older releases only know the old
     one. ``generate`` takes it through ``**kwargs``, so the forward's
-    signature (renamed in the same release) decides.
+    signature (renamed in the same release) decides; wrappers pass it through.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = type(base).forward  # the class's own: mixed precision may patch the instance's forward
+    forward = type(base_model(model)).forward  # the class's own: mixed precision may patch the instance's forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -230,7 +238,7 @@ def _shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, 
 
     cache = DynamicCache(config=model.config)
     prefix_ids, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), use_cache=True, **{_cache_kwarg(model): cache})
+    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), use_cache=True, **{cache_kwarg(model): cache})
     cache.batch_repeat_interleave(repeats)
     return cache
 
@@ -276,7 +284,7 @@ def generate(
         do_sample=do_sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
     )  # fmt: skip
-    cache_name = _cache_kwarg(model)
+    cache_name = cache_kwarg(model)
     with _NeutralDefaults(model, config), (autocast or contextlib.nullcontext)():
         for start in range(0, len(problems), per_call):  # one generate call per chunk of whole groups
             ids = encoded["input_ids"][start : start + per_call]

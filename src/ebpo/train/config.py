@@ -87,7 +87,9 @@ class TrainConfig:
     generation_batch_size: int = 0
     """Sequences per generate call, rounded down to whole groups (at least one); 0 = all at once."""
     share_prompt_cache: bool = True
-    """Prefill each prompt once and copy its KV cache to its G samples (turn off for models whose cache cannot be repeated)."""
+    """Run each prompt through the model once for its G samples: in generation (prefill, KV cache repeated) and in the
+    update's log-prob passes (prompt KV cache indexed out to the group's rows; not under FSDP); turn off for models
+    whose cache cannot be repeated or indexed."""
 
     # --- advantages ---
     estimator: str = "ebpo"

@@ -142,6 +142,15 @@ class Dist:
         norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
         return float(norm) if norm is not None else float("nan")
 
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether the policy is sharded over ranks (FSDP): its parameters exist whole only inside its wrapper's forward."""
+        if self.accelerator is None:
+            return False
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     @contextlib.contextmanager
     def full_parameters(self, model: Any) -> Iterator[None]:
         """Generation outside the training wrapper: FSDP gathers the root's sharded parameters, others need nothing."""

@@ -22,24 +22,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ebpo.sampling import Rollout, position_ids
+from ebpo.sampling import Rollout, base_model, cache_kwarg, position_ids
 from ebpo.verifiers.base import Verifier
 
-__all__ = ["completion_logits", "token_entropy", "sequence_logprobs", "rows_logprobs", "length_chunks", "score", "overlong_penalty"]
+__all__ = ["completion_logits", "shared_prompt_logits", "distinct_prompts", "token_entropy", "sequence_logprobs", "rows_logprobs", "length_chunks", "score", "overlong_penalty"]
 
 
 def _keeps_logits(model: Any) -> bool:
     """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50).
 
-    Looked up on the class of the innermost model (DDP/FSDP wrappers expose
-    ``.module``, peft ``get_base_model``), as :func:`ebpo.sampling._cache_kwarg` does; the
-    wrappers pass the keyword through to it.
+    Looked up on the class of the innermost model (:func:`ebpo.sampling.base_model`), as
+    :func:`ebpo.sampling.cache_kwarg` does; the wrappers pass the keyword through to it.
     """
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, FSDP
-        inner = inner.module
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    return "logits_to_keep" in inspect.signature(type(base_model(model)).forward).parameters
 
 
 def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
@@ -55,6 +50,61 @@ def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False, **kwargs).logits
     logits = logits[:, -completion - 1 : -1].float()  # (B, T, V) the logits that predict each completion token
     return logits / temperature if temperature != 1.0 else logits
+
+
+def shared_prompt_logits(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, heads: Tensor, inverse: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """:func:`completion_logits` with each distinct prompt run through the model once (B, T, V); grad flows.
+
+    Rows ``heads`` (U,) of ``input_ids`` (B, P + T) hold the U distinct
+    prompts and row b's prompt is row ``heads[inverse[b]]``'s (the G
+    responses of a group share theirs). Pass 1 runs the U prompts, keeps their
+    KV cache and the logits of the last prompt position (which predict the
+    first completion token); the cache is indexed out to the B rows and pass 2
+    runs only the completions, attending to it. Causal attention makes the
+    prompt positions' keys and values independent of the completion, so this
+    is the full forward's value (up to float rounding; tests/test_shared_prompt.py),
+    and the gradient of the shared prompt positions sums over the G rows as
+    the full forward's would. Saves (G - 1) / G of the prompt tokens' forward
+    and backward work.
+
+    Always exactly two calls of ``model`` (:data:`SHARED_FORWARDS`), whatever
+    the rows: a DDP wrapper may broadcast buffers at every forward, so every
+    rank must make the same number of calls per micro-batch. Pass 2 therefore
+    takes all T completion tokens (never an empty input) and drops the logits
+    of the last one, which predict nothing.
+    """
+    from transformers import DynamicCache
+
+    completion = input_ids.shape[1] - prompt_length  # T
+    cache = DynamicCache(config=base_model(model).config)
+    prompt_ids, prompt_mask = input_ids[heads, :prompt_length], attention_mask[heads, :prompt_length]  # (U, P)
+    keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True,
+        **{cache_kwarg(model): cache}, **keep,
+    )  # fmt: skip
+    first = out.logits[:, -1:].float()[inverse]  # (B, 1, V) the logits that predict the first completion token
+    cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...), differentiable
+    rest = model(
+        input_ids=input_ids[:, prompt_length:], attention_mask=attention_mask, position_ids=position_ids(attention_mask)[:, prompt_length:],
+        use_cache=True, **{cache_kwarg(model): cache},
+    ).logits  # fmt: skip  # (B, T, V): completion token t predicts token t + 1
+    logits = torch.cat([first, rest[:, :-1].float()], dim=1)  # (B, T, V)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+SHARED_FORWARDS = 2
+"""Calls of the model per :func:`shared_prompt_logits` (and per padding pass of the update when prompts are shared)."""
+
+
+def distinct_prompts(group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(heads, inverse) for :func:`shared_prompt_logits`: the first row of each group and each row's group (CPU)."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,)
+    rows = torch.arange(group_ids.numel())
+    heads = torch.full((int(inverse.max()) + 1,), group_ids.numel(), dtype=torch.long).scatter_reduce_(0, inverse, rows, "amin")
+    return heads, inverse
 
 
 def _gather_logprobs(logits: Tensor, targets: Tensor, lse: Tensor | None = None) -> Tensor:
@@ -79,7 +129,14 @@ def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
 
 
 def rows_logprobs(
-    model: Any, rollout: Rollout, rows: Tensor, temperature: float = 1.0, *, entropy: bool = False, lengths: tuple[Tensor, Tensor] | None = None
+    model: Any,
+    rollout: Rollout,
+    rows: Tensor,
+    temperature: float = 1.0,
+    *,
+    entropy: bool = False,
+    lengths: tuple[Tensor, Tensor] | None = None,
+    share_prompts: bool = False,
 ) -> Any:
     """Completion log-probs (len(rows), T) of ``rows``, computed on those rows' own padding.
 
@@ -91,7 +148,9 @@ def rows_logprobs(
     per-token entropy (len(rows), T) of the same temperature-scaled
     distribution, from the same forward pass, detached. ``lengths``:
     :meth:`Rollout.row_lengths`, computed once by the caller, so the cut
-    reads no value back from the device.
+    reads no value back from the device. ``share_prompts``: run each group's
+    prompt once (:func:`shared_prompt_logits`; two model calls, even when no
+    two rows share a prompt, so that every rank makes the same calls).
     """
     prompt_length, width = rollout.prompt_length, rollout.completion_mask.shape[1]
     prompt_lengths, completion_lengths = rollout.row_lengths() if lengths is None else lengths
@@ -99,7 +158,12 @@ def rows_logprobs(
     used_completion = max(int(completion_lengths[rows].max()), 1)
     start, end = prompt_length - used_prompt, prompt_length + used_completion
     input_ids = rollout.input_ids[rows, start:end]
-    logits = completion_logits(model, input_ids, rollout.attention_mask[rows, start:end], used_prompt, temperature)  # (R, T', V)
+    attention_mask = rollout.attention_mask[rows, start:end]
+    if share_prompts:
+        heads, inverse = (t.to(input_ids.device) for t in distinct_prompts(rollout.group_ids[rows]))
+        logits = shared_prompt_logits(model, input_ids, attention_mask, used_prompt, heads, inverse, temperature)
+    else:
+        logits = completion_logits(model, input_ids, attention_mask, used_prompt, temperature)  # (R, T', V)
     lse = torch.logsumexp(logits, dim=-1)  # (R, T'), shared by the log-probs and the entropy
     logprobs = torch.nn.functional.pad(_gather_logprobs(logits, input_ids[:, used_prompt:], lse), (0, width - used_completion))
     if not entropy:
@@ -109,16 +173,27 @@ def rows_logprobs(
     return logprobs, entropies
 
 
-def length_chunks(rollout: Rollout, rows: Tensor, size: int, chunks: int, lengths: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+def length_chunks(
+    rollout: Rollout, rows: Tensor, size: int, chunks: int, lengths: tuple[Tensor, Tensor] | None = None, *, whole_groups: bool = False
+) -> list[Tensor]:
     """Split ``rows`` into micro-batches of rows of similar length (so :func:`rows_logprobs` cuts more padding).
 
     ``size`` > 0: micro-batches of ``size`` rows; otherwise ``chunks`` micro-batches of equal size.
     Rows are ordered by real length (prompt + completion), stably. ``lengths``: :meth:`Rollout.row_lengths`.
+    ``whole_groups``: keep the rows of a group next to each other (ordered by the group's longest row), so
+    that a micro-batch holds whole groups, whose prompts :func:`rows_logprobs` can run once (a cut between
+    micro-batches may still split one group).
     """
     if rows.numel() == 0:
         return [rows]
     prompt_lengths, completion_lengths = rollout.row_lengths() if lengths is None else lengths  # CPU, as rows
-    ordered = rows[torch.sort((prompt_lengths + completion_lengths)[rows], stable=True).indices]
+    key = (prompt_lengths + completion_lengths)[rows]  # (R,)
+    if whole_groups:
+        _, group = torch.unique(rollout.group_ids[rows], return_inverse=True)  # (R,) group of each row
+        longest = torch.zeros(int(group.max()) + 1, dtype=key.dtype).scatter_reduce_(0, group, key, "amax", include_self=False)
+        by_group = torch.sort(group, stable=True).indices
+        rows, key = rows[by_group], longest[group][by_group]  # a group's rows share its key: the stable sort keeps them together
+    ordered = rows[torch.sort(key, stable=True).indices]
     if size > 0:
         return list(torch.split(ordered, size))
     return [c for c in torch.tensor_split(ordered, max(1, min(chunks, ordered.numel()))) if c.numel() > 0]

@@ -36,7 +36,7 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream
 from ebpo.train.distributed import Dist, setup
-from ebpo.train.rollout import length_chunks, overlong_penalty, rows_logprobs, score
+from ebpo.train.rollout import SHARED_FORWARDS, length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, accuracy_change_se, format_line, plot_curves
 from ebpo.train.warmstart import cached_warmstart, library_versions, train_data_id
 
@@ -173,6 +173,10 @@ class Trainer:
         # train_model: the model wrapped for gradient sync (DDP/FSDP as launched), used by the update's forwards;
         # self.model stays the plain module for generation, no-grad log-probs and checkpoints.
         self.train_model, self.optimizer = self.dist.prepare(self.model, optimizer)
+        # The update runs each group's prompt once (two model calls per micro-batch, rollout.shared_prompt_logits).
+        # Not under FSDP: two forwards of the sharded wrapper before one backward are not verified there (no GPU
+        # here), so FSDP runs keep one forward over the full rows.
+        self.share_update_prompts = config.share_prompt_cache and not self.dist.shards_parameters
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if resume:
             self.optimizer.load_state_dict(self._resume_state["optimizer"])
@@ -468,7 +472,9 @@ class Trainer:
             for mini in torch.tensor_split(order, cfg.mini_batches):
                 num_tokens = dist.sum(float(completion_lengths[mini].sum()))
                 num_seqs = dist.sum(float(len(mini)))
-                micros = [m for m in length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths) if m.numel() > 0]
+                share = self.share_update_prompts
+                micros = length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths, whole_groups=share)
+                micros = [m for m in micros if m.numel() > 0]
                 # DDP needs the same number of backward passes on every rank: ranks with fewer micro-batches
                 # (dynamic sampling, skipped rewards, uneven shards) pad with zero-weight passes, and only the
                 # last pass of the mini-batch all-reduces (the others accumulate under no_sync).
@@ -480,7 +486,9 @@ class Trainer:
                             loss = self._padding_loss()
                         else:
                             micro = micros[index]
-                            logprobs, entropy = rows_logprobs(self.train_model, rollout, micro, cfg.temperature, entropy=True, lengths=lengths)
+                            logprobs, entropy = rows_logprobs(
+                                self.train_model, rollout, micro, cfg.temperature, entropy=True, lengths=lengths, share_prompts=share
+                            )
                             inputs = LossInputs(
                                 logprobs=logprobs,
                                 old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[micro],
@@ -517,10 +525,15 @@ class Trainer:
         return metrics
 
     def _padding_loss(self) -> Tensor:
-        """A zero-weight loss through every parameter of the policy (the DDP-padding backward pass)."""
+        """A zero-weight loss through every parameter of the policy (the DDP-padding backward pass).
+
+        As many model calls as a real micro-batch makes (two when prompts are shared), so that the
+        forward-time collectives of DDP (buffer broadcasts) stay in step across ranks.
+        """
         token = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
-        logits = self.train_model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False).logits
-        return logits.float().sum() * 0.0
+        calls = SHARED_FORWARDS if self.share_update_prompts else 1
+        logits = [self.train_model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False).logits for _ in range(calls)]
+        return sum(x.float().sum() for x in logits) * 0.0
 
     @torch.no_grad()
     def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor, *, reference: bool = False, lengths: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -532,9 +545,10 @@ class Trainer:
         lengths = rollout.row_lengths() if lengths is None else lengths
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
         with model.disable_adapter() if self.lora and reference else contextlib.nullcontext(), self.dist.autocast():
-            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths):
+            share = self.share_update_prompts
+            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths, whole_groups=share):
                 if micro.numel() > 0:
-                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature, lengths=lengths).float()
+                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature, lengths=lengths, share_prompts=share).float()
         return out[rows]
 
     @torch.no_grad()

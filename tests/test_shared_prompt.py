@@ -1,0 +1,134 @@
+"""The update runs each group's prompt once (issue 14): same log-probs, entropies and gradients as the full forward.
+
+Oracle: the plain full forward over every row (prompt and completion), sliced
+to the completion positions, and autograd through it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ebpo.models import load_policy
+from ebpo.sampling import Rollout, generate
+from ebpo.tasks.arithmetic import ArithmeticTask
+from ebpo.train.rollout import distinct_prompts, length_chunks, rows_logprobs
+from test_train_speed import _oracle, model_of_kind
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_policy("builtin:tiny", device=torch.device("cpu"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny):
+    """Two rounds of 3 prompts x G = 3, concatenated (re-padded) as DAPO's resampling does: prompts of different lengths."""
+    model, tok = tiny
+    problems = ArithmeticTask(num_train=10, num_eval=6).eval_problems()
+    torch.manual_seed(0)
+    parts = [
+        generate(model, tok, problems[3 * k : 3 * k + 3], torch.arange(3) + 3 * k, group_size=3, max_new_tokens=5 + 2 * k,
+                 temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)  # fmt: skip
+        for k in range(2)
+    ]
+    return Rollout.concat(parts)
+
+
+def _embedded_rows(model):
+    """Record the (rows, width) of every input of the token embedding."""
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
+    return shapes, hook
+
+
+def test_rows_of_a_group_share_their_prompt_tokens_and_padding(rollout):
+    """The invariant the shared forward relies on, for generate's rollouts and their concatenation."""
+    P = rollout.prompt_length
+    heads, inverse = distinct_prompts(rollout.group_ids)
+    assert heads.numel() == 6 and torch.equal(rollout.group_ids[heads][inverse], rollout.group_ids)
+    assert torch.equal(rollout.input_ids[heads][inverse][:, :P], rollout.input_ids[:, :P])
+    assert torch.equal(rollout.attention_mask[heads][inverse][:, :P], rollout.attention_mask[:, :P])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("kind", ["hf", "no_logits_to_keep", "wrapped", "lora"])
+def test_shared_prompt_logprobs_equal_the_full_forward_and_run_each_prompt_once(tiny, rollout, kind, temperature):
+    model, call = model_of_kind(tiny[0], kind)
+    expected, expected_entropy = _oracle(call, rollout, temperature)
+    mask = rollout.completion_mask.bool()
+    rows = torch.arange(len(rollout.texts))
+    shapes, hook = _embedded_rows(model)
+    try:
+        with torch.no_grad():
+            got, entropy = rows_logprobs(call, rollout, rows, temperature, entropy=True, share_prompts=True)
+    finally:
+        hook.remove()
+    assert torch.allclose(got[mask], expected[mask], atol=1e-5)
+    assert torch.allclose(entropy[mask], expected_entropy[mask], atol=1e-5)
+    # pass 1: the 6 distinct prompts; pass 2: the 18 rows' completion tokens
+    T = int(rollout.completion_mask.sum(1).max())
+    assert shapes == [(6, rollout.prompt_length), (18, T)], shapes
+
+
+def test_a_micro_batch_that_splits_groups_and_rows_in_any_order(tiny, rollout):
+    model, _ = tiny
+    expected, _ = _oracle(model, rollout, 1.0)
+    for rows in (torch.tensor([7, 0, 4, 1, 12]), torch.tensor([16, 3])):  # groups 2, 0, 1, 0, 4 (one shared); 5, 1 (none)
+        with torch.no_grad():
+            got = rows_logprobs(model, rollout, rows, share_prompts=True)
+        mask = rollout.completion_mask[rows].bool()
+        assert torch.allclose(got[mask], expected[rows][mask], atol=1e-5)
+    one = torch.tensor([4])  # a single row, cut to its own completion length (a 1-token completion must work too)
+    with torch.no_grad():
+        assert torch.allclose(rows_logprobs(model, rollout, one, share_prompts=True), rows_logprobs(model, rollout, one), atol=1e-5)
+
+
+def test_gradients_equal_the_full_forwards(tiny, rollout):
+    """The shared prompt positions receive the gradient of all G rows, as in the full forward."""
+    model, _ = tiny
+    mask = rollout.completion_mask.float()
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    rows = torch.arange(len(rollout.texts))
+    grads = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        (rows_logprobs(model, rollout, rows, 0.8, share_prompts=share) * weights).sum().backward()
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, rtol=1e-4, atol=1e-6), name
+    assert any(g.abs().sum() > 0 for n, g in grads[True].items() if "embed" in n)  # the prompt tokens' embeddings learn
+
+
+@pytest.mark.parametrize("size,chunks", [(0, 3), (4, 0), (0, 1)])
+def test_length_chunks_keep_groups_together(rollout, size, chunks):
+    rows = torch.randperm(18, generator=torch.Generator().manual_seed(1))
+    micros = length_chunks(rollout, rows, size, chunks, whole_groups=True)
+    order = torch.cat(micros)
+    assert sorted(order.tolist()) == list(range(18))  # every row exactly once
+    groups = rollout.group_ids[order].tolist()
+    runs = [g for i, g in enumerate(groups) if i == 0 or g != groups[i - 1]]
+    assert len(runs) == 6  # each group's rows are adjacent
+    lengths = (rollout.attention_mask.sum(1))[order]
+    longest = [max(lengths[[i for i, g in enumerate(groups) if g == run]].tolist()) for run in runs]
+    assert longest == sorted(longest)  # groups ordered by their longest row
+
+
+@pytest.mark.parametrize("flags", [[], ["--micro-batch-size", "3"], ["--ppo-epochs", "2", "--mini-batches", "2"]], ids=["buckets", "micro3", "ppo"])
+def test_the_update_with_shared_prompts_equals_the_update_without(tmp_path, flags):
+    """Same rollout, same advantages: the policy after an update (and its metrics) agree with sharing on and off."""
+    from test_train_correctness import _batch, _trainer
+
+    results = []
+    for share in (True, False):
+        trainer = _trainer(tmp_path, "--method", "grpo", "--seed", "3", "--share-prompt-cache" if share else "--no-share-prompt-cache", *flags)
+        assert trainer.share_update_prompts == share
+        torch.manual_seed(5)
+        batch, advantages = _batch(trainer)
+        metrics = trainer.update(batch, advantages)
+        results.append(({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, metrics))
+    (shared, shared_metrics), (plain, plain_metrics) = results
+    assert max(float((shared[n] - plain[n]).abs().max()) for n in plain) < 1e-5
+    for key in ("loss/policy", "policy/entropy", "optim/grad_norm"):
+        assert shared_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4, abs=1e-6), key
