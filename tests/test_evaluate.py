@@ -57,3 +57,12 @@ def test_by_topic_matches_a_loop_over_problems():
         values = [v for i, t in enumerate(names) if t == topic for v in rewards[i].tolist() if v == v]
         assert got[topic]["problems"] == names.count(topic)
         assert abs(got[topic]["avg"] - sum(values) / len(values)) < 1e-12
+
+
+def test_without_a_run_config_eval_uses_the_default_task_of_ebpo_train(tmp_path):
+    from ebpo.train.config import TrainConfig
+
+    argv = ["eval", "--model", "builtin:tiny", "--limit", "3", "--samples", "1", "--max-new-tokens", "4", "--threads", "1"]
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert list(result["results"]) == [TrainConfig.task] == ["stepwise"]

@@ -35,7 +35,7 @@ from ebpo.eval_metrics import avg_at_k, pass_at_k
 from ebpo.fileio import check_output_dir, latest_checkpoint, make_output_dir
 from ebpo.sampling import EVAL_SEED_OFFSET, sample_correctness
 from ebpo.tasks.base import Problem
-from ebpo.tasks.build import build_task, build_verifier_for
+from ebpo.tasks.build import DEFAULT_TASK, build_task, build_verifier_for
 
 __all__ = ["main"]
 
@@ -110,7 +110,7 @@ def _resolve_model(path: str) -> tuple[str, dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ebpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a run directory, a checkpoint's model directory, a HF id, or builtin:tiny")
-    parser.add_argument("--task", default=None, help="task to evaluate on its held-out split (default: the run's, else arithmetic)")
+    parser.add_argument("--task", default=None, help=f"task to evaluate on its held-out split (default: the run's, else {DEFAULT_TASK})")
     parser.add_argument("--task-options", default=None, help="task options as YAML")
     parser.add_argument("--benchmark", action="append", default=[], help="NAME or NAME=PATH of a dataset loader (repeatable)")
     parser.add_argument("--verifier", default=None, help="verifier override (default: the task's or dataset's)")
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
             suites.append((name, problems, VERIFIERS.build(args.verifier or DATASETS.build(name).verifier)))
     else:
         task_options = yaml.safe_load(args.task_options) if args.task_options else run.get("task_options", {})
-        task = build_task(args.task or run.get("task", "arithmetic"), task_options or {})
+        task = build_task(args.task or run.get("task", DEFAULT_TASK), task_options or {})
         problems = list(task.eval_problems())
         limit = args.limit or run.get("max_eval_problems") or None
         suites.append((getattr(task, "name", args.task or "task"), problems[:limit] if limit else problems, build_verifier_for(task, args.verifier or run.get("verifier"))))

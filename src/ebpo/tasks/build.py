@@ -12,7 +12,10 @@ from ebpo.registry import import_from_path
 from ebpo.tasks.base import TASKS, Task
 from ebpo.verifiers.base import VERIFIERS, Verifier
 
-__all__ = ["build_task", "build_verifier_for", "register_builtin_components"]
+__all__ = ["DEFAULT_TASK", "build_task", "build_verifier_for", "register_builtin_components"]
+
+DEFAULT_TASK = "stepwise"
+"""The built-in task ``ebpo train`` trains and ``ebpo eval`` evaluates when none is named (docs/testbed.md)."""
 
 # Modules whose import registers built-in tasks and verifiers. The optional
 # ones belong to other parts of ebpo and may be absent in a given install.

@@ -26,6 +26,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from ebpo.tasks.build import DEFAULT_TASK
+
 __all__ = ["TrainConfig", "field_docs", "validate", "coerce_fields", "check_known_fields"]
 
 
@@ -36,7 +38,7 @@ class TrainConfig:
     # --- run ---
     method: str = "ebpo"
     """Preset named after a paper (sets estimator, weighting, loss, divergence, ...); any field can still be overridden."""
-    task: str = "stepwise"
+    task: str = DEFAULT_TASK
     """Task: a registered name, 'name:arg' for a task factory that takes an argument (reasoning_gym:chain_sum), or 'module:attr'."""
     task_options: dict = field(default_factory=dict)
     """Options for the task factory, as YAML ('{num_train: 5000}')."""
