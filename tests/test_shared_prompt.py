@@ -132,3 +132,16 @@ def test_the_update_with_shared_prompts_equals_the_update_without(tmp_path, flag
     assert max(float((shared[n] - plain[n]).abs().max()) for n in plain) < 1e-5
     for key in ("loss/policy", "policy/entropy", "optim/grad_norm"):
         assert shared_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_fsdp_runs_do_not_share_prompts_in_the_update():
+    """Two forwards of an FSDP wrapper before one backward are not verified here: FSDP keeps the full-row forward."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ebpo.train.distributed import Dist
+
+    assert Dist(accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP)).shards_parameters
+    assert not Dist(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)).shards_parameters
+    assert not Dist().shards_parameters
