@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(own)
 
-    from ebpo import sampling
     from ebpo.train import cli, trainer as trainer_module
     from ebpo.train.trainer import Trainer, build_components
 
@@ -100,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         return rollout
 
     trainer_module.generate = counting_generate
-    del sampling
 
     for _ in range(args.warmup):
         _one_step(trainer)

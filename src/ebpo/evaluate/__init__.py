@@ -81,9 +81,11 @@ def summarise(rewards: Tensor, texts: list[list[str]], ks: Sequence[int]) -> dic
 def by_topic(rewards: Tensor, problems: Sequence[Problem]) -> dict[str, dict[str, float]]:
     """avg@k of each ``Problem.topic`` (problems without a topic are left out): ``{topic: {problems, avg}}``."""
     topics = sorted({p.topic for p in problems if p.topic})
+    index = {topic: k for k, topic in enumerate(topics)}
+    topic_of = torch.tensor([index.get(p.topic, -1) for p in problems], dtype=torch.long)  # (P,) -1: no topic
     out: dict[str, dict[str, float]] = {}
-    for topic in topics:
-        rows = torch.tensor([p.topic == topic for p in problems])
+    for k, topic in enumerate(topics):  # one mask per topic, not one Python pass over the problems per topic
+        rows = topic_of == k
         scores = rewards[rows]
         scored = ~torch.isnan(scores)
         out[topic] = {

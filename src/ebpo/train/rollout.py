@@ -77,7 +77,6 @@ def shared_prompt_logits(
     """
     from transformers import DynamicCache
 
-    completion = input_ids.shape[1] - prompt_length  # T
     cache = DynamicCache(config=base_model(model).config)
     prompt_ids, prompt_mask = input_ids[heads, :prompt_length], attention_mask[heads, :prompt_length]  # (U, P)
     keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
