@@ -231,3 +231,8 @@ def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
     stamp = (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns
     assert compare.main([*argv, "--report-only"]) == 0  # reused, not evaluated again
     assert (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns == stamp
+
+
+def test_a_negative_final_sample_count_is_refused():
+    with pytest.raises(SystemExit, match="--final-samples must be >= 0, got -1"):
+        _resolve(build_parser().parse_args(["--final-samples", "-1"]))
