@@ -417,6 +417,11 @@ def test_check_output_dir_allows_new_empty_and_own_directories(tmp_path):
         (["--train-args", "--lr ten"], "lr must be a number"),
         (["--group-sizes", "2", "1"], "needs group_size >= 2, got 1"),
         (["--variant", "x", "--stepz 3"], "unrecognized arguments: --stepz 3"),
+        # --train-args come last, and the last flag wins: they may not redo what compare sets per run
+        (["--train-args", "--seed 3"], "--train-args sets --seed, which ebpo compare sets itself"),
+        (["--train-args=--group-size=8 --lr 0.5"], "--train-args sets --group-size, which"),
+        (["--train-args=--progress"], "--train-args sets --progress, which"),  # compare passes --no-progress
+        (["--methods", "ebpo-running", "--train-args", "--estimator-options '{eps: 1}'"], "sets --estimator-options"),
     ],
 )
 def test_compare_checks_every_runs_flags_before_writing(tmp_path, capsys, monkeypatch, argv, needle):
@@ -428,10 +433,22 @@ def test_compare_checks_every_runs_flags_before_writing(tmp_path, capsys, monkey
     assert not (tmp_path / "cmp").exists()
 
 
-def test_meta_checks_the_members_flags_before_writing(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--train-args", "--steps 1.5"], "steps must be an integer"),
+        (["--train-args=--task=arithmetic"], "--train-args sets --task, which ebpo meta sets itself"),
+        (["--train-args", "--seed 1"], "--train-args sets --seed, which ebpo meta"),
+        (["--task-options", "{eval_seed: 3}"], "--task-options may not set ['eval_seed']"),
+        (["--task", "dataset"], "task 'dataset' does not take ['eval_seed', 'exclude_eval_seeds']"),
+        (["--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+        (["--task", "stepwise", "--task-options", "{max_opz: 3}"], "bad options for task 'stepwise'"),
+    ],
+)
+def test_meta_checks_the_members_flags_before_writing(tmp_path, capsys, monkeypatch, argv, needle):
     from ebpo import meta
 
     monkeypatch.setattr(meta, "es_iteration", _never)
-    assert meta.main(["--quick", "--out", str(tmp_path / "meta"), "--train-args", "--steps 1.5"]) == 2
-    assert "steps must be an integer" in one_error_line(capsys, "ebpo meta: error:")
+    assert meta.main(["--quick", "--out", str(tmp_path / "meta"), *argv]) == 2
+    assert needle in one_error_line(capsys, "ebpo meta: error:")
     assert not (tmp_path / "meta").exists()

@@ -11,6 +11,7 @@ from ebpo.divergences import NeuralMirror
 from ebpo.meta import main
 
 TINY = [
+    "--task", "arithmetic",
     "--population", "4", "--inner-steps", "3", "--eval-problems", "32", "--workers", "2", "--sigma", "2.0",
     "--min-improvement", "-1",
     "--train-args", "--prompts-per-step 4 --group-size 2 --warmstart-steps 150 --warmstart-batch-size 64 "
@@ -46,3 +47,29 @@ def test_grid_check_reports_a_non_convex_map():
     assert min_divergence_on_grid(convex) >= 0.0
     concave = NeuralMirror(-convex.flat_params, project_nonneg=False)  # every h' term flips sign: h is concave
     assert min_divergence_on_grid(concave) < 0.0
+
+
+@pytest.mark.parametrize("task", ["stepwise", "arithmetic"])
+def test_members_validate_on_a_split_the_final_evaluation_never_sees(tmp_path, task):
+    """Members train ``--task`` (default: ebpo train's) with its options, on exactly the final runs' training
+    problems (so one warm start serves both), scored on a validation split disjoint from the final held-out set,
+    which stays out of training, whatever ``--eval-problems`` is."""
+    from ebpo.meta import VALIDATION_SEED, _member_command, _resolve, build_parser
+    from ebpo.tasks.build import DEFAULT_TASK, build_task
+    from ebpo.train.cli import build_parser as train_parser, resolve_config
+
+    argv = ["--quick", "--task-options", "{seed: 5}"] + ([] if task == DEFAULT_TASK else ["--task", task])
+    args = _resolve(build_parser().parse_args(argv))
+    config = resolve_config(train_parser().parse_args(_member_command(args, tmp_path / "m.json", tmp_path / "m")[4:]))
+    assert config.task == task and config.task_options["seed"] == 5 and config.max_eval_problems == 64
+
+    def prompts(problems):
+        return [p.prompt for p in problems]
+
+    member = build_task(task, config.task_options)
+    final = build_task(task, {"seed": 5, "exclude_eval_seeds": [VALIDATION_SEED]})  # the final run meta prints
+    scored = prompts(member.eval_problems())[: config.max_eval_problems]  # what a member's accuracy averages over
+    validation = set(scored)
+    assert len(scored) == 64 and not validation & set(prompts(final.eval_problems()))
+    assert prompts(member.train_problems()) == prompts(final.train_problems())
+    assert not set(prompts(member.train_problems())) & (validation | set(prompts(final.eval_problems())))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "import_from_path"]
+__all__ = ["Registry", "import_from_path", "call_with_options"]
 
 
 def import_from_path(path: str) -> Any:
@@ -90,12 +90,16 @@ class Registry(Generic[T]):
         )
 
     def build(self, name: str, **options: Any) -> T:
-        factory = self.get(name)
-        try:
-            inspect.signature(factory).bind(**options)
-        except TypeError as exc:
-            # An unknown or missing keyword is a user error: say which component rejected it.
-            raise ValueError(f"bad options for {self.kind} {name!r}: {exc}") from exc
-        except ValueError:  # no introspectable signature (some builtins): let the call speak
-            pass
-        return factory(**options)
+        return call_with_options(self.get(name), options, f"{self.kind} {name!r}")
+
+
+def call_with_options(factory: Callable[..., T], options: dict[str, Any], what: str) -> T:
+    """``factory(**options)``, with an unknown or missing option reported as a ValueError naming ``what``."""
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        # An unknown or missing keyword is a user error: say which component rejected it.
+        raise ValueError(f"bad options for {what}: {exc}") from exc
+    except ValueError:  # no introspectable signature (some builtins): let the call speak
+        pass
+    return factory(**options)

@@ -47,7 +47,7 @@ from typing import Any
 
 from ebpo.fileio import check_output_dir, make_output_dir
 from ebpo.stats_report import mean_ci, samples_to_target
-from ebpo.train.cli import check_train_args
+from ebpo.train.cli import check_extra_train_args, check_train_args
 from ebpo.train.procs import run_parallel
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
@@ -181,9 +181,13 @@ def record_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "ebpo", "train", *_own_flags(spec, args, run_dir), *shlex.split(args.train_args)]
+
+
+def _own_flags(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The ``ebpo train`` flags compare sets for ``spec`` (``--train-args`` may not set them again)."""
     method_flags = args.variants.get(spec.method) or ["--method", spec.method]
     return [
-        sys.executable, "-m", "ebpo", "train",
         *method_flags,
         "--group-size", str(spec.group_size),
         "--seed", str(spec.seed),
@@ -197,7 +201,6 @@ def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str
         "--save-every", "0",
         "--out", str(run_dir),
         "--overwrite",
-        *shlex.split(args.train_args),
     ]  # fmt: skip
 
 
@@ -496,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # checked before any run starts or anything is written
         for method, g in itertools.product(args.methods, sorted(args.group_sizes)):  # seeds differ only in --seed
             # components are built once per method, at the smallest G (estimators state a minimum group size)
-            check_train_args(_command(RunSpec(method, g, 0), args, out / "runs" / "check")[4:], build=g == min(args.group_sizes))
+            spec, check_dir = RunSpec(method, g, 0), out / "runs" / "check"
+            check_train_args(_command(spec, args, check_dir)[4:], build=g == min(args.group_sizes))
+            check_extra_train_args(_own_flags(spec, args, check_dir), shlex.split(args.train_args), "ebpo compare")
         check_output_dir(out, "ebpo compare", reuse=True)
         check_settings(out, shared_settings(args))
     except ValueError as exc:

@@ -3,17 +3,23 @@
     ebpo meta --quick --out runs/meta-quick
     ebpo meta --out runs/meta --population 10 --iterations 15 --inner-steps 100
     ebpo meta --out runs/meta --resume                   # continue an interrupted search
-    ebpo train --method gbmpo-mirror --mirror-params runs/meta/mirror_params.json
+    ebpo meta --task arithmetic --out runs/meta-arith    # another generated task
+    ebpo train --method gbmpo-mirror --mirror-params runs/meta/mirror_params.json \
+        --task-options '{exclude_eval_seeds: [424242]}'
 
 Each ES member is an ordinary ``ebpo train`` run (``--method gbmpo-mirror``
-with the member's 380 parameters) for ``--inner-steps`` steps, scored by its
-held-out accuracy (avg@k) on a *validation* split: the arithmetic task drawn
-with its own ``eval_seed`` and with the final held-out set excluded from both
-of its splits, so the final evaluation never sees what the search optimised.
-Members train on the same problems as a final run with
-``--task-options '{exclude_eval_seeds: [424242]}'`` (the validation set is
-kept out of training either way), so they share its cached warm start: the
-map is searched for the policy it will be used with. All members of an
+with the member's 380 parameters) for ``--inner-steps`` steps on ``--task``
+(default: ``ebpo train``'s, the built-in stepwise task; any task that draws
+seeded held-out splits, i.e. takes ``eval_seed`` and ``exclude_eval_seeds``),
+scored by its held-out accuracy (avg@k) on the first ``--eval-problems`` of a
+*validation* split: the task's held-out set drawn with its own seed (424242)
+and with the final held-out set excluded from both of its splits, so the
+final evaluation never sees what the search optimised. Members train on the
+same problems as a final run with ``--task-options '{exclude_eval_seeds:
+[424242]}'`` (the validation set is kept out of training either way), so they
+share its cached warm start: the map is searched for the policy it will be
+used with. ``--train-args`` may add ``ebpo train`` flags but not repeat one
+that meta sets for every member (an error says which). All members of an
 iteration train from the same seed (common random numbers:
 the fitness differences come from the mirror maps, not from sampling noise).
 Members run ``--workers`` at a time; a member whose run fails is dropped from
@@ -35,6 +41,7 @@ holds the final ES parameters, for ``ebpo train --method gbmpo-mirror
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shlex
@@ -48,13 +55,14 @@ import torch
 from ebpo.divergences import NeuralMirror
 from ebpo.fileio import check_output_dir, load_tensors, make_output_dir
 from ebpo.meta.es import ESConfig, ESState, es_iteration
-from ebpo.train.cli import check_train_args
+from ebpo.tasks.build import DEFAULT_TASK, task_factory
+from ebpo.train.cli import check_extra_train_args, check_train_args, parse_yaml_mapping
 from ebpo.train.procs import run_parallel
 
 __all__ = ["main"]
 
 VALIDATION_SEED = 424_242
-FINAL_EVAL_SEED = 1_000_003  # ArithmeticTask's default held-out seed
+FINAL_EVAL_SEED = 1_000_003  # the built-in generated tasks' default held-out seed (arithmetic, stepwise)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the initial random mirror map (U(0, 0.01))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the ES perturbations and of every member's training")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="member runs at once")
+    parser.add_argument("--task", default=DEFAULT_TASK, help=f"task the members train on (default {DEFAULT_TASK}, as ebpo train); it must draw seeded held-out splits, as the built-in generated tasks do")
+    parser.add_argument("--task-options", type=parse_yaml_mapping, default={}, help="the task's options, as a YAML mapping (not the split options, which meta sets)")
     parser.add_argument("--train-args", default="", help="extra flags for every member's ebpo train, as one string")
     return parser
 
@@ -89,13 +99,18 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _member_command(args: argparse.Namespace, params_file: Path, run_dir: Path) -> list[str]:
-    task_options = {"eval_seed": VALIDATION_SEED, "exclude_eval_seeds": [FINAL_EVAL_SEED], "num_eval": args.eval_problems}
+    return [sys.executable, "-m", "ebpo", "train", *_own_flags(args, params_file, run_dir), *shlex.split(args.train_args)]
+
+
+def _own_flags(args: argparse.Namespace, params_file: Path, run_dir: Path) -> list[str]:
+    """The ``ebpo train`` flags of a member that meta sets (``--train-args`` may not set them again)."""
+    task_options = {**args.task_options, **_split_options()}
     return [
-        sys.executable, "-m", "ebpo", "train",
         "--method", "gbmpo-mirror",
         "--divergence-options", json.dumps({"params_path": str(params_file), "project_nonneg": args.project_nonneg}),
-        "--task", "arithmetic",
+        "--task", args.task,
         "--task-options", json.dumps(task_options),
+        "--max-eval-problems", str(args.eval_problems),
         "--steps", str(args.inner_steps),
         "--seed", str(args.seed),
         "--threads", "1",
@@ -104,8 +119,36 @@ def _member_command(args: argparse.Namespace, params_file: Path, run_dir: Path) 
         "--save-every", "0",
         "--out", str(run_dir),
         "--overwrite",
-        *shlex.split(args.train_args),
     ]  # fmt: skip
+
+
+def _split_options() -> dict[str, Any]:
+    """The task options that draw the members' validation split: its own seed, the final held-out set kept out.
+
+    The split keeps the task's ``num_eval`` (the final run's), and members
+    score only its first ``--eval-problems`` (``--max-eval-problems``): the
+    sets a task excludes are drawn with its ``num_eval``, so a smaller split
+    would leave part of the final held-out set in training and give members
+    other training problems (and another warm start) than the final runs.
+    """
+    return {"eval_seed": VALIDATION_SEED, "exclude_eval_seeds": [FINAL_EVAL_SEED]}
+
+
+def _check_task(args: argparse.Namespace) -> None:
+    """ValueError unless ``--task`` draws a seeded validation split (the options of :func:`_split_options`)."""
+    clash = sorted(set(args.task_options) & set(_split_options()))
+    if clash:
+        raise ValueError(f"--task-options may not set {clash}: ebpo meta sets them to draw its validation split")
+    factory = task_factory(args.task)
+    parameters = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    missing = [name for name in _split_options() if name not in parameters and not takes_any]
+    if missing:
+        raise ValueError(
+            f"task {args.task!r} does not take {missing}: ebpo meta scores members on a validation split drawn "
+            "with its own seed and without the final held-out set, which needs a generated task such as "
+            "'stepwise' or 'arithmetic'"
+        )
 
 
 def _fitness(args: argparse.Namespace, out: Path, iteration: int):
@@ -186,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             iterations=args.iterations, elite_frac=args.elite_frac, patience=args.patience,
             min_improvement=args.min_improvement, project_nonneg=args.project_nonneg, seed=args.seed,
         )  # fmt: skip
-        check_train_args(_member_command(args, out / "members" / "check.json", out / "members" / "check")[4:])
+        _check_task(args)
+        check_params, check_dir = out / "members" / "check.json", out / "members" / "check"
+        check_train_args(_member_command(args, check_params, check_dir)[4:])
+        check_extra_train_args(_own_flags(args, check_params, check_dir), shlex.split(args.train_args), "ebpo meta")
         state = _start_or_resume(args, config, out)
     except ValueError as exc:
         print(f"ebpo meta: error: {exc}", file=sys.stderr)
@@ -205,13 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'mirror_params.json'} (best population mean {state.best_mean_fitness:.4f})")
     low = min_divergence_on_grid(mirror)
     log = json.loads((out / "es_log.json").read_text()) if (out / "es_log.json").exists() else {}
-    final_options = {"exclude_eval_seeds": [VALIDATION_SEED]}
+    final_options = {**args.task_options, "exclude_eval_seeds": [VALIDATION_SEED]}
     (out / "es_log.json").write_text(json.dumps({**log, "min_divergence_on_grid": low, "final_run_task_options": final_options}, indent=2))
     verdict = "D >= 0 holds" if low >= -1e-12 else "D < 0 somewhere: the map is not convex (see --project-nonneg)"
     print(f"min D(p, p_ref) over a 64 x 64 grid in (0, 1]: {low:.3e} ({verdict})")
     print(
         "train with it on the members' training problems and warm start (the validation split stays unseen):\n"
-        f"  ebpo train --task arithmetic --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
+        f"  ebpo train --task {args.task} --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
     )
     return 0
 

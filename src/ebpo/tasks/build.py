@@ -5,14 +5,15 @@ Here, below both commands, so that neither imports the other for it.
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import Any
+from typing import Any, Callable
 
-from ebpo.registry import import_from_path
+from ebpo.registry import call_with_options, import_from_path
 from ebpo.tasks.base import TASKS, Task
 from ebpo.verifiers.base import VERIFIERS, Verifier
 
-__all__ = ["DEFAULT_TASK", "build_task", "build_verifier_for", "register_builtin_components"]
+__all__ = ["DEFAULT_TASK", "build_task", "task_factory", "build_verifier_for", "register_builtin_components"]
 
 DEFAULT_TASK = "stepwise"
 """The built-in task ``ebpo train`` trains and ``ebpo eval`` evaluates when none is named (docs/testbed.md)."""
@@ -34,17 +35,21 @@ def register_builtin_components() -> None:
                 raise
 
 
-def build_task(name: str, options: dict[str, Any]) -> Task:
-    """Resolve ``name``: a registered task, ``registered:arg`` (the factory gets ``arg``), or ``module:attr``."""
+def task_factory(name: str) -> Callable[..., Task]:
+    """What ``name`` builds a task with (called with the task's options): a registered task's factory,
+    ``registered:arg`` (that factory with ``arg`` as its first argument), or the object at ``module:attr``."""
     register_builtin_components()
     head, sep, arg = name.partition(":")
-    if sep and head in TASKS:
-        # e.g. reasoning_gym:chain_sum -> the reasoning_gym factory with its first argument.
-        task = TASKS.get(head)(arg, **options)
-    elif sep:
-        task = import_from_path(name)(**options)
-    else:
-        task = TASKS.build(name, **options)
+    if sep and head in TASKS:  # e.g. reasoning_gym:chain_sum
+        return functools.partial(TASKS.get(head), arg)
+    if sep:
+        return import_from_path(name)
+    return TASKS.get(name)  # an unknown name fails here, naming the registered ones
+
+
+def build_task(name: str, options: dict[str, Any]) -> Task:
+    """Resolve ``name`` (see :func:`task_factory`) and build the task with ``options``."""
+    task = call_with_options(task_factory(name), options, f"task {name!r}")
     for attr in ("train_problems", "eval_problems", "verifier"):
         if not hasattr(task, attr):
             raise ValueError(f"task {name!r} does not implement {attr!r} (see ebpo.tasks.base.Task)")

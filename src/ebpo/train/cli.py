@@ -25,7 +25,7 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import list_methods, preset
 
-__all__ = ["main", "build_parser", "resolve_config", "check_train_args", "task_recommendations"]
+__all__ = ["main", "build_parser", "resolve_config", "check_train_args", "check_extra_train_args", "task_recommendations", "parse_yaml_mapping"]
 
 _NONE = ("none", "null", "")
 _COMMAND = "ebpo train"  # the marker of the run directories it creates
@@ -39,7 +39,8 @@ def _parse_optional_str(text: str) -> str | None:
     return None if text.lower() in _NONE else text
 
 
-def _parse_dict(text: str) -> dict:
+def parse_yaml_mapping(text: str) -> dict:
+    """A flag's YAML mapping (``'{key: value}'``); empty text is ``{}``."""
     value = yaml.safe_load(text) if text.strip() else {}
     if value is None:
         return {}
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         if hint is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
         elif hint is dict:
-            parser.add_argument(_flag(f.name), type=_parse_dict, metavar="YAML", help=help_)
+            parser.add_argument(_flag(f.name), type=parse_yaml_mapping, metavar="YAML", help=help_)
         elif hint in (int, float):  # kept as text: coerce_fields checks it like a YAML value, with the same message
             parser.add_argument(_flag(f.name), metavar=hint.__name__.upper(), help=help_)
         elif f.name == "method":
@@ -171,6 +172,37 @@ def check_train_args(argv: list[str], *, build: bool = False) -> None:
         from ebpo.train.config import validate
 
         validate(config)
+
+
+def check_extra_train_args(fixed: list[str], extra: list[str], command: str) -> None:
+    """ValueError if ``extra`` (a command's ``--train-args``) sets a flag that ``command`` sets itself in ``fixed``.
+
+    Both lists are ``ebpo train`` flags; the command appends ``extra`` after
+    ``fixed``, and argparse lets the last occurrence win, so without this
+    check ``--train-args '--seed 3'`` would silently give every run of a
+    comparison the same seed. Flags are compared by what they set (their
+    config field), so ``--no-progress`` and ``--progress``, or an
+    abbreviation, count as the same flag.
+    """
+    parser = build_parser()
+    try:
+        with _quiet_stderr():
+            clash = sorted(set(vars(parser.parse_args(fixed))) & set(vars(parser.parse_args(extra))))
+    except SystemExit:
+        raise ValueError(f"bad ebpo train flags in --train-args: {' '.join(extra)!r}") from None
+    if clash:
+        flags = ", ".join(_flag(dest) for dest in clash)
+        raise ValueError(
+            f"--train-args sets {flags}, which {command} sets itself for every run (see its own flags); "
+            "remove it from --train-args"
+        )
+
+
+def _quiet_stderr() -> Any:
+    import contextlib
+    import io
+
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _prepare_run_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
