@@ -422,6 +422,7 @@ def test_check_output_dir_allows_new_empty_and_own_directories(tmp_path):
         (["--train-args=--group-size=8 --lr 0.5"], "--train-args sets --group-size, which"),
         (["--train-args=--progress"], "--train-args sets --progress, which"),  # compare passes --no-progress
         (["--methods", "ebpo-running", "--train-args", "--estimator-options '{eps: 1}'"], "sets --estimator-options"),
+        (["--variant", "big", "--method grpo --group-size 16"], "--variant big sets --group-size, which ebpo compare"),
     ],
 )
 def test_compare_checks_every_runs_flags_before_writing(tmp_path, capsys, monkeypatch, argv, needle):

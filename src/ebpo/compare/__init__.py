@@ -184,9 +184,10 @@ def _command(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str
     return [sys.executable, "-m", "ebpo", "train", *_own_flags(spec, args, run_dir), *shlex.split(args.train_args)]
 
 
-def _own_flags(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> list[str]:
-    """The ``ebpo train`` flags compare sets for ``spec`` (``--train-args`` may not set them again)."""
-    method_flags = args.variants.get(spec.method) or ["--method", spec.method]
+def _own_flags(spec: RunSpec, args: argparse.Namespace, run_dir: Path, *, method: bool = True) -> list[str]:
+    """The ``ebpo train`` flags compare sets for ``spec`` (``--train-args`` may not set them again); ``method``:
+    with the method's flags (a variant's own flags may not set the others either)."""
+    method_flags = (args.variants.get(spec.method) or ["--method", spec.method]) if method else []
     return [
         *method_flags,
         "--group-size", str(spec.group_size),
@@ -502,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
             spec, check_dir = RunSpec(method, g, 0), out / "runs" / "check"
             check_train_args(_command(spec, args, check_dir)[4:], build=g == min(args.group_sizes))
             check_extra_train_args(_own_flags(spec, args, check_dir), shlex.split(args.train_args), "ebpo compare")
+            if method in args.variants:
+                own = _own_flags(spec, args, check_dir, method=False)
+                check_extra_train_args(own, args.variants[method], "ebpo compare", source=f"--variant {method}")
         check_output_dir(out, "ebpo compare", reuse=True)
         check_settings(out, shared_settings(args))
     except ValueError as exc:

@@ -174,27 +174,28 @@ def check_train_args(argv: list[str], *, build: bool = False) -> None:
         validate(config)
 
 
-def check_extra_train_args(fixed: list[str], extra: list[str], command: str) -> None:
-    """ValueError if ``extra`` (a command's ``--train-args``) sets a flag that ``command`` sets itself in ``fixed``.
+def check_extra_train_args(fixed: list[str], extra: list[str], command: str, source: str = "--train-args") -> None:
+    """ValueError if ``extra`` (a command's ``source``) sets a flag that ``command`` sets itself in ``fixed``.
 
-    Both lists are ``ebpo train`` flags; the command appends ``extra`` after
-    ``fixed``, and argparse lets the last occurrence win, so without this
-    check ``--train-args '--seed 3'`` would silently give every run of a
-    comparison the same seed. Flags are compared by what they set (their
-    config field), so ``--no-progress`` and ``--progress``, or an
-    abbreviation, count as the same flag.
+    Both lists are ``ebpo train`` flags, and argparse lets the last
+    occurrence of a flag win: extra flags appended after the command's own
+    would override them (``--train-args '--seed 3'`` would silently give
+    every run of a comparison the same seed), and ones placed before would be
+    silently ignored. Flags are compared by what they set (their config
+    field), so ``--no-progress`` and ``--progress``, or an abbreviation,
+    count as the same flag.
     """
     parser = build_parser()
     try:
         with _quiet_stderr():
             clash = sorted(set(vars(parser.parse_args(fixed))) & set(vars(parser.parse_args(extra))))
     except SystemExit:
-        raise ValueError(f"bad ebpo train flags in --train-args: {' '.join(extra)!r}") from None
+        raise ValueError(f"bad ebpo train flags in {source}: {' '.join(extra)!r}") from None
     if clash:
         flags = ", ".join(_flag(dest) for dest in clash)
         raise ValueError(
-            f"--train-args sets {flags}, which {command} sets itself for every run (see its own flags); "
-            "remove it from --train-args"
+            f"{source} sets {flags}, which {command} sets itself for every run (see its own flags); "
+            f"remove it from {source}"
         )
 
 
