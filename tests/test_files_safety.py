@@ -135,10 +135,11 @@ def test_meta_resume_reads_its_own_state(tmp_path, capsys):
 
     out = tmp_path / "meta"
     make_output_dir(out, "ebpo meta")
+    argv = ["--out", str(out), "--resume", "--population", "4", "--iterations", "1"]
     config = ESConfig(population=4, iterations=1)
     state = es_iteration(ESState.start(NeuralMirror(seed=0).flat_params, config), config, lambda m: [float(-x.sum()) for x in m])
-    meta._save_state(state, config, out)
-    assert meta.main(["--out", str(out), "--resume", "--population", "4", "--iterations", "1"]) == 0
+    meta._save_state(state, config, out, meta._search_settings(meta._resolve(meta.build_parser().parse_args(argv)), config))
+    assert meta.main(argv) == 0
     assert torch.equal(NeuralMirror.load(out / "mirror_params.json").flat_params, NeuralMirror(state.phi).flat_params)
 
 

@@ -73,3 +73,46 @@ def test_members_validate_on_a_split_the_final_evaluation_never_sees(tmp_path, t
     assert len(scored) == 64 and not validation & set(prompts(final.eval_problems()))
     assert prompts(member.train_problems()) == prompts(final.train_problems())
     assert not set(prompts(member.train_problems())) & (validation | set(prompts(final.eval_problems())))
+
+
+def _saved_search(out, argv):
+    """A one-iteration search saved by ebpo meta with ``argv`` (members scored by a stand-in fitness)."""
+    from ebpo import meta
+    from ebpo.fileio import make_output_dir
+    from ebpo.meta.es import ESConfig, ESState, es_iteration
+
+    args = meta._resolve(meta.build_parser().parse_args([*argv, "--out", str(out)]))
+    config = ESConfig(population=args.population, iterations=1)
+    make_output_dir(out, "ebpo meta")
+    state = es_iteration(ESState.start(NeuralMirror(seed=0).flat_params, config), config, lambda m: [float(-x.sum()) for x in m])
+    meta._save_state(state, config, out, meta._search_settings(args, config))
+
+
+@pytest.mark.parametrize(
+    ("changed", "needle"),
+    [
+        (["--task", "arithmetic"], "task ('stepwise' -> 'arithmetic')"),
+        (["--population", "6"], "population (4 -> 6)"),
+        (["--inner-steps", "7"], "inner_steps (10 -> 7)"),
+        (["--train-args", "--lr 0.1"], "train_args ([] -> ['--lr', '0.1'])"),
+        (["--task-options", "{seed: 3}"], "task_options ({} -> {'seed': 3})"),
+    ],
+)
+def test_resume_refuses_other_settings_than_the_search_was_started_with(tmp_path, capsys, monkeypatch, changed, needle):
+    """A resumed search only ends as the uninterrupted one would if nothing but its length changes."""
+    from ebpo import meta
+
+    out = tmp_path / "search"
+    _saved_search(out, ["--quick"])
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a refused resume trained members")
+
+    monkeypatch.setattr(meta, "es_iteration", never)
+    before = (out / "es_state.pt").read_bytes()
+    assert meta.main(["--quick", "--out", str(out), "--resume", *changed]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with other settings" in err and needle in err, err
+    assert (out / "es_state.pt").read_bytes() == before
+    # extending it is what --resume is for
+    assert meta.main(["--quick", "--out", str(out), "--resume", "--iterations", "1", "--patience", "9"]) == 0

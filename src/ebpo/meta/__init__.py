@@ -173,11 +173,33 @@ def _fitness(args: argparse.Namespace, out: Path, iteration: int):
     return evaluate
 
 
-def _save_state(state: ESState, config: ESConfig, out: Path) -> None:
+RESUMABLE_CHANGES = ("iterations", "patience")
+"""Settings a resumed search may change (to extend it or stop it later); any other change is refused."""
+
+
+def _search_settings(args: argparse.Namespace, config: ESConfig) -> dict[str, Any]:
+    """Everything that decides the search's result: the ES settings and what every member trains and is scored on."""
+    members = {"task": args.task, "task_options": args.task_options, "inner_steps": args.inner_steps,
+               "eval_problems": args.eval_problems, "train_args": shlex.split(args.train_args), "init_seed": args.init_seed}  # fmt: skip
+    return {**config.__dict__, **members}
+
+
+def _check_resumed_settings(recorded: dict[str, Any], args: argparse.Namespace, config: ESConfig) -> None:
+    """ValueError if ``--resume`` asks for other settings than the ``recorded`` ones the search was made with."""
+    now = json.loads(json.dumps(_search_settings(args, config)))  # compared as saved: JSON values
+    changed = [f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in now if k in recorded and k not in RESUMABLE_CHANGES and recorded[k] != now[k]]
+    if changed:
+        raise ValueError(
+            f"--resume with other settings than the search was started with: {', '.join(changed)}; resume with the "
+            f"same flags (only {', '.join('--' + k for k in RESUMABLE_CHANGES)} may change) or start a new --out"
+        )
+
+
+def _save_state(state: ESState, config: ESConfig, out: Path, settings: dict[str, Any]) -> None:
     tmp = out / "es_state.pt.tmp"
-    torch.save({"config": config.__dict__, "state": state.state_dict()}, tmp)
+    torch.save({"config": config.__dict__, "state": state.state_dict(), "settings": json.dumps(settings)}, tmp)
     os.replace(tmp, out / "es_state.pt")  # atomic: a kill mid-write keeps the previous iteration's state
-    (out / "es_log.json").write_text(json.dumps({"config": config.__dict__, "history": state.history}, indent=2))
+    (out / "es_log.json").write_text(json.dumps({"config": config.__dict__, "settings": settings, "history": state.history}, indent=2))
     _plot(state.history, out / "fitness.png")
 
 
@@ -208,8 +230,10 @@ def _start_or_resume(args: argparse.Namespace, config: ESConfig, out: Path) -> E
         saved = load_tensors(state_file, what="ES search state")
         try:
             state = ESState.from_state_dict(saved["state"])
-        except (KeyError, TypeError) as exc:
+            recorded = {**saved.get("config", {}), **json.loads(saved.get("settings", "{}"))}  # searches before 2026-11 saved only the ES config
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"ES search state {state_file} is not a search state written by ebpo meta ({exc})") from None
+        _check_resumed_settings(recorded, args, config)
         state.done = state.iteration >= config.iterations or state.no_improvement >= config.patience
         print(f"resuming after iteration {state.iteration}")
         return state
@@ -245,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             f"failed {record['failed']}/{record['evaluated']}, improved {record['improved']}",
             flush=True,
         )
-        _save_state(state, config, out)
+        _save_state(state, config, out, _search_settings(args, config))
     mirror = NeuralMirror(state.phi, project_nonneg=args.project_nonneg)
     mirror.save(out / "mirror_params.json")
     print(f"wrote {out / 'mirror_params.json'} (best population mean {state.best_mean_fitness:.4f})")
