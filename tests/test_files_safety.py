@@ -412,6 +412,16 @@ def test_check_output_dir_allows_new_empty_and_own_directories(tmp_path):
         check_output_dir(tmp_path / "own", "ebpo simulate", reuse=True)
 
 
+def test_extra_train_args_are_parsed_as_ebpo_train_parses_them():
+    from ebpo.train.cli import check_extra_train_args
+
+    check_extra_train_args(["--seed", "1", "--no-progress"], ["--lr", "0.1", "--steps=3"], "cmd")  # no clash
+    with pytest.raises(ValueError, match="bad ebpo train flags in --train-args: unrecognized arguments: --stepz 3"):
+        check_extra_train_args(["--seed", "1"], ["--stepz", "3"], "cmd")
+    with pytest.raises(ValueError, match="--train-args sets --seed, --steps, which cmd sets itself"):
+        check_extra_train_args(["--seed", "1", "--steps", "2"], ["--steps=3", "--seed", "1"], "cmd")  # even to the same value
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

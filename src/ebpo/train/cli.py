@@ -153,17 +153,7 @@ def check_train_args(argv: list[str], *, build: bool = False) -> None:
     """ValueError if ``ebpo train argv`` has a bad flag or config value, for commands that launch train runs
     and must fail before writing anything rather than in every child. ``build``: also build the components
     (catches e.g. an estimator's minimum group size; needs every file the flags name to exist)."""
-    import contextlib
-    import io
-
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            args = build_parser().parse_args(argv)
-    except SystemExit:
-        lines = stderr.getvalue().strip().splitlines() or ["invalid flags"]
-        raise ValueError(f"bad ebpo train flags: {lines[-1].removeprefix('ebpo train: error: ')}") from None
-    config = resolve_config(args)
+    config = resolve_config(_parse_quietly(argv, "ebpo train flags"))
     if build:
         from ebpo.train.trainer import build_components
 
@@ -185,12 +175,8 @@ def check_extra_train_args(fixed: list[str], extra: list[str], command: str, sou
     field), so ``--no-progress`` and ``--progress``, or an abbreviation,
     count as the same flag.
     """
-    parser = build_parser()
-    try:
-        with _quiet_stderr():
-            clash = sorted(set(vars(parser.parse_args(fixed))) & set(vars(parser.parse_args(extra))))
-    except SystemExit:
-        raise ValueError(f"bad ebpo train flags in {source}: {' '.join(extra)!r}") from None
+    given = vars(_parse_quietly(fixed, "ebpo train flags")), vars(_parse_quietly(extra, f"ebpo train flags in {source}"))
+    clash = sorted(set(given[0]) & set(given[1]))
     if clash:
         flags = ", ".join(_flag(dest) for dest in clash)
         raise ValueError(
@@ -199,11 +185,20 @@ def check_extra_train_args(fixed: list[str], extra: list[str], command: str, sou
         )
 
 
-def _quiet_stderr() -> Any:
+def _parse_quietly(argv: list[str], what: str) -> argparse.Namespace:
+    """``ebpo train``'s parser on ``argv``; argparse's complaint becomes a ValueError naming ``what``.
+
+    The namespace holds only the flags ``argv`` gives (the parser's defaults are suppressed)."""
     import contextlib
     import io
 
-    return contextlib.redirect_stderr(io.StringIO())
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return build_parser().parse_args(argv)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["invalid flags"]
+        raise ValueError(f"bad {what}: {lines[-1].removeprefix('ebpo train: error: ')}") from None
 
 
 def _prepare_run_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> str:
