@@ -500,10 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # checked before any run starts or anything is written
         for method, g in itertools.product(args.methods, sorted(args.group_sizes)):  # seeds differ only in --seed
             # components are built once per method, at the smallest G (estimators state a minimum group size)
-            spec, check_dir = RunSpec(method, g, 0), out / "runs" / "check"
-            check_train_args(_command(spec, args, check_dir)[4:], build=g == min(args.group_sizes))
-            check_extra_train_args(_own_flags(spec, args, check_dir), shlex.split(args.train_args), "ebpo compare")
-            if method in args.variants:
+            spec, check_dir, first = RunSpec(method, g, 0), out / "runs" / "check", g == min(args.group_sizes)
+            check_train_args(_command(spec, args, check_dir)[4:], build=first)
+            if first:  # which flags compare sets does not depend on G: once per method
+                check_extra_train_args(_own_flags(spec, args, check_dir), shlex.split(args.train_args), "ebpo compare")
+            if first and method in args.variants:
                 own = _own_flags(spec, args, check_dir, method=False)
                 check_extra_train_args(own, args.variants[method], "ebpo compare", source=f"--variant {method}")
         check_output_dir(out, "ebpo compare", reuse=True)

@@ -139,16 +139,17 @@ def _check_task(args: argparse.Namespace) -> None:
     clash = sorted(set(args.task_options) & set(_split_options()))
     if clash:
         raise ValueError(f"--task-options may not set {clash}: ebpo meta sets them to draw its validation split")
-    factory = task_factory(args.task)
-    parameters = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    missing = [name for name in _split_options() if name not in parameters and not takes_any]
-    if missing:
+    factory = task_factory(args.task)  # an unknown task fails here, naming the registered ones
+    try:  # the same introspection as the registries' option check (ebpo.registry.call_with_options)
+        inspect.signature(factory).bind_partial(**_split_options())
+    except TypeError:
         raise ValueError(
-            f"task {args.task!r} does not take {missing}: ebpo meta scores members on a validation split drawn "
-            "with its own seed and without the final held-out set, which needs a generated task such as "
-            "'stepwise' or 'arithmetic'"
-        )
+            f"task {args.task!r} does not take {list(_split_options())}: ebpo meta scores members on a validation "
+            "split drawn with its own seed and without the final held-out set, which needs a generated task such "
+            "as 'stepwise' or 'arithmetic'"
+        ) from None
+    except ValueError:  # no introspectable signature: building the task will speak
+        pass
 
 
 def _fitness(args: argparse.Namespace, out: Path, iteration: int):
