@@ -116,3 +116,15 @@ def test_resume_refuses_other_settings_than_the_search_was_started_with(tmp_path
     assert (out / "es_state.pt").read_bytes() == before
     # extending it is what --resume is for
     assert meta.main(["--quick", "--out", str(out), "--resume", "--iterations", "1", "--patience", "9"]) == 0
+
+
+@pytest.mark.parametrize("bad", [{"settings": "[1, 2]"}, {"settings": "not json"}, {"config": [1, 2]}, {"settings": torch.zeros(2)}])
+def test_resume_of_a_state_with_crafted_settings_is_refused_not_a_traceback(tmp_path, capsys, bad):
+    from ebpo import meta
+
+    out = tmp_path / "search"
+    _saved_search(out, ["--quick"])
+    saved = torch.load(out / "es_state.pt", weights_only=True)
+    torch.save({**saved, **bad}, out / "es_state.pt")
+    assert meta.main(["--quick", "--out", str(out), "--resume"]) == 2
+    assert "is not a search state written by ebpo meta" in capsys.readouterr().err
