@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,7 @@ def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["grpo|G=2"]["final_accuracy"]["mean"] == metrics["avg@6"] and report["final_samples"] == 6
     assert "avg@6 on the held-out set after the last step" in (out / "report.md").read_text()
+    assert shlex.split(report["command"]) == ["ebpo", "compare", *argv]  # the recorded command runs as given (quoted flags)
     stamp = (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns
     assert compare.main([*argv, "--report-only"]) == 0  # reused, not evaluated again
     assert (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns == stamp

@@ -529,5 +529,5 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_finals(dirs, args.final_samples, args.workers)
     runs = {s: _read_run(d, args.prompts_per_step, s.group_size, args.final_samples) for s, d in dirs.items()}
     result = {**aggregate_runs(runs, args.target, args.baseline), "final_samples": args.final_samples}
-    print(write_report(result, out, "ebpo compare " + " ".join(argv)))
+    print(write_report(result, out, shlex.join(["ebpo", "compare", *argv])))  # quoted: --variant/--train-args strings
     return 0
