@@ -175,8 +175,8 @@ def check_extra_train_args(fixed: list[str], extra: list[str], command: str, sou
     field), so ``--no-progress`` and ``--progress``, or an abbreviation,
     count as the same flag.
     """
-    given = vars(_parse_quietly(fixed, "ebpo train flags")), vars(_parse_quietly(extra, f"ebpo train flags in {source}"))
-    clash = sorted(set(given[0]) & set(given[1]))
+    own = vars(_parse_quietly(fixed, "ebpo train flags"))
+    clash = sorted(set(own) & set(vars(_parse_quietly(extra, f"ebpo train flags in {source}"))))
     if clash:
         flags = ", ".join(_flag(dest) for dest in clash)
         raise ValueError(
