@@ -209,6 +209,9 @@ def test_the_final_accuracy_comes_from_the_final_evaluation_and_the_curves_stay_
     assert result["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([0.03, 0.05])
     assert result["paired"]["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx([0.1, 0.0])  # in-training: 0.5 - 0.4, 0.5 - 0.5
     assert result["rows"]["grpo|G=2"]["curve"][-1]["mean"] == pytest.approx(0.45)  # the curve ends at the in-training value
+    # samples-to-reach aims at grpo's last in-training accuracy (0.45), and the report says so, not at its avg@32 (0.445)
+    assert result["rows"]["ebpo|G=2"]["to_baseline_final"]["accuracy"] == pytest.approx(0.45)
+    assert "last in-training accuracy, mean over seeds (G = 2: 0.450)" in write_report(result, tmp_path, "x")
     assert result["run_seconds"] == pytest.approx(4 * (10.0 + 2.0))  # training and final evaluation
     with pytest.raises(ValueError, match="no final evaluation with 16 samples"):
         _read_run(tmp_path / "grpo0", 4, 2, final_samples=16)

@@ -396,6 +396,12 @@ def _paired(row: dict[str, Any]) -> str:
     return f"{row['mean']:+.3f}{half} ({row['better']}/{len(row['diffs'])})"
 
 
+def _goals(result: dict[str, Any]) -> str:
+    """The accuracy each G's samples-to-reach column aims at, e.g. ``G = 2: 0.377, G = 4: 0.492``."""
+    goals = {row["group_size"]: row["to_baseline_final"]["accuracy"] for row in result["rows"].values() if "to_baseline_final" in row}
+    return ", ".join(f"G = {g}: {a:.3f}" for g, a in sorted(goals.items()))
+
+
 def write_report(result: dict[str, Any], out: Path, command: str) -> str:
     lines = [
         "# ebpo compare",
@@ -428,13 +434,16 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             f"Paired by seed (each seed starts from the same checkpoint and sees the same prompts): final accuracy "
             f"minus {result['baseline']}'s, mean ± 95% CI, and the seeds where the method did better.",
             "",
-            f"At {result['baseline']}'s sample budget: the method's accuracy interpolated (linearly between evaluations) at "
-            f"the samples {result['baseline']}'s run of the same seed consumed, minus {result['baseline']}'s final (differs from the final only for methods "
-            f"that sample more, such as DAPO). Samples to reach {result['baseline']}'s mean final accuracy at that G: mean "
-            f"over the seeds that reach it, and as a share of the budget.",
+            f"The at-budget and samples-to-reach columns are on the curves' scale (the in-training evaluations), not "
+            f"the final avg@k. "
+            f"At {result['baseline']}'s sample budget: the method's in-training accuracy interpolated (linearly between "
+            f"evaluations) at the samples {result['baseline']}'s run of the same seed consumed, minus that run's last "
+            f"in-training accuracy (the same as the final difference up to evaluation noise, except for methods that "
+            f"sample more, such as DAPO). Samples to reach {result['baseline']}'s last in-training accuracy, mean over "
+            f"seeds ({_goals(result)}): mean over the seeds that reach it, and as a share of the budget.",
             "",
             f"| G | method | minus {result['baseline']} | seeds better | minus {result['baseline']} at its sample budget | "
-            f"samples to {result['baseline']}'s final (reached) | share of budget |",
+            f"samples to {result['baseline']}'s last in-training accuracy (reached) | share of budget |",
             "|---|---|---|---|---|---|---|",
         ]
         rows = result["rows"]
