@@ -367,7 +367,7 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
             "run_seconds": sum(r["run_seconds"] for r in seeds),
         }
     paired = paired_differences(runs, baseline) if baseline and any(s.method == baseline for s in runs) else {}
-    if paired:  # samples each method needs to reach the baseline's mean final accuracy at the same G
+    if paired:  # samples each method needs to reach the baseline's last in-training accuracy (seed mean) at the same G
         for row in table.values():
             base = table.get(f"{baseline}|G={row['group_size']}")
             if base is None:
