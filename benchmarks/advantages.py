@@ -27,8 +27,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -54,9 +55,15 @@ CASES: dict[str, tuple[dict[str, Any], Loop]] = {
     "dr_grpo": ({"name": "dr_grpo"}, lambda r, g, t: oracles.grpo(r, g, scale="none")),
     "rloo": ({"name": "rloo"}, lambda r, g, t: oracles.rloo(r, g)),
     "ebpo prior=batch": ({"name": "ebpo"}, lambda r, g, t: oracles.LoopEBPO(decay=0.0).step(r, g)[0]),
-    "ebpo prior=running": ({"name": "ebpo", "prior": "running"}, lambda r, g, t: oracles.LoopEBPO(decay=1.0).step(r, g)[0]),
+    "ebpo prior=running": (
+        {"name": "ebpo", "prior": "running"},
+        lambda r, g, t: oracles.LoopEBPO(decay=1.0).step(r, g)[0],
+    ),
     "ebpo prior=ema": ({"name": "ebpo", "prior": "ema"}, lambda r, g, t: oracles.LoopEBPO(decay=0.9).step(r, g)[0]),
-    "ebpo hierarchical": ({"name": "ebpo", "hierarchical": True}, lambda r, g, t: oracles.LoopHierEBPO(decay=0.0).step(r, g, t)[0]),
+    "ebpo hierarchical": (
+        {"name": "ebpo", "hierarchical": True},
+        lambda r, g, t: oracles.LoopHierEBPO(decay=0.0).step(r, g, t)[0],
+    ),
     "ebpo+ha_dw": ({"name": "ebpo", "weighting": "ha_dw"}, _loop_hadw),
 }
 NUM_TOPICS = 8
@@ -96,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 65536, 1048576], help="batch sizes N")
     parser.add_argument("--group-size", type=int, default=4, help="responses per prompt G")
     parser.add_argument("--repeats", type=int, default=21, help="timed calls per cell (median and quartiles)")
-    parser.add_argument("--loop-max", type=int, default=65536, help="largest N checked against (and timed with) the loop oracles")
+    parser.add_argument(
+        "--loop-max", type=int, default=65536, help="largest N checked against (and timed with) the loop oracles"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: most stable on a shared machine)")
     parser.add_argument("--estimators", nargs="+", default=list(CASES), choices=list(CASES), metavar="LABEL")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/advantages.json"), help="output file")
@@ -104,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     rows = []
-    print("| estimator | N | contiguous ms | shuffled ms | loop ms | contiguous IQR ms | shuffled IQR ms | contiguous CPU ms | shuffled CPU ms |")
+    print(
+        "| estimator | N | contiguous ms | shuffled ms | loop ms | contiguous IQR ms | shuffled IQR ms | contiguous CPU ms | shuffled CPU ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         batch = make_batch(n, args.group_size, seed=n)
@@ -122,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                 estimator = build_estimator(name, **spec)
                 advantages, metrics = estimator(rewards, group_ids, topic_ids=topic_ids)  # first call (checked)
                 results[layout] = (advantages, metrics)
-                wall, cpu = time_call(lambda: estimator(rewards, group_ids, topic_ids=topic_ids, training=False), args.repeats)
+                wall, cpu = time_call(
+                    lambda e=estimator, r=rewards, g=group_ids, t=topic_ids: e(r, g, topic_ids=t, training=False),
+                    args.repeats,
+                )
                 q1, median, q3 = quartiles(wall)
                 row[f"{layout}_ms"], row[f"{layout}_iqr_ms"] = median * 1e3, (q3 - q1) * 1e3
                 row[f"{layout}_cpu_ms"] = statistics.median(cpu) * 1e3
@@ -130,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             unshuffled = torch.empty_like(shuffled).index_copy_(0, perm, shuffled)
             row["path_max_abs_diff"] = float((contiguous.double() - unshuffled.double()).abs().max())
             if row["path_max_abs_diff"] > 1e-6 or any(
-                abs(contiguous_metrics[k] - shuffled_metrics[k]) > 1e-9 * max(1.0, abs(shuffled_metrics[k])) for k in contiguous_metrics
+                abs(contiguous_metrics[k] - shuffled_metrics[k]) > 1e-9 * max(1.0, abs(shuffled_metrics[k]))
+                for k in contiguous_metrics
             ):
                 raise SystemExit(f"{label} N={n}: the contiguous and shuffled layouts disagree")
             row["loop_ms"] = None

@@ -26,14 +26,34 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-DEFAULT_TRAIN = ["--task", "arithmetic", "--method", "grpo", "--prompts-per-step", "32", "--group-size", "8",
-                 "--max-new-tokens", "12", "--max-eval-problems", "8", "--eval-samples", "1", "--eval-every", "0",
-                 "--save-every", "0", "--no-progress", "--no-tensorboard"]  # fmt: skip
+DEFAULT_TRAIN = [
+    "--task",
+    "arithmetic",
+    "--method",
+    "grpo",
+    "--prompts-per-step",
+    "32",
+    "--group-size",
+    "8",
+    "--max-new-tokens",
+    "12",
+    "--max-eval-problems",
+    "8",
+    "--eval-samples",
+    "1",
+    "--eval-every",
+    "0",
+    "--save-every",
+    "0",
+    "--no-progress",
+    "--no-tensorboard",
+]
 
 
 class Phases:
@@ -69,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(own)
 
-    from ebpo.train import cli, trainer as trainer_module
+    from ebpo.train import cli
+    from ebpo.train import trainer as trainer_module
     from ebpo.train.trainer import Trainer, build_components
 
     torch.set_num_threads(args.threads)
@@ -113,18 +134,34 @@ def main(argv: list[str] | None = None) -> int:
     per_step["other (bookkeeping, metrics)"] = 1000 * total / args.steps - sum(per_step.values())
     ops = [e for e in prof.key_averages() if not e.key.startswith(("step", "rollout:", "update:", "advantages"))]
     ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    top = [{"op": e.key, "calls_per_step": e.count / args.steps, "self_ms_per_step": e.self_cpu_time_total / 1000 / args.steps} for e in ops[: args.top]]
+    top = [
+        {
+            "op": e.key,
+            "calls_per_step": e.count / args.steps,
+            "self_ms_per_step": e.self_cpu_time_total / 1000 / args.steps,
+        }
+        for e in ops[: args.top]
+    ]
     result = {
-        "train_flags": flags, "threads": args.threads, "steps": args.steps, "ms_per_step": 1000 * total / args.steps,
-        "phases_ms_per_step": per_step, "generated_tokens_per_step": tokens[0] / args.steps,
+        "train_flags": flags,
+        "threads": args.threads,
+        "steps": args.steps,
+        "ms_per_step": 1000 * total / args.steps,
+        "phases_ms_per_step": per_step,
+        "generated_tokens_per_step": tokens[0] / args.steps,
         "generate_us_per_token": 1e6 * phases.seconds["rollout: generate"] / max(tokens[0], 1.0),
-        "top_ops": top, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-    }  # fmt: skip
-    print(f"ebpo train step, {args.threads} threads, {args.steps} profiled steps: {result['ms_per_step']:.1f} ms/step (profiler on)\n")
+        "top_ops": top,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+    }
+    print(
+        f"ebpo train step, {args.threads} threads, {args.steps} profiled steps: {result['ms_per_step']:.1f} ms/step (profiler on)\n"
+    )
     print("| phase | ms / step | share |\n|---|---|---|")
     for name, ms in per_step.items():
         print(f"| {name} | {ms:.1f} | {ms / result['ms_per_step']:.0%} |")
-    print(f"\ngeneration: {result['generated_tokens_per_step']:.0f} tokens / step, {result['generate_us_per_token']:.1f} us per token\n")
+    print(
+        f"\ngeneration: {result['generated_tokens_per_step']:.0f} tokens / step, {result['generate_us_per_token']:.1f} us per token\n"
+    )
     print("| operator | calls / step | self ms / step |\n|---|---|---|")
     for row in top:
         print(f"| {row['op']} | {row['calls_per_step']:.0f} | {row['self_ms_per_step']:.1f} |")

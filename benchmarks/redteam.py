@@ -37,7 +37,7 @@ def run_text(json_path: str | None) -> None:
         for completion in TEXT_ATTACKS:
             box: dict = {}
 
-            def call(completion: str = completion) -> None:
+            def call(completion: str = completion, box: dict = box, verifier=verifier) -> None:
                 try:
                     box["reward"] = verifier(completion, "42").reward
                 except Exception as exc:  # noqa: BLE001  (reported)
@@ -53,11 +53,19 @@ def run_text(json_path: str | None) -> None:
             if seconds > worst:
                 worst, worst_input = seconds, repr(completion[:20])
             print(f"{name:6} {completion[:30]!r:40} {box} {seconds:.2f}s", flush=True)
-        rows[name] = {"count": len(TEXT_ATTACKS), "raised": raised, "rewarded": paid, "worst_seconds": worst, "worst_input": worst_input}
+        rows[name] = {
+            "count": len(TEXT_ATTACKS),
+            "raised": raised,
+            "rewarded": paid,
+            "worst_seconds": worst,
+            "worst_input": worst_input,
+        }
     print("| verifier | inputs | raised | reward 1 (unicode 42s are correct) | worst time (s) | slowest input |")
     print("|---|---|---|---|---|---|")
     for name, row in rows.items():
-        print(f"| {name} | {row['count']} | {row['raised']} | {row['rewarded']} | {row['worst_seconds']:.2f} | {row['worst_input']} |")
+        print(
+            f"| {name} | {row['count']} | {row['raised']} | {row['rewarded']} | {row['worst_seconds']:.2f} | {row['worst_input']} |"
+        )
     if json_path:
         with open(json_path, "w") as handle:
             json.dump(rows, handle, indent=1)
@@ -68,7 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=2.0, help="the verifier's timeout_seconds")
     parser.add_argument("--json", help="write every outcome here")
-    parser.add_argument("--option", action="append", default=[], help="extra CodeVerifier option NAME=JSON (repeatable)")
+    parser.add_argument(
+        "--option", action="append", default=[], help="extra CodeVerifier option NAME=JSON (repeatable)"
+    )
     parser.add_argument("--text", action="store_true", help="run the math / gsm8k inputs instead of the code corpus")
     args = parser.parse_args()
     if args.text:
@@ -87,11 +97,24 @@ def main() -> None:
         outcome = run_attack(verifier, attack, listener, hard_limit=args.timeout + 20)
         outcomes.append(outcome)
         flag = "PAID" if outcome.reward else ""
-        print(f"{outcome.attack_class:13} {outcome.name:45} reward={outcome.reward} {outcome.info} t={outcome.seconds:.2f}s "
-              f"procs={outcome.processes_left} touched={len(outcome.touched)} net={len(outcome.network)} {outcome.error} {flag}", flush=True)
+        print(
+            f"{outcome.attack_class:13} {outcome.name:45} reward={outcome.reward} {outcome.info} t={outcome.seconds:.2f}s "
+            f"procs={outcome.processes_left} touched={len(outcome.touched)} net={len(outcome.network)} {outcome.error} {flag}",
+            flush=True,
+        )
     total = time.monotonic() - start
     listener.close()
-    table: dict[str, dict] = defaultdict(lambda: {"count": 0, "paid": 0, "processes_left": 0, "files_touched": 0, "network": 0, "raised_or_hung": 0, "worst_seconds": 0.0})
+    table: dict[str, dict] = defaultdict(
+        lambda: {
+            "count": 0,
+            "paid": 0,
+            "processes_left": 0,
+            "files_touched": 0,
+            "network": 0,
+            "raised_or_hung": 0,
+            "worst_seconds": 0.0,
+        }
+    )
     for o in outcomes:
         for key in (o.attack_class, "all"):
             row = table[key]
@@ -103,13 +126,27 @@ def main() -> None:
             row["raised_or_hung"] += int(bool(o.error))
             row["worst_seconds"] = max(row["worst_seconds"], o.seconds)
     print(f"\nlayers: {layers}; timeout {args.timeout} s; corpus run in {total:.1f} s; uid {os.geteuid()}")
-    print("| attack class | count | reward paid | processes left | host files touched | network reached | raised/hung | worst time (s) |")
+    print(
+        "| attack class | count | reward paid | processes left | host files touched | network reached | raised/hung | worst time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for key, row in table.items():
-        print(f"| {key} | {row['count']} | {row['paid']} | {row['processes_left']} | {row['files_touched']} | {row['network']} | {row['raised_or_hung']} | {row['worst_seconds']:.1f} |")
+        print(
+            f"| {key} | {row['count']} | {row['paid']} | {row['processes_left']} | {row['files_touched']} | {row['network']} | {row['raised_or_hung']} | {row['worst_seconds']:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"layers": layers, "timeout": args.timeout, "seconds": total, "table": table, "outcomes": [asdict(o) for o in outcomes]}, handle, indent=1)
+            json.dump(
+                {
+                    "layers": layers,
+                    "timeout": args.timeout,
+                    "seconds": total,
+                    "table": table,
+                    "outcomes": [asdict(o) for o in outcomes],
+                },
+                handle,
+                indent=1,
+            )
     os._exit(0)  # a hung verifier call (old code) leaves a thread behind
 
 

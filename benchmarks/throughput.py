@@ -46,19 +46,49 @@ def threads(args: argparse.Namespace) -> int:
 def run_ebpo(args: argparse.Namespace, work: Path) -> tuple[dict, str]:
     out = work / "ebpo"
     cmd = [
-        sys.executable, "-m", "ebpo", "train", "--task", "arithmetic", "--method", "grpo", "--steps", str(args.steps),
-        "--prompts-per-step", str(args.prompts), "--group-size", str(args.group_size),
-        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--max-eval-problems", "8",
-        "--eval-samples", "1", "--no-progress", "--no-tensorboard", "--save-every", "0", "--out", str(out),
-        "--threads", str(threads(args)),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "ebpo",
+        "train",
+        "--task",
+        "arithmetic",
+        "--method",
+        "grpo",
+        "--steps",
+        str(args.steps),
+        "--prompts-per-step",
+        str(args.prompts),
+        "--group-size",
+        str(args.group_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--lr",
+        str(args.lr),
+        "--max-eval-problems",
+        "8",
+        "--eval-samples",
+        "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--save-every",
+        "0",
+        "--out",
+        str(out),
+        "--threads",
+        str(threads(args)),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "time/step_seconds" in r][args.warmup :]
     seconds = sum(r["time/step_seconds"] for r in steps)
     tokens = sum(r["rollout/completion_length"] * args.prompts * args.group_size for r in steps)
     state = torch.load(next((out / "checkpoints").glob("step-*")) / "trainer_state.pt", weights_only=True)
-    return {"steps": len(steps), "seconds": seconds, "steps_per_s": len(steps) / seconds, "tokens_per_s": tokens / seconds}, state["init_model"]
+    return {
+        "steps": len(steps),
+        "seconds": seconds,
+        "steps_per_s": len(steps) / seconds,
+        "tokens_per_s": tokens / seconds,
+    }, state["init_model"]
 
 
 def exact(completions: list[str], answer: list[str], **_: object) -> list[float]:
@@ -91,8 +121,15 @@ def run_bare(args: argparse.Namespace, model_path: str) -> dict:
         model.eval()
         with torch.no_grad():
             sequences = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
             )  # (B, P + T)
         model.train()
         prompt_length = prompt_ids.shape[1]
@@ -100,11 +137,17 @@ def run_bare(args: argparse.Namespace, model_path: str) -> dict:
         is_eos = (completion == eos).long()
         mask = (torch.cumsum(is_eos, dim=1) - is_eos == 0).float()  # up to and including the first EOS
         texts = tokenizer.batch_decode(completion.masked_fill(mask == 0, pad), skip_special_tokens=True)
-        rewards = torch.tensor(exact(texts, [p.answer for p in batch for _ in range(group)])).view(-1, group)  # (prompts, G)
-        advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1, 1)  # (B, 1)
+        rewards = torch.tensor(exact(texts, [p.answer for p in batch for _ in range(group)])).view(
+            -1, group
+        )  # (prompts, G)
+        advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(
+            -1, 1
+        )  # (B, 1)
         attention = torch.cat([prompt_mask, mask.long()], dim=1)  # (B, P + T)
         positions = (attention.cumsum(1) - 1).clamp_min(0)
-        logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits[:, prompt_length - 1 : -1]
+        logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions).logits[
+            :, prompt_length - 1 : -1
+        ]
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)  # (B, T)
         ratio = torch.exp(logprobs - logprobs.detach())  # one PPO epoch: the old policy is the current one
         loss = -(ratio * advantages * mask).sum() / mask.sum().clamp_min(1.0)
@@ -117,7 +160,12 @@ def run_bare(args: argparse.Namespace, model_path: str) -> dict:
     timed, lens = times[args.warmup :], lengths[args.warmup :]
     seconds = sum(timed)
     tokens = sum(lens) * args.prompts * args.group_size
-    return {"steps": len(timed), "seconds": seconds, "steps_per_s": len(timed) / seconds, "tokens_per_s": tokens / seconds}
+    return {
+        "steps": len(timed),
+        "seconds": seconds,
+        "steps_per_s": len(timed) / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def run_trl(args: argparse.Namespace, model_path: str, work: Path) -> dict:
@@ -130,15 +178,30 @@ def run_trl(args: argparse.Namespace, model_path: str, work: Path) -> dict:
 
     tokenizer = load_tokenizer(model_path)
     problems = ArithmeticTask().train_problems()
-    dataset = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems[: args.prompts * (args.steps + 2)]])
+    dataset = Dataset.from_list(
+        [{"prompt": p.prompt, "answer": p.answer} for p in problems[: args.prompts * (args.steps + 2)]]
+    )
 
     config = GRPOConfig(
-        output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr, beta=0.0,
-        per_device_train_batch_size=args.prompts * args.group_size, num_generations=args.group_size,
-        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, num_iterations=1,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0,
-        dataloader_num_workers=0, lr_scheduler_type="constant",
-    )  # fmt: skip
+        output_dir=str(work / "trl"),
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        beta=0.0,
+        per_device_train_batch_size=args.prompts * args.group_size,
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        num_iterations=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+    )
     times: list[float] = []
     lengths: list[float] = []
 
@@ -149,18 +212,32 @@ def run_trl(args: argparse.Namespace, model_path: str, work: Path) -> dict:
         def on_step_end(self, *a: object, **k: object) -> None:
             times.append(time.perf_counter() - self.start)
 
-        def on_log(self, _args: object, _state: object, _control: object, logs: dict | None = None, **k: object) -> None:
+        def on_log(
+            self, _args: object, _state: object, _control: object, logs: dict | None = None, **k: object
+        ) -> None:
             if logs and "completions/mean_length" in logs:
                 lengths.append(float(logs["completions/mean_length"]))
 
     torch.set_num_threads(threads(args))
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[exact],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
     trainer.train()
     timed, lens = times[args.warmup :], lengths[args.warmup :] or lengths
     seconds = sum(timed)
     tokens = sum(lens) / max(len(lens), 1) * args.prompts * args.group_size * len(timed)
-    return {"steps": len(timed), "seconds": seconds, "steps_per_s": len(timed) / seconds, "tokens_per_s": tokens / seconds}
+    return {
+        "steps": len(timed),
+        "seconds": seconds,
+        "steps_per_s": len(timed) / seconds,
+        "tokens_per_s": tokens / seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="completion length")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for every contender; 0 = all cores (at most 8). On a loaded machine 1 avoids oversubscription stalls")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for every contender; 0 = all cores (at most 8). On a loaded machine 1 avoids oversubscription stalls",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/throughput.json"), help="output file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,11 +268,31 @@ def main(argv: list[str] | None = None) -> int:
     print("| trainer | steps | seconds | steps/s | generated tokens/s | ebpo / this |")
     print("|---|---|---|---|---|---|")
     for name, r in (("ebpo", ebpo_result), ("bare PyTorch loop", bare_result), (f"trl {trl.__version__}", trl_result)):
-        print(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} | {ebpo_result['steps_per_s'] / r['steps_per_s']:.2f}x |")
+        print(
+            f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} | {ebpo_result['steps_per_s'] / r['steps_per_s']:.2f}x |"
+        )
     print(f"\nebpo / TRL steps per second: {ratio:.2f}x; ebpo / bare loop: {ratio_bare:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "trl": trl.__version__, "python": platform.python_version(), "cpus": os.cpu_count(), **{k: v for k, v in vars(args).items() if k != "json"}}
-    args.json.write_text(json.dumps({"meta": meta, "ebpo": ebpo_result, "bare": bare_result, "trl": trl_result, "ratio_steps_per_s": ratio, "ratio_bare_steps_per_s": ratio_bare}, indent=2))
+    meta = {
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        **{k: v for k, v in vars(args).items() if k != "json"},
+    }
+    args.json.write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "ebpo": ebpo_result,
+                "bare": bare_result,
+                "trl": trl_result,
+                "ratio_steps_per_s": ratio,
+                "ratio_bare_steps_per_s": ratio_bare,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
     return 0
 

@@ -11,7 +11,7 @@ import math
 from collections import OrderedDict
 
 
-def groups_of(group_ids: list[int]) -> "OrderedDict[int, list[int]]":
+def groups_of(group_ids: list[int]) -> OrderedDict[int, list[int]]:
     groups: OrderedDict[int, list[int]] = OrderedDict()
     for i, g in enumerate(group_ids):
         groups.setdefault(g, []).append(i)
@@ -28,7 +28,9 @@ def std(xs: list[float], unbiased: bool) -> float:
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1 if unbiased else n))
 
 
-def grpo(rewards: list[float], group_ids: list[int], scale: str = "group", unbiased: bool = True, eps: float = 1e-6) -> list[float]:
+def grpo(
+    rewards: list[float], group_ids: list[int], scale: str = "group", unbiased: bool = True, eps: float = 1e-6
+) -> list[float]:
     out = [0.0] * len(rewards)
     batch_std = std(rewards, unbiased)
     for idx in groups_of(group_ids).values():
@@ -109,7 +111,9 @@ class LoopEBPO:
 class LoopHADW:
     """HA-DW weights, docs/methods.md#ha-dw, with both anchors, as documented in ebpo.weighting."""
 
-    def __init__(self, anchor: str, lam: float, eta: float = 2.0, m: int = 10, k: int = 10, c0: float | None = None) -> None:
+    def __init__(
+        self, anchor: str, lam: float, eta: float = 2.0, m: int = 10, k: int = 10, c0: float | None = None
+    ) -> None:
         self.kind, self.lam, self.eta, self.m, self.k, self.c0 = anchor, lam, eta, m, k, c0
         self.anchor: float | None = None
         self.history: list[float] = []
@@ -141,14 +145,24 @@ class LoopHADW:
 class LoopHierEBPO:
     """Hierarchical EBPO, written literally from docs/hierarchical-prior.md: dicts of accumulators, loops over topics and groups."""
 
-    def __init__(self, decay: float, pooling: str = "partial", nu: float = 2.0, std_normalize: bool = True, center: bool = True, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        decay: float,
+        pooling: str = "partial",
+        nu: float = 2.0,
+        std_normalize: bool = True,
+        center: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
         self.decay, self.pooling, self.nu = decay, pooling, nu
         self.std_normalize, self.center, self.eps = std_normalize, center, eps
         self.rewards_acc, self.means_acc = LoopWelford(), LoopWelford()
         self.topic_rewards: dict[int, LoopWelford] = {}
         self.topic_means: dict[int, LoopWelford] = {}
 
-    def step(self, rewards: list[float], group_ids: list[int], topic_ids: list[int]) -> tuple[list[float], dict[str, float]]:
+    def step(
+        self, rewards: list[float], group_ids: list[int], topic_ids: list[int]
+    ) -> tuple[list[float], dict[str, float]]:
         groups = groups_of(group_ids)
         group_topic = {g: topic_ids[idx[0]] for g, idx in groups.items()}
         for acc in [self.rewards_acc, self.means_acc, *self.topic_rewards.values(), *self.topic_means.values()]:
@@ -165,7 +179,9 @@ class LoopHierEBPO:
         # pooled within-topic variances and the between-topic variance
         sigma2_w = sum(self.topic_rewards[k].m2 for k in known) / sum(self.topic_rewards[k].n for k in known)
         tau2_w = sum(self.topic_means[k].m2 for k in known) / sum(self.topic_means[k].n for k in known)
-        omega2 = sum(self.topic_means[k].n * (self.topic_means[k].mu - mu_glob) ** 2 for k in known) / sum(self.topic_means[k].n for k in known)
+        omega2 = sum(self.topic_means[k].n * (self.topic_means[k].mu - mu_glob) ** 2 for k in known) / sum(
+            self.topic_means[k].n for k in known
+        )
         pooled: dict[int, tuple[float, float, float]] = {}
         for k in known:
             m_k, mu_k = self.topic_means[k].n, self.topic_means[k].mu

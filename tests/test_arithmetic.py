@@ -44,7 +44,9 @@ def test_shapes_cover_the_declared_range_and_difficulty_spreads():
 def test_held_out_set_is_fixed_and_disjoint_from_training():
     a = ArithmeticTask(num_train=3000, num_eval=100, seed=1)
     b = ArithmeticTask(num_train=3000, num_eval=100, seed=2)
-    assert [p.prompt for p in a.eval_problems()] == [p.prompt for p in b.eval_problems()]  # independent of the train seed
+    assert [p.prompt for p in a.eval_problems()] == [
+        p.prompt for p in b.eval_problems()
+    ]  # independent of the train seed
     assert [p.prompt for p in a.train_problems()] != [p.prompt for p in b.train_problems()]
     held_out = {p.prompt for p in a.eval_problems()}
     assert not held_out & {p.prompt for p in a.train_problems()}
@@ -60,7 +62,14 @@ def test_registered_and_bad_options_rejected():
 
 @pytest.mark.parametrize(
     ("completion", "reference", "reward"),
-    [("42", "42", 1.0), (" 42 \n", "42", 1.0), ("42\n7", "42", 1.0), ("420", "42", 0.0), ("4 2", "42", 0.0), ("-42", "42", 0.0)],
+    [
+        ("42", "42", 1.0),
+        (" 42 \n", "42", 1.0),
+        ("42\n7", "42", 1.0),
+        ("420", "42", 0.0),
+        ("4 2", "42", 0.0),
+        ("-42", "42", 0.0),
+    ],
 )
 def test_exact_verifier(completion, reference, reward):
     assert ExactMatch()(completion, reference).reward == reward
@@ -76,7 +85,11 @@ def test_excluded_held_out_sets_leave_both_splits_and_fix_the_training_set():
     final = ArithmeticTask(num_train=300, exclude_eval_seeds=(424_242,))
     plain = ArithmeticTask(num_train=300)
     final_prompts = {p.prompt for p in plain.eval_problems()}
-    assert [p.prompt for p in final.eval_problems()] == [p.prompt for p in plain.eval_problems() if p.prompt not in {q.prompt for q in ArithmeticTask(num_train=300, eval_seed=424_242).eval_problems()}]
+    assert [p.prompt for p in final.eval_problems()] == [
+        p.prompt
+        for p in plain.eval_problems()
+        if p.prompt not in {q.prompt for q in ArithmeticTask(num_train=300, eval_seed=424_242).eval_problems()}
+    ]
     assert not final_prompts & {p.prompt for p in validation.eval_problems()}  # validation never sees the final set
     assert not {p.prompt for p in validation.eval_problems()} & {p.prompt for p in final.train_problems()}
     assert [p.prompt for p in validation.train_problems()] == [p.prompt for p in final.train_problems()]

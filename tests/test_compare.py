@@ -9,10 +9,21 @@ from pathlib import Path
 import pytest
 
 from ebpo import compare
-from ebpo.compare import DEFAULT_METHODS, RunSpec, _command, _read_run, _resolve, aggregate_runs, build_parser, write_report
+from ebpo.compare import (
+    DEFAULT_METHODS,
+    RunSpec,
+    _command,
+    _read_run,
+    _resolve,
+    aggregate_runs,
+    build_parser,
+    write_report,
+)
 
 
-def make_run(path: Path, before: float, evals: list[float], after: float, rounds: float = 1.0, by_topic: dict | None = None) -> Path:
+def make_run(
+    path: Path, before: float, evals: list[float], after: float, rounds: float = 1.0, by_topic: dict | None = None
+) -> Path:
     path.mkdir(parents=True)
     rows = []
     for step in range(1, 7):
@@ -42,12 +53,25 @@ def test_read_run_counts_samples_including_resampling_rounds(tmp_path):
 def test_variants_run_their_own_flags_under_their_label(tmp_path):
     args = _resolve(
         build_parser().parse_args(
-            ["--methods", "grpo", "--variant", "es_mirror", "--method gbmpo-mirror --mirror-params 'dir with space/m.json'", "--train-args", "--lr 0.5"]
+            [
+                "--methods",
+                "grpo",
+                "--variant",
+                "es_mirror",
+                "--method gbmpo-mirror --mirror-params 'dir with space/m.json'",
+                "--train-args",
+                "--lr 0.5",
+            ]
         )
     )
     assert args.methods == ["grpo", "es_mirror"]
     variant = _command(RunSpec("es_mirror", 4, 1), args, tmp_path / "r")
-    assert variant[variant.index("train") + 1 :][:4] == ["--method", "gbmpo-mirror", "--mirror-params", "dir with space/m.json"]
+    assert variant[variant.index("train") + 1 :][:4] == [
+        "--method",
+        "gbmpo-mirror",
+        "--mirror-params",
+        "dir with space/m.json",
+    ]
     assert variant[-2:] == ["--lr", "0.5"]
     preset = _command(RunSpec("grpo", 4, 1), args, tmp_path / "r")
     assert preset[preset.index("train") + 1 :][:2] == ["--method", "grpo"]
@@ -95,21 +119,34 @@ def test_curve_keeps_every_evaluation_when_dynamic_sampling_varies_samples(tmp_p
 
 def test_paired_differences_by_seed(tmp_path):
     finals = {("grpo", 0): 0.30, ("grpo", 1): 0.20, ("ebpo", 0): 0.35, ("ebpo", 1): 0.18}
-    runs = {RunSpec(m, 2, s): _read_run(make_run(tmp_path / f"{m}{s}", 0.2, [0.2, 0.2], a), 4, 2) for (m, s), a in finals.items()}
+    runs = {
+        RunSpec(m, 2, s): _read_run(make_run(tmp_path / f"{m}{s}", 0.2, [0.2, 0.2], a), 4, 2)
+        for (m, s), a in finals.items()
+    }
     result = aggregate_runs(runs, target=0.9, baseline="grpo")
     row = result["paired"]["ebpo|G=2"]
     assert row["diffs"] == pytest.approx([0.05, -0.02]) and row["better"] == 1
     assert row["mean"] == pytest.approx(0.015) and "grpo|G=2" not in result["paired"]
-    assert "| 2 | ebpo | +0.015 ±" in write_report(result, tmp_path, "ebpo compare") and "1/2 |" in write_report(result, tmp_path, "x")
+    assert "| 2 | ebpo | +0.015 ±" in write_report(result, tmp_path, "ebpo compare") and "1/2 |" in write_report(
+        result, tmp_path, "x"
+    )
     assert aggregate_runs(runs, target=0.9, baseline="rloo")["paired"] == {}  # baseline not compared: no table
 
 
 def test_samples_to_the_baselines_final_accuracy_per_topic_and_length_curves(tmp_path):
     runs = {
-        RunSpec("grpo", 2, 0): _read_run(make_run(tmp_path / "g0", 0.2, [0.25, 0.3], 0.35, by_topic={"a": 0.5, "b": 0.1}), 4, 2),
-        RunSpec("grpo", 2, 1): _read_run(make_run(tmp_path / "g1", 0.2, [0.3, 0.4], 0.45, by_topic={"a": 0.7, "b": 0.3}), 4, 2),
-        RunSpec("ebpo", 2, 0): _read_run(make_run(tmp_path / "e0", 0.2, [0.3, 0.5], 0.6, by_topic={"a": 0.9, "b": 0.2}), 4, 2),
-        RunSpec("ebpo", 2, 1): _read_run(make_run(tmp_path / "e1", 0.2, [0.4, 0.6], 0.6, by_topic={"a": 0.8, "b": 0.4}), 4, 2),
+        RunSpec("grpo", 2, 0): _read_run(
+            make_run(tmp_path / "g0", 0.2, [0.25, 0.3], 0.35, by_topic={"a": 0.5, "b": 0.1}), 4, 2
+        ),
+        RunSpec("grpo", 2, 1): _read_run(
+            make_run(tmp_path / "g1", 0.2, [0.3, 0.4], 0.45, by_topic={"a": 0.7, "b": 0.3}), 4, 2
+        ),
+        RunSpec("ebpo", 2, 0): _read_run(
+            make_run(tmp_path / "e0", 0.2, [0.3, 0.5], 0.6, by_topic={"a": 0.9, "b": 0.2}), 4, 2
+        ),
+        RunSpec("ebpo", 2, 1): _read_run(
+            make_run(tmp_path / "e1", 0.2, [0.4, 0.6], 0.6, by_topic={"a": 0.8, "b": 0.4}), 4, 2
+        ),
     }
     result = aggregate_runs(runs, target=0.9, baseline="grpo")
     ebpo, grpo = result["rows"]["ebpo|G=2"], result["rows"]["grpo|G=2"]
@@ -129,14 +166,27 @@ def test_samples_to_the_baselines_final_accuracy_per_topic_and_length_curves(tmp
 
 def test_default_budget_is_the_stepwise_testbed_and_quick_the_small_arithmetic_one(tmp_path):
     args = _resolve(build_parser().parse_args([]))
-    assert (args.task, args.steps, args.prompts_per_step, args.eval_every, args.seeds, args.group_sizes) == ("stepwise", 60, 128, 10, 10, [2, 4, 8])
+    assert (args.task, args.steps, args.prompts_per_step, args.eval_every, args.seeds, args.group_sizes) == (
+        "stepwise",
+        60,
+        128,
+        10,
+        10,
+        [2, 4, 8],
+    )
     assert args.methods == DEFAULT_METHODS and len(DEFAULT_METHODS) == 10
     running = _command(RunSpec("ebpo-running", 4, 0), args, tmp_path)
     assert running[running.index("train") + 1 :][:4] == ["--method", "ebpo", "--estimator-options", "{prior: running}"]
     hier = _command(RunSpec("ebpo-hier", 4, 0), args, tmp_path)
     assert hier[hier.index("train") + 1 :][:4] == ["--method", "ebpo", "--estimator-options", "{hierarchical: true}"]
     quick = _resolve(build_parser().parse_args(["--quick"]))
-    assert (quick.task, quick.steps, quick.prompts_per_step, quick.seeds, quick.methods) == ("arithmetic", 15, 16, 2, ["grpo", "ebpo"])
+    assert (quick.task, quick.steps, quick.prompts_per_step, quick.seeds, quick.methods) == (
+        "arithmetic",
+        15,
+        16,
+        2,
+        ["grpo", "ebpo"],
+    )
     one = _resolve(build_parser().parse_args(["--methods", "grpo", "ebpo-running", "--steps", "7"]))
     assert one.methods == ["grpo", "ebpo-running"] and one.steps == 7 and "ebpo-running" in one.variants
 
@@ -156,22 +206,66 @@ def test_slices_resume_under_the_same_settings_and_report_only_aggregates_what_f
     out = tmp_path / "cmp"
     calls: list = []
     _fake_runs(monkeypatch, calls)
-    base = ["--task", "arithmetic", "--final-samples", "0", "--group-sizes", "2", "--steps", "6", "--eval-every", "2", "--prompts-per-step", "4", "--out", str(out)]
+    base = [
+        "--task",
+        "arithmetic",
+        "--final-samples",
+        "0",
+        "--group-sizes",
+        "2",
+        "--steps",
+        "6",
+        "--eval-every",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--out",
+        str(out),
+    ]
     assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "2", *base]) == 0
     assert json.loads((out / "compare.json").read_text())["steps"] == 6
-    assert calls[0] == ["grpo-G2-s0", "ebpo-G2-s0", "grpo-G2-s1", "ebpo-G2-s1"]  # seed-major: a stopped comparison stays paired
+    assert calls[0] == [
+        "grpo-G2-s0",
+        "ebpo-G2-s0",
+        "grpo-G2-s1",
+        "ebpo-G2-s1",
+    ]  # seed-major: a stopped comparison stays paired
     # a slice with another budget would mix incomparable runs: refused before anything runs
-    assert compare.main(["--methods", "grpo", "--seeds", "3", *base[:-4], "--steps", "8", "--prompts-per-step", "4", "--out", str(out)]) == 2
+    assert (
+        compare.main(
+            [
+                "--methods",
+                "grpo",
+                "--seeds",
+                "3",
+                *base[:-4],
+                "--steps",
+                "8",
+                "--prompts-per-step",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "other settings (steps" in capsys.readouterr().err and len(calls) == 1
     # report-only over a larger grid: runs nothing, aggregates the 4 finished runs of the 6
     assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "3", "--report-only", *base]) == 0
     assert len(calls) == 1 and "4 of 6 runs of the grid have finished" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    assert report["rows"]["ebpo|G=2"]["seeds"] == 2 and report["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([-0.05, -0.04])
+    assert report["rows"]["ebpo|G=2"]["seeds"] == 2 and report["paired"]["ebpo|G=2"]["diffs"] == pytest.approx(
+        [-0.05, -0.04]
+    )
     # the next slice (same settings) adds seed 2
     assert compare.main(["--methods", "grpo", "ebpo", "--seeds", "3", *base]) == 0
     assert json.loads((out / "report.json").read_text())["rows"]["ebpo|G=2"]["seeds"] == 3
-    assert compare.main(["--methods", "grpo", "--seeds", "1", "--report-only", "--out", str(tmp_path / "none"), *base[:-2]]) == 2
+    assert (
+        compare.main(
+            ["--methods", "grpo", "--seeds", "1", "--report-only", "--out", str(tmp_path / "none"), *base[:-2]]
+        )
+        == 2
+    )
 
 
 def test_paired_difference_at_the_baselines_sample_budget(tmp_path):
@@ -183,8 +277,12 @@ def test_paired_difference_at_the_baselines_sample_budget(tmp_path):
     }
     paired = aggregate_runs(runs, target=0.9, baseline="grpo")["paired"]
     # dapo's evaluations: 0.32 at 32 samples, 0.45 at 64, 0.6 at 96: at grpo's 48 samples, halfway: 0.385
-    assert paired["dapo|G=2"]["mean"] == pytest.approx(0.2) and paired["dapo|G=2"]["at_budget"]["mean"] == pytest.approx(-0.015)
-    assert paired["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx(paired["ebpo|G=2"]["diffs"])  # equal budgets: the final
+    assert paired["dapo|G=2"]["mean"] == pytest.approx(0.2) and paired["dapo|G=2"]["at_budget"][
+        "mean"
+    ] == pytest.approx(-0.015)
+    assert paired["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx(
+        paired["ebpo|G=2"]["diffs"]
+    )  # equal budgets: the final
     text = write_report(aggregate_runs(runs, target=0.9, baseline="grpo"), tmp_path, "x")
     assert "| 2 | dapo | +0.200 | 1/1 | -0.015 (0/1) |" in text
 
@@ -199,7 +297,12 @@ def write_final_eval(run: Path, samples: int, accuracy: float, by_topic: dict[st
 
 def test_the_final_accuracy_comes_from_the_final_evaluation_and_the_curves_stay_in_training(tmp_path):
     runs = {}
-    for (method, seed), (after, final) in {("grpo", 0): (0.4, 0.42), ("grpo", 1): (0.5, 0.47), ("ebpo", 0): (0.5, 0.45), ("ebpo", 1): (0.5, 0.52)}.items():
+    for (method, seed), (after, final) in {
+        ("grpo", 0): (0.4, 0.42),
+        ("grpo", 1): (0.5, 0.47),
+        ("ebpo", 0): (0.5, 0.45),
+        ("ebpo", 1): (0.5, 0.52),
+    }.items():
         run = make_run(tmp_path / f"{method}{seed}", 0.2, [0.3, 0.35], after, by_topic={"a": 0.1})
         write_final_eval(run, 32, final, {"a": final / 2})
         runs[RunSpec(method, 2, seed)] = _read_run(run, 4, 2, final_samples=32)
@@ -207,8 +310,12 @@ def test_the_final_accuracy_comes_from_the_final_evaluation_and_the_curves_stay_
     assert result["rows"]["ebpo|G=2"]["final_accuracy"]["mean"] == pytest.approx(0.485)
     assert result["rows"]["ebpo|G=2"]["by_topic"]["a"]["mean"] == pytest.approx(0.485 / 2)
     assert result["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([0.03, 0.05])
-    assert result["paired"]["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx([0.1, 0.0])  # in-training: 0.5 - 0.4, 0.5 - 0.5
-    assert result["rows"]["grpo|G=2"]["curve"][-1]["mean"] == pytest.approx(0.45)  # the curve ends at the in-training value
+    assert result["paired"]["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx(
+        [0.1, 0.0]
+    )  # in-training: 0.5 - 0.4, 0.5 - 0.5
+    assert result["rows"]["grpo|G=2"]["curve"][-1]["mean"] == pytest.approx(
+        0.45
+    )  # the curve ends at the in-training value
     # samples-to-reach aims at grpo's last in-training accuracy (0.45), and the report says so, not at its avg@32 (0.445)
     assert result["rows"]["ebpo|G=2"]["to_baseline_final"]["accuracy"] == pytest.approx(0.45)
     assert "last in-training accuracy, mean over seeds (G = 2: 0.450)" in write_report(result, tmp_path, "x")
@@ -222,9 +329,32 @@ def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "cmp"
     train = "--warmstart-steps 20 --warmstart-batch-size 16 --no-tensorboard --eval-samples 2"
-    argv = ["--methods", "grpo", "--task", "arithmetic", "--group-sizes", "2", "--seeds", "1", "--steps", "2",
-            "--prompts-per-step", "4", "--eval-every", "2", "--max-eval-problems", "12", "--final-samples", "6",
-            "--workers", "1", "--train-args", train, "--out", str(out)]  # fmt: skip
+    argv = [
+        "--methods",
+        "grpo",
+        "--task",
+        "arithmetic",
+        "--group-sizes",
+        "2",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--eval-every",
+        "2",
+        "--max-eval-problems",
+        "12",
+        "--final-samples",
+        "6",
+        "--workers",
+        "1",
+        "--train-args",
+        train,
+        "--out",
+        str(out),
+    ]
     assert compare.main(argv) == 0
     evaluation = json.loads((out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").read_text())
     (metrics,) = evaluation["results"].values()
@@ -232,7 +362,11 @@ def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["grpo|G=2"]["final_accuracy"]["mean"] == metrics["avg@6"] and report["final_samples"] == 6
     assert "avg@6 on the held-out set after the last step" in (out / "report.md").read_text()
-    assert shlex.split(report["command"]) == ["ebpo", "compare", *argv]  # the recorded command runs as given (quoted flags)
+    assert shlex.split(report["command"]) == [
+        "ebpo",
+        "compare",
+        *argv,
+    ]  # the recorded command runs as given (quoted flags)
     stamp = (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns
     assert compare.main([*argv, "--report-only"]) == 0  # reused, not evaluated again
     assert (out / "runs" / "grpo-G2-s0" / "final-eval-k6" / "eval.json").stat().st_mtime_ns == stamp

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 
+import oracles
 import pytest
 import torch
 
-import oracles
 from ebpo import build_estimator
 
 IDS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
@@ -31,10 +31,12 @@ def test_ha_dw_weights_by_correctness_when_rewards_are_shaped(anchor, base):
     weighted = build_estimator(base, weighting="ha_dw", weighting_options={"anchor": anchor, "k": 3, "m": 4})
     plain = build_estimator(base)
     oracle = oracles.LoopHADW(anchor, lam=1.3, k=3, m=4)
-    for step in range(3):
+    for _ in range(3):
         advantages, metrics = weighted(shaped, IDS, correctness=CORRECT)
         base_advantages, _ = plain(shaped, IDS)  # the estimator itself sees the shaped reward
-        weights = oracle.step(base_advantages.tolist(), CORRECT.tolist(), IDS.tolist())  # accuracy and mu_q: correctness
+        weights = oracle.step(
+            base_advantages.tolist(), CORRECT.tolist(), IDS.tolist()
+        )  # accuracy and mu_q: correctness
         expected = torch.tensor([a * w for a, w in zip(base_advantages.tolist(), weights)], dtype=torch.float64)
         assert torch.allclose(advantages, expected, atol=1e-12, rtol=0)
         assert metrics["hadw/batch_accuracy"] == pytest.approx(float(CORRECT.mean()), abs=1e-15)
@@ -66,7 +68,9 @@ def test_all_equal_non_binary_group_has_exactly_zero_advantage(name, value):
     advantages, metrics = build_estimator(name)(rewards, ids)
     assert advantages[:3].tolist() == [0.0, 0.0, 0.0]
     assert metrics["adv/all_equal_group_frac"] == 0.5
-    assert metrics["adv/zero_signal_frac"] == pytest.approx(4 / 6 if name != "rloo" else 4 / 6)  # 0.5 is the mean of group 8
+    assert metrics["adv/zero_signal_frac"] == pytest.approx(
+        4 / 6 if name != "rloo" else 4 / 6
+    )  # 0.5 is the mean of group 8
 
 
 def test_all_equal_metric_uses_a_tolerance_relative_to_the_reward_scale():
@@ -123,15 +127,27 @@ FP16_IDS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
 def _bad_batches(name: str, options: dict) -> list[tuple[str, tuple, dict]]:
     bad = [
         ("nan", (torch.tensor([1.0, float("nan"), 0.0, 1.0]), torch.tensor([0, 0, 1, 1])), {}),
-        ("topic", (torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])), {"topic_ids": torch.tensor([0, 1, 2, 2])}),
+        (
+            "topic",
+            (torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])),
+            {"topic_ids": torch.tensor([0, 1, 2, 2])},
+        ),
     ]
     if options.get("std_normalize") is False:  # standardised advantages always fit; raw ones may not
         bad.append(("fp16 overflow", (FP16_EXTREME, FP16_IDS), {}))
     if options.get("weighting") == "ha_dw":
         # new topics in a rejected batch must not enter a hierarchical prior's state either
-        bad.append(("ha_dw range", (torch.tensor([2.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])), {"topic_ids": torch.tensor([5, 5, 6, 6])}))
+        bad.append(
+            (
+                "ha_dw range",
+                (torch.tensor([2.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])),
+                {"topic_ids": torch.tensor([5, 5, 6, 6])},
+            )
+        )
     if name == "ebpo":
-        bad.append(("overflow", (torch.tensor([1e200, -1e200, 0.0, 1.0], dtype=torch.float64), torch.tensor([0, 0, 1, 1])), {}))
+        bad.append(
+            ("overflow", (torch.tensor([1e200, -1e200, 0.0, 1.0], dtype=torch.float64), torch.tensor([0, 0, 1, 1])), {})
+        )
     return bad
 
 
@@ -160,7 +176,9 @@ def test_advantages_that_overflow_the_reward_dtype_are_rejected(name):
     # the same rewards in float32 are fine, and fp16 rewards whose advantages fit are returned in fp16
     advantages, _ = build_estimator(name, **options)(FP16_EXTREME.float(), FP16_IDS)
     assert bool(torch.isfinite(advantages).all()) and advantages.dtype == torch.float32
-    small, _ = build_estimator(name, **options)(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float16), torch.tensor([0, 0, 1, 1]))
+    small, _ = build_estimator(name, **options)(
+        torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float16), torch.tensor([0, 0, 1, 1])
+    )
     assert small.dtype == torch.float16
 
 

@@ -49,7 +49,9 @@ def assert_one_line(code: int, err: str, *needles: str) -> None:
 
 def test_every_numeric_field_has_a_range():
     """A new int/float field must say its range (add it to _POSITIVE or _NON_NEGATIVE)."""
-    assert set(INTS + FLOATS) <= set(_POSITIVE) | set(_NON_NEGATIVE), sorted(set(INTS + FLOATS) - set(_POSITIVE) - set(_NON_NEGATIVE))
+    assert set(INTS + FLOATS) <= set(_POSITIVE) | set(_NON_NEGATIVE), sorted(
+        set(INTS + FLOATS) - set(_POSITIVE) - set(_NON_NEGATIVE)
+    )
     assert set(_POSITIVE) | set(_NON_NEGATIVE) | set(_AT_MOST) <= set(INTS + FLOATS)  # no stale names
 
 
@@ -123,7 +125,11 @@ def test_yaml_exponent_numbers_are_floats_and_integral_numbers_ints(tmp_path):
 def test_flags_are_checked_like_yaml(tmp_path, capsys):
     config = _resolved(tmp_path, "lr: 0.5\n", "--lr", "1e-4", "--steps", "7")
     assert config.lr == 1e-4 and config.steps == 7  # flags win over the file
-    for flags, needle in [(["--steps", "ten"], "steps must be an integer"), (["--lr", "nan"], "lr must be a number"), (["--top-p", "0"], "top_p must be > 0")]:
+    for flags, needle in [
+        (["--steps", "ten"], "steps must be an integer"),
+        (["--lr", "nan"], "lr must be a number"),
+        (["--top-p", "0"], "top_p must be > 0"),
+    ]:
         code = main(["train", "--out", str(tmp_path / "run"), *flags])
         assert_one_line(code, capsys.readouterr().err.strip(), needle)
 

@@ -23,7 +23,9 @@ def synthetic_problems(n: int = 240, with_topic: bool = True) -> list[Problem]:
             "counting": f"How many ways can {i % 9 + 2} people sit in a row?",
             "primes": f"Is {i * 7 + 1} prime? Find its smallest prime factor.",
         }[topic]
-        problems.append(Problem(id=str(i), prompt=prompt, answer="0", topic=topic if with_topic else None, difficulty=difficulty))
+        problems.append(
+            Problem(id=str(i), prompt=prompt, answer="0", topic=topic if with_topic else None, difficulty=difficulty)
+        )
     return problems
 
 

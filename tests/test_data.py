@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-import importlib.util
 
 from ebpo.data import LOADERS, DatasetTask, apply_chat_template, list_datasets, load_dataset_records, load_records
 from ebpo.tasks.base import Problem
@@ -52,7 +51,17 @@ def test_math_references_score_with_the_math_verifier(name):
 
 def test_limit_and_loader_registry():
     assert len(load_dataset_records("gsm8k", FIXTURES / "gsm8k.jsonl", limit=2)) == 2
-    assert set(LOADERS.names()) == {"dapo_math_17k", "math500", "aime2024", "aime2025", "amc2023", "olympiadbench", "gsm8k", "mbpp", "humaneval"}
+    assert set(LOADERS.names()) == {
+        "dapo_math_17k",
+        "math500",
+        "aime2024",
+        "aime2025",
+        "amc2023",
+        "olympiadbench",
+        "gsm8k",
+        "mbpp",
+        "humaneval",
+    }
 
 
 def test_chat_template_helper():
@@ -95,7 +104,9 @@ def test_humaneval_fixture_in_the_package_layout_runs_in_the_code_verifier():
     for problem, row in zip(problems, rows):
         assert problem.id == f"humaneval-{row['task_id']}" and problem.prompt == row["prompt"]
         assert verifier(row["canonical_solution"], problem.answer).reward == 1.0  # a body-only continuation
-        assert verifier(f"```python\n{row['prompt']}{row['canonical_solution']}```", problem.answer).reward == 1.0  # a full function
+        assert (
+            verifier(f"```python\n{row['prompt']}{row['canonical_solution']}```", problem.answer).reward == 1.0
+        )  # a full function
         assert verifier("    return None\n", problem.answer).reward == 0.0
 
 

@@ -122,7 +122,10 @@ def test_neural_mirror_matches_integral_oracle(project):
     params[126:130] = 0.0  # w = 0: the Taylor branch
     mirror = NeuralMirror(params, project_nonneg=project)
     pairs = [(0.3, 0.7), (0.9, 0.05), (0.5, 0.5001), (1.0, 0.2), (0.01, 0.02)]
-    got = mirror(torch.tensor([math.log(y) for y, _ in pairs], dtype=torch.float64), torch.tensor([math.log(y0) for _, y0 in pairs], dtype=torch.float64))
+    got = mirror(
+        torch.tensor([math.log(y) for y, _ in pairs], dtype=torch.float64),
+        torch.tensor([math.log(y0) for _, y0 in pairs], dtype=torch.float64),
+    )
     for (y, y0), value in zip(pairs, got.tolist()):
         assert value == pytest.approx(_mirror_oracle(mirror.flat_params, y, y0), rel=1e-6, abs=1e-9)
 
@@ -188,8 +191,12 @@ def test_k2_and_log_l2_values_against_closed_forms():
 def test_neural_mirror_is_non_negative_next_to_the_diagonal(dtype, seed, init_scale):
     """D_h >= 0 exactly (convex h) on a dense grid of (p, p_ref) pairs a relative 1e-12 .. 1e-3 apart."""
     div = NeuralMirror(seed=seed, init_scale=init_scale)
-    base = torch.cat([torch.logspace(-8, 0, 80, dtype=torch.float64), torch.linspace(0.01, 0.99, 80, dtype=torch.float64)])
-    rel = torch.cat([-torch.logspace(-12, -3, 40, dtype=torch.float64), torch.logspace(-12, -3, 40, dtype=torch.float64)])
+    base = torch.cat(
+        [torch.logspace(-8, 0, 80, dtype=torch.float64), torch.linspace(0.01, 0.99, 80, dtype=torch.float64)]
+    )
+    rel = torch.cat(
+        [-torch.logspace(-12, -3, 40, dtype=torch.float64), torch.logspace(-12, -3, 40, dtype=torch.float64)]
+    )
     ref = base.log().unsqueeze(1).expand(-1, rel.numel())  # (160, 80)
     logp = (ref + rel.unsqueeze(0)).clamp_max(0.0)
     values = div(logp.to(dtype), ref.to(dtype))

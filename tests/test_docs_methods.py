@@ -70,7 +70,12 @@ def test_every_cited_section_exists():
 def test_nothing_cites_the_internal_spec():
     offenders = [
         str(path.relative_to(ROOT))
-        for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "docs").glob("*.md"), ROOT / "README.md"]
+        for path in [
+            *(ROOT / "src").rglob("*.py"),
+            *(ROOT / "tests").rglob("*.py"),
+            *(ROOT / "docs").glob("*.md"),
+            ROOT / "README.md",
+        ]
         if path != Path(__file__).resolve() and re.search(r"METHODS\.md", path.read_text(encoding="utf-8"))
     ]
     assert not offenders, f"cite docs/methods.md, not the internal METHODS.md: {offenders}"

@@ -21,7 +21,9 @@ def run(state: ESState, config: ESConfig, fitness, iterations: int) -> ESState:
 
 
 def test_es_climbs_a_quadratic():
-    config = ESConfig(population=20, sigma=0.05, sigma_decay=1.0, step_size=0.02, iterations=60, patience=60, min_improvement=0.0)
+    config = ESConfig(
+        population=20, sigma=0.05, sigma_decay=1.0, step_size=0.02, iterations=60, patience=60, min_improvement=0.0
+    )
     state = run(ESState.start(torch.zeros(20), config), config, quadratic, 60)
     start_loss = float(((torch.zeros(20, dtype=torch.float64) - TARGET) ** 2).sum())
     end_loss = float(((state.phi - TARGET) ** 2).sum())

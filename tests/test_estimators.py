@@ -5,12 +5,12 @@ from __future__ import annotations
 import copy
 import math
 
+import oracles
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracles
 from ebpo import build_estimator, list_estimators
 from ebpo.stats import Welford
 
@@ -78,7 +78,9 @@ def test_ebpo_matches_loop_reference_over_steps(prior, decay, std_normalize, cen
 @pytest.mark.parametrize("anchor", ["soft", "hard"])
 @pytest.mark.parametrize("base", ["grpo", "dr_grpo", "rloo", "ebpo"])
 def test_ha_dw_composes_with_every_estimator_and_matches_loop(anchor, base):
-    weighted = build_estimator(base, weighting="ha_dw", weighting_options={"anchor": anchor, "lam": 1.5, "k": 3, "m": 4})
+    weighted = build_estimator(
+        base, weighting="ha_dw", weighting_options={"anchor": anchor, "lam": 1.5, "k": 3, "m": 4}
+    )
     plain = build_estimator(base)
     oracle = oracles.LoopHADW(anchor, lam=1.5, k=3, m=4)
     for step in range(6):
@@ -143,9 +145,9 @@ def test_ha_dw_weight_table():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     lam = 1.3
-    weighted, _ = build_estimator("dr_grpo", weighting="ha_dw", weighting_options={"anchor": "hard", "k": 1, "lam": lam})(
-        rewards, group_ids
-    )
+    weighted, _ = build_estimator(
+        "dr_grpo", weighting="ha_dw", weighting_options={"anchor": "hard", "k": 1, "lam": lam}
+    )(rewards, group_ids)
     plain, _ = build_estimator("dr_grpo")(rewards, group_ids)
     weights = weighted / plain
     up, down = lam * math.exp(0.25), lam * math.exp(-0.25)
@@ -310,7 +312,7 @@ def test_user_estimator_by_import_path():
 # ---------------------------------------------------------------- fuzzing
 
 finite = {
-    torch.float32: st.floats(-2.0**100, 2.0**100, allow_nan=False, width=32),
+    torch.float32: st.floats(-(2.0**100), 2.0**100, allow_nan=False, width=32),
     torch.float64: st.floats(-1e100, 1e100, allow_nan=False),
 }
 

@@ -11,11 +11,27 @@ from ebpo.evaluate import by_topic, summarise
 from ebpo.tasks.base import Problem
 
 TINY = [
-    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
-    "--steps", "2", "--prompts-per-step", "4", "--group-size", "2", "--warmstart-steps", "20",
-    "--warmstart-batch-size", "16", "--max-eval-problems", "12", "--eval-samples", "3", "--no-progress",
-    "--no-tensorboard", "--threads", "1",
-]  # fmt: skip
+    "--task",
+    "arithmetic",  # the small built-in task (the default is stepwise)
+    "--steps",
+    "2",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "2",
+    "--warmstart-steps",
+    "20",
+    "--warmstart-batch-size",
+    "16",
+    "--max-eval-problems",
+    "12",
+    "--eval-samples",
+    "3",
+    "--no-progress",
+    "--no-tensorboard",
+    "--threads",
+    "1",
+]
 
 
 def test_eval_on_a_run_dir_reproduces_the_logged_accuracy(tmp_path, monkeypatch):
@@ -62,7 +78,19 @@ def test_by_topic_matches_a_loop_over_problems():
 def test_without_a_run_config_eval_uses_the_default_task_of_ebpo_train(tmp_path):
     from ebpo.train.config import TrainConfig
 
-    argv = ["eval", "--model", "builtin:tiny", "--limit", "3", "--samples", "1", "--max-new-tokens", "4", "--threads", "1"]
+    argv = [
+        "eval",
+        "--model",
+        "builtin:tiny",
+        "--limit",
+        "3",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--threads",
+        "1",
+    ]
     assert main([*argv, "--out", str(tmp_path / "e")]) == 0
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert list(result["results"]) == [TrainConfig.task] == ["stepwise"]

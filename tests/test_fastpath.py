@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 
+import oracles
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import oracles
-from ebpo import build_estimator
 import ebpo.grouping as grouping_module
+from ebpo import build_estimator
 from ebpo.grouping import GroupedBatch, Grouping
 
 # label -> (estimator name, options); every estimator and option the pipeline offers
@@ -39,7 +39,10 @@ CASES = {
     "ebpo-hier": ("ebpo", {"hierarchical": True}),
     "ebpo-hier-running-none": ("ebpo", {"hierarchical": True, "prior": "running", "pooling": "none"}),
     "ebpo+ha_dw": ("ebpo", {"weighting": "ha_dw"}),
-    "ebpo-running+ha_dw-hard": ("ebpo", {"prior": "running", "weighting": "ha_dw", "weighting_options": {"anchor": "hard"}}),
+    "ebpo-running+ha_dw-hard": (
+        "ebpo",
+        {"prior": "running", "weighting": "ha_dw", "weighting_options": {"anchor": "hard"}},
+    ),
     "grpo+ha_dw": ("grpo", {"weighting": "ha_dw"}),
     "rloo+ha_dw": ("rloo", {"weighting": "ha_dw"}),
 }
@@ -190,7 +193,10 @@ def test_fast_path_matches_loop_oracles(label):
 
 @pytest.mark.parametrize(
     "rewards, message",
-    [([1.0, float("nan"), 0.0, 1.0], "NaN reward at index 1"), ([1.0, 0.0, float("-inf"), 1.0], "infinite reward at index 2")],
+    [
+        ([1.0, float("nan"), 0.0, 1.0], "NaN reward at index 1"),
+        ([1.0, 0.0, float("-inf"), 1.0], "infinite reward at index 2"),
+    ],
 )
 def test_fused_finite_check_still_names_the_bad_reward(rewards, message):
     with pytest.raises(ValueError, match=message):

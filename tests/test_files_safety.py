@@ -23,12 +23,27 @@ from ebpo.cli import main
 from ebpo.fileio import MARKER, check_output_dir, load_tensors, make_output_dir, remove_output_dir
 
 TINY = [
-    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
-    "--warmstart-steps", "20", "--warmstart-batch-size", "16",
-    "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
-    "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--eval-samples", "0",
-    "--no-progress", "--no-tensorboard", "--threads", "1",
-]  # fmt: skip
+    "--task",
+    "arithmetic",  # the small built-in task (the default is stepwise)
+    "--warmstart-steps",
+    "20",
+    "--warmstart-batch-size",
+    "16",
+    "--task-options",
+    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--eval-samples",
+    "0",
+    "--no-progress",
+    "--no-tensorboard",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -137,8 +152,12 @@ def test_meta_resume_reads_its_own_state(tmp_path, capsys):
     make_output_dir(out, "ebpo meta")
     argv = ["--out", str(out), "--resume", "--population", "4", "--iterations", "1"]
     config = ESConfig(population=4, iterations=1)
-    state = es_iteration(ESState.start(NeuralMirror(seed=0).flat_params, config), config, lambda m: [float(-x.sum()) for x in m])
-    meta._save_state(state, config, out, meta._search_settings(meta._resolve(meta.build_parser().parse_args(argv)), config))
+    state = es_iteration(
+        ESState.start(NeuralMirror(seed=0).flat_params, config), config, lambda m: [float(-x.sum()) for x in m]
+    )
+    meta._save_state(
+        state, config, out, meta._search_settings(meta._resolve(meta.build_parser().parse_args(argv)), config)
+    )
     assert meta.main(argv) == 0
     assert torch.equal(NeuralMirror.load(out / "mirror_params.json").flat_params, NeuralMirror(state.phi).flat_params)
 
@@ -172,7 +191,10 @@ def test_trl_adapter_never_unpickles(tmp_path, monkeypatch):
 def test_old_format_checkpoint_is_refused_with_a_clear_error(run_copy, capsys):
     """What ebpo wrote before checkpoint format 2: numpy RNG arrays, no format key. Never loaded unsafely."""
     path = run_copy / "checkpoints" / "step-000002"
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, path / "rng-rank0.pt")
+    torch.save(
+        {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        path / "rng-rank0.pt",
+    )
     assert main(["train", "--resume", str(run_copy)]) == 2
     assert "written by an older ebpo" in one_error_line(capsys)
     state = torch.load(path / "trainer_state.pt", weights_only=True)
@@ -221,9 +243,18 @@ def _garbage(path: Path) -> None:
         (lambda d: (d / "model" / "model.safetensors").unlink(), "has no model"),
         (lambda d: shutil.rmtree(d), "no checkpoint in"),
     ],
-    ids=["state-truncated", "state-garbage", "rng-truncated", "rng-missing", "weights-truncated", "weights-garbage",
-         "model-config-truncated", "weights-missing", "no-checkpoint"],
-)  # fmt: skip
+    ids=[
+        "state-truncated",
+        "state-garbage",
+        "rng-truncated",
+        "rng-missing",
+        "weights-truncated",
+        "weights-garbage",
+        "model-config-truncated",
+        "weights-missing",
+        "no-checkpoint",
+    ],
+)
 def test_bad_checkpoint_fails_in_one_line_and_changes_nothing(run_copy, capsys, damage, message):
     damage(run_copy / "checkpoints" / "step-000002")
     before = snapshot(run_copy)
@@ -419,7 +450,9 @@ def test_extra_train_args_are_parsed_as_ebpo_train_parses_them():
     with pytest.raises(ValueError, match="bad ebpo train flags in --train-args: unrecognized arguments: --stepz 3"):
         check_extra_train_args(["--seed", "1"], ["--stepz", "3"], "cmd")
     with pytest.raises(ValueError, match="--train-args sets --seed, --steps, which cmd sets itself"):
-        check_extra_train_args(["--seed", "1", "--steps", "2"], ["--steps=3", "--seed", "1"], "cmd")  # even to the same value
+        check_extra_train_args(
+            ["--seed", "1", "--steps", "2"], ["--steps=3", "--seed", "1"], "cmd"
+        )  # even to the same value
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,29 @@ from ebpo.cli import main
 from ebpo.train.tracking import accuracy_change_se, plot_curves
 
 TINY = [
-    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
-    "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--warmstart-steps", "20",
-    "--warmstart-batch-size", "16", "--max-eval-problems", "12", "--eval-samples", "2", "--no-progress",
-    "--no-tensorboard", "--threads", "1", "--save-every", "0",
-]  # fmt: skip
+    "--task",
+    "arithmetic",  # the small built-in task (the default is stepwise)
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--warmstart-steps",
+    "20",
+    "--warmstart-batch-size",
+    "16",
+    "--max-eval-problems",
+    "12",
+    "--eval-samples",
+    "2",
+    "--no-progress",
+    "--no-tensorboard",
+    "--threads",
+    "1",
+    "--save-every",
+    "0",
+]
 
 
 def test_paired_standard_error_matches_a_hand_computation():
@@ -55,7 +73,13 @@ def test_console_prints_first_every_and_last_step_and_a_final_line_with_its_se(t
 def _write_metrics(path, *, entropy: bool) -> None:
     rows = []
     for step in range(1, 7):
-        row = {"step": step, "reward/mean": 0.2 + 0.02 * step, "train/accuracy": 0.2 + 0.02 * step, "loss/divergence": 1e-3 * step, "loss/approx_kl": 0.0}
+        row = {
+            "step": step,
+            "reward/mean": 0.2 + 0.02 * step,
+            "train/accuracy": 0.2 + 0.02 * step,
+            "loss/divergence": 1e-3 * step,
+            "loss/approx_kl": 0.0,
+        }
         if entropy:
             row["policy/entropy"] = 1.5 - 0.1 * step
         rows.append(row)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import math
 
+import oracles
 import pytest
 import torch
 
-import oracles
 from ebpo import build_estimator
 
 TOPIC_VALUES = [-7, 3, 1000, 2**40]  # any integers
@@ -23,7 +23,9 @@ def topic_batch(seed: int, topics: list[int], min_g: int = 1, max_g: int = 6, bi
     sizes = torch.randint(min_g, max_g + 1, (num_groups,), generator=gen)
     ids = torch.randperm(500, generator=gen)[:num_groups] - 250
     rank = torch.tensor([sorted(topics).index(t) for t in group_topic.tolist()], dtype=torch.float64)
-    p = ((rank + 0.5) / len(topics) * 0.8 + 0.1 + 0.1 * torch.rand(num_groups, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    p = (
+        (rank + 0.5) / len(topics) * 0.8 + 0.1 + 0.1 * torch.rand(num_groups, generator=gen, dtype=torch.float64)
+    ).clamp(0, 1)
     n = int(sizes.sum())
     if binary:
         rewards = (torch.rand(n, generator=gen, dtype=torch.float64) < torch.repeat_interleave(p, sizes)).double()
@@ -39,10 +41,21 @@ PRIORS = [("batch", 0.0, {}), ("running", 1.0, {}), ("ema", 0.7, {"decay": 0.7})
 @pytest.mark.parametrize("prior,decay,extra", PRIORS)
 @pytest.mark.parametrize("pooling", ["partial", "none"])
 @pytest.mark.parametrize("std_normalize,center", [(True, True), (False, False)])
-def test_matches_loop_oracle_over_steps_with_topics_appearing_later(prior, decay, extra, pooling, std_normalize, center):
-    estimator = build_estimator("ebpo", prior=prior, hierarchical=True, pooling=pooling, std_normalize=std_normalize, center=center, **extra)
+def test_matches_loop_oracle_over_steps_with_topics_appearing_later(
+    prior, decay, extra, pooling, std_normalize, center
+):
+    estimator = build_estimator(
+        "ebpo", prior=prior, hierarchical=True, pooling=pooling, std_normalize=std_normalize, center=center, **extra
+    )
     oracle = oracles.LoopHierEBPO(decay, pooling=pooling, std_normalize=std_normalize, center=center)
-    schedule = [TOPIC_VALUES[:1], TOPIC_VALUES[:2], TOPIC_VALUES[1:3], TOPIC_VALUES, [TOPIC_VALUES[3]], TOPIC_VALUES[:3]]
+    schedule = [
+        TOPIC_VALUES[:1],
+        TOPIC_VALUES[:2],
+        TOPIC_VALUES[1:3],
+        TOPIC_VALUES,
+        [TOPIC_VALUES[3]],
+        TOPIC_VALUES[:3],
+    ]
     for step, topics in enumerate(schedule):
         rewards, group_ids, topic_ids = topic_batch(50 + step, topics, binary=step % 2 == 0)
         advantages, metrics = estimator(rewards, group_ids, topic_ids=topic_ids)
@@ -55,8 +68,14 @@ def test_matches_loop_oracle_over_steps_with_topics_appearing_later(prior, decay
 def test_partial_pooling_differs_from_no_pooling_and_from_flat():
     rewards, group_ids, topic_ids = topic_batch(3, TOPIC_VALUES)
     runs = {
-        name: build_estimator("ebpo", std_normalize=False, center=False, **opts)(rewards, group_ids, topic_ids=topic_ids)[0]
-        for name, opts in {"flat": {}, "none": {"hierarchical": True, "pooling": "none"}, "partial": {"hierarchical": True}}.items()
+        name: build_estimator("ebpo", std_normalize=False, center=False, **opts)(
+            rewards, group_ids, topic_ids=topic_ids
+        )[0]
+        for name, opts in {
+            "flat": {},
+            "none": {"hierarchical": True, "pooling": "none"},
+            "partial": {"hierarchical": True},
+        }.items()
     }
     assert not torch.allclose(runs["flat"], runs["partial"]) and not torch.allclose(runs["none"], runs["partial"])
 
@@ -109,7 +128,13 @@ def test_batch_prior_keeps_no_topic_between_steps():
 
 @pytest.mark.parametrize("anchor", ["soft", "hard"])
 def test_composes_with_ha_dw(anchor):
-    weighted = build_estimator("ebpo", prior="running", hierarchical=True, weighting="ha_dw", weighting_options={"anchor": anchor, "k": 3, "m": 3})
+    weighted = build_estimator(
+        "ebpo",
+        prior="running",
+        hierarchical=True,
+        weighting="ha_dw",
+        weighting_options={"anchor": anchor, "k": 3, "m": 3},
+    )
     plain = build_estimator("ebpo", prior="running", hierarchical=True)
     hadw = oracles.LoopHADW(anchor, lam=1.3, k=3, m=3)
     for step in range(4):

@@ -22,7 +22,9 @@ def exact(completions, answer, **_):
 class Recording(EBPOGRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        self.recorded = getattr(self, "recorded", []) + [(self._ebpo_rewards.sum(1).clone(), output["advantages"].clone())]
+        self.recorded = getattr(self, "recorded", []) + [
+            (self._ebpo_rewards.sum(1).clone(), output["advantages"].clone())
+        ]
         return output
 
 
@@ -39,17 +41,33 @@ def setup(tmp_path, monkeypatch):
 
 def make_args(out, **extra):
     options = dict(
-        output_dir=str(out), max_steps=3, learning_rate=1e-3, beta=0.0, per_device_train_batch_size=8,
-        num_generations=4, max_completion_length=4, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
-        seed=0, save_strategy="steps", save_steps=1, disable_tqdm=True,
-        ebpo_estimator="ebpo", ebpo_estimator_options={"prior": "running"}, ebpo_weighting="ha_dw",
-    )  # fmt: skip
+        output_dir=str(out),
+        max_steps=3,
+        learning_rate=1e-3,
+        beta=0.0,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        save_strategy="steps",
+        save_steps=1,
+        disable_tqdm=True,
+        ebpo_estimator="ebpo",
+        ebpo_estimator_options={"prior": "running"},
+        ebpo_weighting="ha_dw",
+    )
     return EBPOGRPOConfig(**{**options, **extra})
 
 
 def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
     model, tokenizer, dataset, tmp = setup
-    trainer = Recording(model=model, reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer)
+    trainer = Recording(
+        model=model, reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     replay = build_estimator("ebpo", prior="running", weighting="ha_dw")
     for rewards, used in trainer.recorded:
@@ -60,7 +78,13 @@ def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
 
     saved = torch.load(tmp / "a" / "checkpoint-1" / STATE_FILE, weights_only=True)
     assert saved["estimator_state"]["group_stats"]["count"] == 2.0  # one step of 2 prompts
-    resumed = EBPOGRPOTrainer(model=build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0), reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer)
+    resumed = EBPOGRPOTrainer(
+        model=build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0),
+        reward_funcs=[exact],
+        args=make_args(tmp / "a"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     resumed._load_from_checkpoint(str(tmp / "a" / "checkpoint-1"))
     assert resumed.ebpo_estimator.state_dict() == saved
 
@@ -82,9 +106,20 @@ def _saved_model(folder, tokenizer):
 
 def _train(trainer_cls, tmp, tokenizer, dataset, **extra):
     """Two steps (2 accumulation micro-steps each) from the same saved tiny model; TRL loads its reference from the path."""
-    args = make_args(tmp, **{"save_strategy": "no", "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, **extra})
+    args = make_args(
+        tmp,
+        **{
+            "save_strategy": "no",
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            **extra,
+        },
+    )
     model = _saved_model(tmp.parent, tokenizer)
-    trainer = trainer_cls(model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_cls(
+        model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     return trainer
 
@@ -94,7 +129,16 @@ def test_divergence_kl_k3_trains_exactly_like_trls_own_kl_term(setup, loss_type)
     """Oracle: TRL's own k3 term. Same beta, same seed: ebpo's kl/k3 in TRL's place gives the same weights."""
     _, tokenizer, dataset, tmp = setup
     stock = _train(EBPOGRPOTrainer, tmp / "stock", tokenizer, dataset, beta=0.5, loss_type=loss_type)
-    ours = _train(EBPOGRPOTrainer, tmp / "ours", tokenizer, dataset, beta=0.5, loss_type=loss_type, ebpo_divergence="kl", ebpo_divergence_options={"estimator": "k3"})
+    ours = _train(
+        EBPOGRPOTrainer,
+        tmp / "ours",
+        tokenizer,
+        dataset,
+        beta=0.5,
+        loss_type=loss_type,
+        ebpo_divergence="kl",
+        ebpo_divergence_options={"estimator": "k3"},
+    )
     a, b = dict(stock.model.named_parameters()), dict(ours.model.named_parameters())
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     start = build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0)
@@ -128,7 +172,13 @@ def test_divergence_prob_l2_replaces_the_kl_term(setup):
 def test_divergence_misconfiguration_is_named(setup, extra, message):
     _, tokenizer, dataset, tmp = setup
     with pytest.raises(ValueError, match=message):
-        EBPOGRPOTrainer(model=_saved_model(tmp, tokenizer), reward_funcs=[exact], args=make_args(tmp / "x", **extra), train_dataset=dataset, processing_class=tokenizer)
+        EBPOGRPOTrainer(
+            model=_saved_model(tmp, tokenizer),
+            reward_funcs=[exact],
+            args=make_args(tmp / "x", **extra),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_two_process_gloo_run_has_identical_estimator_state_on_both_ranks(tmp_path):
@@ -145,8 +195,19 @@ def test_two_process_gloo_run_has_identical_estimator_state_on_both_ranks(tmp_pa
         port = s.getsockname()[1]
     worker = Path(__file__).with_name("trl_ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_DISABLED": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(worker), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(worker),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     states = [json.loads((tmp_path / f"state-{rank}.json").read_text()) for rank in (0, 1)]
@@ -169,8 +230,12 @@ def test_topic_column_reaches_the_hierarchical_prior(setup):
     model, tokenizer, dataset, tmp = setup
     dataset = dataset.add_column("topic", [["easy", "hard", None][i % 3] for i in range(len(dataset))])
     options = {"prior": "running", "hierarchical": True}
-    args = make_args(tmp / "t", max_steps=2, save_strategy="no", ebpo_estimator_options=options, ebpo_topic_column="topic")
-    trainer = RecordingTopics(model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer)
+    args = make_args(
+        tmp / "t", max_steps=2, save_strategy="no", ebpo_estimator_options=options, ebpo_topic_column="topic"
+    )
+    trainer = RecordingTopics(
+        model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     replay = build_estimator("ebpo", weighting="ha_dw", **options)
     for rewards, topics, used in trainer.recorded:
@@ -179,5 +244,9 @@ def test_topic_column_reaches_the_hierarchical_prior(setup):
         assert torch.allclose(used.cpu().double(), expected.double(), atol=1e-6)
     assert metrics["ebpo/num_topics"] >= 1 and "ebpo/omega2" in trainer.state.log_history[0]
     with pytest.raises(ValueError, match="ebpo_topic_column='nope' is not a column"):
-        bad = make_args(tmp / "u", max_steps=1, save_strategy="no", ebpo_estimator_options=options, ebpo_topic_column="nope")
-        RecordingTopics(model=model, reward_funcs=[varied], args=bad, train_dataset=dataset, processing_class=tokenizer).train()
+        bad = make_args(
+            tmp / "u", max_steps=1, save_strategy="no", ebpo_estimator_options=options, ebpo_topic_column="nope"
+        )
+        RecordingTopics(
+            model=model, reward_funcs=[varied], args=bad, train_dataset=dataset, processing_class=tokenizer
+        ).train()

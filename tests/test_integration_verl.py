@@ -77,7 +77,12 @@ def test_topics_from_non_tensor_batch_reach_the_hierarchical_prior():
 
     def verl_compute_advantage(data, adv_estimator, config=None):  # what verl does for registered estimators
         fn = adapter.FUNCTIONS[adv_estimator]
-        return fn(data.batch["token_level_rewards"], data.batch["response_mask"], index=data.non_tensor_batch["uid"], config=config)
+        return fn(
+            data.batch["token_level_rewards"],
+            data.batch["response_mask"],
+            index=data.non_tensor_batch["uid"],
+            config=config,
+        )
 
     fake = types.SimpleNamespace(compute_advantage=verl_compute_advantage)
     adapter.install_topic_forwarding(fake)
@@ -88,7 +93,10 @@ def test_topics_from_non_tensor_batch_reach_the_hierarchical_prior():
     for step in range(3):
         token_rewards, mask, uids, scores = verl_batch(step)
         sources = np.array([{"uid-0": "gsm8k", "uid-1": "math", "uid-2": "gsm8k"}[u] for u in uids], dtype=object)
-        data = types.SimpleNamespace(batch={"token_level_rewards": token_rewards, "response_mask": mask}, non_tensor_batch={"uid": uids, "data_source": sources})
+        data = types.SimpleNamespace(
+            batch={"token_level_rewards": token_rewards, "response_mask": mask},
+            non_tensor_batch={"uid": uids, "data_source": sources},
+        )
         advantages, _ = fake.compute_advantage(data, "ebpo_hier_running")
         _, group_ids = np.unique(uids.astype(str), return_inverse=True)
         expected, metrics = reference(scores, torch.as_tensor(group_ids), topic_ids=stable_topic_ids(list(sources)))
@@ -103,4 +111,6 @@ def test_topics_from_non_tensor_batch_reach_the_hierarchical_prior():
     b, _ = adapter.FUNCTIONS["ebpo_hier"](token_rewards, mask, index=uids)
     assert not torch.allclose(a, b)  # the topics changed the prior
     with pytest.raises(ValueError, match="different topic ids"):  # a topic per sample that splits a group is a bug
-        adapter.FUNCTIONS["ebpo_hier"](token_rewards, mask, index=uids, data_source=np.array(["x"] * 6 + ["y"] * 6, dtype=object))
+        adapter.FUNCTIONS["ebpo_hier"](
+            token_rewards, mask, index=uids, data_source=np.array(["x"] * 6 + ["y"] * 6, dtype=object)
+        )

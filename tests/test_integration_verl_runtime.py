@@ -24,13 +24,27 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verl")
     env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "ebpo.integrations.verl_plugin"}
     worker = Path(__file__).with_name("verl_runtime_worker.py")
-    result = subprocess.run([sys.executable, str(worker), str(tmp / "r.json"), str(tmp / "m.json")], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(worker), str(tmp / "r.json"), str(tmp / "m.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((tmp / "r.json").read_text())
 
 
 def test_external_module_registers_estimators_and_divergences(report):
-    assert report["registered"] == ["ebpo", "ebpo_ema", "ebpo_ha_dw", "ebpo_hier", "ebpo_hier_running", "ebpo_running", "ha_dw"]
+    assert report["registered"] == [
+        "ebpo",
+        "ebpo_ema",
+        "ebpo_ha_dw",
+        "ebpo_hier",
+        "ebpo_hier_running",
+        "ebpo_running",
+        "ha_dw",
+    ]
     assert report["losses_module_sees_wrapper"]  # verl's engine-worker loss module calls our kl_penalty
 
 

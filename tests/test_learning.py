@@ -40,11 +40,25 @@ class FixedPrompts:
 
 def _run(seed: int, run_dir, method: str = "ebpo") -> dict:
     config = TrainConfig(
-        task="arithmetic", task_options={"max_terms": 2, "max_digits": 1, "ops": "+", "num_train": 64, "num_eval": 16},
-        steps=30, seed=seed, threads=1, warmstart_steps=60, warmstart_batch_size=32, warmstart_lr=3e-3,
-        prompts_per_step=16, group_size=4, max_new_tokens=4, lr=3e-4, lr_warmup_steps=1, eval_samples=8,
-        log_every=30, save_every=0, tensorboard=False, progress=False,
-    )  # fmt: skip
+        task="arithmetic",
+        task_options={"max_terms": 2, "max_digits": 1, "ops": "+", "num_train": 64, "num_eval": 16},
+        steps=30,
+        seed=seed,
+        threads=1,
+        warmstart_steps=60,
+        warmstart_batch_size=32,
+        warmstart_lr=3e-3,
+        prompts_per_step=16,
+        group_size=4,
+        max_new_tokens=4,
+        lr=3e-4,
+        lr_warmup_steps=1,
+        eval_samples=8,
+        log_every=30,
+        save_every=0,
+        tensorboard=False,
+        progress=False,
+    )
     config = dataclasses.replace(config, method=method, **preset(method))
     components = build_components(config)
     components.task = FixedPrompts(components.task)

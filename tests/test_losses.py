@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebpo.divergences import build_divergence
-from ebpo.losses import LossInputs, aggregate, build_policy_loss, list_aggregations, list_policy_losses
+from ebpo.losses import LossInputs, build_policy_loss, list_aggregations, list_policy_losses
 
 MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -28,7 +28,9 @@ def random_inputs(seed: int, b: int = 6, t: int = 9, per_token_adv: bool = False
     return LossInputs(logprobs.requires_grad_(), old, advantages, mask, ref_logprobs)
 
 
-def loop_loss(inputs: LossInputs, mode: str, eps_low: float, eps_high: float, constant: float = 12.0, div=None, coef=0.0) -> float:
+def loop_loss(
+    inputs: LossInputs, mode: str, eps_low: float, eps_high: float, constant: float = 12.0, div=None, coef=0.0
+) -> float:
     b, t = inputs.logprobs.shape
     per_seq, all_tokens = [], []
     for i in range(b):
@@ -41,7 +43,9 @@ def loop_loss(inputs: LossInputs, mode: str, eps_low: float, eps_high: float, co
             clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
             term = -min(ratio * a, clipped * a)
             if div is not None:
-                term += coef * float(div(inputs.logprobs[i, j].detach().view(1, 1), inputs.ref_logprobs[i, j].view(1, 1)))
+                term += coef * float(
+                    div(inputs.logprobs[i, j].detach().view(1, 1), inputs.ref_logprobs[i, j].view(1, 1))
+                )
             terms.append(term)
         all_tokens += terms
         per_seq.append(terms)
@@ -70,7 +74,9 @@ def test_clip_matches_loop_oracle(mode, seed, per_token_adv):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name,options", [("kl", {"estimator": "k3"}), ("prob_l2", {}), ("neural_mirror", {"init_scale": 1.0})])
+@pytest.mark.parametrize(
+    "name,options", [("kl", {"estimator": "k3"}), ("prob_l2", {}), ("neural_mirror", {"init_scale": 1.0})]
+)
 def test_divergence_added_per_token_before_aggregation(mode, name, options):
     inputs = random_inputs(11, ref=True)
     div = build_divergence(name, **options)
@@ -98,10 +104,15 @@ def test_sharded_loss_with_global_counts_equals_unsharded(mode):
         assert float(total) == pytest.approx(float(full), abs=1e-12)
     # without the global count, token-mean on uneven shards is NOT the global mean
     if mode == "token-mean":
-        naive = sum(
-            loss_fn(LossInputs(inputs.logprobs[s], inputs.old_logprobs[s], inputs.advantages[s], inputs.mask[s])).loss
-            for s in shards
-        ) / 2
+        naive = (
+            sum(
+                loss_fn(
+                    LossInputs(inputs.logprobs[s], inputs.old_logprobs[s], inputs.advantages[s], inputs.mask[s])
+                ).loss
+                for s in shards
+            )
+            / 2
+        )
         assert abs(float(naive) - float(full)) > 1e-6
 
 
@@ -212,7 +223,15 @@ def test_empty_sequences_and_empty_mask_are_finite():
 )
 def test_fuzz_finite_inputs_give_finite_loss_and_grads(lp, old, adv, mode, name):
     logprobs = torch.tensor(lp, dtype=torch.float64).view(2, 3).requires_grad_()
-    inputs = LossInputs(logprobs, torch.tensor(old, dtype=torch.float64).view(2, 3), torch.tensor(adv, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64), logprobs.detach() - 0.1)
-    out = build_policy_loss(name, agg=mode, agg_constant=3.0, divergence=build_divergence("prob_l2"), div_coef=0.1)(inputs)
+    inputs = LossInputs(
+        logprobs,
+        torch.tensor(old, dtype=torch.float64).view(2, 3),
+        torch.tensor(adv, dtype=torch.float64),
+        torch.ones(2, 3, dtype=torch.float64),
+        logprobs.detach() - 0.1,
+    )
+    out = build_policy_loss(name, agg=mode, agg_constant=3.0, divergence=build_divergence("prob_l2"), div_coef=0.1)(
+        inputs
+    )
     out.loss.backward()
     assert math.isfinite(float(out.loss)) and bool(torch.isfinite(logprobs.grad).all())

@@ -11,12 +11,24 @@ from ebpo.divergences import NeuralMirror
 from ebpo.meta import main
 
 TINY = [
-    "--task", "arithmetic",
-    "--population", "4", "--inner-steps", "3", "--eval-problems", "32", "--workers", "2", "--sigma", "2.0",
-    "--min-improvement", "-1",
-    "--train-args", "--prompts-per-step 4 --group-size 2 --warmstart-steps 150 --warmstart-batch-size 64 "
+    "--task",
+    "arithmetic",
+    "--population",
+    "4",
+    "--inner-steps",
+    "3",
+    "--eval-problems",
+    "32",
+    "--workers",
+    "2",
+    "--sigma",
+    "2.0",
+    "--min-improvement",
+    "-1",
+    "--train-args",
+    "--prompts-per-step 4 --group-size 2 --warmstart-steps 150 --warmstart-batch-size 64 "
     "--eval-samples 4 --max-new-tokens 6 --div-coef 20 --lr 0.002",
-]  # fmt: skip
+]
 
 
 @pytest.mark.slow
@@ -56,7 +68,8 @@ def test_members_validate_on_a_split_the_final_evaluation_never_sees(tmp_path, t
     which stays out of training, whatever ``--eval-problems`` is."""
     from ebpo.meta import VALIDATION_SEED, _member_command, _resolve, build_parser
     from ebpo.tasks.build import DEFAULT_TASK, build_task
-    from ebpo.train.cli import build_parser as train_parser, resolve_config
+    from ebpo.train.cli import build_parser as train_parser
+    from ebpo.train.cli import resolve_config
 
     argv = ["--quick", "--task-options", "{seed: 5}"] + ([] if task == DEFAULT_TASK else ["--task", task])
     args = _resolve(build_parser().parse_args(argv))
@@ -84,7 +97,9 @@ def _saved_search(out, argv):
     args = meta._resolve(meta.build_parser().parse_args([*argv, "--out", str(out)]))
     config = ESConfig(population=args.population, iterations=1)
     make_output_dir(out, "ebpo meta")
-    state = es_iteration(ESState.start(NeuralMirror(seed=0).flat_params, config), config, lambda m: [float(-x.sum()) for x in m])
+    state = es_iteration(
+        ESState.start(NeuralMirror(seed=0).flat_params, config), config, lambda m: [float(-x.sum()) for x in m]
+    )
     meta._save_state(state, config, out, meta._search_settings(args, config))
 
 
@@ -118,7 +133,9 @@ def test_resume_refuses_other_settings_than_the_search_was_started_with(tmp_path
     assert meta.main(["--quick", "--out", str(out), "--resume", "--iterations", "1", "--patience", "9"]) == 0
 
 
-@pytest.mark.parametrize("bad", [{"settings": "[1, 2]"}, {"settings": "not json"}, {"config": [1, 2]}, {"settings": torch.zeros(2)}])
+@pytest.mark.parametrize(
+    "bad", [{"settings": "[1, 2]"}, {"settings": "not json"}, {"config": [1, 2]}, {"settings": torch.zeros(2)}]
+)
 def test_resume_of_a_state_with_crafted_settings_is_refused_not_a_traceback(tmp_path, capsys, bad):
     from ebpo import meta
 

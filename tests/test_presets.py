@@ -18,15 +18,45 @@ from ebpo.train.presets import list_methods
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
 
-_COLUMNS = ("estimator", "weighting", "loss", "loss_agg", "eps", "divergence", "div_coef", "dynamic_sampling", "overlong", "curriculum")
+_COLUMNS = (
+    "estimator",
+    "weighting",
+    "loss",
+    "loss_agg",
+    "eps",
+    "divergence",
+    "div_coef",
+    "dynamic_sampling",
+    "overlong",
+    "curriculum",
+)
 _KL = ("kl", {"estimator": "k3"})
 
 
-def _row(estimator, loss_agg, *, weighting=None, loss="clip", eps=(0.2, 0.2), divergence=(None, {}), div_coef=0.0,
-         dynamic_sampling=False, overlong=(0, 1.0), curriculum="shuffle") -> dict:  # fmt: skip
+def _row(
+    estimator,
+    loss_agg,
+    *,
+    weighting=None,
+    loss="clip",
+    eps=(0.2, 0.2),
+    divergence=(None, {}),
+    div_coef=0.0,
+    dynamic_sampling=False,
+    overlong=(0, 1.0),
+    curriculum="shuffle",
+) -> dict:
     return dict(
-        estimator=estimator, weighting=weighting, loss=loss, loss_agg=loss_agg, eps=eps, divergence=divergence,
-        div_coef=div_coef, dynamic_sampling=dynamic_sampling, overlong=overlong, curriculum=curriculum,
+        estimator=estimator,
+        weighting=weighting,
+        loss=loss,
+        loss_agg=loss_agg,
+        eps=eps,
+        divergence=divergence,
+        div_coef=div_coef,
+        dynamic_sampling=dynamic_sampling,
+        overlong=overlong,
+        curriculum=curriculum,
     )
 
 
@@ -52,10 +82,16 @@ def _resolve(argv: list[str]):
 
 def _components(config) -> dict:
     return dict(
-        estimator=config.estimator, weighting=config.weighting, loss=config.loss, loss_agg=config.loss_agg,
-        eps=(config.eps_low, config.eps_high), divergence=(config.divergence, config.divergence_options),
-        div_coef=config.div_coef, dynamic_sampling=config.dynamic_sampling,
-        overlong=(config.overlong_buffer, config.overlong_penalty), curriculum=config.curriculum,
+        estimator=config.estimator,
+        weighting=config.weighting,
+        loss=config.loss,
+        loss_agg=config.loss_agg,
+        eps=(config.eps_low, config.eps_high),
+        divergence=(config.divergence, config.divergence_options),
+        div_coef=config.div_coef,
+        dynamic_sampling=config.dynamic_sampling,
+        overlong=(config.overlong_buffer, config.overlong_penalty),
+        curriculum=config.curriculum,
     )
 
 

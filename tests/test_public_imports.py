@@ -38,7 +38,10 @@ def test_top_level_api():
     [
         ("ebpo.eval_metrics", ["avg_at_k", "pass_at_k", "maj_at_k"]),  # README's feature list
         ("ebpo.curriculum", ["build_curriculum", "list_curricula"]),
-        ("ebpo.data", ["load_records", "load_dataset_records", "apply_chat_template", "LOADERS"]),  # README, docs/data.md
+        (
+            "ebpo.data",
+            ["load_records", "load_dataset_records", "apply_chat_template", "LOADERS"],
+        ),  # README, docs/data.md
         ("ebpo.verifiers", ["VERIFIERS", "build_verifier", "list_verifiers"]),
         ("ebpo.tasks", ["TASKS", "Problem", "Task"]),
         ("ebpo.models", ["load_policy", "load_tokenizer", "CharTokenizer"]),
@@ -159,7 +162,9 @@ def test_evaluate_and_train_do_not_import_each_other():
         if command_of(module) == "evaluate":
             assert not any(command_of(t) == "train" for t in targets), f"{module} imports ebpo.train: {sorted(targets)}"
         if command_of(module) == "train":
-            assert not any(command_of(t) == "evaluate" for t in targets), f"{module} imports ebpo.evaluate: {sorted(targets)}"
+            assert not any(command_of(t) == "evaluate" for t in targets), (
+                f"{module} imports ebpo.evaluate: {sorted(targets)}"
+            )
 
 
 def test_the_layering_check_finds_upward_imports():

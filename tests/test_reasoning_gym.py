@@ -33,15 +33,21 @@ def test_task_generates_offline_and_its_verifier_scores_the_datasets_answer():
 
 
 def test_the_trainer_resolves_name_colon_dataset_with_options():
-    task = build_task("reasoning_gym:chain_sum", {"size": 20, "eval_size": 5, "seed": 3, "min_terms": 2, "max_terms": 2})
+    task = build_task(
+        "reasoning_gym:chain_sum", {"size": 20, "eval_size": 5, "seed": 3, "min_terms": 2, "max_terms": 2}
+    )
     assert len(task.eval_problems()) == 5
     # the dataset's own option reached the generator: two terms, one operator
     assert all(len(json.loads(p.answer)["entry"]["metadata"]["expression"].split()) == 3 for p in task.train_problems())
-    again = build_task("reasoning_gym:chain_sum", {"size": 20, "eval_size": 5, "seed": 3, "min_terms": 2, "max_terms": 2})
+    again = build_task(
+        "reasoning_gym:chain_sum", {"size": 20, "eval_size": 5, "seed": 3, "min_terms": 2, "max_terms": 2}
+    )
     assert [p.prompt for p in again.train_problems()] == [p.prompt for p in task.train_problems()]  # seeded
 
 
-@pytest.mark.parametrize("dataset", ["chain_sum", "basic_arithmetic", "leg_counting", "spell_backward", "word_sorting", "letter_counting"])
+@pytest.mark.parametrize(
+    "dataset", ["chain_sum", "basic_arithmetic", "leg_counting", "spell_backward", "word_sorting", "letter_counting"]
+)
 def test_own_answers_survive_the_json_reference(dataset):
     # The reference round-trips the entry through JSON (tuples -> lists); the scorer must still accept its own answer.
     task = TASKS.get("reasoning_gym")(dataset, size=8, eval_size=4)

@@ -100,13 +100,24 @@ def leak():  # any constant that looks like the secret (the probe itself must no
 def test_plain_data_round_trip(verifier):
     # Everything a test may compare: the judge rebuilds the same types (tuple stays tuple, set stays set).
     value = "[1, -2.5, 'x', None, True, (1, 2), {1, 2}, frozenset({3}), {'a': [1], (1, 2): b'ab'}, 1+2j, float('inf'), 10 ** 30]"
-    reference = json.dumps({"tests": [f"assert make() == {value}", "assert type(make()[5]) is tuple and type(make()[6]) is set"]})
+    reference = json.dumps(
+        {"tests": [f"assert make() == {value}", "assert type(make()[5]) is tuple and type(make()[6]) is set"]}
+    )
     assert verifier(f"def make():\n    return {value}", reference).reward == 1.0
-    assert verifier("def make():\n    return [1, -2.5, 'x', None, True, [1, 2]]", reference).reward == 0.0  # list is not tuple
+    assert (
+        verifier("def make():\n    return [1, -2.5, 'x', None, True, [1, 2]]", reference).reward == 0.0
+    )  # list is not tuple
 
 
 def test_candidate_exceptions_reach_the_tests(verifier):
-    reference = json.dumps({"tests": ["try:\n    f(-1)\n    raise AssertionError('no error')\nexcept ValueError:\n    pass", "assert f(2) == 4"]})
+    reference = json.dumps(
+        {
+            "tests": [
+                "try:\n    f(-1)\n    raise AssertionError('no error')\nexcept ValueError:\n    pass",
+                "assert f(2) == 4",
+            ]
+        }
+    )
     assert verifier("def f(x):\n    if x < 0:\n        raise ValueError(x)\n    return x * x", reference).reward == 1.0
     assert verifier("def f(x):\n    return x * x", reference).reward == 0.0
 

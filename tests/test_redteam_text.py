@@ -20,10 +20,13 @@ from ebpo.verifiers.answers import extract_answer, normalize_digits
 from ebpo.verifiers.base import BadReference, GuardedVerifier
 from ebpo.verifiers.gsm8k import GSM8KVerifier
 
-requires_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None, reason="math-verify not installed")
+requires_math_verify = pytest.mark.skipif(
+    importlib.util.find_spec("math_verify") is None, reason="math-verify not installed"
+)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from redteam_corpus import ARABIC_INDIC, FULLWIDTH, MATH_BOLD, NEWLINES, TEXT_ATTACKS as HOSTILE  # noqa: E402
+from redteam_corpus import ARABIC_INDIC, FULLWIDTH, MATH_BOLD, NEWLINES  # noqa: E402
+from redteam_corpus import TEXT_ATTACKS as HOSTILE  # noqa: E402
 
 
 @pytest.mark.parametrize("completion", HOSTILE, ids=range(len(HOSTILE)))
@@ -56,7 +59,9 @@ def test_unicode_digits_are_read_as_digits(completion):
 
 
 @requires_math_verify
-@pytest.mark.parametrize("completion", [f"\\boxed{{{FULLWIDTH}}}", f"\\boxed{{{ARABIC_INDIC}}}", f"\\boxed{{{MATH_BOLD}}}"])
+@pytest.mark.parametrize(
+    "completion", [f"\\boxed{{{FULLWIDTH}}}", f"\\boxed{{{ARABIC_INDIC}}}", f"\\boxed{{{MATH_BOLD}}}"]
+)
 def test_math_reads_unicode_digits(completion):
     from ebpo.verifiers.math_verifier import MathVerifier
 

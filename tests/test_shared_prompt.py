@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_speed import _oracle, model_of_kind
 
 from ebpo.models import load_policy
 from ebpo.sampling import Rollout, generate
 from ebpo.tasks.arithmetic import ArithmeticTask
 from ebpo.train.rollout import distinct_prompts, length_chunks, rows_logprobs
-from test_train_speed import _oracle, model_of_kind
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,19 @@ def rollout(tiny):
     problems = ArithmeticTask(num_train=10, num_eval=6).eval_problems()
     torch.manual_seed(0)
     parts = [
-        generate(model, tok, problems[3 * k : 3 * k + 3], torch.arange(3) + 3 * k, group_size=3, max_new_tokens=5 + 2 * k,
-                 temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)  # fmt: skip
+        generate(
+            model,
+            tok,
+            problems[3 * k : 3 * k + 3],
+            torch.arange(3) + 3 * k,
+            group_size=3,
+            max_new_tokens=5 + 2 * k,
+            temperature=1.0,
+            top_p=1.0,
+            do_sample=True,
+            chat_template="auto",
+            batch_size=0,
+        )
         for k in range(2)
     ]
     return Rollout.concat(parts)
@@ -38,7 +49,9 @@ def rollout(tiny):
 def _embedded_rows(model):
     """Record the (rows, width) of every input of the token embedding."""
     shapes = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: shapes.append(tuple(args[0].shape))
+    )
     return shapes, hook
 
 
@@ -74,14 +87,19 @@ def test_shared_prompt_logprobs_equal_the_full_forward_and_run_each_prompt_once(
 def test_a_micro_batch_that_splits_groups_and_rows_in_any_order(tiny, rollout):
     model, _ = tiny
     expected, _ = _oracle(model, rollout, 1.0)
-    for rows in (torch.tensor([7, 0, 4, 1, 12]), torch.tensor([16, 3])):  # groups 2, 0, 1, 0, 4 (one shared); 5, 1 (none)
+    for rows in (
+        torch.tensor([7, 0, 4, 1, 12]),
+        torch.tensor([16, 3]),
+    ):  # groups 2, 0, 1, 0, 4 (one shared); 5, 1 (none)
         with torch.no_grad():
             got = rows_logprobs(model, rollout, rows, share_prompts=True)
         mask = rollout.completion_mask[rows].bool()
         assert torch.allclose(got[mask], expected[rows][mask], atol=1e-5)
     one = torch.tensor([4])  # a single row, cut to its own completion length (a 1-token completion must work too)
     with torch.no_grad():
-        assert torch.allclose(rows_logprobs(model, rollout, one, share_prompts=True), rows_logprobs(model, rollout, one), atol=1e-5)
+        assert torch.allclose(
+            rows_logprobs(model, rollout, one, share_prompts=True), rows_logprobs(model, rollout, one), atol=1e-5
+        )
 
 
 def test_gradients_equal_the_full_forwards(tiny, rollout):
@@ -115,14 +133,26 @@ def test_length_chunks_keep_groups_together(rollout, size, chunks):
     assert longest == sorted(longest)  # groups ordered by their longest row
 
 
-@pytest.mark.parametrize("flags", [[], ["--micro-batch-size", "3"], ["--ppo-epochs", "2", "--mini-batches", "2"]], ids=["buckets", "micro3", "ppo"])
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--micro-batch-size", "3"], ["--ppo-epochs", "2", "--mini-batches", "2"]],
+    ids=["buckets", "micro3", "ppo"],
+)
 def test_the_update_with_shared_prompts_equals_the_update_without(tmp_path, flags):
     """Same rollout, same advantages: the policy after an update (and its metrics) agree with sharing on and off."""
     from test_train_correctness import _batch, _trainer
 
     results = []
     for share in (True, False):
-        trainer = _trainer(tmp_path, "--method", "grpo", "--seed", "3", "--share-prompt-cache" if share else "--no-share-prompt-cache", *flags)
+        trainer = _trainer(
+            tmp_path,
+            "--method",
+            "grpo",
+            "--seed",
+            "3",
+            "--share-prompt-cache" if share else "--no-share-prompt-cache",
+            *flags,
+        )
         assert trainer.share_update_prompts == share
         torch.manual_seed(5)
         batch, advantages = _batch(trainer)

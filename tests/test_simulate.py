@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebpo.estimators import build_estimator
+from ebpo.simulate import main
 from ebpo.simulate.bandit import BANDIT_ESTIMATORS, BanditConfig, init_logits, reinforce_gradient, run_bandit
 from ebpo.simulate.baselines import EBPO_PRIORS, baseline_mse, zero_signal
 from ebpo.simulate.populations import parse_dist, sample_rewards
@@ -30,7 +31,6 @@ from ebpo.simulate.theory import (
     shrinkage_mse_given_p,
     shrinkage_mse_population,
 )
-from ebpo.simulate import main
 
 PAPER = {0.25: {2: 1.0, 4: 1.0, 6: 0.8278, 8: 0.7811}, 0.5: {2: 1.0, 4: 0.7770, 6: 0.6897, 8: 0.6409}}
 
@@ -64,14 +64,18 @@ def test_hadw_table_reproduces_the_paper(upper, g):
 def test_hadw_table_monte_carlo_agrees_within_four_standard_errors(upper, g):
     mc = hadw_probability_mc(g, upper, 100_000, torch.Generator().manual_seed(g))
     assert mc["unresolved"] <= 5  # p below ~1e-5 only
-    assert abs(mc["estimate"] - hadw_probability_exact(g, upper)) < 4 * mc["std_error"] + mc["unresolved"] / mc["samples"]
+    assert (
+        abs(mc["estimate"] - hadw_probability_exact(g, upper)) < 4 * mc["std_error"] + mc["unresolved"] / mc["samples"]
+    )
 
 
 def test_the_pooled_reading_does_not_give_the_papers_figures():
     """The paper averages the conditional probability over p; pooling over p gives other numbers."""
     assert hadw_probability_pooled(6, 0.25) == pytest.approx(0.7455, abs=1e-4)
     assert abs(hadw_probability_pooled(6, 0.25) - PAPER[0.25][6]) > 0.05
-    assert hadw_probability_pooled(4, 0.25) == pytest.approx(1.0, abs=1e-12)  # where every mixed mu_hat >= 1/4 > p both readings agree
+    assert hadw_probability_pooled(4, 0.25) == pytest.approx(
+        1.0, abs=1e-12
+    )  # where every mixed mu_hat >= 1/4 > p both readings agree
 
 
 def test_conditional_probability_given_p_is_one_below_one_over_g():
@@ -80,7 +84,9 @@ def test_conditional_probability_given_p_is_one_below_one_over_g():
     # G = 6 at p = 0.2: mixed groups with k = 1 (mu_hat = 1/6 < 0.2) are the only ones below
     q = 0.8
     k1 = 6 * 0.2 * q**5
-    assert float(hadw_probability_given_p(6, torch.tensor([0.2], dtype=torch.float64))) == pytest.approx(1 - k1 / (1 - q**6 - 0.2**6), abs=1e-12)
+    assert float(hadw_probability_given_p(6, torch.tensor([0.2], dtype=torch.float64))) == pytest.approx(
+        1 - k1 / (1 - q**6 - 0.2**6), abs=1e-12
+    )
 
 
 # ------------------------------------------------------------------ bias curve
@@ -91,7 +97,11 @@ def test_bias_closed_form_matches_the_binomial_sum_and_monte_carlo(g):
     p = torch.tensor([0.05, 0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
     closed = bias_closed_form(g, p)
     by_sum = torch.tensor(
-        [sum(math.comb(g, k) * x**k * (1 - x) ** (g - k) * k / g for k in range(1, g)) / (1 - (1 - x) ** g - x**g) - x for x in p.tolist()],
+        [
+            sum(math.comb(g, k) * x**k * (1 - x) ** (g - k) * k / g for k in range(1, g)) / (1 - (1 - x) ** g - x**g)
+            - x
+            for x in p.tolist()
+        ],
         dtype=torch.float64,
     )
     assert torch.allclose(closed, by_sum, atol=1e-12)
@@ -125,12 +135,27 @@ def test_population_moments_are_exact_and_match_samples():
     for pop in (beta, mix, uni):
         theta = pop.sample(200_000, gen)
         assert 0.0 <= float(theta.min()) and float(theta.max()) <= 1.0
-        se_mean, se_var = math.sqrt(pop.var / 200_000), math.sqrt(2 / 200_000) * pop.var * 1.5  # var s.e. with a kurtosis margin
+        se_mean, se_var = (
+            math.sqrt(pop.var / 200_000),
+            math.sqrt(2 / 200_000) * pop.var * 1.5,
+        )  # var s.e. with a kurtosis margin
         assert float(theta.mean()) == pytest.approx(pop.mean, abs=4 * se_mean)
         assert float(theta.var()) == pytest.approx(pop.var, abs=4 * se_var)
 
 
-@pytest.mark.parametrize("spec", ["gauss:0,1", "beta:0,1", "beta:1", "uniform:0.5,0.2", "mix:beta:1,1", "mix:0.5*beta:1,1", "mix:-1*beta:1,1+1*beta:2,2", "beta:a,b"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "gauss:0,1",
+        "beta:0,1",
+        "beta:1",
+        "uniform:0.5,0.2",
+        "mix:beta:1,1",
+        "mix:0.5*beta:1,1",
+        "mix:-1*beta:1,1+1*beta:2,2",
+        "beta:a,b",
+    ],
+)
 def test_bad_distribution_specs_raise(spec):
     with pytest.raises(ValueError):
         parse_dist(spec)
@@ -159,7 +184,9 @@ def test_ebpo_baseline_mse_is_about_half_of_the_group_mean():
     mean, se, closed = mse["mean"], mse["std_error"], mse["closed_form"]
     for name in ("group mean", "leave-one-out", "oracle shrinkage"):
         assert abs(mean[name] - closed[name]) < 4 * se[name], name
-    assert closed["group mean"] == pytest.approx(0.050, abs=1e-12) and closed["oracle shrinkage"] == pytest.approx(0.025, abs=1e-12)
+    assert closed["group mean"] == pytest.approx(0.050, abs=1e-12) and closed["oracle shrinkage"] == pytest.approx(
+        0.025, abs=1e-12
+    )
     assert closed["ebpo (large-batch limit)"] == pytest.approx(0.0263, abs=1e-4)  # the paper's ~0.026
     for prior in EBPO_PRIORS:
         # 512 prompts estimate S with ~1% relative error: a finite-batch excess far below one standard error.
@@ -255,7 +282,9 @@ def test_reinforce_gradient_matches_autograd_per_prompt():
 def test_bandit_learns_and_rms_updates_remove_a_constant_advantage_scale():
     pop = parse_dist("beta:1,3")
     config = BanditConfig(group_size=4, prompts=128, batch=32, steps=40, update="rms")
-    runs = {label: run_bandit(BANDIT_ESTIMATORS[label], pop, config, seed=3) for label in ("dr_grpo", "rloo", "ebpo-batch")}
+    runs = {
+        label: run_bandit(BANDIT_ESTIMATORS[label], pop, config, seed=3) for label in ("dr_grpo", "rloo", "ebpo-batch")
+    }
     for run in runs.values():
         assert len(run["success"]) == 41 and all(math.isfinite(x) for x in run["success"] + run["entropy"])
         assert 0.0 <= min(run["entropy"]) and max(run["entropy"]) <= math.log(8) + 1e-12
@@ -263,7 +292,9 @@ def test_bandit_learns_and_rms_updates_remove_a_constant_advantage_scale():
         assert run["entropy"][-1] < run["entropy"][0]
     # RLOO's advantage is G/(G-1) times Dr. GRPO's: after RMS scaling the two runs are the same run.
     assert runs["rloo"]["success"] == pytest.approx(runs["dr_grpo"]["success"], abs=1e-9)
-    sgd = run_bandit(BANDIT_ESTIMATORS["rloo"], pop, BanditConfig(group_size=4, prompts=128, batch=32, steps=40), seed=3)
+    sgd = run_bandit(
+        BANDIT_ESTIMATORS["rloo"], pop, BanditConfig(group_size=4, prompts=128, batch=32, steps=40), seed=3
+    )
     assert sgd["success"][-1] != pytest.approx(runs["rloo"]["success"][-1], abs=1e-6)
 
 
@@ -282,7 +313,15 @@ def test_cli_quick_writes_report_plots_and_json(tmp_path):
     threads = torch.get_num_threads()
     assert main(["--quick", "--out", str(out), "--json", str(data)]) == 0
     assert torch.get_num_threads() == threads  # main restores the thread count it lowers
-    for name in ("report.md", "hadw.png", "mse_vs_p.png", "mse_vs_g.png", "zero_signal.png", "bandit_sgd.png", "bandit_rms.png"):
+    for name in (
+        "report.md",
+        "hadw.png",
+        "mse_vs_p.png",
+        "mse_vs_g.png",
+        "zero_signal.png",
+        "bandit_sgd.png",
+        "bandit_rms.png",
+    ):
         assert (out / name).stat().st_size > 1000, name
     result = json.loads(data.read_text())
     assert result["hadw_table"]["0.25"]["6"]["exact"] == pytest.approx(0.8278, abs=5e-5)
@@ -292,18 +331,45 @@ def test_cli_quick_writes_report_plots_and_json(tmp_path):
             for label, entry in result["bandit"][update][g].items():
                 curve = entry["success"]["mean"]
                 assert len(curve) == 61 and all(0.0 <= x <= 1.0 for x in curve), label
-                assert all(math.isfinite(x) for x in entry["entropy"]["mean"] + entry["success"]["ci_half_width"]), label
+                assert all(math.isfinite(x) for x in entry["entropy"]["mean"] + entry["success"]["ci_half_width"]), (
+                    label
+                )
     report = (out / "report.md").read_text()
     assert "0.8278" in report and "0.7770" in report and "ebpo+ha_dw" in report
 
 
 def test_cli_passes_hadw_options_and_subsets(tmp_path):
     data = tmp_path / "a.json"
-    argv = ["--quick", "--group-sizes", "4", "--bandit-group-sizes", "2", "--bandit-updates", "rms", "--bandit-steps", "5"]
-    argv += ["--bandit-seeds", "2", "--hadw-anchor", "hard", "--hadw-lam", "1.5", "--out", str(tmp_path / "o"), "--json", str(data)]
+    argv = [
+        "--quick",
+        "--group-sizes",
+        "4",
+        "--bandit-group-sizes",
+        "2",
+        "--bandit-updates",
+        "rms",
+        "--bandit-steps",
+        "5",
+    ]
+    argv += [
+        "--bandit-seeds",
+        "2",
+        "--hadw-anchor",
+        "hard",
+        "--hadw-lam",
+        "1.5",
+        "--out",
+        str(tmp_path / "o"),
+        "--json",
+        str(data),
+    ]
     assert main(argv) == 0
     result = json.loads(data.read_text())
-    assert result["config"]["hadw_anchor"] == "hard" and set(result["bandit"]) == {"rms"} and set(result["bandit"]["rms"]) == {"2"}
+    assert (
+        result["config"]["hadw_anchor"] == "hard"
+        and set(result["bandit"]) == {"rms"}
+        and set(result["bandit"]["rms"]) == {"2"}
+    )
     assert len(result["bandit"]["rms"]["2"]["ha_dw"]["success"]["mean"]) == 6
     assert not (tmp_path / "o" / "bandit_sgd.png").exists() and (tmp_path / "o" / "bandit_rms.png").exists()
 
@@ -329,5 +395,7 @@ def test_sample_rewards_shapes_and_rates():
     theta = torch.tensor([0.0, 1.0, 0.3], dtype=torch.float64)
     rewards, group_ids = sample_rewards(theta, 20_000, torch.Generator().manual_seed(0))
     per_prompt = rewards.view(3, -1).mean(1)
-    assert per_prompt[0] == 0.0 and per_prompt[1] == 1.0 and abs(float(per_prompt[2]) - 0.3) < 4 * math.sqrt(0.21 / 20_000)
+    assert (
+        per_prompt[0] == 0.0 and per_prompt[1] == 1.0 and abs(float(per_prompt[2]) - 0.3) < 4 * math.sqrt(0.21 / 20_000)
+    )
     assert group_ids.tolist()[:2] == [0, 0] and group_ids.tolist()[-1] == 2

@@ -17,7 +17,9 @@ from ebpo.tasks.build import build_task, build_verifier_for
 from ebpo.tasks.stepwise import DEFAULT_PLAIN_SLIP_RATE, DEFAULT_SLIP_RATE, TOPICS, StepwiseTask, StepwiseVerifier
 from ebpo.verifiers.base import VERIFIERS
 
-SMALL = dict(num_train=2000, num_eval=200, slip_rate=0.0, plain_slip_rate=0.0)  # clean derivations; slips are tested on their own
+SMALL = dict(
+    num_train=2000, num_eval=200, slip_rate=0.0, plain_slip_rate=0.0
+)  # clean derivations; slips are tested on their own
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,9 @@ def test_slipped_demonstrations_are_off_by_one_on_carrying_steps_and_answers_sta
         for (a, op, b, written), following in zip(steps, steps[1:] + [None]):
             slip = written - {"+": a + b, "-": a - b, "*": a * b}[op]
             (hard if op == "*" or _column_carries(a, b, op) else easy).append(slip)
-            assert written >= 0 and (following is None or following[0] == written), problem  # chained from the written value
+            assert written >= 0 and (following is None or following[0] == written), (
+                problem
+            )  # chained from the written value
         assert problem.target.endswith(f"#{steps[-1][3]}")
     for slips, expected in ((hard, 0.6), (easy, 0.1)):  # carrying, borrowing or multiplying steps slip more
         rate = sum(s != 0 for s in slips) / len(slips)
@@ -131,7 +135,9 @@ def test_topics_and_difficulty_fields(task):
 
 def test_held_out_set_is_fixed_and_disjoint_from_training():
     a, b = StepwiseTask(**SMALL, seed=1), StepwiseTask(**SMALL, seed=2)
-    assert [p.prompt for p in a.eval_problems()] == [p.prompt for p in b.eval_problems()]  # independent of the train seed
+    assert [p.prompt for p in a.eval_problems()] == [
+        p.prompt for p in b.eval_problems()
+    ]  # independent of the train seed
     held_out = {p.prompt for p in a.eval_problems()}
     assert len(held_out) > 100
     assert not held_out & {p.prompt for p in a.train_problems()}
@@ -223,10 +229,30 @@ def test_grpo_learns_the_task_on_cpu(tmp_path):
     (issue 15; the wall time, under 5 minutes on 2 cores, is measured in docs/testbed.md, not asserted here)."""
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "ebpo", "train", "--task", "stepwise", "--method", "grpo", "--group-size", "8",
-        "--threads", "2", "--out", str(out), "--no-progress", "--no-tensorboard", "--save-every", "0",
-    ]  # fmt: skip
-    subprocess.run(command, check=True, env={**os.environ, "EBPO_CACHE_DIR": os.environ.get("EBPO_CACHE_DIR", str(tmp_path / "cache"))})
+        sys.executable,
+        "-m",
+        "ebpo",
+        "train",
+        "--task",
+        "stepwise",
+        "--method",
+        "grpo",
+        "--group-size",
+        "8",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-tensorboard",
+        "--save-every",
+        "0",
+    ]
+    subprocess.run(
+        command,
+        check=True,
+        env={**os.environ, "EBPO_CACHE_DIR": os.environ.get("EBPO_CACHE_DIR", str(tmp_path / "cache"))},
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy_after"] - summary["accuracy_before"] >= 0.15, summary
     assert summary["peak_rss_mb"] < 2048, summary

@@ -56,8 +56,11 @@ def test_the_applied_recommendations_are_announced():
 
 @pytest.mark.parametrize(
     ("recommended", "message"),
-    [({"max_new_token": 44}, "did you mean 'max_new_tokens'"), ({"max_new_tokens": "many"}, "max_new_tokens must be an integer"),
-     ({"task": "arithmetic"}, "may not set ['task']")],
+    [
+        ({"max_new_token": 44}, "did you mean 'max_new_tokens'"),
+        ({"max_new_tokens": "many"}, "max_new_tokens must be an integer"),
+        ({"task": "arithmetic"}, "may not set ['task']"),
+    ],
 )
 def test_a_bad_recommendation_is_a_clear_error(monkeypatch, recommended, message):
     monkeypatch.setattr(stepwise, "RECOMMENDED", recommended)
@@ -68,13 +71,32 @@ def test_a_bad_recommendation_is_a_clear_error(monkeypatch, recommended, message
 
 def test_the_recommendation_is_printed_and_recorded_in_config_yaml(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(stepwise, "RECOMMENDED", {**stepwise.RECOMMENDED, "warmstart_steps": 2, "warmstart_batch_size": 4})
+    monkeypatch.setattr(
+        stepwise, "RECOMMENDED", {**stepwise.RECOMMENDED, "warmstart_steps": 2, "warmstart_batch_size": 4}
+    )
     out = tmp_path / "run"
     flags = [
-        "--task", "stepwise", "--task-options", "{num_train: 40, num_eval: 2}", "--method", "grpo", "--steps", "1",
-        "--prompts-per-step", "2", "--group-size", "2", "--threads", "1", "--no-progress", "--no-tensorboard",
-        "--eval-samples", "1", "--out", str(out),
-    ]  # fmt: skip
+        "--task",
+        "stepwise",
+        "--task-options",
+        "{num_train: 40, num_eval: 2}",
+        "--method",
+        "grpo",
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--eval-samples",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(flags) == 0
     assert "task stepwise recommends max_new_tokens=44" in capsys.readouterr().out
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -29,9 +29,23 @@ def _free_port() -> int:
 def _run(out, shards: str, *flags: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     world = len(shards.split(","))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(_free_port())] if world > 1 else [sys.executable]
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(_free_port()),
+        ]
+        if world > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run([*launcher, WORKER, str(out), shards, *flags], env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [*launcher, WORKER, str(out), shards, *flags], env=env, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
@@ -53,7 +67,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, shar
     start = _weights_at_start(flags)
     moved = _max_diff(single["params"], start)
     assert moved > 1e-3  # training moved the weights ...
-    assert _max_diff(rank0["params"], single["params"]) < 1e-5  # ... and sharding did not change where to (float rounding)
+    assert (
+        _max_diff(rank0["params"], single["params"]) < 1e-5
+    )  # ... and sharding did not change where to (float rounding)
     for two, one in zip(rank0["metrics"], single["metrics"]):  # logged metrics are the global ones
         for key in ("loss/policy", "loss/total", "loss/divergence", "policy/entropy", "optim/grad_norm", "optim/lr"):
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

@@ -19,12 +19,26 @@ from ebpo.cli import main  # noqa: E402
 from ebpo.train.tracking import read_metrics  # noqa: E402
 
 TINY = [
-    "--task", "arithmetic",  # the small built-in task (the default is stepwise)
-    "--warmstart-steps", "40", "--warmstart-batch-size", "32",
+    "--task",
+    "arithmetic",  # the small built-in task (the default is stepwise)
+    "--warmstart-steps",
+    "40",
+    "--warmstart-batch-size",
+    "32",
     # Copy-a-digit problems: learnable in a few warm-start steps, so rewards are mixed and the policy moves.
-    "--task-options", "{num_train: 400, num_eval: 16, max_terms: 1, max_digits: 2}",
-    "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6",
-    "--log-every", "1", "--no-progress", "--threads", "1",
+    "--task-options",
+    "{num_train: 400, num_eval: 16, max_terms: 1, max_digits: 2}",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "4",
+    "--max-new-tokens",
+    "6",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
 ]
 
 
@@ -51,7 +65,13 @@ def test_short_default_run_learns_and_writes_every_artifact(tmp_path):
         assert (out / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
     final = out / "checkpoints" / "step-000003"
-    for name in ("model/config.json", "model/model.safetensors", "model/char_vocab.json", "trainer_state.pt", "rng-rank0.pt"):
+    for name in (
+        "model/config.json",
+        "model/model.safetensors",
+        "model/char_vocab.json",
+        "trainer_state.pt",
+        "rng-rank0.pt",
+    ):
         assert (final / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "wall_seconds", "peak_rss_mb"):
@@ -82,7 +102,19 @@ def test_existing_run_dir_is_never_overwritten(tmp_path, capsys):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """Checkpoint at step 2 of 4; resuming from it gives the same step 3-4 metrics and estimator state."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--steps", "4", "--save-every", "2", "--keep-checkpoints", "5", "--estimator-options", "{prior: running}", "--seed", "3", *TINY]
+    args = [
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "5",
+        "--estimator-options",
+        "{prior: running}",
+        "--seed",
+        "3",
+        *TINY,
+    ]
     assert main(["train", "--out", str(full), *args]) == 0
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000004")  # as if killed after the step-2 checkpoint
@@ -97,7 +129,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     end_resumed = torch.load(resumed / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
     assert end_full["estimator"] == end_resumed["estimator"]
     assert end_full["stream"] == end_resumed["stream"]
-    a, b = _weights(str(full / "checkpoints" / "step-000004" / "model")), _weights(str(resumed / "checkpoints" / "step-000004" / "model"))
+    a, b = (
+        _weights(str(full / "checkpoints" / "step-000004" / "model")),
+        _weights(str(resumed / "checkpoints" / "step-000004" / "model")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -109,9 +144,26 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
     import time
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    args = ["--steps", "6", "--save-every", "2", "--keep-checkpoints", "10", "--estimator-options", "{prior: running}", "--seed", "5", *TINY]
+    args = [
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "10",
+        "--estimator-options",
+        "{prior: running}",
+        "--seed",
+        "5",
+        *TINY,
+    ]
     assert main(["train", "--out", str(full), *args]) == 0  # also fills the warm-start cache the child reuses
-    proc = subprocess.Popen([sys.executable, "-m", "ebpo", "train", "--out", str(killed), *args], env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebpo", "train", "--out", str(killed), *args],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     marker = killed / "checkpoints" / "step-000002" / "trainer_state.pt"
     deadline = time.time() + 240
     while not marker.exists():
@@ -145,7 +197,10 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path):
         (["--div-coef", "0.1", "--divergence", "none"], "no divergence is set; pass --divergence"),
         (["--estimator-options", "{prior: sometimes}"], "prior must be one of"),
         (["--method", "gbmpo-probl2", "--mirror-params", "m.json"], "mirror_params needs --divergence neural_mirror"),
-        (["--method", "gbmpo-mirror", "--mirror-params", "/no/such/mirror.json"], "cannot read neural_mirror parameters from '/no/such/mirror.json'"),
+        (
+            ["--method", "gbmpo-mirror", "--mirror-params", "/no/such/mirror.json"],
+            "cannot read neural_mirror parameters from '/no/such/mirror.json'",
+        ),
     ],
 )
 def test_bad_configuration_fails_before_training(tmp_path, capsys, flags, message):
@@ -163,11 +218,34 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "EBPO_CACHE_DIR": cache})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "EBPO_CACHE_DIR": cache,
+        }
+    )
     from ebpo.train.cli import build_parser, resolve_config
     from ebpo.train.trainer import Trainer, build_components
 
-    args = build_parser().parse_args(["--steps", "3", "--out", out, "--estimator-options", "{prior: running}", "--weighting", "ha_dw", "--device", "cpu", *TINY])
+    args = build_parser().parse_args(
+        [
+            "--steps",
+            "3",
+            "--out",
+            out,
+            "--estimator-options",
+            "{prior: running}",
+            "--weighting",
+            "ha_dw",
+            "--device",
+            "cpu",
+            *TINY,
+        ]
+    )
     config = resolve_config(args)
     components = build_components(config)
     if rank == 0:
@@ -175,7 +253,10 @@ def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
     trainer = Trainer(config, out, components, resume=False, echo=lambda _: None)
     trainer.train()
     torch.save(
-        {"estimator": components.estimator.state_dict(), "params": {k: v.clone() for k, v in trainer.model.state_dict().items()}},
+        {
+            "estimator": components.estimator.state_dict(),
+            "params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        },
         os.path.join(out, f"rank{rank}.pt"),
     )
     torch.distributed.destroy_process_group()
@@ -190,7 +271,22 @@ def test_two_process_gloo_run_has_identical_estimator_state(tmp_path):
     assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
 
 
-@pytest.mark.parametrize("method", ["grpo", "dr_grpo", "dapo", "rloo", "entropymech", "ebpo-topic", "ebpo-diff", "ha_dw", "ebpo+ha_dw", "gbmpo-probl2", "gbmpo-mirror"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "grpo",
+        "dr_grpo",
+        "dapo",
+        "rloo",
+        "entropymech",
+        "ebpo-topic",
+        "ebpo-diff",
+        "ha_dw",
+        "ebpo+ha_dw",
+        "gbmpo-probl2",
+        "gbmpo-mirror",
+    ],
+)
 def test_every_preset_trains(tmp_path, method):
     out = tmp_path / "run"
     assert main(["train", "--method", method, "--steps", "2", "--out", str(out), "--no-tensorboard", *TINY]) == 0
@@ -224,14 +320,39 @@ def test_the_default_task_is_stepwise_with_its_recommendations(tmp_path):
     """`ebpo train` with no --task runs the stepwise testbed under its recommended settings (shortened here)."""
     out = tmp_path / "run"
     short = [
-        "--steps", "1", "--warmstart-steps", "5", "--warmstart-batch-size", "8", "--prompts-per-step", "2", "--group-size", "2",
-        "--task-options", "{num_train: 40, num_eval: 10}", "--eval-samples", "1", "--no-progress", "--no-tensorboard",
-        "--threads", "1", "--save-every", "0",
-    ]  # fmt: skip
+        "--steps",
+        "1",
+        "--warmstart-steps",
+        "5",
+        "--warmstart-batch-size",
+        "8",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--task-options",
+        "{num_train: 40, num_eval: 10}",
+        "--eval-samples",
+        "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+        "--save-every",
+        "0",
+    ]
     assert main(["train", "--out", str(out), *short]) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["task"] == "stepwise" and config["method"] == "ebpo" and config["group_size"] == 2
-    assert config["max_new_tokens"] == 44 and config["lr"] == 3e-4 and config["warmstart_lr"] == 3e-3  # the task's recommendations
+    assert (
+        config["max_new_tokens"] == 44 and config["lr"] == 3e-4 and config["warmstart_lr"] == 3e-3
+    )  # the task's recommendations
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == "stepwise" and set(summary["accuracy_by_topic"]) <= {"add1", "chain4", "mul1", "chain5", "add2"}
+    assert summary["task"] == "stepwise" and set(summary["accuracy_by_topic"]) <= {
+        "add1",
+        "chain4",
+        "mul1",
+        "chain5",
+        "add2",
+    }
     assert sum(row["problems"] for row in summary["accuracy_by_topic"].values()) == 10

@@ -34,11 +34,20 @@ def test_update_logprobs_are_the_samplers_own_scores_at_temperature(tiny, temper
     model, tok = tiny
     problems = _problems()
     batch = tok([p.prompt for p in problems], return_tensors="pt", padding=True)
-    config = sampling_config(do_sample=True, temperature=temperature, top_p=1.0, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = sampling_config(
+        do_sample=True,
+        temperature=temperature,
+        top_p=1.0,
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
+        )
     prompt_length = batch["input_ids"].shape[1]
     completion = out.sequences[:, prompt_length:]  # (B, T)
     mask = completion_mask(completion, tok.eos_token_id)
@@ -74,8 +83,21 @@ def test_rollouts_ignore_the_models_own_generation_config(tiny, do_sample):
     outs = []
     for m in (model, opinionated):
         torch.manual_seed(3)
-        outs.append(generate(m, tok, _problems(5), torch.arange(5), group_size=3, max_new_tokens=8, temperature=1.0, top_p=1.0,
-                             do_sample=do_sample, chat_template="auto", batch_size=0))  # fmt: skip
+        outs.append(
+            generate(
+                m,
+                tok,
+                _problems(5),
+                torch.arange(5),
+                group_size=3,
+                max_new_tokens=8,
+                temperature=1.0,
+                top_p=1.0,
+                do_sample=do_sample,
+                chat_template="auto",
+                batch_size=0,
+            )
+        )
     assert torch.equal(outs[0].input_ids, outs[1].input_ids)
     assert opinionated.generation_config.repetition_penalty == 1.8  # restored after sampling
 
@@ -87,8 +109,19 @@ def test_evaluation_sampling_ignores_the_models_own_generation_config(tiny):
     model, tok = tiny
     verifier = build_verifier("exact")
     results = [
-        sample_correctness(m, tok, _problems(5), verifier, samples=3, max_new_tokens=8, temperature=1.0, top_p=1.0,
-                           chat_template="auto", generation_batch_size=0, seed=4)[1]  # fmt: skip
+        sample_correctness(
+            m,
+            tok,
+            _problems(5),
+            verifier,
+            samples=3,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=1.0,
+            chat_template="auto",
+            generation_batch_size=0,
+            seed=4,
+        )[1]
         for m in (model, _opinionated(model))
     ]
     assert results[0] == results[1]
@@ -100,17 +133,44 @@ def test_rollout_emits_no_future_or_deprecation_warning(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        rollout = generate(model, tok, _problems(), torch.arange(4), group_size=2, max_new_tokens=4, temperature=0.7, top_p=0.9,
-                           do_sample=True, chat_template="auto", batch_size=0, share_prompt_cache=True)  # fmt: skip
+        rollout = generate(
+            model,
+            tok,
+            _problems(),
+            torch.arange(4),
+            group_size=2,
+            max_new_tokens=4,
+            temperature=0.7,
+            top_p=0.9,
+            do_sample=True,
+            chat_template="auto",
+            batch_size=0,
+            share_prompt_cache=True,
+        )
         sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, 0.7)
 
 
 # ---------------------------------------------------------------- trainer-level checks (in process, one rank)
 BASE = [
-    "--task", "arithmetic", "--warmstart-steps", "0", "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
-    "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--no-progress", "--threads", "1",
-    "--device", "cpu", "--no-tensorboard",
-]  # fmt: skip
+    "--task",
+    "arithmetic",
+    "--warmstart-steps",
+    "0",
+    "--task-options",
+    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "4",
+    "--max-new-tokens",
+    "6",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--no-tensorboard",
+]
 
 
 def _trainer(tmp_path, *flags, echo=lambda _: None):
@@ -145,11 +205,17 @@ def _full_batch_loss(trainer, rollout, advantages):
 
 def test_logged_loss_is_invariant_to_micro_batches_and_lr_is_the_one_used(tmp_path):
     """Defect 6: loss/policy shrank with the number of micro-batches, loss/total was added twice, lr was the next one."""
-    first = _trainer(tmp_path, "--method", "grpo", "--micro-batch-size", "0", "--length-buckets", "1", "--lr-warmup-steps", "4")
+    first = _trainer(
+        tmp_path, "--method", "grpo", "--micro-batch-size", "0", "--length-buckets", "1", "--lr-warmup-steps", "4"
+    )
     rollout, advantages = _batch(first)
     expected = _full_batch_loss(first, rollout, advantages)
     logged = []
-    for flags in (["--micro-batch-size", "0", "--length-buckets", "1"], ["--micro-batch-size", "2"], ["--micro-batch-size", "0", "--length-buckets", "4"]):
+    for flags in (
+        ["--micro-batch-size", "0", "--length-buckets", "1"],
+        ["--micro-batch-size", "2"],
+        ["--micro-batch-size", "0", "--length-buckets", "4"],
+    ):
         trainer = _trainer(tmp_path, "--method", "grpo", "--lr-warmup-steps", "4", *flags)
         logged.append(trainer.update(rollout, advantages))
     for metrics in logged:
@@ -189,7 +255,9 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_a_small_lr(tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.params)
     rollout, advantages = _batch(trainer)
     seen: list[torch.dtype] = []
-    hook = trainer.model.lm_head.register_forward_hook(lambda module, args, output: seen.append(output.dtype) if torch.is_grad_enabled() else None)
+    hook = trainer.model.lm_head.register_forward_hook(
+        lambda module, args, output: seen.append(output.dtype) if torch.is_grad_enabled() else None
+    )
     before = [p.detach().clone() for p in trainer.params]
     trainer.update(rollout, advantages)
     hook.remove()
@@ -206,7 +274,9 @@ def test_help_shows_the_defaults_that_actually_run():
     text = " ".join(build_parser().format_help().split())
     assert "Coefficient of the divergence in the loss. (default: 0.001; set by the --method ebpo preset" in text
     assert "(default: 'kl'; set by the --method ebpo preset" in text
-    assert "Policy loss: clip, clip_cov, kl_cov." in text and "(default: 'clip'; set by the --method ebpo preset" in text
+    assert (
+        "Policy loss: clip, clip_cov, kl_cov." in text and "(default: 'clip'; set by the --method ebpo preset" in text
+    )
     assert "Responses sampled per prompt (G). (default: 8)" in text  # not a preset field: no note
 
 
@@ -245,19 +315,28 @@ def test_accuracy_by_topic_maps_each_gathered_score_to_its_problems_topic(world)
     from ebpo.tasks.base import Problem
     from ebpo.train.trainer import Trainer
 
-    problems = [Problem(id=str(i), prompt=f"{i}=", answer="0", topic="abc"[i % 3] if i != 4 else None) for i in range(11)]
+    problems = [
+        Problem(id=str(i), prompt=f"{i}=", answer="0", topic="abc"[i % 3] if i != 4 else None) for i in range(11)
+    ]
     truth_before = {"a": 1.0, "b": 0.25, "c": 0.0}
     order = [p for rank in range(world) for p in problems[rank::world]]  # the gathered order
     before = torch.tensor([truth_before.get(p.topic, 0.5) for p in order])
     after = torch.tensor([float(int(p.id)) for p in order])  # score = problem index
     stub = SimpleNamespace(
-        c=SimpleNamespace(task=SimpleNamespace(eval_problems=lambda: problems)), config=SimpleNamespace(max_eval_problems=0),
-        dist=SimpleNamespace(world=world), scores_before=before, last_eval_scores=after,
+        c=SimpleNamespace(task=SimpleNamespace(eval_problems=lambda: problems)),
+        config=SimpleNamespace(max_eval_problems=0),
+        dist=SimpleNamespace(world=world),
+        scores_before=before,
+        last_eval_scores=after,
     )
     table = Trainer._by_topic(stub)
     assert set(table) == {"a", "b", "c"}  # the topic-less problem is in no topic
     for topic in "abc":
         ids = [int(p.id) for p in problems if p.topic == topic]
-        assert table[topic] == {"problems": len(ids), "before": truth_before[topic], "after": pytest.approx(sum(ids) / len(ids))}
+        assert table[topic] == {
+            "problems": len(ids),
+            "before": truth_before[topic],
+            "after": pytest.approx(sum(ids) / len(ids)),
+        }
     stub.c.task = SimpleNamespace(eval_problems=lambda: [Problem(id="x", prompt="1=", answer="1")])
     assert Trainer._by_topic(stub) == {}

@@ -7,10 +7,32 @@ import torch
 from ebpo.cli import main
 
 ARGS = [
-    "train", "--task", "arithmetic", "--method", "ebpo-diff", "--task-options", "{num_train: 24, num_eval: 8}", "--difficulty-samples", "3",
-    "--steps", "1", "--prompts-per-step", "4", "--group-size", "2", "--warmstart-steps", "60",
-    "--warmstart-batch-size", "32", "--eval-samples", "1", "--no-progress", "--no-tensorboard", "--threads", "1",
-]  # fmt: skip
+    "train",
+    "--task",
+    "arithmetic",
+    "--method",
+    "ebpo-diff",
+    "--task-options",
+    "{num_train: 24, num_eval: 8}",
+    "--difficulty-samples",
+    "3",
+    "--steps",
+    "1",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "2",
+    "--warmstart-steps",
+    "60",
+    "--warmstart-batch-size",
+    "32",
+    "--eval-samples",
+    "1",
+    "--no-progress",
+    "--no-tensorboard",
+    "--threads",
+    "1",
+]
 
 
 def test_difficulty_curriculum_estimates_and_caches_pass_rates(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,9 @@ def test_trainer_places_everything_on_the_gpu_and_computes_in_bf16(tmp_path):
     rollout, advantages = _batch(trainer)
     assert rollout.input_ids.device.type == "cuda"
     seen: list[torch.dtype] = []
-    hook = trainer.model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.dtype) if torch.is_grad_enabled() else None)
+    hook = trainer.model.lm_head.register_forward_hook(
+        lambda m, a, out: seen.append(out.dtype) if torch.is_grad_enabled() else None
+    )
     before = [p.detach().clone() for p in trainer.params]
     metrics = trainer.update(rollout, advantages.cuda())
     hook.remove()
@@ -72,11 +74,20 @@ def test_update_logprobs_are_the_samplers_scores_under_bf16_autocast():
     model, tok = load_policy("builtin:tiny", device=torch.device("cuda"), dtype="float32", seed=0)
     problems = ArithmeticTask(num_train=10, num_eval=4).eval_problems()
     batch = {k: v.cuda() for k, v in tok([p.prompt for p in problems], return_tensors="pt", padding=True).items()}
-    config = sampling_config(do_sample=True, temperature=0.5, top_p=1.0, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = sampling_config(
+        do_sample=True,
+        temperature=0.5,
+        top_p=1.0,
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
+        )
         prompt_length = batch["input_ids"].shape[1]
         completion = out.sequences[:, prompt_length:]
         mask = completion_mask(completion, tok.eos_token_id)

@@ -12,12 +12,28 @@ import torch
 
 pytest.importorskip("peft")
 
+from test_train_cli import TINY, _cache, _timeless, _weights  # noqa: E402,F401  (the fixture keeps ~/.cache clean)
+
 from ebpo.cli import main  # noqa: E402
 from ebpo.train.tracking import read_metrics  # noqa: E402
 
-from test_train_cli import TINY, _cache, _timeless, _weights  # noqa: E402,F401  (the fixture keeps ~/.cache clean)
-
-LORA = ["--method", "ebpo", "--lora-rank", "4", "--lr", "3e-3", "--seed", "2", "--steps", "4", "--save-every", "2", "--keep-checkpoints", "5", *TINY]
+LORA = [
+    "--method",
+    "ebpo",
+    "--lora-rank",
+    "4",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "2",
+    "--steps",
+    "4",
+    "--save-every",
+    "2",
+    "--keep-checkpoints",
+    "5",
+    *TINY,
+]
 
 
 def test_lora_run_trains_adapters_only_and_resumes(tmp_path):
@@ -37,14 +53,18 @@ def test_lora_run_trains_adapters_only_and_resumes(tmp_path):
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000004")
     assert main(["train", "--resume", str(resumed), "--no-progress"]) == 0
-    assert [_timeless(r) for r in read_metrics(str(resumed / "metrics.jsonl"))] == [_timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))]
+    assert [_timeless(r) for r in read_metrics(str(resumed / "metrics.jsonl"))] == [
+        _timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))
+    ]
 
     out = tmp_path / "eval"
     task = TINY[TINY.index("--task-options") + 1]
     assert main(["eval", "--model", str(full), "--task-options", task, "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
     summary = json.loads((full / "summary.json").read_text())
-    assert report["results"]["arithmetic"]["avg@4"] == pytest.approx(summary["accuracy_after"])  # the merged adapter, evaluated
+    assert report["results"]["arithmetic"]["avg@4"] == pytest.approx(
+        summary["accuracy_after"]
+    )  # the merged adapter, evaluated
 
 
 def _adapter(path):
@@ -74,5 +94,9 @@ def test_lora_old_logprobs_keep_the_adapters_and_reference_ones_drop_them(tmp_pa
             base = rows_logprobs(trainer.model, rollout, rows)
     mask = rollout.completion_mask.bool()
     assert not torch.allclose(with_adapters[mask], base[mask], atol=1e-4)
-    assert torch.allclose(trainer._logprobs(trainer.model, rollout, rows)[mask], with_adapters[mask], atol=1e-5)  # old log-probs
-    assert torch.allclose(trainer._logprobs(trainer.ref_model, rollout, rows, reference=True)[mask], base[mask], atol=1e-5)
+    assert torch.allclose(
+        trainer._logprobs(trainer.model, rollout, rows)[mask], with_adapters[mask], atol=1e-5
+    )  # old log-probs
+    assert torch.allclose(
+        trainer._logprobs(trainer.ref_model, rollout, rows, reference=True)[mask], base[mask], atol=1e-5
+    )

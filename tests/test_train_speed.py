@@ -33,8 +33,19 @@ def rollout(tiny):
     model, tok = tiny
     problems = ArithmeticTask(num_train=10, num_eval=6).eval_problems()  # prompts of different lengths
     torch.manual_seed(0)
-    return generate(model, tok, problems, torch.arange(6), group_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0,
-                    do_sample=True, chat_template="auto", batch_size=0)  # fmt: skip
+    return generate(
+        model,
+        tok,
+        problems,
+        torch.arange(6),
+        group_size=2,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        do_sample=True,
+        chat_template="auto",
+        batch_size=0,
+    )
 
 
 def _oracle(model, rollout, temperature):
@@ -42,7 +53,9 @@ def _oracle(model, rollout, temperature):
     P = rollout.prompt_length
     positions = (rollout.attention_mask.cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
-        logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions).logits
+        logits = model(
+            input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions
+        ).logits
     logits = logits[:, P - 1 : -1].float() / temperature  # (B, T, V)
     logp = torch.log_softmax(logits, -1)
     chosen = logp.gather(2, rollout.input_ids[:, P:].unsqueeze(-1)).squeeze(-1)
@@ -61,7 +74,9 @@ class _NoLogitsToKeep(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, **kwargs):
         assert "logits_to_keep" not in kwargs
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kwargs
+        )
 
 
 class _Wrapper(torch.nn.Module):
@@ -110,7 +125,9 @@ def test_completion_logprobs_equal_the_full_forward_and_skip_prompt_logits(tiny,
     try:
         with torch.no_grad():
             got, entropy = rows_logprobs(call, rollout, rows, temperature, entropy=True)
-            whole = sequence_logprobs(call, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, temperature)
+            whole = sequence_logprobs(
+                call, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, temperature
+            )
     finally:
         hook.remove()
     assert torch.allclose(got[mask], expected[mask], atol=1e-5)
@@ -125,7 +142,9 @@ def test_completion_logprobs_equal_the_full_forward_and_skip_prompt_logits(tiny,
 
 
 def test_group_ids_stay_on_the_cpu(rollout):
-    assert rollout.group_ids.device.type == "cpu" and rollout.group_ids.tolist() == [i for i in range(6) for _ in range(2)]
+    assert rollout.group_ids.device.type == "cpu" and rollout.group_ids.tolist() == [
+        i for i in range(6) for _ in range(2)
+    ]
 
 
 def test_row_lengths_are_the_masks_counts(rollout):

@@ -42,7 +42,17 @@ def test_precedence_defaults_preset_yaml_flags(tmp_path):
 def test_flag_types():
     parser = build_parser()
     config = resolve_config(
-        parser.parse_args(["--estimator-options", "{prior: ema, decay: 0.8}", "--divergence", "none", "--no-tensorboard", "--weighting", "ha_dw"])
+        parser.parse_args(
+            [
+                "--estimator-options",
+                "{prior: ema, decay: 0.8}",
+                "--divergence",
+                "none",
+                "--no-tensorboard",
+                "--weighting",
+                "ha_dw",
+            ]
+        )
     )
     assert config.estimator_options == {"prior": "ema", "decay": 0.8}
     assert config.divergence is None and config.tensorboard is False and config.weighting == "ha_dw"
@@ -50,12 +60,24 @@ def test_flag_types():
 
 def test_presets_cover_the_papers_and_reset_other_methods_components():
     assert set(list_methods()) == {
-        "grpo", "dr_grpo", "dapo", "rloo", "entropymech", "ebpo", "ebpo-topic", "ebpo-diff",
-        "ha_dw", "ebpo+ha_dw", "gbmpo-probl2", "gbmpo-mirror",
+        "grpo",
+        "dr_grpo",
+        "dapo",
+        "rloo",
+        "entropymech",
+        "ebpo",
+        "ebpo-topic",
+        "ebpo-diff",
+        "ha_dw",
+        "ebpo+ha_dw",
+        "gbmpo-probl2",
+        "gbmpo-mirror",
     }
     parser = build_parser()
     grpo = resolve_config(parser.parse_args(["--method", "grpo"]))
-    assert grpo.divergence is None and grpo.div_coef == 0.0 and grpo.estimator == "grpo"  # no KL leaking from the ebpo default
+    assert (
+        grpo.divergence is None and grpo.div_coef == 0.0 and grpo.estimator == "grpo"
+    )  # no KL leaking from the ebpo default
     assert resolve_config(parser.parse_args(["--method", "ebpo-topic"])).curriculum == "topic"
     for name in PRESETS:
         TrainConfig(**{**dataclasses.asdict(TrainConfig()), **PRESETS[name]})  # every preset names real fields
@@ -111,7 +133,19 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny):
     model, tok = tiny
     problems = ArithmeticTask(num_train=10, num_eval=4).eval_problems()
     torch.manual_seed(0)
-    rollout = generate(model, tok, problems, torch.arange(4), group_size=2, max_new_tokens=5, temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)
+    rollout = generate(
+        model,
+        tok,
+        problems,
+        torch.arange(4),
+        group_size=2,
+        max_new_tokens=5,
+        temperature=1.0,
+        top_p=1.0,
+        do_sample=True,
+        chat_template="auto",
+        batch_size=0,
+    )
     assert rollout.input_ids.shape[0] == 8 and rollout.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     logprobs = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)  # (B, T)
     # Oracle: each row alone (no padding at all), token by token with the plain forward pass.
@@ -136,9 +170,25 @@ def test_shared_prompt_cache_samples_what_a_full_prefill_samples(tiny, do_sample
     outs = []
     for share in (True, False):
         torch.manual_seed(1)
-        outs.append(generate(model, tok, problems, torch.arange(5), group_size=3, max_new_tokens=6, temperature=1.0, top_p=1.0,
-                             do_sample=do_sample, chat_template="auto", batch_size=batch_size, share_prompt_cache=share))  # fmt: skip
-    assert torch.equal(outs[0].input_ids, outs[1].input_ids) and torch.equal(outs[0].attention_mask, outs[1].attention_mask)
+        outs.append(
+            generate(
+                model,
+                tok,
+                problems,
+                torch.arange(5),
+                group_size=3,
+                max_new_tokens=6,
+                temperature=1.0,
+                top_p=1.0,
+                do_sample=do_sample,
+                chat_template="auto",
+                batch_size=batch_size,
+                share_prompt_cache=share,
+            )
+        )
+    assert torch.equal(outs[0].input_ids, outs[1].input_ids) and torch.equal(
+        outs[0].attention_mask, outs[1].attention_mask
+    )
     assert outs[0].texts == outs[1].texts and outs[0].group_ids.tolist() == [i for i in range(5) for _ in range(3)]
 
 
@@ -146,7 +196,19 @@ def test_length_chunks_cut_padding_without_changing_logprobs(tiny):
     model, tok = tiny
     problems = ArithmeticTask(num_train=10, num_eval=8).eval_problems()
     torch.manual_seed(0)
-    rollout = generate(model, tok, problems, torch.arange(8), group_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)
+    rollout = generate(
+        model,
+        tok,
+        problems,
+        torch.arange(8),
+        group_size=2,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        do_sample=True,
+        chat_template="auto",
+        batch_size=0,
+    )
     rows = torch.arange(16)
     full = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
     chunks = length_chunks(rollout, rows, 0, 4)
@@ -165,8 +227,32 @@ def test_length_chunks_cut_padding_without_changing_logprobs(tiny):
 def test_rollout_concat_keeps_rows_aligned(tiny):
     model, tok = tiny
     task = ArithmeticTask(num_train=10, num_eval=6)
-    a = generate(model, tok, task.eval_problems()[:2], torch.tensor([0, 1]), group_size=2, max_new_tokens=3, temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)
-    b = generate(model, tok, task.eval_problems()[2:5], torch.tensor([2, 3, 4]), group_size=2, max_new_tokens=5, temperature=1.0, top_p=1.0, do_sample=True, chat_template="auto", batch_size=0)
+    a = generate(
+        model,
+        tok,
+        task.eval_problems()[:2],
+        torch.tensor([0, 1]),
+        group_size=2,
+        max_new_tokens=3,
+        temperature=1.0,
+        top_p=1.0,
+        do_sample=True,
+        chat_template="auto",
+        batch_size=0,
+    )
+    b = generate(
+        model,
+        tok,
+        task.eval_problems()[2:5],
+        torch.tensor([2, 3, 4]),
+        group_size=2,
+        max_new_tokens=5,
+        temperature=1.0,
+        top_p=1.0,
+        do_sample=True,
+        chat_template="auto",
+        batch_size=0,
+    )
     both = Rollout.concat([a, b])
     lp_both = sequence_logprobs(model, both.input_ids, both.attention_mask, both.prompt_length)
     lp_a = sequence_logprobs(model, a.input_ids, a.attention_mask, a.prompt_length)
@@ -194,7 +280,9 @@ def test_task_resolution(monkeypatch):
     from ebpo.tasks.base import TASKS
 
     assert build_task("arithmetic", {"num_train": 5, "num_eval": 2}).name == "arithmetic"
-    assert len(build_task("ebpo.tasks.arithmetic:ArithmeticTask", {"num_train": 5, "num_eval": 2}).train_problems()) == 5
+    assert (
+        len(build_task("ebpo.tasks.arithmetic:ArithmeticTask", {"num_train": 5, "num_eval": 2}).train_problems()) == 5
+    )
     seen = {}
 
     def factory(arg, **options):
@@ -225,13 +313,15 @@ def test_global_advantages_sliced_per_rank_equal_single_process():
     shards = [(rewards[:12], ids[:12]), (rewards[12:], ids[12:])]  # rank 0 then rank 1, as all_gather_cat orders them
     single = build_estimator("ebpo", prior="running")
     expected, _ = single(rewards, ids)
-    for rank, (r, i) in enumerate(shards):
+    for rank, (r, _) in enumerate(shards):
         est = build_estimator("ebpo", prior="running")
         gathered_r, gathered_i = torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards])
         advantages, _ = est(gathered_r, gathered_i)
         offset = sum(len(s[0]) for s in shards[:rank])
         assert torch.equal(advantages[offset : offset + len(r)], expected[rank * 12 : rank * 12 + 12])
-        assert est.state_dict()["estimator_state"]["group_stats"] == single.state_dict()["estimator_state"]["group_stats"]
+        assert (
+            est.state_dict()["estimator_state"]["group_stats"] == single.state_dict()["estimator_state"]["group_stats"]
+        )
 
 
 def test_mirror_params_file_is_the_divergence_the_trainer_builds(tmp_path):
@@ -241,7 +331,9 @@ def test_mirror_params_file_is_the_divergence_the_trainer_builds(tmp_path):
 
     params = torch.rand(NeuralMirror.num_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     NeuralMirror(params).save(tmp_path / "mirror.json")
-    config = resolve_config(build_parser().parse_args(["--method", "gbmpo-mirror", "--mirror-params", str(tmp_path / "mirror.json")]))
+    config = resolve_config(
+        build_parser().parse_args(["--method", "gbmpo-mirror", "--mirror-params", str(tmp_path / "mirror.json")])
+    )
     validate(config)
     divergence = build_components(config).divergence
     assert torch.equal(divergence.flat_params, params)  # not the preset's seed-0 initialisation
@@ -253,8 +345,14 @@ def test_warm_start_key_depends_on_the_training_problems_not_the_eval_options():
     from ebpo.train.warmstart import train_data_id
 
     validation_member = ArithmeticTask(num_train=200, eval_seed=424_242, exclude_eval_seeds=(1_000_003,))
-    final_run = ArithmeticTask(num_train=200, exclude_eval_seeds=(424_242,))  # default held-out set, validation kept out of training
+    final_run = ArithmeticTask(
+        num_train=200, exclude_eval_seeds=(424_242,)
+    )  # default held-out set, validation kept out of training
     plain = ArithmeticTask(num_train=200)
     assert validation_member.eval_problems() != final_run.eval_problems()
-    assert train_data_id("arithmetic", validation_member.train_problems()) == train_data_id("arithmetic", final_run.train_problems())
-    assert train_data_id("arithmetic", plain.train_problems()) != train_data_id("arithmetic", final_run.train_problems())
+    assert train_data_id("arithmetic", validation_member.train_problems()) == train_data_id(
+        "arithmetic", final_run.train_problems()
+    )
+    assert train_data_id("arithmetic", plain.train_problems()) != train_data_id(
+        "arithmetic", final_run.train_problems()
+    )

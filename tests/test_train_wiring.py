@@ -22,7 +22,14 @@ from ebpo.train.trainer import Trainer, _mixed_groups
 G = 2
 # correctness of each problem's G responses and the overlong penalty of each
 CORRECT = {"p0": [1.0, 1.0], "p1": [1.0, 0.0], "p2": [0.0, 0.0], "p3": [0.0, 1.0], "p4": [1.0, 0.0], "p5": [0.0, 1.0]}
-OVERLONG = {"p0": [0.0, -0.5], "p1": [0.0, -1.0], "p2": [-1.0, 0.0], "p3": [0.0, 0.0], "p4": [0.0, 0.0], "p5": [0.0, 0.0]}
+OVERLONG = {
+    "p0": [0.0, -0.5],
+    "p1": [0.0, -1.0],
+    "p2": [-1.0, 0.0],
+    "p3": [0.0, 0.0],
+    "p4": [0.0, 0.0],
+    "p5": [0.0, 0.0],
+}
 TOPIC = {"p0": "algebra", "p1": "algebra", "p2": "geometry", "p3": None, "p4": "geometry", "p5": "algebra"}
 
 
@@ -75,8 +82,12 @@ def test_dynamic_sampling_filters_on_correctness_not_on_the_overlong_penalty(mon
     rollout, rewards, correctness, _ = trainer.rollout_and_score()
     kept = sorted({p.id for p in rollout.problems})
     assert kept == ["p1", "p3"]  # p0 and p2 are all-correct / all-wrong although their shaped rewards differ
-    assert torch.equal(correctness, torch.tensor([CORRECT[p.id][i % G] for i, p in enumerate(rollout.problems)], dtype=torch.float64))
-    shaped = torch.tensor([CORRECT[p.id][i % G] + OVERLONG[p.id][i % G] for i, p in enumerate(rollout.problems)], dtype=torch.float64)
+    assert torch.equal(
+        correctness, torch.tensor([CORRECT[p.id][i % G] for i, p in enumerate(rollout.problems)], dtype=torch.float64)
+    )
+    shaped = torch.tensor(
+        [CORRECT[p.id][i % G] + OVERLONG[p.id][i % G] for i, p in enumerate(rollout.problems)], dtype=torch.float64
+    )
     assert torch.equal(rewards, shaped)  # the policy is still trained on the shaped reward
 
 

@@ -24,13 +24,20 @@ from ebpo.verifiers import build_verifier
 from ebpo.verifiers.code import CodeVerifier, build_program, extract_code
 
 MBPP = json.dumps({"tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]})
-HUMANEVAL = json.dumps({"test": "def check(candidate):\n    assert candidate([3, 1, 2]) == [1, 2, 3]\n", "entry_point": "sort_list"})
+HUMANEVAL = json.dumps(
+    {"test": "def check(candidate):\n    assert candidate([3, 1, 2]) == [1, 2, 3]\n", "entry_point": "sort_list"}
+)
 TIMEOUT = 2.0
 ROOT = os.geteuid() == 0
 
 SANDBOXES = {
     "default": {},
-    "audit hook only": {"isolate_network": False, "private_tmp": False, "drop_privileges": False, "pid_namespace": False},
+    "audit hook only": {
+        "isolate_network": False,
+        "private_tmp": False,
+        "drop_privileges": False,
+        "pid_namespace": False,
+    },
     "os layers only": {"audit_hook": False},
 }
 
@@ -49,7 +56,10 @@ def test_correct_solutions_pass(verifier):
     assert verifier("```python\ndef add(a, b):\n    return a + b\n```", MBPP).reward == 1.0  # MBPP, fenced
     assert verifier("def sort_list(xs):\n    return sorted(xs)", HUMANEVAL).reward == 1.0  # HumanEval, bare code
     assert verifier("add = lambda a, b: a + b", "assert add(2, 2) == 4").reward == 1.0  # plain assert lines
-    assert verifier("from __future__ import annotations\ndef add(a: int, b: int) -> int:\n    return a + b", MBPP).reward == 1.0
+    assert (
+        verifier("from __future__ import annotations\ndef add(a: int, b: int) -> int:\n    return a + b", MBPP).reward
+        == 1.0
+    )
     setup = json.dumps({"tests": ["assert area(1) == math.pi"], "setup": "import math"})
     assert verifier("def area(r):\n    return math.pi * r * r", setup).reward == 1.0  # setup code runs first
     # files inside its own working directory are fine
@@ -117,7 +127,9 @@ def test_hostile_code_gets_zero_within_the_limit_and_the_host_is_intact(sandbox,
     start = time.monotonic()
     result = sandbox(program, MBPP)
     assert time.monotonic() - start < TIMEOUT + 2
-    if not (case == "write into the host's /tmp" and (sandbox.layers["readonly_mounts"] or not sandbox.layers["audit_hook"])):
+    if not (
+        case == "write into the host's /tmp" and (sandbox.layers["readonly_mounts"] or not sandbox.layers["audit_hook"])
+    ):
         assert result.reward == 0.0, (case, sandbox.layers, sandbox.run(program).output[-500:])
     # else: the child's /tmp is its private working directory (a tmpfs that vanishes with it),
     # so the write is allowed there; the host's /tmp is checked below.

@@ -9,16 +9,21 @@ import time
 import pytest
 
 from ebpo.verifiers import VerifierResult, build_verifier, list_verifiers
-
 from ebpo.verifiers.math_verifier import _Worker
 
 # The gsm8k tests need nothing optional; the math tests need math-verify.
-requires_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None, reason="math-verify not installed")
+requires_math_verify = pytest.mark.skipif(
+    importlib.util.find_spec("math_verify") is None, reason="math-verify not installed"
+)
 
 GSM8K = [
     # (completion, reference, reward)  -- why
     ("#### 72", "72", 1.0),  # GSM8K's own marker
-    ("She sold 48 + 24 = 72 clips.\n#### 72", "Natalia sold 48/2 = 24 clips...\n#### 72", 1.0),  # full reference solution
+    (
+        "She sold 48 + 24 = 72 clips.\n#### 72",
+        "Natalia sold 48/2 = 24 clips...\n#### 72",
+        1.0,
+    ),  # full reference solution
     ("The answer is 1,234.", "1234", 1.0),  # thousands separator and trailing period
     ("So the total is $1,234.00", "1234", 1.0),  # dollar sign and cents
     ("The answer is 3.50", "3.5", 1.0),  # trailing zero of a decimal
@@ -49,7 +54,11 @@ GSM8K = [
     ("Total: 56 cookies.\n#### 56", "56", 1.0),  # marker after prose
     ("It costs 5 dollars.", "5", 1.0),  # unit word and trailing period together
     ("#### -3.50", "-3.5", 1.0),  # negative decimal with a trailing zero
-    ("The answer is 12 apples and 3 pears", "12", 1.0),  # answer-is takes the text after 'is'... first number wins there
+    (
+        "The answer is 12 apples and 3 pears",
+        "12",
+        1.0,
+    ),  # answer-is takes the text after 'is'... first number wins there
 ]
 
 
@@ -114,7 +123,10 @@ def test_math_in_a_worker_thread_uses_a_worker_process():
     results: dict[str, tuple[VerifierResult, float]] = {}
 
     def score() -> None:
-        for key, completion, reference in [("right", "\\boxed{\\frac{2}{4}}", "0.5"), ("slow", "\\boxed{12345678^{12345678}}", "12345678^{12345678}+0")]:
+        for key, completion, reference in [
+            ("right", "\\boxed{\\frac{2}{4}}", "0.5"),
+            ("slow", "\\boxed{12345678^{12345678}}", "12345678^{12345678}+0"),
+        ]:
             start = time.monotonic()
             results[key] = (verifier(completion, reference), time.monotonic() - start)
 
@@ -132,7 +144,10 @@ def test_math_worker_is_killed_at_the_hard_limit_and_restarted():
     # A hard limit below math-verify's own (10 s) stands in for a computation stuck in C.
     worker = _Worker(memory_bytes=4 << 30)
     start = time.monotonic()
-    assert worker.request("12345678^{12345678}+0", "12345678^{12345678}", timeout=10, hard_limit=1.0) == {"status": "timeout", "killed": True}
+    assert worker.request("12345678^{12345678}+0", "12345678^{12345678}", timeout=10, hard_limit=1.0) == {
+        "status": "timeout",
+        "killed": True,
+    }
     assert time.monotonic() - start < 3 and worker.proc is None
     assert worker.request("1/2", "0.5", timeout=5, hard_limit=30) == {"status": "ok", "correct": True}  # a fresh worker
     worker.close()
@@ -198,7 +213,17 @@ def test_unreadable_gsm8k_reference_raises():
         build_verifier("gsm8k")("#### 3", "three")
 
 
-@pytest.mark.parametrize("module", ["ebpo.verifiers.base", "ebpo.verifiers.answers", "ebpo.verifiers.gsm8k", "ebpo.verifiers.code", "ebpo.verifiers.reasoning_gym", "ebpo.verifiers.math_verifier"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "ebpo.verifiers.base",
+        "ebpo.verifiers.answers",
+        "ebpo.verifiers.gsm8k",
+        "ebpo.verifiers.code",
+        "ebpo.verifiers.reasoning_gym",
+        "ebpo.verifiers.math_verifier",
+    ],
+)
 def test_verifier_docstring_examples(module):
     if module.endswith("math_verifier") and importlib.util.find_spec("math_verify") is None:
         pytest.skip("math-verify not installed")

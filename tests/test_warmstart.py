@@ -27,7 +27,15 @@ register_builtin_components()
 
 # reasoning-gym datasets checked in the default suite: short answers, multi-line answers (tagged),
 # tuple-valued metadata (rearc), and one that stores no reference answer (graph_color: empty target).
-RG_SAMPLE = ("basic_arithmetic", "simple_equations", "chain_sum", "leg_counting", "spiral_matrix", "rearc", "graph_color")
+RG_SAMPLE = (
+    "basic_arithmetic",
+    "simple_equations",
+    "chain_sum",
+    "leg_counting",
+    "spiral_matrix",
+    "rearc",
+    "graph_color",
+)
 # Datasets whose entries carry no reference answer (the scorer checks validity): nothing to teach.
 RG_NO_REFERENCE = {"boxnet", "graph_color", "propositional_logic", "rubiks_cube", "rush_hour"}
 
@@ -124,17 +132,31 @@ def test_reasoning_gym_warm_start_batches_fit_the_model(tmp_path, monkeypatch):
     lines: list[str] = []
     with pytest.raises(ValueError, match="fits the model's 64 positions"):
         cached_warmstart(
-            model, tokenizer, long_task.train_problems(), spec=spec, task_id=train_data_id("x", long_task.train_problems()),
-            steps=2, lr=1e-3, batch_size=4, seed=0, log=lines.append,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            long_task.train_problems(),
+            spec=spec,
+            task_id=train_data_id("x", long_task.train_problems()),
+            steps=2,
+            lr=1e-3,
+            batch_size=4,
+            seed=0,
+            log=lines.append,
+        )
 
 
 def test_warm_start_prints_progress_with_the_mean_loss():
     model, tokenizer = load_policy("builtin:tiny", device="cpu", dtype="float32", spec=TinyLlamaSpec(), seed=0)
     problems = [Problem(id=str(i), prompt=f"{i}+1=", answer=str(i + 1)) for i in range(20)]
     lines: list[str] = []
-    losses = train_supervised(model, tokenizer, problems, steps=5, lr=1e-3, batch_size=4, seed=0, log=lines.append, log_every=2)
-    assert [line.split("|")[0].strip() for line in lines] == ["warm start: step 2/5", "warm start: step 4/5", "warm start: step 5/5"]
+    losses = train_supervised(
+        model, tokenizer, problems, steps=5, lr=1e-3, batch_size=4, seed=0, log=lines.append, log_every=2
+    )
+    assert [line.split("|")[0].strip() for line in lines] == [
+        "warm start: step 2/5",
+        "warm start: step 4/5",
+        "warm start: step 5/5",
+    ]
     shown = [float(line.split("loss ")[1].split(" ")[0]) for line in lines]
     expected = [sum(losses[0:2]) / 2, sum(losses[2:4]) / 2, losses[4]]
     assert shown == pytest.approx(expected, abs=1e-3)
@@ -149,10 +171,30 @@ def test_reasoning_gym_run_reaches_its_first_rl_step_quickly(tmp_path):
     pytest.importorskip("reasoning_gym")
     started = time.time()
     process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "ebpo", "train", "--task", "reasoning_gym:basic_arithmetic", "--steps", "1", "--no-progress",
-         "--no-tensorboard", "--threads", "2", "--max-eval-problems", "16", "--out", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**_env(), "EBPO_CACHE_DIR": str(tmp_path / "cache")},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "ebpo",
+            "train",
+            "--task",
+            "reasoning_gym:basic_arithmetic",
+            "--steps",
+            "1",
+            "--no-progress",
+            "--no-tensorboard",
+            "--threads",
+            "2",
+            "--max-eval-problems",
+            "16",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**_env(), "EBPO_CACHE_DIR": str(tmp_path / "cache")},
+    )
     first_step, output = None, []
     assert process.stdout is not None
     for line in process.stdout:

@@ -24,11 +24,35 @@ from ebpo.train.cli import build_parser, resolve_config
 from ebpo.train.trainer import Trainer, build_components
 
 FLAGS = [
-    "--task", "arithmetic", "--warmstart-steps", "0", "--task-options", "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
-    "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--no-progress", "--threads", "1",
-    "--device", "cpu", "--no-tensorboard", "--micro-batch-size", "2", "--ppo-epochs", "2", "--lr", "1e-3",
-    "--lr-warmup-steps", "0", "--estimator-options", "{prior: running}",
-]  # fmt: skip
+    "--task",
+    "arithmetic",
+    "--warmstart-steps",
+    "0",
+    "--task-options",
+    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
+    "--prompts-per-step",
+    "4",
+    "--group-size",
+    "4",
+    "--max-new-tokens",
+    "6",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--no-tensorboard",
+    "--micro-batch-size",
+    "2",
+    "--ppo-epochs",
+    "2",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-steps",
+    "0",
+    "--estimator-options",
+    "{prior: running}",
+]
 STEPS = 3
 
 
@@ -39,8 +63,19 @@ def main() -> None:
     rank, world = trainer.dist.rank, trainer.dist.world
     assert world == len(sizes), (world, sizes)
     problems = trainer.c.task.train_problems()[:4]
-    rollout = generate(trainer.model, trainer.tokenizer, problems, torch.arange(4), group_size=4, max_new_tokens=6, temperature=1.0,
-                       top_p=1.0, do_sample=False, chat_template="auto", batch_size=0)  # fmt: skip
+    rollout = generate(
+        trainer.model,
+        trainer.tokenizer,
+        problems,
+        torch.arange(4),
+        group_size=4,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        do_sample=False,
+        chat_template="auto",
+        batch_size=0,
+    )
     start = sum(sizes[:rank])
     rows = torch.arange(start, start + sizes[rank])
     history = []
@@ -52,7 +87,11 @@ def main() -> None:
         trainer.step += 1
         history.append({**adv_metrics, **metrics})
     torch.save(
-        {"estimator": trainer.c.estimator.state_dict(), "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, "metrics": history},
+        {
+            "estimator": trainer.c.estimator.state_dict(),
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "metrics": history,
+        },
         os.path.join(out, f"rank{rank}.pt"),
     )
 

@@ -38,7 +38,11 @@ def advantages_through_verls_driver() -> float:
         token_rewards[torch.arange(bs), lengths - 1] = scores
         uids = np.array([f"u{i // 4}" for i in range(bs)], dtype=object)
         data = DataProto.from_dict(
-            tensors={"token_level_rewards": token_rewards, "response_mask": mask, "responses": torch.zeros(bs, length, dtype=torch.long)},
+            tensors={
+                "token_level_rewards": token_rewards,
+                "response_mask": mask,
+                "responses": torch.zeros(bs, length, dtype=torch.long),
+            },
             non_tensors={"uid": uids},
         )
         out = compute_advantage(data, adv_estimator="ebpo_running", num_repeat=4)
@@ -53,9 +57,15 @@ COEF = 0.3
 def actor_loss(kl_loss_type: str, use_kl_loss: bool = True) -> tuple[float, torch.Tensor, float | None, dict]:
     """verl's engine-worker ppo_loss on a fixed batch: loss, d loss / d log_probs, the logged kl_loss, the batch."""
     cfg = FSDPActorConfig(
-        strategy="fsdp", rollout_n=4, use_kl_loss=use_kl_loss, kl_loss_coef=COEF, kl_loss_type=kl_loss_type,
-        ppo_micro_batch_size_per_gpu=4, ppo_mini_batch_size=4, loss_agg_mode="token-mean",
-    )  # fmt: skip
+        strategy="fsdp",
+        rollout_n=4,
+        use_kl_loss=use_kl_loss,
+        kl_loss_coef=COEF,
+        kl_loss_type=kl_loss_type,
+        ppo_micro_batch_size_per_gpu=4,
+        ppo_mini_batch_size=4,
+        loss_agg_mode="token-mean",
+    )
     gen = torch.Generator().manual_seed(0)
     bs, prompt, response = 4, 3, 5
     response_mask = (torch.arange(response)[None] < torch.tensor([5, 3, 4, 1])[:, None]).long()
@@ -79,7 +89,12 @@ def actor_loss(kl_loss_type: str, use_kl_loss: bool = True) -> tuple[float, torc
     kl = metrics.get("kl_loss")
     response_logps = no_padding_2_padding(log_probs.detach(), data)  # (bs, response): verl's own slicing
     batch = {"logps": response_logps, "ref": data["ref_log_prob"], "mask": response_mask.double()}
-    return float(loss), log_probs.grad.clone(), (float(torch.as_tensor(kl.values).detach().sum()) if kl is not None else None), batch
+    return (
+        float(loss),
+        log_probs.grad.clone(),
+        (float(torch.as_tensor(kl.values).detach().sum()) if kl is not None else None),
+        batch,
+    )
 
 
 def token_mean(name: str, batch: dict, **options: object) -> float:
@@ -104,7 +119,9 @@ def main(out_path: str, mirror_path: str) -> None:
     # [loss - loss without the term, coef x the term by hand, logged kl_loss, the term by hand]
     report["prob_l2"] = [l2 - base, COEF * token_mean("prob_l2", batch), l2_logged, token_mean("prob_l2", batch)]
     report["prob_l2_changes_grad"] = float((l2_grad - base_grad).abs().max())
-    NeuralMirror(torch.rand(NeuralMirror.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).save(mirror_path)
+    NeuralMirror(
+        torch.rand(NeuralMirror.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ).save(mirror_path)
     mirror, _, mirror_logged, _ = actor_loss(f"ebpo:neural_mirror={mirror_path}")
     by_hand = token_mean("neural_mirror", batch, params_path=mirror_path)
     report["neural_mirror"] = [mirror - base, COEF * by_hand, mirror_logged, by_hand]

@@ -25,7 +25,8 @@ one epoch. ``order(problems, seed=..., epoch=..., pass_rates=None)``.
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -60,7 +61,9 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
 class Shuffle:
     """A fresh seeded permutation each epoch."""
 
-    def order(self, problems: Sequence[Problem], *, seed: int, epoch: int, pass_rates: Tensor | None = None) -> list[int]:
+    def order(
+        self, problems: Sequence[Problem], *, seed: int, epoch: int, pass_rates: Tensor | None = None
+    ) -> list[int]:
         _require_problems(problems)
         return torch.randperm(len(problems), generator=_generator(seed, epoch)).tolist()
 
@@ -89,7 +92,9 @@ class TopicClusters:
             return torch.tensor([lookup[str(p.topic)] for p in problems])
         return cluster_texts([p.prompt for p in problems], self.num_clusters, seed=seed, ngram=self.ngram, dim=self.dim)
 
-    def order(self, problems: Sequence[Problem], *, seed: int, epoch: int, pass_rates: Tensor | None = None) -> list[int]:
+    def order(
+        self, problems: Sequence[Problem], *, seed: int, epoch: int, pass_rates: Tensor | None = None
+    ) -> list[int]:
         labels = self.labels(problems, seed=seed)  # (N,)
         gen = _generator(seed, epoch)
         num_labels = int(labels.max()) + 1
@@ -103,7 +108,9 @@ class TopicClusters:
 class EasyToHard:
     """First epoch from easy to hard, then shuffled."""
 
-    def order(self, problems: Sequence[Problem], *, seed: int, epoch: int, pass_rates: Tensor | None = None) -> list[int]:
+    def order(
+        self, problems: Sequence[Problem], *, seed: int, epoch: int, pass_rates: Tensor | None = None
+    ) -> list[int]:
         _require_problems(problems)
         gen = _generator(seed, epoch)
         if epoch > 0:
@@ -150,7 +157,9 @@ def _text_features(texts: Sequence[str], ngram: int, dim: int) -> Tensor:
             rows.append(row)
             cols.append(int.from_bytes(digest, "little") % dim)
     counts = torch.zeros(len(texts), dim, dtype=torch.float64)
-    counts.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.ones(len(rows), dtype=torch.float64), accumulate=True)
+    counts.index_put_(
+        (torch.tensor(rows), torch.tensor(cols)), torch.ones(len(rows), dtype=torch.float64), accumulate=True
+    )
     df = (counts > 0).double().sum(0)  # (dim,)
     idf = torch.log((1 + len(texts)) / (1 + df)) + 1.0
     features = counts * idf
@@ -158,7 +167,14 @@ def _text_features(texts: Sequence[str], ngram: int, dim: int) -> Tensor:
 
 
 def cluster_texts(
-    texts: Sequence[str], num_clusters: int, *, seed: int = 0, ngram: int = 3, dim: int = 2048, iters: int = 50, restarts: int = 8
+    texts: Sequence[str],
+    num_clusters: int,
+    *,
+    seed: int = 0,
+    ngram: int = 3,
+    dim: int = 2048,
+    iters: int = 50,
+    restarts: int = 8,
 ) -> Tensor:
     """k-means (k-means++ init, best of ``restarts`` by inertia) on text features; labels (N,)."""
     x = _text_features(texts, ngram, dim)  # (N, dim)

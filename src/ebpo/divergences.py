@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -210,7 +211,7 @@ class NeuralMirror:
     def flat_params(self) -> Tensor:
         return self._params.clone()
 
-    def with_params(self, params: Tensor) -> "NeuralMirror":
+    def with_params(self, params: Tensor) -> NeuralMirror:
         return NeuralMirror(params, project_nonneg=self.project_nonneg)
 
     def _split(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -265,7 +266,7 @@ class NeuralMirror:
         )
 
     @classmethod
-    def load(cls, path: str | Path, *, project_nonneg: bool = True) -> "NeuralMirror":
+    def load(cls, path: str | Path, *, project_nonneg: bool = True) -> NeuralMirror:
         return cls(params_path=path, project_nonneg=project_nonneg)
 
     @staticmethod

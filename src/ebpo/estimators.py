@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -250,7 +251,12 @@ class EBPO:
                 f"ebpo statistics overflow float64 (sigma^2={sigma2}, mu_glob={mu_glob}, tau^2={tau2}): "
                 f"rewards up to {float(batch.rewards.abs().max()):.3g} are too large; rescale the rewards"
             )
-        metrics = {"ebpo/mu_glob": mu_glob, "ebpo/sigma2": sigma2, "ebpo/tau2": tau2, "ebpo/prior_count": group_stats.count}
+        metrics = {
+            "ebpo/mu_glob": mu_glob,
+            "ebpo/sigma2": sigma2,
+            "ebpo/tau2": tau2,
+            "ebpo/prior_count": group_stats.count,
+        }
         if self.hierarchical:
             topic_rewards, topic_groups, (group_sigma2, group_tau2, target), topic_metrics = self._topic_prior(
                 batch, mu_glob
@@ -263,7 +269,9 @@ class EBPO:
         denom = noise + group_tau2
         shrinkage = torch.where(denom > self.eps, noise / denom.clamp_min(self.eps), torch.ones_like(noise))  # (M,)
         baseline = (1.0 - shrinkage) * batch.group_means + shrinkage * target  # (M,)
-        advantages = batch.grouping.map(torch.sub, batch.rewards, baseline)  # (N,) A_raw = r - V_q (fresh: in place below)
+        advantages = batch.grouping.map(
+            torch.sub, batch.rewards, baseline
+        )  # (N,) A_raw = r - V_q (fresh: in place below)
         raw_mean = float(advantages.mean())
         if self.center:
             advantages.sub_(raw_mean)
@@ -457,7 +465,9 @@ class AdvantagePipeline:
             raise ValueError("state has a weighting state but this estimator has no weighting")
 
 
-def _advantage_metrics(advantages: Tensor, batch: GroupedBatch, total: Tensor, low: Tensor, high: Tensor) -> dict[str, float]:
+def _advantage_metrics(
+    advantages: Tensor, batch: GroupedBatch, total: Tensor, low: Tensor, high: Tensor
+) -> dict[str, float]:
     """The shared metrics from advantages (N,) and their sum, min and max; one host sync for all of them."""
     # Zero signal: an advantage that is rounding noise next to the batch's largest (group-relative
     # estimators give all-equal groups exact zeros; see GroupedBatch.centred).
@@ -476,7 +486,15 @@ def _advantage_metrics(advantages: Tensor, batch: GroupedBatch, total: Tensor, l
             batch.rewards.mean(),
         ]
     ).tolist()
-    names = ("adv/mean", "adv/abs_mean", "adv/max", "adv/min", "adv/zero_signal_frac", "adv/all_equal_group_frac", "reward/mean")
+    names = (
+        "adv/mean",
+        "adv/abs_mean",
+        "adv/max",
+        "adv/min",
+        "adv/zero_signal_frac",
+        "adv/all_equal_group_frac",
+        "reward/mean",
+    )
     return dict(zip(names, values))
 
 
@@ -501,7 +519,9 @@ def build_estimator(
     estimator = ESTIMATORS.build(name, **options)
     for attr in ("compute", "state_dict", "load_state_dict", "min_group_size"):
         if not hasattr(estimator, attr):
-            raise ValueError(f"advantage estimator {name!r} does not implement {attr!r} (see ebpo.estimators.Estimator)")
+            raise ValueError(
+                f"advantage estimator {name!r} does not implement {attr!r} (see ebpo.estimators.Estimator)"
+            )
     if weighting_options and weighting is None:
         raise ValueError("weighting_options given without a weighting name")
     weighting_obj = WEIGHTINGS.build(weighting, **dict(weighting_options or {})) if weighting is not None else None

@@ -13,7 +13,7 @@ All functions take a correctness matrix (problems, n) and are vectorised.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +23,9 @@ __all__ = ["avg_at_k", "pass_at_k", "maj_at_k"]
 
 def _check(correct: Tensor) -> Tensor:
     if correct.dim() != 2 or correct.numel() == 0:
-        raise ValueError(f"correctness must be a non-empty (problems, samples) matrix, got shape {tuple(correct.shape)}")
+        raise ValueError(
+            f"correctness must be a non-empty (problems, samples) matrix, got shape {tuple(correct.shape)}"
+        )
     return correct.double()
 
 

@@ -33,7 +33,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["MARKER", "load_tensors", "check_output_dir", "check_output_file", "make_output_dir", "remove_output_dir", "marker_kind", "step_dirs", "latest_checkpoint"]
+__all__ = [
+    "MARKER",
+    "load_tensors",
+    "check_output_dir",
+    "check_output_file",
+    "make_output_dir",
+    "remove_output_dir",
+    "marker_kind",
+    "step_dirs",
+    "latest_checkpoint",
+]
 
 MARKER = ".ebpo-run"
 """File that marks a directory created by an ebpo command (JSON: ``{"created_by": "ebpo train"}``)."""
@@ -88,7 +98,9 @@ def _nearest_existing(path: Path) -> Path:
     return probe
 
 
-def check_output_dir(path: str | os.PathLike[str], command: str, *, overwrite: bool = False, reuse: bool = False) -> None:
+def check_output_dir(
+    path: str | os.PathLike[str], command: str, *, overwrite: bool = False, reuse: bool = False
+) -> None:
     """Raise :class:`ValueError` unless ``command`` may write its outputs into ``path``; writes nothing.
 
     Allowed: a path that does not exist yet and can be created (its nearest existing ancestor is a writable
@@ -122,7 +134,9 @@ def check_output_dir(path: str | os.PathLike[str], command: str, *, overwrite: b
             f"directory or one it created itself, so choose another {flag} (or move the directory away yourself)"
         )
     if not (reuse or overwrite):
-        raise ValueError(f"run directory {p} already exists; pass --overwrite to replace it, --resume {p} to continue it, or another {flag}")
+        raise ValueError(
+            f"run directory {p} already exists; pass --overwrite to replace it, --resume {p} to continue it, or another {flag}"
+        )
 
 
 def check_output_file(path: str | os.PathLike[str], command: str, *, flag: str) -> None:
@@ -133,7 +147,9 @@ def check_output_file(path: str | os.PathLike[str], command: str, *, flag: str) 
         raise ValueError(f"{flag} {p} is a directory or a symbolic link; give a file path")
     if p.exists():
         if marker_kind(p.parent) != command:
-            raise ValueError(f"{flag} {p} already exists and {command} did not write it; choose another {flag} (or move the file away yourself)")
+            raise ValueError(
+                f"{flag} {p} already exists and {command} did not write it; choose another {flag} (or move the file away yourself)"
+            )
         return
     base = _nearest_existing(p.parent)
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
@@ -155,9 +171,13 @@ def remove_output_dir(path: str | os.PathLike[str], command: str) -> None:
     if p.is_symlink() or not p.is_dir():
         raise ValueError(f"refusing to delete {p}: not a directory (a file or a symbolic link)")
     if _protected(p):
-        raise ValueError(f"refusing to delete {p}: it is /, the home directory, the working directory or above one of them")
+        raise ValueError(
+            f"refusing to delete {p}: it is /, the home directory, the working directory or above one of them"
+        )
     if marker_kind(p) != command:
-        raise ValueError(f"refusing to delete {p}: it was not created by {command} (no {MARKER} marker); delete it yourself if you mean to")
+        raise ValueError(
+            f"refusing to delete {p}: it was not created by {command} (no {MARKER} marker); delete it yourself if you mean to"
+        )
     shutil.rmtree(p)
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -119,7 +119,9 @@ def _as_correctness(correctness: Tensor | Sequence[float], rewards: Tensor) -> T
     """Validate the per-response correctness (N,) that travels with possibly shaped rewards."""
     correct = correctness if isinstance(correctness, Tensor) else torch.as_tensor(correctness)
     if correct.shape != rewards.shape:
-        raise ValueError(f"correctness must have shape {tuple(rewards.shape)} like the rewards, got {tuple(correct.shape)}")
+        raise ValueError(
+            f"correctness must have shape {tuple(rewards.shape)} like the rewards, got {tuple(correct.shape)}"
+        )
     if correct.is_complex():
         raise ValueError(f"correctness must be real, got dtype {correct.dtype}")
     correct = correct.to(device=rewards.device, dtype=torch.float64)
@@ -131,7 +133,7 @@ def _as_correctness(correctness: Tensor | Sequence[float], rewards: Tensor) -> T
     return correct
 
 
-def _as_topic_ids(topic_ids: Tensor | Sequence[int], group_ids: Tensor, grouping: "Grouping") -> Tensor:
+def _as_topic_ids(topic_ids: Tensor | Sequence[int], group_ids: Tensor, grouping: Grouping) -> Tensor:
     """Validate per-response topic ids (N,) and return each group's topic id (M,) int64.
 
     A topic labels a prompt, so every response of a group must carry the same
@@ -139,7 +141,9 @@ def _as_topic_ids(topic_ids: Tensor | Sequence[int], group_ids: Tensor, grouping
     """
     topics = topic_ids if isinstance(topic_ids, Tensor) else torch.as_tensor(topic_ids)
     if topics.shape != group_ids.shape:
-        raise ValueError(f"topic_ids must have shape {tuple(group_ids.shape)} like group_ids, got {tuple(topics.shape)}")
+        raise ValueError(
+            f"topic_ids must have shape {tuple(group_ids.shape)} like group_ids, got {tuple(topics.shape)}"
+        )
     if topics.is_floating_point() or topics.is_complex() or topics.dtype == torch.bool:
         raise ValueError(f"topic_ids must be an integer tensor, got dtype {topics.dtype}")
     topics = topics.to(device=group_ids.device, dtype=torch.long)
@@ -185,7 +189,7 @@ class Grouping:
         self._index = index
 
     @classmethod
-    def from_ids(cls, group_ids: Tensor) -> "Grouping":
+    def from_ids(cls, group_ids: Tensor) -> Grouping:
         """Group validated ids (N,) int64, N >= 1."""
         n, device = group_ids.numel(), group_ids.device
         block, increasing = _block_candidate(group_ids)
@@ -352,7 +356,7 @@ class GroupedBatch:
         *,
         topic_ids: Tensor | Sequence[int] | None = None,
         correctness: Tensor | Sequence[float] | None = None,
-    ) -> "GroupedBatch":
+    ) -> GroupedBatch:
         """Validate and group; every check runs here, before any estimator sees (or stores) the batch."""
         rewards_t, group_ids_t = as_reward_tensor(rewards, group_ids)
         grouping = Grouping.from_ids(group_ids_t)
@@ -377,10 +381,17 @@ class GroupedBatch:
         centred = grouping.map(lambda r, mu, factor: (r - mu).mul_(factor), r64, means, keep)  # (N,)
         group_correctness = means if correctness is None else grouping.sum(correct) / sizes
         return cls(
-            rewards=r64, grouping=grouping, group_sizes=sizes, group_means=means, dtype=rewards_t.dtype,
-            all_equal=all_equal, centred=centred, correctness=correct, group_correctness=group_correctness,
+            rewards=r64,
+            grouping=grouping,
+            group_sizes=sizes,
+            group_means=means,
+            dtype=rewards_t.dtype,
+            all_equal=all_equal,
+            centred=centred,
+            correctness=correct,
+            group_correctness=group_correctness,
             group_topics=topics,
-        )  # fmt: skip
+        )
 
     @property
     def index(self) -> Tensor:

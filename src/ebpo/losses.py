@@ -45,8 +45,9 @@ valid token contributes 0 (never NaN).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -89,7 +90,9 @@ class LossOutputs(NamedTuple):
 
 
 class PolicyLoss(Protocol):
-    def __call__(self, inputs: LossInputs, *, num_tokens: float | None = None, num_seqs: float | None = None) -> LossOutputs: ...
+    def __call__(
+        self, inputs: LossInputs, *, num_tokens: float | None = None, num_seqs: float | None = None
+    ) -> LossOutputs: ...
 
 
 Aggregation = Callable[..., Tensor]
@@ -102,24 +105,32 @@ def _seq_count(mask: Tensor, num_seqs: float | None) -> float | Tensor:
 
 
 @AGGREGATIONS.register("token-mean")
-def _token_mean(per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None) -> Tensor:
+def _token_mean(
+    per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None
+) -> Tensor:
     denom = num_tokens if num_tokens is not None else mask.sum().clamp_min(1.0)
     return (per_token * mask).sum() / denom
 
 
 @AGGREGATIONS.register("seq-mean-token-mean")
-def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None) -> Tensor:
+def _seq_mean_token_mean(
+    per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None
+) -> Tensor:
     seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)  # (B,); empty sequences give 0
     return seq.sum() / _seq_count(mask, num_seqs)
 
 
 @AGGREGATIONS.register("seq-mean-token-sum")
-def _seq_mean_token_sum(per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None) -> Tensor:
+def _seq_mean_token_sum(
+    per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None
+) -> Tensor:
     return (per_token * mask).sum() / _seq_count(mask, num_seqs)
 
 
 @AGGREGATIONS.register("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None) -> Tensor:
+def _seq_mean_token_sum_norm(
+    per_token: Tensor, mask: Tensor, *, constant: float | None, num_tokens: float | None, num_seqs: float | None
+) -> Tensor:
     if constant is None or not constant > 0:
         raise ValueError("seq-mean-token-sum-norm (Dr. GRPO) needs agg_constant > 0: the maximum completion length")
     return (per_token * mask).sum() / constant / _seq_count(mask, num_seqs)
@@ -191,7 +202,9 @@ class _ClippedSurrogate:
         elif advantages.shape != shape:
             raise ValueError(f"advantages must be (B,) or (B, T) = {tuple(shape)}, got {tuple(advantages.shape)}")
         checked = (("advantages", advantages), ("logprobs", inputs.logprobs), ("old_logprobs", inputs.old_logprobs))
-        finite = torch.stack([torch.isfinite(tensor.detach()).all() for _, tensor in checked])  # (3,): one host sync, not three
+        finite = torch.stack(
+            [torch.isfinite(tensor.detach()).all() for _, tensor in checked]
+        )  # (3,): one host sync, not three
         if not bool(finite.all()):
             raise ValueError(f"{checked[int((~finite).nonzero()[0])][0]} contains NaN or infinite values")
         if self.divergence is not None and self.div_coef > 0:
@@ -209,24 +222,32 @@ class _ClippedSurrogate:
         clipped = -advantages * ratio.clamp(1.0 - self.eps_low, 1.0 + self.eps_high)
         return torch.maximum(unclipped, clipped)
 
-    def _select(self, inputs: LossInputs, per_token: Tensor, ratio: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def _select(
+        self, inputs: LossInputs, per_token: Tensor, ratio: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
         """Hook for EntropyMech variants: adjust the per-token loss."""
         return per_token, {}
 
-    def __call__(self, inputs: LossInputs, *, num_tokens: float | None = None, num_seqs: float | None = None) -> LossOutputs:
+    def __call__(
+        self, inputs: LossInputs, *, num_tokens: float | None = None, num_seqs: float | None = None
+    ) -> LossOutputs:
         advantages, mask = self._validate(inputs)
         log_ratio = inputs.logprobs - inputs.old_logprobs.detach()  # (B, T)
         ratio = log_ratio.exp()
         per_token = self._surrogate(ratio, advantages)
         per_token, metrics = self._select(inputs, per_token, ratio, advantages, mask)
-        policy_loss = aggregate(per_token, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs)
+        policy_loss = aggregate(
+            per_token, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs
+        )
         loss = policy_loss  # aggregated once when there is no divergence term
         if self.divergence is not None and self.div_coef > 0:
             assert inputs.ref_logprobs is not None
             div = self.divergence(inputs.logprobs, inputs.ref_logprobs.detach())  # (B, T)
             total = per_token + self.div_coef * div
             metrics["loss/divergence"] = _masked_mean(div.detach(), mask)
-            loss = aggregate(total, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs)
+            loss = aggregate(
+                total, mask, self.agg, constant=self.agg_constant, num_tokens=num_tokens, num_seqs=num_seqs
+            )
         with torch.no_grad():
             r = ratio.detach()
             low = (r < 1.0 - self.eps_low) & (advantages < 0)  # clip binds on the low side
@@ -254,7 +275,9 @@ class ClipCov(_ClippedSurrogate):
 
     kind = "clip_cov"
 
-    def __init__(self, *, clip_cov_ratio: float = 2e-4, clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0, **kwargs: object) -> None:
+    def __init__(
+        self, *, clip_cov_ratio: float = 2e-4, clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0, **kwargs: object
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if not 0 < clip_cov_ratio <= 1:
             raise ValueError(f"clip_cov_ratio must be in (0, 1], got {clip_cov_ratio}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -85,8 +86,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {name!r} is not callable")
             return factory
         raise ValueError(
-            f"unknown {self.kind} {name!r}; choose one of {self.names()} "
-            "or give an import path 'package.module:attr'"
+            f"unknown {self.kind} {name!r}; choose one of {self.names()} or give an import path 'package.module:attr'"
         )
 
     def build(self, name: str, **options: Any) -> T:

@@ -21,10 +21,10 @@ never changes what the trainer samples.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Sequence
-
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,9 +32,18 @@ from torch import Tensor
 from ebpo.tasks.base import Problem
 
 __all__ = [
-    "Rollout", "prompt_text", "encode_prompts", "completion_mask", "position_ids", "base_model", "cache_kwarg", "sampling_config", "generate",
-    "EVAL_SEED_OFFSET", "sample_correctness",
-]  # fmt: skip
+    "Rollout",
+    "prompt_text",
+    "encode_prompts",
+    "completion_mask",
+    "position_ids",
+    "base_model",
+    "cache_kwarg",
+    "sampling_config",
+    "generate",
+    "EVAL_SEED_OFFSET",
+    "sample_correctness",
+]
 
 EVAL_SEED_OFFSET = 7919
 """Held-out accuracy samples under ``seed + EVAL_SEED_OFFSET``, in ``ebpo train`` and ``ebpo eval`` alike."""
@@ -54,22 +63,26 @@ class Rollout:
     problems: list[Problem]  # the problem of each row
 
     @staticmethod
-    def concat(parts: list["Rollout"]) -> "Rollout":
+    def concat(parts: list[Rollout]) -> Rollout:
         """Stack rollouts with different prompt and completion lengths (re-padded: prompts left, completions right)."""
         if len(parts) == 1:
             return parts[0]
         prompt_length = max(p.prompt_length for p in parts)
         width = max(p.completion_mask.shape[1] for p in parts)
 
-        def pad(part: "Rollout", tensor: Tensor, value: int) -> Tensor:
+        def pad(part: Rollout, tensor: Tensor, value: int) -> Tensor:
             completion = tensor.shape[1] - part.prompt_length
-            return torch.nn.functional.pad(tensor, (prompt_length - part.prompt_length, width - completion), value=value)
+            return torch.nn.functional.pad(
+                tensor, (prompt_length - part.prompt_length, width - completion), value=value
+            )
 
         pad_id = 0  # padded positions are masked out of attention and loss, so any valid id works
         return Rollout(
             input_ids=torch.cat([pad(p, p.input_ids, pad_id) for p in parts]),
             attention_mask=torch.cat([pad(p, p.attention_mask, 0) for p in parts]),
-            completion_mask=torch.cat([torch.nn.functional.pad(p.completion_mask, (0, width - p.completion_mask.shape[1])) for p in parts]),
+            completion_mask=torch.cat(
+                [torch.nn.functional.pad(p.completion_mask, (0, width - p.completion_mask.shape[1])) for p in parts]
+            ),
             prompt_length=prompt_length,
             group_ids=torch.cat([p.group_ids for p in parts]),
             texts=[t for p in parts for t in p.texts],
@@ -82,10 +95,12 @@ class Rollout:
         One device-to-host copy; the update slices micro-batches with them
         instead of reading a maximum back from the device per micro-batch.
         """
-        lengths = torch.stack([self.attention_mask[:, : self.prompt_length].sum(1), self.completion_mask.sum(1)]).cpu()  # (2, B)
+        lengths = torch.stack(
+            [self.attention_mask[:, : self.prompt_length].sum(1), self.completion_mask.sum(1)]
+        ).cpu()  # (2, B)
         return lengths[0], lengths[1]
 
-    def select(self, rows: Tensor) -> "Rollout":
+    def select(self, rows: Tensor) -> Rollout:
         """The rows ``rows`` (int64 index tensor) of this rollout."""
         index = rows.tolist()
         return Rollout(
@@ -110,7 +125,9 @@ def prompt_text(problem: Problem, tokenizer: Any, chat_template: str) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_prompts(problems: Sequence[Problem], tokenizer: Any, chat_template: str, device: torch.device) -> dict[str, Tensor]:
+def encode_prompts(
+    problems: Sequence[Problem], tokenizer: Any, chat_template: str, device: torch.device
+) -> dict[str, Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask`` (len(problems), P)."""
     texts = [prompt_text(p, tokenizer, chat_template) for p in problems]
     # A chat template already carries the BOS token; otherwise let the tokenizer add it.
@@ -121,7 +138,9 @@ def encode_prompts(problems: Sequence[Problem], tokenizer: Any, chat_template: s
 
 def completion_mask(completion_ids: Tensor, eos_token_id: int | list[int]) -> Tensor:
     """(B, T) mask: 1 up to and including the first EOS, 0 after it (padding)."""
-    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=completion_ids.device)
+    eos_ids = torch.as_tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=completion_ids.device
+    )
     is_eos = torch.isin(completion_ids, eos_ids).long()  # (B, T)
     eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before t
     return (eos_before == 0).long()
@@ -153,7 +172,13 @@ def cache_kwarg(model: Any) -> str:
 
 
 def sampling_config(
-    *, do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, pad_token_id: int, eos_token_id: int | list[int]
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | list[int],
 ) -> Any:
     """A fresh ``GenerationConfig`` naming every setting rollouts and evaluation rely on, the rest neutral.
 
@@ -238,7 +263,13 @@ def _shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, 
 
     cache = DynamicCache(config=model.config)
     prefix_ids, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask), use_cache=True, **{cache_kwarg(model): cache})
+    model(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=position_ids(prefix_mask),
+        use_cache=True,
+        **{cache_kwarg(model): cache},
+    )
     cache.batch_repeat_interleave(repeats)
     return cache
 
@@ -281,9 +312,13 @@ def generate(
     was_training = model.training
     model.eval()
     config = sampling_config(
-        do_sample=do_sample, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-    )  # fmt: skip
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+    )
     cache_name = cache_kwarg(model)
     with _NeutralDefaults(model, config), (autocast or contextlib.nullcontext)():
         for start in range(0, len(problems), per_call):  # one generate call per chunk of whole groups
@@ -299,7 +334,9 @@ def generate(
             chunks.append(out[:, prompt_length:])
     model.train(was_training)
     width = max(c.shape[1] for c in chunks)
-    completion_ids = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks])
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
+    )
     mask = completion_mask(completion_ids, eos)  # (B, T)
     completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -346,8 +383,17 @@ def sample_correctness(
         for start in range(0, len(problems), batch):
             chunk = list(problems[start : start + batch])
             rollout = generate(
-                model, tokenizer, chunk, torch.arange(len(chunk)), group_size=k, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, do_sample=samples > 0, chat_template=chat_template, batch_size=0,
+                model,
+                tokenizer,
+                chunk,
+                torch.arange(len(chunk)),
+                group_size=k,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                do_sample=samples > 0,
+                chat_template=chat_template,
+                batch_size=0,
             )
             for row, (text, problem) in enumerate(zip(rollout.texts, (p for p in chunk for _ in range(k)))):
                 result = verifier(text, problem.answer)  # strings: one verifier call per completion

@@ -47,7 +47,7 @@ class Welford:
     m2: float = 0.0
 
     @classmethod
-    def from_values(cls, values: Tensor) -> "Welford":
+    def from_values(cls, values: Tensor) -> Welford:
         """Statistics of a batch of values (two-pass, vectorised)."""
         values = values.detach().to(torch.float64).reshape(-1)
         n = values.numel()
@@ -58,7 +58,7 @@ class Welford:
         m2 = centred.mul_(centred).sum()
         return cls(count=float(n), mean=float(mean), m2=float(m2))
 
-    def merge(self, other: "Welford") -> "Welford":
+    def merge(self, other: Welford) -> Welford:
         """Chan et al. pairwise merge; merging with an empty state is the identity."""
         if other.count == 0:
             return self
@@ -70,7 +70,7 @@ class Welford:
         m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / count
         return Welford(count=count, mean=mean, m2=m2)
 
-    def add(self, value: float) -> "Welford":
+    def add(self, value: float) -> Welford:
         """Welford's one-sample update (the textbook online algorithm)."""
         count = self.count + 1.0
         delta = value - self.mean
@@ -78,7 +78,7 @@ class Welford:
         m2 = self.m2 + delta * (value - mean)
         return Welford(count=count, mean=mean, m2=m2)
 
-    def decayed(self, factor: float) -> "Welford":
+    def decayed(self, factor: float) -> Welford:
         """Down-weight everything seen so far by ``factor`` in [0, 1].
 
         The mean is unchanged; count and M2 shrink, so the next merge gives the
@@ -99,7 +99,7 @@ class Welford:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, float]) -> "Welford":
+    def from_state_dict(cls, state: dict[str, float]) -> Welford:
         missing = {"count", "mean", "m2"} - set(state)
         if missing:
             raise ValueError(f"Welford state is missing keys {sorted(missing)}")
@@ -127,12 +127,12 @@ class KeyedWelford:
     m2: Tensor
 
     @classmethod
-    def empty(cls) -> "KeyedWelford":
+    def empty(cls) -> KeyedWelford:
         zeros = torch.zeros(0, dtype=torch.float64)
         return cls(torch.zeros(0, dtype=torch.long), zeros, zeros.clone(), zeros.clone())
 
     @classmethod
-    def from_values(cls, values: Tensor, keys: Tensor) -> "KeyedWelford":
+    def from_values(cls, values: Tensor, keys: Tensor) -> KeyedWelford:
         """Per-key statistics of ``values`` (N,) labelled by ``keys`` (N,) (two-pass, vectorised)."""
         values = values.detach().to(torch.float64).reshape(-1)
         unique, index = torch.unique(keys.reshape(-1).to(torch.long), sorted=True, return_inverse=True)
@@ -145,8 +145,8 @@ class KeyedWelford:
 
     @classmethod
     def from_grouped_values(
-        cls, values: Tensor, grouping: "Grouping", group_sizes: Tensor, keys: Tensor, key_of_group: Tensor
-    ) -> "KeyedWelford":
+        cls, values: Tensor, grouping: Grouping, group_sizes: Tensor, keys: Tensor, key_of_group: Tensor
+    ) -> KeyedWelford:
         """Per-key statistics of per-response ``values`` (N,) whose group's key is ``keys[key_of_group]``.
 
         The same two-pass statistics as :meth:`from_values` with each
@@ -164,7 +164,7 @@ class KeyedWelford:
         m2 = zeros.index_add(0, key_of_group, grouping.sum(centred * centred))
         return cls(keys, count, mean, m2)
 
-    def decayed(self, factor: float) -> "KeyedWelford":
+    def decayed(self, factor: float) -> KeyedWelford:
         """Down-weight every key by ``factor`` (as :meth:`Welford.decayed`); 0 forgets every key."""
         if not 0.0 <= factor <= 1.0:
             raise ValueError(f"decay factor must be in [0, 1], got {factor}")
@@ -172,14 +172,18 @@ class KeyedWelford:
             return KeyedWelford.empty()
         return KeyedWelford(self.keys, self.count * factor, self.mean, self.m2 * factor)
 
-    def merge(self, other: "KeyedWelford") -> "KeyedWelford":
+    def merge(self, other: KeyedWelford) -> KeyedWelford:
         """Chan et al.'s merge per key over the union of keys; a key on one side only is copied as is."""
         keys = torch.unique(torch.cat([self.keys, other.keys.to(self.keys.device)]), sorted=True)
 
-        def aligned(acc: "KeyedWelford") -> tuple[Tensor, Tensor, Tensor]:
+        def aligned(acc: KeyedWelford) -> tuple[Tensor, Tensor, Tensor]:
             slot = torch.searchsorted(keys, acc.keys)
             zeros = torch.zeros(keys.numel(), dtype=torch.float64, device=keys.device)
-            return (zeros.index_copy(0, slot, acc.count), zeros.index_copy(0, slot, acc.mean), zeros.index_copy(0, slot, acc.m2))
+            return (
+                zeros.index_copy(0, slot, acc.count),
+                zeros.index_copy(0, slot, acc.mean),
+                zeros.index_copy(0, slot, acc.m2),
+            )
 
         (ca, ma, m2a), (cb, mb, m2b) = aligned(self), aligned(other)
         count = ca + cb
@@ -200,10 +204,15 @@ class KeyedWelford:
         return self.m2 / self.count
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"keys": self.keys.clone(), "count": self.count.clone(), "mean": self.mean.clone(), "m2": self.m2.clone()}
+        return {
+            "keys": self.keys.clone(),
+            "count": self.count.clone(),
+            "mean": self.mean.clone(),
+            "m2": self.m2.clone(),
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> "KeyedWelford":
+    def from_state_dict(cls, state: dict[str, Tensor]) -> KeyedWelford:
         missing = {"keys", "count", "mean", "m2"} - set(state)
         if missing:
             raise ValueError(f"KeyedWelford state is missing keys {sorted(missing)}")

@@ -8,8 +8,8 @@ fine grid); accurate to ~1e-6 for the degrees of freedom seeds give us.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 

@@ -35,7 +35,8 @@ hard-codes 1.5.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -159,7 +160,9 @@ class HADW:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("anchor_kind") != self.anchor_kind:
-            raise ValueError(f"ha_dw state has anchor {state.get('anchor_kind')!r}, this weighting has {self.anchor_kind!r}")
+            raise ValueError(
+                f"ha_dw state has anchor {state.get('anchor_kind')!r}, this weighting has {self.anchor_kind!r}"
+            )
         anchor = state["anchor"]
         self.anchor = None if anchor is None else float(anchor)
         self.history = deque((float(x) for x in state["history"]), maxlen=self.history.maxlen)

@@ -52,7 +52,18 @@ from ebpo.train.procs import run_parallel
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 
-DEFAULT_METHODS = ["grpo", "dr_grpo", "rloo", "dapo", "ebpo", "ebpo-running", "ebpo-hier", "ha_dw", "ebpo+ha_dw", "gbmpo-probl2"]
+DEFAULT_METHODS = [
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "dapo",
+    "ebpo",
+    "ebpo-running",
+    "ebpo-hier",
+    "ha_dw",
+    "ebpo+ha_dw",
+    "gbmpo-probl2",
+]
 DEFAULT_VARIANTS = {
     "ebpo-running": ["--method", "ebpo", "--estimator-options", "{prior: running}"],
     "ebpo-hier": ["--method", "ebpo", "--estimator-options", "{hierarchical: true}"],
@@ -63,13 +74,25 @@ EBPO with the hierarchical (per-topic, partially pooled) prior of docs/hierarchi
 # The default budget: the stepwise testbed with its recommended RL settings (docs/testbed.md), equal for every
 # method at a given G; ``--quick`` keeps the small arithmetic comparison that fits in about 5 minutes.
 DEFAULT_BUDGET: dict[str, Any] = {
-    "task": "stepwise", "group_sizes": [2, 4, 8], "seeds": 10, "steps": 60, "prompts_per_step": 128, "eval_every": 10,
-    "max_eval_problems": 0, "final_samples": 32,
-}  # fmt: skip
+    "task": "stepwise",
+    "group_sizes": [2, 4, 8],
+    "seeds": 10,
+    "steps": 60,
+    "prompts_per_step": 128,
+    "eval_every": 10,
+    "max_eval_problems": 0,
+    "final_samples": 32,
+}
 QUICK_BUDGET: dict[str, Any] = {
-    "task": "arithmetic", "group_sizes": [2, 4], "seeds": 2, "steps": 15, "prompts_per_step": 16, "eval_every": 5,
-    "max_eval_problems": 128, "final_samples": 0,
-}  # fmt: skip
+    "task": "arithmetic",
+    "group_sizes": [2, 4],
+    "seeds": 2,
+    "steps": 15,
+    "prompts_per_step": 16,
+    "eval_every": 5,
+    "max_eval_problems": 128,
+    "final_samples": 0,
+}
 
 SETTINGS_FILE = "compare.json"
 """Records the settings every run of a comparison shares, so that slices run later aggregate honestly."""
@@ -87,35 +110,67 @@ class RunSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebpo compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=None, help=f"--method presets to compare (default: {' '.join(DEFAULT_METHODS)})")
+    parser = argparse.ArgumentParser(
+        prog="ebpo compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help=f"--method presets to compare (default: {' '.join(DEFAULT_METHODS)})"
+    )
     parser.add_argument("--group-sizes", nargs="+", type=int, default=None, help="group sizes G (default: 2 4 8)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per method and group size: 0 .. N-1 (default: 10)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds per method and group size: 0 .. N-1 (default: 10)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: 60)")
-    parser.add_argument("--prompts-per-step", type=int, default=None, help="prompts per RL step, the same for every G (default: 128)")
-    parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: 10)")
-    parser.add_argument("--task", default=None, help="task passed to ebpo train (default: stepwise; --quick: arithmetic)")
-    parser.add_argument("--max-eval-problems", type=int, default=None, help="held-out problems per evaluation (default: all; --quick: 128)")
     parser.add_argument(
-        "--final-samples", type=int, default=None,
+        "--prompts-per-step", type=int, default=None, help="prompts per RL step, the same for every G (default: 128)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: 10)"
+    )
+    parser.add_argument(
+        "--task", default=None, help="task passed to ebpo train (default: stepwise; --quick: arithmetic)"
+    )
+    parser.add_argument(
+        "--max-eval-problems",
+        type=int,
+        default=None,
+        help="held-out problems per evaluation (default: all; --quick: 128)",
+    )
+    parser.add_argument(
+        "--final-samples",
+        type=int,
+        default=None,
         help="samples per held-out problem of the final evaluation after training (0 = use the last in-training one; default: 32)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="train nothing: aggregate the finished runs of the grid in OUT (a slice of a larger comparison so far); "
         "their final evaluations are run if missing",
-    )  # fmt: skip
-    parser.add_argument("--target", type=float, default=None, help="accuracy whose samples-to-reach is reported (default: midway)")
+    )
+    parser.add_argument(
+        "--target", type=float, default=None, help="accuracy whose samples-to-reach is reported (default: midway)"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at once (one torch thread each)")
     parser.add_argument("--out", default="runs/compare", help="output directory (runs/, report.md, report.json, PNGs)")
-    parser.add_argument("--quick", action="store_true", help="a small comparison that finishes in about 5 minutes on 2 cores")
-    parser.add_argument("--rerun", action="store_true", help="rerun runs whose summary.json already exists (asks nothing: deletes them)")
-    parser.add_argument("--baseline", default="grpo", help="method that paired differences are taken against (if compared)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small comparison that finishes in about 5 minutes on 2 cores"
+    )
+    parser.add_argument(
+        "--rerun", action="store_true", help="rerun runs whose summary.json already exists (asks nothing: deletes them)"
+    )
+    parser.add_argument(
+        "--baseline", default="grpo", help="method that paired differences are taken against (if compared)"
+    )
     parser.add_argument("--train-args", default="", help="extra flags for every ebpo train run, as one string")
     parser.add_argument(
-        "--variant", nargs=2, action="append", default=[], metavar=("LABEL", "FLAGS"),
+        "--variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LABEL", "FLAGS"),
         help="an extra method: LABEL in the report, FLAGS (one quoted string) passed to ebpo train; repeatable",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -150,10 +205,14 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every run of the comparison shares; slices (other methods, G or seeds) must agree on it."""
     return {
-        "task": args.task, "steps": args.steps, "prompts_per_step": args.prompts_per_step, "eval_every": args.eval_every,
-        "max_eval_problems": args.max_eval_problems, "train_args": args.train_args,
+        "task": args.task,
+        "steps": args.steps,
+        "prompts_per_step": args.prompts_per_step,
+        "eval_every": args.eval_every,
+        "max_eval_problems": args.max_eval_problems,
+        "train_args": args.train_args,
         "variants": {label: args.variants[label] for label in sorted(args.variants)},
-    }  # fmt: skip
+    }
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -164,9 +223,15 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     recorded = json.loads(path.read_text())
     variants = {**recorded.get("variants", {}), **settings["variants"]}  # a slice may add variants
     clash = [k for k in settings if k != "variants" and recorded.get(k) != settings[k]]
-    clash += [f"variant {label}" for label in settings["variants"] if recorded.get("variants", {}).get(label, variants[label]) != variants[label]]
+    clash += [
+        f"variant {label}"
+        for label in settings["variants"]
+        if recorded.get("variants", {}).get(label, variants[label]) != variants[label]
+    ]
     if clash:
-        detail = ", ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in clash if not k.startswith("variant "))
+        detail = ", ".join(
+            f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in clash if not k.startswith("variant ")
+        )
         raise ValueError(
             f"{out} holds a comparison made with other settings ({', '.join(clash)}{'; ' + detail if detail else ''}); "
             "a slice must use the same ones, or another --out"
@@ -176,7 +241,10 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
 def record_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / SETTINGS_FILE
     if path.exists():
-        settings = {**settings, "variants": {**json.loads(path.read_text()).get("variants", {}), **settings["variants"]}}
+        settings = {
+            **settings,
+            "variants": {**json.loads(path.read_text()).get("variants", {}), **settings["variants"]},
+        }
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -190,19 +258,29 @@ def _own_flags(spec: RunSpec, args: argparse.Namespace, run_dir: Path, *, method
     method_flags = (args.variants.get(spec.method) or ["--method", spec.method]) if method else []
     return [
         *method_flags,
-        "--group-size", str(spec.group_size),
-        "--seed", str(spec.seed),
-        "--steps", str(args.steps),
-        "--task", args.task,
-        "--prompts-per-step", str(args.prompts_per_step),
-        "--eval-every", str(args.eval_every),
-        "--max-eval-problems", str(args.max_eval_problems),
-        "--threads", "1",
+        "--group-size",
+        str(spec.group_size),
+        "--seed",
+        str(spec.seed),
+        "--steps",
+        str(args.steps),
+        "--task",
+        args.task,
+        "--prompts-per-step",
+        str(args.prompts_per_step),
+        "--eval-every",
+        str(args.eval_every),
+        "--max-eval-problems",
+        str(args.max_eval_problems),
+        "--threads",
+        "1",
         "--no-progress",
-        "--save-every", "0",
-        "--out", str(run_dir),
+        "--save-every",
+        "0",
+        "--out",
+        str(run_dir),
         "--overwrite",
-    ]  # fmt: skip
+    ]
 
 
 def run_all(specs: list[RunSpec], args: argparse.Namespace, out: Path) -> dict[RunSpec, Path]:
@@ -239,13 +317,34 @@ def evaluate_finals(dirs: dict[RunSpec, Path], samples: int, workers: int) -> No
     print(f"ebpo compare: final evaluation (avg@{samples}) of {len(pending)} runs, {workers} at a time", flush=True)
 
     def report(name: str, code: int, seconds: float) -> None:
-        print(f"  final evaluation of {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} ({seconds:.0f}s)", flush=True)
+        print(
+            f"  final evaluation of {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} ({seconds:.0f}s)",
+            flush=True,
+        )
 
     jobs = [
-        (d.name, [sys.executable, "-m", "ebpo", "eval", "--model", str(d), "--samples", str(samples), "--k", "1",
-                  "--threads", "1", "--out", str(final_eval_dir(d, samples))], d.parent / f"{d.name}.final-eval-k{samples}.log")
+        (
+            d.name,
+            [
+                sys.executable,
+                "-m",
+                "ebpo",
+                "eval",
+                "--model",
+                str(d),
+                "--samples",
+                str(samples),
+                "--k",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(final_eval_dir(d, samples)),
+            ],
+            d.parent / f"{d.name}.final-eval-k{samples}.log",
+        )
         for d in pending
-    ]  # fmt: skip
+    ]
     failed = sorted(name for name, code in run_parallel(jobs, workers, on_done=report).items() if code != 0)
     if failed:
         raise SystemExit(f"ebpo compare: the final evaluation of {len(failed)} run(s) failed: {', '.join(failed)}")
@@ -268,7 +367,10 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_sampl
                 length_curve.append((samples, row["rollout/completion_length"]))
         if "eval/accuracy" in row:
             curve.append((samples, row["eval/accuracy"]))
-    final, by_topic = summary["accuracy_after"], {topic: row["after"] for topic, row in summary.get("accuracy_by_topic", {}).items()}
+    final, by_topic = (
+        summary["accuracy_after"],
+        {topic: row["after"] for topic, row in summary.get("accuracy_by_topic", {}).items()},
+    )
     eval_seconds = 0.0
     if final_samples:
         path = final_eval_dir(run_dir, final_samples) / "eval.json"
@@ -307,7 +409,9 @@ def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> di
     """
     out: dict[str, Any] = {}
     final = {s: r["final"] for s, r in runs.items()}
-    for method, g in sorted({(s.method, s.group_size) for s in runs if s.method != baseline}, key=lambda k: (k[1], k[0])):
+    for method, g in sorted(
+        {(s.method, s.group_size) for s in runs if s.method != baseline}, key=lambda k: (k[1], k[0])
+    ):
         pairs = [
             (s, RunSpec(baseline, g, s.seed))
             for s in sorted(final, key=lambda s: s.seed)
@@ -316,15 +420,23 @@ def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> di
         if pairs:
             diffs = [final[s] - final[b] for s, b in pairs]
             # on the in-training evaluations (the curves): the method's, interpolated, minus the baseline's last
-            at_budget = [_accuracy_within(runs[s]["curve"], runs[b]["curve"][-1][0]) - runs[b]["curve"][-1][1] for s, b in pairs]
+            at_budget = [
+                _accuracy_within(runs[s]["curve"], runs[b]["curve"][-1][0]) - runs[b]["curve"][-1][1] for s, b in pairs
+            ]
             out[f"{method}|G={g}"] = {
-                "method": method, "group_size": g, "diffs": diffs, "better": sum(d > 0 for d in diffs), **mean_ci(diffs),
+                "method": method,
+                "group_size": g,
+                "diffs": diffs,
+                "better": sum(d > 0 for d in diffs),
+                **mean_ci(diffs),
                 "at_budget": {"diffs": at_budget, "better": sum(d > 0 for d in at_budget), **mean_ci(at_budget)},
-            }  # fmt: skip
+            }
     return out
 
 
-def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, baseline: str | None = None) -> dict[str, Any]:
+def aggregate_runs(
+    runs: dict[RunSpec, dict[str, Any]], target: float | None, baseline: str | None = None
+) -> dict[str, Any]:
     """Mean and CI over seeds for every (method, G); paired differences against ``baseline`` when given."""
     table: dict[str, Any] = {}
     befores = [r["summary"]["accuracy_before"] for r in runs.values()]
@@ -347,7 +459,10 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
             curve.append({"samples": sum(xs) / len(xs), "samples_min": min(xs), "samples_max": max(xs), **mean_ci(ys)})
         steps = min(len(r.get("length_curve", [])) for r in seeds)
         length_curve = [
-            {"samples": sum(r["length_curve"][k][0] for r in seeds) / len(seeds), **mean_ci([r["length_curve"][k][1] for r in seeds])}
+            {
+                "samples": sum(r["length_curve"][k][0] for r in seeds) / len(seeds),
+                **mean_ci([r["length_curve"][k][1] for r in seeds]),
+            }
             for k in range(steps)
         ]
         topics = sorted(set.intersection(*(set(r.get("by_topic", {})) for r in seeds)))
@@ -378,12 +493,20 @@ def aggregate_runs(runs: dict[RunSpec, dict[str, Any]], target: float | None, ba
             reached = [x for x in reach if x is not None]
             budget = base["curve"][-1]["samples"] if base["curve"] else float("nan")
             row["to_baseline_final"] = {
-                "accuracy": goal, "reached": f"{len(reached)}/{len(seeds)}",
+                "accuracy": goal,
+                "reached": f"{len(reached)}/{len(seeds)}",
                 "samples": sum(reached) / len(reached) if reached else None,
                 "fraction_of_budget": (sum(reached) / len(reached) / budget) if reached and budget else None,
-            }  # fmt: skip
+            }
     compute = sum(r["run_seconds"] for r in runs.values())
-    return {"target": target, "rows": table, "baseline": baseline, "paired": paired, "runs": len(runs), "run_seconds": compute}
+    return {
+        "target": target,
+        "rows": table,
+        "baseline": baseline,
+        "paired": paired,
+        "runs": len(runs),
+        "run_seconds": compute,
+    }
 
 
 def _fmt(ci: dict[str, float]) -> str:
@@ -398,7 +521,11 @@ def _paired(row: dict[str, Any]) -> str:
 
 def _goals(result: dict[str, Any]) -> str:
     """The accuracy each G's samples-to-reach column aims at, e.g. ``G = 2: 0.377, G = 4: 0.492``."""
-    goals = {row["group_size"]: row["to_baseline_final"]["accuracy"] for row in result["rows"].values() if "to_baseline_final" in row}
+    goals = {
+        row["group_size"]: row["to_baseline_final"]["accuracy"]
+        for row in result["rows"].values()
+        if "to_baseline_final" in row
+    }
     return ", ".join(f"G = {g}: {a:.3f}" for g, a in sorted(goals.items()))
 
 
@@ -457,7 +584,13 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             )
     topics = sorted({t for row in result["rows"].values() for t in row.get("by_topic", {})})
     if topics:
-        lines += ["", "Final held-out accuracy per topic (mean over seeds).", "", "| G | method | " + " | ".join(topics) + " |", "|---|---|" + "---|" * len(topics)]
+        lines += [
+            "",
+            "Final held-out accuracy per topic (mean over seeds).",
+            "",
+            "| G | method | " + " | ".join(topics) + " |",
+            "|---|---|" + "---|" * len(topics),
+        ]
         for row in result["rows"].values():
             cells = [f"{row['by_topic'][t]['mean']:.3f}" if t in row.get("by_topic", {}) else "-" for t in topics]
             lines.append(f"| {row['group_size']} | {row['method']} | " + " | ".join(cells) + " |")
@@ -480,7 +613,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for ax, g in zip(axes[1], sizes):  # completion length over training
         for row in result["rows"].values():
             if row["group_size"] == g and row.get("length_curve"):
-                ax.plot([p["samples"] for p in row["length_curve"]], [p["mean"] for p in row["length_curve"]], "-", label=row["method"])
+                ax.plot(
+                    [p["samples"] for p in row["length_curve"]],
+                    [p["mean"] for p in row["length_curve"]],
+                    "-",
+                    label=row["method"],
+                )
         ax.set_xlabel("samples consumed")
         ax.grid(alpha=0.3)
     axes[1][0].set_ylabel("completion length (tokens, mean over seeds)")
@@ -492,7 +630,13 @@ def _plot(result: dict[str, Any], path: Path) -> None:
             ys = [p["mean"] for p in row["curve"]]
             half = [p["ci_half_width"] if p["ci_half_width"] == p["ci_half_width"] else 0.0 for p in row["curve"]]
             (line,) = ax.plot(xs, ys, "o-", label=row["method"])
-            ax.fill_between(xs, [y - h for y, h in zip(ys, half)], [y + h for y, h in zip(ys, half)], color=line.get_color(), alpha=0.15)
+            ax.fill_between(
+                xs,
+                [y - h for y, h in zip(ys, half)],
+                [y + h for y, h in zip(ys, half)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
         ax.set_title(f"G = {g}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy (mean, 95% CI)")
@@ -532,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         make_output_dir(out, "ebpo compare")
         record_settings(out, shared_settings(args))
-        print(f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time")
+        print(
+            f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time"
+        )
         dirs = run_all(specs, args, out)
     if args.final_samples:
         evaluate_finals(dirs, args.final_samples, args.workers)

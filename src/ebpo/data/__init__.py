@@ -17,16 +17,26 @@ the ``code`` verifier reads into ``Problem.answer``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from ebpo.registry import Registry
 from ebpo.tasks.base import TASKS, Problem
 
 __all__ = [
-    "DatasetSpec", "DATASETS", "LOADERS", "load_records", "load_dataset_records", "list_datasets", "read_rows",
-    "to_problems", "PROMPT_TEMPLATES", "apply_chat_template", "DatasetTask",
+    "DatasetSpec",
+    "DATASETS",
+    "LOADERS",
+    "load_records",
+    "load_dataset_records",
+    "list_datasets",
+    "read_rows",
+    "to_problems",
+    "PROMPT_TEMPLATES",
+    "apply_chat_template",
+    "DatasetTask",
 ]
 
 PROMPT_TEMPLATES = {
@@ -92,15 +102,65 @@ def _humaneval_answer(row: dict[str, Any]) -> str:
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 _SPECS = {
-    "dapo_math_17k": DatasetSpec("BytedTsinghua-SIA/DAPO-Math-17k", ("prompt",), ("reward_model", "answer"), "math", "raw", hub_split="train", topic=("data_source",)),
-    "math500": DatasetSpec("HuggingFaceH4/MATH-500", ("problem",), ("answer",), "math", "math", topic=("subject",), difficulty=("level",)),
-    "aime2024": DatasetSpec("Maxwell-Jia/AIME_2024", ("Problem", "problem", "question"), ("Answer", "answer"), "math", "math", hub_split="train"),
-    "aime2025": DatasetSpec("yentinglin/aime_2025", ("problem", "Problem", "question"), ("answer", "Answer"), "math", "math", hub_split="train"),
+    "dapo_math_17k": DatasetSpec(
+        "BytedTsinghua-SIA/DAPO-Math-17k",
+        ("prompt",),
+        ("reward_model", "answer"),
+        "math",
+        "raw",
+        hub_split="train",
+        topic=("data_source",),
+    ),
+    "math500": DatasetSpec(
+        "HuggingFaceH4/MATH-500", ("problem",), ("answer",), "math", "math", topic=("subject",), difficulty=("level",)
+    ),
+    "aime2024": DatasetSpec(
+        "Maxwell-Jia/AIME_2024",
+        ("Problem", "problem", "question"),
+        ("Answer", "answer"),
+        "math",
+        "math",
+        hub_split="train",
+    ),
+    "aime2025": DatasetSpec(
+        "yentinglin/aime_2025",
+        ("problem", "Problem", "question"),
+        ("answer", "Answer"),
+        "math",
+        "math",
+        hub_split="train",
+    ),
     "amc2023": DatasetSpec("math-ai/amc23", ("question", "problem"), ("answer",), "math", "math"),
-    "olympiadbench": DatasetSpec("Hothan/OlympiadBench", ("question", "problem"), ("final_answer", "answer"), "math", "math", hub_config="OE_TO_maths_en_COMP", hub_split="train", topic=("subfield", "subject")),
+    "olympiadbench": DatasetSpec(
+        "Hothan/OlympiadBench",
+        ("question", "problem"),
+        ("final_answer", "answer"),
+        "math",
+        "math",
+        hub_config="OE_TO_maths_en_COMP",
+        hub_split="train",
+        topic=("subfield", "subject"),
+    ),
     "gsm8k": DatasetSpec("openai/gsm8k", ("question",), ("answer",), "gsm8k", "gsm8k", hub_config="main"),
-    "mbpp": DatasetSpec("google-research-datasets/mbpp", ("text", "prompt"), ("test_list",), "code", "code", hub_config="full", to_answer=_mbpp_answer, solution=("code",)),
-    "humaneval": DatasetSpec("openai/openai_humaneval", ("prompt",), ("test",), "code", "raw", to_answer=_humaneval_answer, solution=("canonical_solution",)),
+    "mbpp": DatasetSpec(
+        "google-research-datasets/mbpp",
+        ("text", "prompt"),
+        ("test_list",),
+        "code",
+        "code",
+        hub_config="full",
+        to_answer=_mbpp_answer,
+        solution=("code",),
+    ),
+    "humaneval": DatasetSpec(
+        "openai/openai_humaneval",
+        ("prompt",),
+        ("test",),
+        "code",
+        "raw",
+        to_answer=_humaneval_answer,
+        solution=("canonical_solution",),
+    ),
 }
 for _name, _spec in _SPECS.items():
     DATASETS.register(_name)(lambda _spec=_spec: _spec)
@@ -143,7 +203,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         try:
             import pandas
         except ImportError as exc:
-            raise ValueError(f"reading {str(path)!r} (.parquet) needs pyarrow or pandas: pip install 'ebpo[data]'") from exc
+            raise ValueError(
+                f"reading {str(path)!r} (.parquet) needs pyarrow or pandas: pip install 'ebpo[data]'"
+            ) from exc
         return pandas.read_parquet(path).to_dict(orient="records")
     raise ValueError(f"unsupported dataset file type {suffix!r} for {str(path)!r}: use .jsonl, .json or .parquet")
 
@@ -152,25 +214,46 @@ def _hub_rows(spec: DatasetSpec, split: str | None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as exc:
-        raise ValueError(f"loading {spec.hub_id!r} from the Hugging Face hub needs the datasets package (pip install datasets), or pass a local path") from exc
+        raise ValueError(
+            f"loading {spec.hub_id!r} from the Hugging Face hub needs the datasets package (pip install datasets), or pass a local path"
+        ) from exc
     return list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=split or spec.hub_split))
 
 
-def to_problems(name: str, rows: Iterable[dict[str, Any]], *, template: str | None = None, limit: int | None = None) -> list[Problem]:
+def to_problems(
+    name: str, rows: Iterable[dict[str, Any]], *, template: str | None = None, limit: int | None = None
+) -> list[Problem]:
     spec = DATASETS.build(name)
-    fmt = PROMPT_TEMPLATES[template or spec.template] if (template or spec.template) in PROMPT_TEMPLATES else (template or "{question}")
+    fmt = (
+        PROMPT_TEMPLATES[template or spec.template]
+        if (template or spec.template) in PROMPT_TEMPLATES
+        else (template or "{question}")
+    )
     problems = []
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             break
         question = _message_text(_first(row, spec.question, name, "question"))
         answer = spec.to_answer(row) if spec.to_answer else _answer_text(_first(row, spec.answer, name, "answer"))
-        tests = "\n".join(json.loads(answer).get("tests", [])) if spec.verifier == "code" and spec.to_answer is _mbpp_answer else ""
+        tests = (
+            "\n".join(json.loads(answer).get("tests", []))
+            if spec.verifier == "code" and spec.to_answer is _mbpp_answer
+            else ""
+        )
         ident = next((row[k] for k in spec.id_field if k in row), index)
         topic = next((str(row[k]) for k in spec.topic if row.get(k) is not None), None)
         difficulty = next((_level(row[k]) for k in spec.difficulty if row.get(k) is not None), None)
         target = _target(spec, row, answer)
-        problems.append(Problem(id=f"{name}-{ident}", prompt=fmt.format(question=question, tests=tests), answer=answer, topic=topic, difficulty=difficulty, target=target))
+        problems.append(
+            Problem(
+                id=f"{name}-{ident}",
+                prompt=fmt.format(question=question, tests=tests),
+                answer=answer,
+                topic=topic,
+                difficulty=difficulty,
+                target=target,
+            )
+        )
     if not problems:
         raise ValueError(f"{name}: no records")
     return problems
@@ -197,7 +280,14 @@ def _level(value: Any) -> float:
     return float(text)
 
 
-def load_records(name: str, path: str | Path | None = None, *, split: str | None = None, template: str | None = None, limit: int | None = None) -> list[Problem]:
+def load_records(
+    name: str,
+    path: str | Path | None = None,
+    *,
+    split: str | None = None,
+    template: str | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
     """Problems of dataset ``name`` from ``path`` (local file) or, without one, the hub."""
     spec = DATASETS.build(name)
     if name == "humaneval" and path is None:
@@ -207,7 +297,13 @@ def load_records(name: str, path: str | Path | None = None, *, split: str | None
     return to_problems(name, rows, template=template, limit=limit)
 
 
-def load_dataset_records(name: str, path: str | Path | None = None, split: str | None = None, limit: int | None = None, template: str | None = None) -> list[Problem]:
+def load_dataset_records(
+    name: str,
+    path: str | Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    template: str | None = None,
+) -> list[Problem]:
     """Same as :func:`load_records` (the signature the issue names)."""
     return load_records(name, path, split=split, template=template, limit=limit)
 
@@ -250,7 +346,10 @@ class DatasetTask:
         self.name, self.verifier = f"dataset:{self.dataset}", spec.verifier
         train = load_records(self.dataset, self.path, split="train", template=self.template, limit=self.limit)
         if self.eval_path is not None or self.path is None:
-            self._train, self._eval = train, load_records(self.dataset, self.eval_path, split=None, template=self.template, limit=self.eval_limit)
+            self._train, self._eval = (
+                train,
+                load_records(self.dataset, self.eval_path, split=None, template=self.template, limit=self.eval_limit),
+            )
         else:  # one file: hold out its last 20% (at least one record), never trained on
             held = max(1, len(train) // 5)
             if len(train) < 2:

@@ -25,8 +25,9 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,18 +111,37 @@ def _resolve_model(path: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a run directory, a checkpoint's model directory, a HF id, or builtin:tiny")
-    parser.add_argument("--task", default=None, help=f"task to evaluate on its held-out split (default: the run's, else {DEFAULT_TASK})")
+    parser = argparse.ArgumentParser(
+        prog="ebpo eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="a run directory, a checkpoint's model directory, a HF id, or builtin:tiny"
+    )
+    parser.add_argument(
+        "--task", default=None, help=f"task to evaluate on its held-out split (default: the run's, else {DEFAULT_TASK})"
+    )
     parser.add_argument("--task-options", default=None, help="task options as YAML")
-    parser.add_argument("--benchmark", action="append", default=[], help="NAME or NAME=PATH of a dataset loader (repeatable)")
+    parser.add_argument(
+        "--benchmark", action="append", default=[], help="NAME or NAME=PATH of a dataset loader (repeatable)"
+    )
     parser.add_argument("--verifier", default=None, help="verifier override (default: the task's or dataset's)")
-    parser.add_argument("--samples", type=int, default=None, help="samples per problem (0 = greedy; default: the run's eval_samples, else 4)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples per problem (0 = greedy; default: the run's eval_samples, else 4)",
+    )
     parser.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k values to report")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default: the run's, else 512)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the run's, else 1.0)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="completion length (default: the run's, else 512)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (default: the run's, else 1.0)"
+    )
     parser.add_argument("--top-p", type=float, default=None, help="nucleus mass (default: the run's, else 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="seed (default: the run's, else 0); sampling uses seed + 7919")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed (default: the run's, else 0); sampling uses seed + 7919"
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many problems per benchmark")
     parser.add_argument("--chat-template", default=None, help="auto, always, never (default: the run's, else auto)")
     parser.add_argument("--generation-batch-size", type=int, default=None, help="sequences per generate call (0 = 512)")
@@ -179,7 +199,13 @@ def _run(args: argparse.Namespace) -> int:
         task = build_task(args.task or run.get("task", DEFAULT_TASK), task_options or {})
         problems = list(task.eval_problems())
         limit = args.limit or run.get("max_eval_problems") or None
-        suites.append((getattr(task, "name", args.task or "task"), problems[:limit] if limit else problems, build_verifier_for(task, args.verifier or run.get("verifier"))))
+        suites.append(
+            (
+                getattr(task, "name", args.task or "task"),
+                problems[:limit] if limit else problems,
+                build_verifier_for(task, args.verifier or run.get("verifier")),
+            )
+        )
 
     started = time.time()
     device = select_device(args.device)
@@ -187,15 +213,27 @@ def _run(args: argparse.Namespace) -> int:
     results, topics = {}, {}
     for name, problems, verifier in suites:
         rewards, texts = sample_correctness(
-            model, tokenizer, problems, verifier, samples=settings["samples"], max_new_tokens=settings["max_new_tokens"],
-            temperature=settings["temperature"], top_p=settings["top_p"], chat_template=settings["chat_template"],
-            generation_batch_size=settings["generation_batch_size"], seed=settings["seed"] + EVAL_SEED_OFFSET,
+            model,
+            tokenizer,
+            problems,
+            verifier,
+            samples=settings["samples"],
+            max_new_tokens=settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            top_p=settings["top_p"],
+            chat_template=settings["chat_template"],
+            generation_batch_size=settings["generation_batch_size"],
+            seed=settings["seed"] + EVAL_SEED_OFFSET,
         )
         results[name] = summarise(rewards, texts, args.k)
         topics[name] = by_topic(rewards, problems)
     lines = [f"# ebpo eval: {args.model}", "", f"Settings: `{json.dumps(settings)}`", ""]
     for name, metrics in results.items():
-        lines += [f"## {name}", "", "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()] + [""]
+        lines += (
+            [f"## {name}", "", "| metric | value |", "|---|---|"]
+            + [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+            + [""]
+        )
         if topics[name]:
             lines += [f"| topic | problems | avg@{metrics['samples_per_problem']:.0f} |", "|---|---|---|"]
             lines += [f"| {t} | {row['problems']:.0f} | {row['avg']:.4f} |" for t, row in topics[name].items()] + [""]

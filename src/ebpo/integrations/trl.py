@@ -80,8 +80,12 @@ DIVERGENCE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 class EBPOGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus ebpo's estimator, weighting (see ``ebpo.build_estimator``) and divergence."""
 
-    ebpo_estimator: str = field(default="ebpo", metadata={"help": "ebpo advantage estimator: grpo, dr_grpo, rloo, ebpo, or module:attr"})
-    ebpo_estimator_options: dict = field(default_factory=dict, metadata={"help": "options of the estimator, e.g. {'prior': 'running'}"})
+    ebpo_estimator: str = field(
+        default="ebpo", metadata={"help": "ebpo advantage estimator: grpo, dr_grpo, rloo, ebpo, or module:attr"}
+    )
+    ebpo_estimator_options: dict = field(
+        default_factory=dict, metadata={"help": "options of the estimator, e.g. {'prior': 'running'}"}
+    )
     ebpo_weighting: str | None = field(default=None, metadata={"help": "advantage weighting, e.g. ha_dw"})
     ebpo_weighting_options: dict = field(default_factory=dict, metadata={"help": "options of the weighting"})
     ebpo_topic_column: str | None = field(
@@ -106,9 +110,11 @@ class EBPOGRPOTrainer(GRPOTrainer):
         if not isinstance(cfg, EBPOGRPOConfig):
             raise ValueError("EBPOGRPOTrainer needs an EBPOGRPOConfig (GRPOConfig plus the ebpo_* fields)")
         self.ebpo_estimator = build_estimator(
-            cfg.ebpo_estimator, weighting=cfg.ebpo_weighting, weighting_options=cfg.ebpo_weighting_options or None,
+            cfg.ebpo_estimator,
+            weighting=cfg.ebpo_weighting,
+            weighting_options=cfg.ebpo_weighting_options or None,
             **cfg.ebpo_estimator_options,
-        )  # fmt: skip
+        )
         if self.num_generations < self.ebpo_estimator.min_group_size:
             raise ValueError(f"{cfg.ebpo_estimator} needs num_generations >= {self.ebpo_estimator.min_group_size}")
         self._ebpo_rewards: torch.Tensor | None = None
@@ -122,7 +128,9 @@ class EBPOGRPOTrainer(GRPOTrainer):
                     "(e.g. 0.04) so that TRL keeps a reference model"
                 )
             if self.loss_type not in DIVERGENCE_LOSS_TYPES:
-                raise ValueError(f"ebpo_divergence supports loss_type in {list(DIVERGENCE_LOSS_TYPES)}, got {self.loss_type!r}")
+                raise ValueError(
+                    f"ebpo_divergence supports loss_type in {list(DIVERGENCE_LOSS_TYPES)}, got {self.loss_type!r}"
+                )
             self.ebpo_divergence = build_divergence(cfg.ebpo_divergence, **cfg.ebpo_divergence_options)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
@@ -142,9 +150,11 @@ class EBPOGRPOTrainer(GRPOTrainer):
         advantages = torch.zeros_like(rewards)
         topic_ids = self._ebpo_topic_ids(inputs)  # (N_global,) or None
         est_adv, metrics = self.ebpo_estimator(
-            rewards[scorable].cpu(), group_ids[scorable].cpu(),
-            topic_ids=None if topic_ids is None else topic_ids[scorable.cpu()], training=mode == "train",
-        )  # fmt: skip
+            rewards[scorable].cpu(),
+            group_ids[scorable].cpu(),
+            topic_ids=None if topic_ids is None else topic_ids[scorable.cpu()],
+            training=mode == "train",
+        )
         advantages[scorable] = est_adv.to(advantages)
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
@@ -160,8 +170,12 @@ class EBPOGRPOTrainer(GRPOTrainer):
             return None
         missing = [i for i, row in enumerate(inputs) if column not in row]
         if missing:
-            raise ValueError(f"ebpo_topic_column={column!r} is not a column of the training data (row {missing[0]} has {sorted(inputs[missing[0]])})")
-        labels = gather_object([row[column] for row in inputs])  # every process's rows, in process order like the rewards
+            raise ValueError(
+                f"ebpo_topic_column={column!r} is not a column of the training data (row {missing[0]} has {sorted(inputs[missing[0]])})"
+            )
+        labels = gather_object(
+            [row[column] for row in inputs]
+        )  # every process's rows, in process order like the rewards
         return stable_topic_ids(labels)
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
@@ -197,12 +211,16 @@ class EBPOGRPOTrainer(GRPOTrainer):
             self.beta, self._ebpo_capture = beta, False
         logps, self._ebpo_logps = self._ebpo_logps, None
         assert logps is not None, "TRL's _compute_loss did not call _get_per_token_logps_and_entropies"
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
         per_token = self.ebpo_divergence(logps, inputs["ref_per_token_logps"].to(logps))  # (B, T)
         if self.args.use_bias_correction_kl:  # TRL's option, applied to the divergence as to its KL
             per_token = per_token * self._ebpo_importance_weight(logps, inputs, mask)
         loss = loss + beta * self._ebpo_aggregate(per_token, mask, inputs)
-        totals = self.accelerator.reduce(torch.stack([(per_token.detach() * mask).sum(), mask.sum().float()]), reduction="sum")
+        totals = self.accelerator.reduce(
+            torch.stack([(per_token.detach() * mask).sum(), mask.sum().float()]), reduction="sum"
+        )
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["ebpo/divergence"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss

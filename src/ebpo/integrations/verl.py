@@ -69,9 +69,18 @@ from ebpo.estimators import AdvantagePipeline, build_estimator
 from ebpo.grouping import stable_topic_ids
 
 __all__ = [
-    "ESTIMATORS", "SPECS", "compute_advantage", "register", "save_estimator_states", "load_estimator_states",
-    "divergence_penalty", "install_divergences", "DIVERGENCE_PREFIX", "install_topic_forwarding", "TOPIC_KEY",
-]  # fmt: skip
+    "ESTIMATORS",
+    "SPECS",
+    "compute_advantage",
+    "register",
+    "save_estimator_states",
+    "load_estimator_states",
+    "divergence_penalty",
+    "install_divergences",
+    "DIVERGENCE_PREFIX",
+    "install_topic_forwarding",
+    "TOPIC_KEY",
+]
 
 SPECS: dict[str, dict[str, Any]] = {
     "ebpo": {"name": "ebpo", "prior": "batch"},
@@ -106,20 +115,33 @@ def _group_ids(index: Any) -> Tensor:
 
 
 def compute_advantage(
-    key: str, token_level_rewards: Tensor, response_mask: Tensor, index: Any, training: bool = True, topic_labels: Any = None
+    key: str,
+    token_level_rewards: Tensor,
+    response_mask: Tensor,
+    index: Any,
+    training: bool = True,
+    topic_labels: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """Advantages (bs, T) and returns (bs, T) with verl's conventions; ``topic_labels`` (bs,) any labels, optional."""
     if token_level_rewards.shape != response_mask.shape:
-        raise ValueError(f"token_level_rewards {tuple(token_level_rewards.shape)} and response_mask {tuple(response_mask.shape)} differ")
+        raise ValueError(
+            f"token_level_rewards {tuple(token_level_rewards.shape)} and response_mask {tuple(response_mask.shape)} differ"
+        )
     scores = token_level_rewards.sum(dim=-1)  # (bs,)
-    topic_ids = None if topic_labels is None else stable_topic_ids(list(np.asarray(topic_labels, dtype=object).reshape(-1)))
-    advantages, _ = _estimator(key)(scores.detach().float().cpu(), _group_ids(index), topic_ids=topic_ids, training=training)
+    topic_ids = (
+        None if topic_labels is None else stable_topic_ids(list(np.asarray(topic_labels, dtype=object).reshape(-1)))
+    )
+    advantages, _ = _estimator(key)(
+        scores.detach().float().cpu(), _group_ids(index), topic_ids=topic_ids, training=training
+    )
     advantages = advantages.to(token_level_rewards.device, token_level_rewards.dtype).unsqueeze(-1) * response_mask
     return advantages, advantages
 
 
 def _make(key: str):
-    def fn(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def fn(
+        token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
         if index is None:
             raise ValueError(f"{key} is group-relative: verl must pass the uid index")
         labels = kwargs.get("topic_labels", kwargs.get(TOPIC_KEY))
@@ -176,7 +198,9 @@ def install_topic_forwarding(ray_trainer: Any = None) -> None:
         try:
             from verl.trainer.ppo import ray_trainer
         except ImportError as exc:
-            raise ImportError("ebpo.integrations.verl.install_topic_forwarding() needs verl installed (pip install verl)") from exc
+            raise ImportError(
+                "ebpo.integrations.verl.install_topic_forwarding() needs verl installed (pip install verl)"
+            ) from exc
     original = ray_trainer.compute_advantage
     if getattr(original, "_ebpo_wrapped", None) is not None:
         return
@@ -237,7 +261,9 @@ def install_divergences() -> None:
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as exc:
-        raise ImportError("ebpo.integrations.verl.install_divergences() needs verl installed (pip install verl)") from exc
+        raise ImportError(
+            "ebpo.integrations.verl.install_divergences() needs verl installed (pip install verl)"
+        ) from exc
     original = core_algos.kl_penalty
     if getattr(original, "_ebpo_wrapped", None) is not None:
         return

@@ -66,10 +66,16 @@ FINAL_EVAL_SEED = 1_000_003  # the built-in generated tasks' default held-out se
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebpo meta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/meta", help="output directory (state, log, plot, parameters, member runs)")
+    parser = argparse.ArgumentParser(
+        prog="ebpo meta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="runs/meta", help="output directory (state, log, plot, parameters, member runs)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the search saved in --out")
-    parser.add_argument("--quick", action="store_true", help="a small search (population 4, 2 iterations, 10 inner steps)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small search (population 4, 2 iterations, 10 inner steps)"
+    )
     parser.add_argument("--population", type=int, default=None, help="members per iteration, even (default 10)")
     parser.add_argument("--iterations", type=int, default=None, help="most ES iterations (default 15)")
     parser.add_argument("--sigma", type=float, default=0.01, help="initial perturbation scale")
@@ -78,14 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--elite-frac", type=float, default=0.25, help="elites kept when an iteration does not improve")
     parser.add_argument("--patience", type=int, default=5, help="stop after this many iterations without improvement")
     parser.add_argument("--min-improvement", type=float, default=0.001, help="improvement that resets the patience")
-    parser.add_argument("--project-nonneg", action=argparse.BooleanOptionalAction, default=True, help="keep parameters >= 0 (convex mirror map)")
-    parser.add_argument("--inner-steps", type=int, default=None, help="RL steps each member trains (default 100, as the released code)")
+    parser.add_argument(
+        "--project-nonneg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep parameters >= 0 (convex mirror map)",
+    )
+    parser.add_argument(
+        "--inner-steps", type=int, default=None, help="RL steps each member trains (default 100, as the released code)"
+    )
     parser.add_argument("--eval-problems", type=int, default=None, help="validation problems per member (default 256)")
     parser.add_argument("--init-seed", type=int, default=0, help="seed of the initial random mirror map (U(0, 0.01))")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the ES perturbations and of every member's training")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the ES perturbations and of every member's training"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="member runs at once")
-    parser.add_argument("--task", default=DEFAULT_TASK, help=f"task the members train on (default {DEFAULT_TASK}, as ebpo train); it must draw seeded held-out splits, as the built-in generated tasks do")
-    parser.add_argument("--task-options", type=parse_yaml_mapping, default={}, help="the task's options, as a YAML mapping (not the split options, which meta sets)")
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"task the members train on (default {DEFAULT_TASK}, as ebpo train); it must draw seeded held-out splits, as the built-in generated tasks do",
+    )
+    parser.add_argument(
+        "--task-options",
+        type=parse_yaml_mapping,
+        default={},
+        help="the task's options, as a YAML mapping (not the split options, which meta sets)",
+    )
     parser.add_argument("--train-args", default="", help="extra flags for every member's ebpo train, as one string")
     return parser
 
@@ -99,27 +123,44 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _member_command(args: argparse.Namespace, params_file: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "ebpo", "train", *_own_flags(args, params_file, run_dir), *shlex.split(args.train_args)]
+    return [
+        sys.executable,
+        "-m",
+        "ebpo",
+        "train",
+        *_own_flags(args, params_file, run_dir),
+        *shlex.split(args.train_args),
+    ]
 
 
 def _own_flags(args: argparse.Namespace, params_file: Path, run_dir: Path) -> list[str]:
     """The ``ebpo train`` flags of a member that meta sets (``--train-args`` may not set them again)."""
     task_options = {**args.task_options, **_split_options()}
     return [
-        "--method", "gbmpo-mirror",
-        "--divergence-options", json.dumps({"params_path": str(params_file), "project_nonneg": args.project_nonneg}),
-        "--task", args.task,
-        "--task-options", json.dumps(task_options),
-        "--max-eval-problems", str(args.eval_problems),
-        "--steps", str(args.inner_steps),
-        "--seed", str(args.seed),
-        "--threads", "1",
+        "--method",
+        "gbmpo-mirror",
+        "--divergence-options",
+        json.dumps({"params_path": str(params_file), "project_nonneg": args.project_nonneg}),
+        "--task",
+        args.task,
+        "--task-options",
+        json.dumps(task_options),
+        "--max-eval-problems",
+        str(args.eval_problems),
+        "--steps",
+        str(args.inner_steps),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        "1",
         "--no-progress",
         "--no-tensorboard",
-        "--save-every", "0",
-        "--out", str(run_dir),
+        "--save-every",
+        "0",
+        "--out",
+        str(run_dir),
         "--overwrite",
-    ]  # fmt: skip
+    ]
 
 
 def _split_options() -> dict[str, Any]:
@@ -162,7 +203,13 @@ def _fitness(args: argparse.Namespace, out: Path, iteration: int):
             params_file = folder / f"member-{i:02d}.json"
             params_file.parent.mkdir(parents=True, exist_ok=True)
             NeuralMirror(params, project_nonneg=args.project_nonneg).save(params_file)
-            jobs.append((f"member-{i:02d}", _member_command(args, params_file, folder / f"member-{i:02d}"), folder / f"member-{i:02d}.log"))
+            jobs.append(
+                (
+                    f"member-{i:02d}",
+                    _member_command(args, params_file, folder / f"member-{i:02d}"),
+                    folder / f"member-{i:02d}.log",
+                )
+            )
         codes = run_parallel(jobs, args.workers)
         scores: list[float | None] = []
         for i in range(members.shape[0]):
@@ -180,15 +227,25 @@ RESUMABLE_CHANGES = ("iterations", "patience")
 
 def _search_settings(args: argparse.Namespace, config: ESConfig) -> dict[str, Any]:
     """Everything that decides the search's result: the ES settings and what every member trains and is scored on."""
-    members = {"task": args.task, "task_options": args.task_options, "inner_steps": args.inner_steps,
-               "eval_problems": args.eval_problems, "train_args": shlex.split(args.train_args), "init_seed": args.init_seed}  # fmt: skip
+    members = {
+        "task": args.task,
+        "task_options": args.task_options,
+        "inner_steps": args.inner_steps,
+        "eval_problems": args.eval_problems,
+        "train_args": shlex.split(args.train_args),
+        "init_seed": args.init_seed,
+    }
     return {**config.__dict__, **members}
 
 
 def _check_resumed_settings(recorded: dict[str, Any], args: argparse.Namespace, config: ESConfig) -> None:
     """ValueError if ``--resume`` asks for other settings than the ``recorded`` ones the search was made with."""
     now = json.loads(json.dumps(_search_settings(args, config)))  # compared as saved: JSON values
-    changed = [f"{k} ({recorded[k]!r} -> {now[k]!r})" for k in now if k in recorded and k not in RESUMABLE_CHANGES and recorded[k] != now[k]]
+    changed = [
+        f"{k} ({recorded[k]!r} -> {now[k]!r})"
+        for k in now
+        if k in recorded and k not in RESUMABLE_CHANGES and recorded[k] != now[k]
+    ]
     if changed:
         raise ValueError(
             f"--resume with other settings than the search was started with: {', '.join(changed)}; resume with the "
@@ -200,7 +257,9 @@ def _save_state(state: ESState, config: ESConfig, out: Path, settings: dict[str,
     tmp = out / "es_state.pt.tmp"
     torch.save({"config": config.__dict__, "state": state.state_dict(), "settings": json.dumps(settings)}, tmp)
     os.replace(tmp, out / "es_state.pt")  # atomic: a kill mid-write keeps the previous iteration's state
-    (out / "es_log.json").write_text(json.dumps({"config": config.__dict__, "settings": settings, "history": state.history}, indent=2))
+    (out / "es_log.json").write_text(
+        json.dumps({"config": config.__dict__, "settings": settings, "history": state.history}, indent=2)
+    )
     _plot(state.history, out / "fitness.png")
 
 
@@ -231,9 +290,14 @@ def _start_or_resume(args: argparse.Namespace, config: ESConfig, out: Path) -> E
         saved = load_tensors(state_file, what="ES search state")
         try:
             state = ESState.from_state_dict(saved["state"])
-            recorded = {**saved.get("config", {}), **json.loads(saved.get("settings", "{}"))}  # searches before 2026-11 saved only the ES config
+            recorded = {
+                **saved.get("config", {}),
+                **json.loads(saved.get("settings", "{}")),
+            }  # searches before 2026-11 saved only the ES config
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"ES search state {state_file} is not a search state written by ebpo meta ({exc})") from None
+            raise ValueError(
+                f"ES search state {state_file} is not a search state written by ebpo meta ({exc})"
+            ) from None
         _check_resumed_settings(recorded, args, config)
         state.done = state.iteration >= config.iterations or state.no_improvement >= config.patience
         print(f"resuming after iteration {state.iteration}")
@@ -250,10 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     try:  # everything is checked before anything is written
         config = ESConfig(
-            population=args.population, sigma=args.sigma, sigma_decay=args.sigma_decay, step_size=args.step_size,
-            iterations=args.iterations, elite_frac=args.elite_frac, patience=args.patience,
-            min_improvement=args.min_improvement, project_nonneg=args.project_nonneg, seed=args.seed,
-        )  # fmt: skip
+            population=args.population,
+            sigma=args.sigma,
+            sigma_decay=args.sigma_decay,
+            step_size=args.step_size,
+            iterations=args.iterations,
+            elite_frac=args.elite_frac,
+            patience=args.patience,
+            min_improvement=args.min_improvement,
+            project_nonneg=args.project_nonneg,
+            seed=args.seed,
+        )
         _check_task(args)
         check_params, check_dir = out / "members" / "check.json", out / "members" / "check"
         check_train_args(_member_command(args, check_params, check_dir)[4:])
@@ -277,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     low = min_divergence_on_grid(mirror)
     log = json.loads((out / "es_log.json").read_text()) if (out / "es_log.json").exists() else {}
     final_options = {**args.task_options, "exclude_eval_seeds": [VALIDATION_SEED]}
-    (out / "es_log.json").write_text(json.dumps({**log, "min_divergence_on_grid": low, "final_run_task_options": final_options}, indent=2))
+    (out / "es_log.json").write_text(
+        json.dumps({**log, "min_divergence_on_grid": low, "final_run_task_options": final_options}, indent=2)
+    )
     verdict = "D >= 0 holds" if low >= -1e-12 else "D < 0 somewhere: the map is not convex (see --project-nonneg)"
     print(f"min D(p, p_ref) over a 64 x 64 grid in (0, 1]: {low:.3e} ({verdict})")
     print(

@@ -36,8 +36,9 @@ can be checkpointed after every iteration and resumed bit-for-bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,7 +93,7 @@ class ESState:
     done: bool = False
 
     @classmethod
-    def start(cls, phi: Tensor, config: ESConfig) -> "ESState":
+    def start(cls, phi: Tensor, config: ESConfig) -> ESState:
         phi = phi.detach().to(torch.float64).clone()
         if config.project_nonneg:
             phi = phi.clamp_min(0.0)
@@ -103,7 +104,7 @@ class ESState:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "ESState":
+    def from_state_dict(cls, state: dict[str, Any]) -> ESState:
         return cls(**state)
 
 
@@ -139,7 +140,12 @@ def es_iteration(state: ESState, config: ESConfig, fitness: FitnessFn) -> ESStat
         history=list(state.history),
         rng_state=gen.get_state(),
     )
-    record: dict[str, Any] = {"iteration": new.iteration, "failed": failed, "evaluated": len(scores), "sigma": state.sigma}
+    record: dict[str, Any] = {
+        "iteration": new.iteration,
+        "failed": failed,
+        "evaluated": len(scores),
+        "sigma": state.sigma,
+    }
     if not samples:  # every fresh member failed: nothing to learn from this iteration
         new.no_improvement += 1
         new.elites = state.elites

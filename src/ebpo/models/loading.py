@@ -29,9 +29,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from ebpo.models.tokenizer import CharTokenizer
 
 __all__ = [
-    "TinyLlamaSpec", "BUILTIN_SPECS", "builtin_spec", "build_tiny_llama", "load_policy", "load_tokenizer", "select_device",
-    "check_model_source", "resolve_dtype",
-]  # fmt: skip
+    "TinyLlamaSpec",
+    "BUILTIN_SPECS",
+    "builtin_spec",
+    "build_tiny_llama",
+    "load_policy",
+    "load_tokenizer",
+    "select_device",
+    "check_model_source",
+    "resolve_dtype",
+]
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -50,7 +57,9 @@ class TinyLlamaSpec:
 # The built-in models by name (``builtin:<name>``); the character tokenizer is the same for all.
 BUILTIN_SPECS: dict[str, TinyLlamaSpec] = {
     "tiny": TinyLlamaSpec(),  # ~0.4 M parameters: CPU runs in minutes
-    "medium": TinyLlamaSpec(hidden_size=512, num_layers=12, num_heads=8, intermediate_size=1536, max_positions=256),  # ~41 M
+    "medium": TinyLlamaSpec(
+        hidden_size=512, num_layers=12, num_heads=8, intermediate_size=1536, max_positions=256
+    ),  # ~41 M
 }
 
 
@@ -58,7 +67,9 @@ def builtin_spec(name: str) -> TinyLlamaSpec:
     """The architecture of ``builtin:<size>`` (ValueError naming the sizes when unknown)."""
     size = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
     if size not in BUILTIN_SPECS:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {[BUILTIN_PREFIX + k for k in BUILTIN_SPECS]}")
+        raise ValueError(
+            f"unknown built-in model {name!r}; choose one of {[BUILTIN_PREFIX + k for k in BUILTIN_SPECS]}"
+        )
     return BUILTIN_SPECS[size]
 
 
@@ -122,10 +133,16 @@ def check_model_source(name: str) -> None:
     looks_local = os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded)
     if looks_local:
         if not os.path.isdir(expanded):
-            raise ValueError(f"model path {name!r} is not a directory; pass a directory written by save_pretrained or a hub id")
-        config = next((f for f in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(expanded, f))), None)
+            raise ValueError(
+                f"model path {name!r} is not a directory; pass a directory written by save_pretrained or a hub id"
+            )
+        config = next(
+            (f for f in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(expanded, f))), None
+        )
         if config is None:
-            raise ValueError(f"model path {name!r} has no config.json; pass a directory written by save_pretrained or a hub id")
+            raise ValueError(
+                f"model path {name!r} has no config.json; pass a directory written by save_pretrained or a hub id"
+            )
         if not os.access(os.path.join(expanded, config), os.R_OK):
             raise ValueError(f"model path {name!r} is not readable; check its permissions")
         return
@@ -205,7 +222,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype of ``--dtype`` on ``device`` (auto: bf16 on CUDA, fp32 elsewhere)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(table)}")
     return table[dtype]

@@ -73,7 +73,9 @@ class CharTokenizer(PreTrainedTokenizer):
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return "".join(tokens)
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         # A BOS before the prompt; EOS is what the model learns to emit, never appended to prompts.
         ids = [self.bos_token_id] + token_ids_0
         return ids if token_ids_1 is None else ids + token_ids_1

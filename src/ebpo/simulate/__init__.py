@@ -42,12 +42,10 @@ from typing import Any
 import torch
 
 from ebpo.fileio import check_output_dir, check_output_file, make_output_dir
-
 from ebpo.simulate.bandit import BANDIT_ESTIMATORS, UPDATES, BanditConfig, bandit_curves
 from ebpo.simulate.baselines import SIGNAL_ESTIMATORS, baseline_mse, zero_signal
 from ebpo.simulate.populations import Population, parse_dist, sample_rewards
 from ebpo.simulate.report import PAPER_HADW, markdown, plots
-from ebpo.simulate.topics import topic_mixture_mse, topic_population
 from ebpo.simulate.theory import (
     bias_closed_form,
     bias_mc,
@@ -56,6 +54,7 @@ from ebpo.simulate.theory import (
     hadw_probability_mc,
     hadw_probability_pooled,
 )
+from ebpo.simulate.topics import topic_mixture_mse, topic_population
 
 __all__ = [
     "Population",
@@ -105,32 +104,120 @@ def bias_curves(groups_per_p: int, generator: torch.Generator) -> dict[str, dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ebpo simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ebpo simulate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add = parser.add_argument
-    add("--dist", default="beta:2,2", help="population of true success rates for the MSE and zero-signal analyses: beta:a,b | uniform:lo,hi | mix:w*D+w*D (default: %(default)s, the EBPO paper's check)")
-    add("--group-sizes", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="group sizes G of the MSE and zero-signal analyses (default: %(default)s)")
+    add(
+        "--dist",
+        default="beta:2,2",
+        help="population of true success rates for the MSE and zero-signal analyses: beta:a,b | uniform:lo,hi | mix:w*D+w*D (default: %(default)s, the EBPO paper's check)",
+    )
+    add(
+        "--group-sizes",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8, 16, 32],
+        help="group sizes G of the MSE and zero-signal analyses (default: %(default)s)",
+    )
     add("--prompts", type=int, default=512, help="prompts per batch (default: %(default)s, the EBPO paper's setting)")
-    add("--batches", type=int, default=50, help="batches averaged; the running and EMA priors accumulate over them (default: %(default)s)")
+    add(
+        "--batches",
+        type=int,
+        default=50,
+        help="batches averaged; the running and EMA priors accumulate over them (default: %(default)s)",
+    )
     add("--bins", type=int, default=20, help="theta bins of the MSE-against-theta curves (default: %(default)s)")
-    add("--mc-samples", type=int, default=400_000, help="Monte Carlo draws of p for each HA-DW table entry; the bias curve uses 1/40 of it per p (default: %(default)s)")
-    add("--bandit-dist", default="beta:1,3", help="initial success rates of the bandit's prompts (default: %(default)s, mostly hard)")
-    add("--bandit-group-sizes", type=int, nargs="+", default=[2, 4], help="group sizes of the bandit (default: %(default)s)")
+    add(
+        "--mc-samples",
+        type=int,
+        default=400_000,
+        help="Monte Carlo draws of p for each HA-DW table entry; the bias curve uses 1/40 of it per p (default: %(default)s)",
+    )
+    add(
+        "--bandit-dist",
+        default="beta:1,3",
+        help="initial success rates of the bandit's prompts (default: %(default)s, mostly hard)",
+    )
+    add(
+        "--bandit-group-sizes",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        help="group sizes of the bandit (default: %(default)s)",
+    )
     add("--bandit-prompts", type=int, default=512, help="prompts in the bandit (default: %(default)s)")
     add("--bandit-batch", type=int, default=64, help="prompts drawn per bandit step (default: %(default)s)")
-    add("--bandit-answers", type=int, default=8, help="candidate answers per prompt, one correct (default: %(default)s)")
-    add("--bandit-spread", type=float, default=1.0, help="std of the wrong answers' initial logits: larger makes dominant distractors (default: %(default)s)")
+    add(
+        "--bandit-answers", type=int, default=8, help="candidate answers per prompt, one correct (default: %(default)s)"
+    )
+    add(
+        "--bandit-spread",
+        type=float,
+        default=1.0,
+        help="std of the wrong answers' initial logits: larger makes dominant distractors (default: %(default)s)",
+    )
     add("--bandit-steps", type=int, default=300, help="policy-gradient steps (default: %(default)s)")
     add("--bandit-lr", type=float, default=0.5, help="step size on the logits (default: %(default)s)")
-    add("--bandit-seeds", type=int, default=5, help="seeds per estimator; curves show mean and 95%% CI (default: %(default)s)")
-    add("--bandit-updates", nargs="+", choices=UPDATES, default=list(UPDATES), help="sgd: advantages as given; rms: each step's advantages divided by their RMS, equal step sizes across estimators (default: both)")
-    add("--hadw-anchor", choices=["soft", "hard"], default="soft", help="HA-DW difficulty anchor: soft (paper) or hard (released code) (default: %(default)s)")
-    add("--hadw-lam", type=float, default=1.3, help="HA-DW scale lambda (paper's best 1.3; released code 1.5) (default: %(default)s)")
-    add("--topic-means", type=float, nargs="+", default=[0.05, 0.3, 0.7, 0.95], help="mean success rate of each topic of the mixture analysis (default: %(default)s, docs/hierarchical-prior.md)")
-    add("--topic-concentration", type=float, default=4.0, help="Beta concentration a + b of every topic (default: %(default)s)")
+    add(
+        "--bandit-seeds",
+        type=int,
+        default=5,
+        help="seeds per estimator; curves show mean and 95%% CI (default: %(default)s)",
+    )
+    add(
+        "--bandit-updates",
+        nargs="+",
+        choices=UPDATES,
+        default=list(UPDATES),
+        help="sgd: advantages as given; rms: each step's advantages divided by their RMS, equal step sizes across estimators (default: both)",
+    )
+    add(
+        "--hadw-anchor",
+        choices=["soft", "hard"],
+        default="soft",
+        help="HA-DW difficulty anchor: soft (paper) or hard (released code) (default: %(default)s)",
+    )
+    add(
+        "--hadw-lam",
+        type=float,
+        default=1.3,
+        help="HA-DW scale lambda (paper's best 1.3; released code 1.5) (default: %(default)s)",
+    )
+    add(
+        "--topic-means",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.3, 0.7, 0.95],
+        help="mean success rate of each topic of the mixture analysis (default: %(default)s, docs/hierarchical-prior.md)",
+    )
+    add(
+        "--topic-concentration",
+        type=float,
+        default=4.0,
+        help="Beta concentration a + b of every topic (default: %(default)s)",
+    )
     add("--topic-groups", type=int, default=16, help="groups (prompts) per topic per batch (default: %(default)s)")
-    add("--topic-group-sizes", type=int, nargs="+", default=[2, 4, 8], help="group sizes G of the balanced mixture (default: %(default)s)")
-    add("--topic-small-groups", type=int, nargs="+", default=[1, 2], help="unbalanced case: one topic (each in turn) has this many groups, at G = 4 (default: %(default)s)")
-    add("--topic-batches", type=int, default=400, help="batches of the balanced mixture; the unbalanced runs use half (default: %(default)s)")
+    add(
+        "--topic-group-sizes",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8],
+        help="group sizes G of the balanced mixture (default: %(default)s)",
+    )
+    add(
+        "--topic-small-groups",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="unbalanced case: one topic (each in turn) has this many groups, at G = 4 (default: %(default)s)",
+    )
+    add(
+        "--topic-batches",
+        type=int,
+        default=400,
+        help="batches of the balanced mixture; the unbalanced runs use half (default: %(default)s)",
+    )
     add("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
     add("--quick", action="store_true", help="small settings that finish in seconds (used by the tests)")
     add("--out", default="runs/simulate", help="directory for report.md and the PNG plots (default: %(default)s)")
@@ -140,9 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> None:
     if min(args.group_sizes) < 2 or min(args.bandit_group_sizes) < 2:
-        raise ValueError("group sizes must be >= 2 (the group mean, GRPO and leave-one-out baselines need two responses)")
+        raise ValueError(
+            "group sizes must be >= 2 (the group mean, GRPO and leave-one-out baselines need two responses)"
+        )
     if args.prompts < 2 or args.batches < 1 or args.bins < 1:
-        raise ValueError(f"need --prompts >= 2, --batches >= 1 and --bins >= 1, got {args.prompts}, {args.batches}, {args.bins}")
+        raise ValueError(
+            f"need --prompts >= 2, --batches >= 1 and --bins >= 1, got {args.prompts}, {args.batches}, {args.bins}"
+        )
     if not args.hadw_lam > 0:
         raise ValueError(f"--hadw-lam must be > 0, got {args.hadw_lam}")
     if args.mc_samples < 40 or args.bandit_seeds < 1:
@@ -151,8 +242,15 @@ def _validate(args: argparse.Namespace) -> None:
     parse_dist(args.bandit_dist)
     for mean in args.topic_means:
         topic_population(mean, args.topic_concentration)
-    if min(args.topic_group_sizes) < 2 or args.topic_groups < 1 or min(args.topic_small_groups) < 1 or args.topic_batches < 2:
-        raise ValueError("need --topic-group-sizes >= 2, --topic-groups >= 1, --topic-small-groups >= 1 and --topic-batches >= 2")
+    if (
+        min(args.topic_group_sizes) < 2
+        or args.topic_groups < 1
+        or min(args.topic_small_groups) < 1
+        or args.topic_batches < 2
+    ):
+        raise ValueError(
+            "need --topic-group-sizes >= 2, --topic-groups >= 1, --topic-small-groups >= 1 and --topic-batches >= 2"
+        )
     for g in args.bandit_group_sizes:  # BanditConfig validates the rest
         _bandit_config(args, g, args.bandit_updates[0])
 
@@ -173,14 +271,20 @@ def _bandit_config(args: argparse.Namespace, group_size: int, update: str) -> Ba
 def _with_hadw_options(specs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The estimator specs with ``--hadw-*`` passed to every HA-DW weighting."""
     options = {"anchor": args.hadw_anchor, "lam": args.hadw_lam}
-    return {label: {**spec, "weighting_options": options} if spec.get("weighting") == "ha_dw" else spec for label, spec in specs.items()}
+    return {
+        label: {**spec, "weighting_options": options} if spec.get("weighting") == "ha_dw" else spec
+        for label, spec in specs.items()
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every analysis; the returned dict is what ``--json`` writes."""
     gen = torch.Generator().manual_seed(args.seed)
     population = parse_dist(args.dist)
-    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "json")}, "seconds": {}}
+    result: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
+        "seconds": {},
+    }
 
     def timed(key: str, fn: Any) -> Any:
         start = time.perf_counter()
@@ -191,15 +295,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["hadw_table"] = timed("hadw_table", lambda: hadw_table(args.mc_samples, gen))
     result["bias_curve"] = timed("bias_curve", lambda: bias_curves(max(10, args.mc_samples // 40), gen))
     result["population"] = {"mean": population.mean, "var": population.var, "noise": population.noise}
-    result["mse"] = timed("mse", lambda: {str(g): baseline_mse(population, g, args.prompts, args.batches, gen, bins=args.bins) for g in args.group_sizes})
+    result["mse"] = timed(
+        "mse",
+        lambda: {
+            str(g): baseline_mse(population, g, args.prompts, args.batches, gen, bins=args.bins)
+            for g in args.group_sizes
+        },
+    )
     signal_specs = _with_hadw_options(SIGNAL_ESTIMATORS, args)
-    result["zero_signal"] = timed("zero_signal", lambda: {str(g): zero_signal(population, g, args.prompts, args.batches, gen, signal_specs) for g in args.group_sizes})
+    result["zero_signal"] = timed(
+        "zero_signal",
+        lambda: {
+            str(g): zero_signal(population, g, args.prompts, args.batches, gen, signal_specs) for g in args.group_sizes
+        },
+    )
     bandit_specs = _with_hadw_options(BANDIT_ESTIMATORS, args)
     bandit_population = parse_dist(args.bandit_dist)
     result["bandit"] = timed(
         "bandit",
         lambda: {
-            update: {str(g): bandit_curves(bandit_population, _bandit_config(args, g, update), args.bandit_seeds, args.seed, bandit_specs) for g in args.bandit_group_sizes}
+            update: {
+                str(g): bandit_curves(
+                    bandit_population, _bandit_config(args, g, update), args.bandit_seeds, args.seed, bandit_specs
+                )
+                for g in args.bandit_group_sizes
+            }
             for update in args.bandit_updates
         },
     )

@@ -65,13 +65,17 @@ class BanditConfig:
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError(f"bandit group size must be >= 2 (GRPO and RLOO need two responses), got {self.group_size}")
+            raise ValueError(
+                f"bandit group size must be >= 2 (GRPO and RLOO need two responses), got {self.group_size}"
+            )
         if not 1 <= self.batch <= self.prompts:
             raise ValueError(f"bandit batch must be in [1, prompts={self.prompts}], got {self.batch}")
         if self.answers < 2:
             raise ValueError(f"bandit needs at least 2 candidate answers, got {self.answers}")
         if self.steps < 1 or not self.lr > 0 or self.spread < 0:
-            raise ValueError(f"bandit needs steps >= 1, lr > 0 and spread >= 0, got {self.steps}, {self.lr}, {self.spread}")
+            raise ValueError(
+                f"bandit needs steps >= 1, lr > 0 and spread >= 0, got {self.steps}, {self.lr}, {self.spread}"
+            )
         if self.update not in UPDATES:
             raise ValueError(f"bandit update must be one of {UPDATES}, got {self.update!r}")
 
@@ -150,7 +154,11 @@ def _mean_ci_curve(runs: list[list[float]], level: float = 0.95) -> dict[str, li
 
 
 def bandit_curves(
-    population: Population, config: BanditConfig, seeds: int, base_seed: int = 0, estimators: dict[str, dict[str, Any]] | None = None
+    population: Population,
+    config: BanditConfig,
+    seeds: int,
+    base_seed: int = 0,
+    estimators: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every estimator (default :data:`BANDIT_ESTIMATORS`; it must include ``"grpo"``) on ``seeds`` seeds; mean and 95% CI curves.
 
@@ -170,12 +178,18 @@ def bandit_curves(
         raise ValueError(f"the bandit reports differences to 'grpo', which is missing from {sorted(specs)}")
     out: dict[str, Any] = {}
     for label, spec in specs.items():
-        runs = [run_bandit(spec, population, config, seed=base_seed + 1000 * s + config.group_size) for s in range(seeds)]
+        runs = [
+            run_bandit(spec, population, config, seed=base_seed + 1000 * s + config.group_size) for s in range(seeds)
+        ]
         entry: dict[str, Any] = {}
         for key in ("success", "entropy"):
             curve = _mean_ci_curve([r[key] for r in runs])
             entry[key] = curve
-            entry[f"final_{key}"] = {"mean": curve["mean"][-1], "ci_half_width": curve["ci_half_width"][-1], "per_seed": [r[key][-1] for r in runs]}
+            entry[f"final_{key}"] = {
+                "mean": curve["mean"][-1],
+                "ci_half_width": curve["ci_half_width"][-1],
+                "per_seed": [r[key][-1] for r in runs],
+            }
         entry["auc"] = {**mean_ci(aucs := [sum(r["success"]) / len(r["success"]) for r in runs]), "per_seed": aucs}
         out[label] = entry
     for key in ("final_success", "auc"):

@@ -48,7 +48,9 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def baseline_mse(population: Population, group_size: int, prompts: int, batches: int, generator: torch.Generator, bins: int = 20) -> dict[str, Any]:
+def baseline_mse(
+    population: Population, group_size: int, prompts: int, batches: int, generator: torch.Generator, bins: int = 20
+) -> dict[str, Any]:
     """Per-batch MSE of each baseline against the true theta, overall and by theta bin.
 
     ``batches`` successive batches of ``prompts`` prompts (theta drawn afresh
@@ -71,7 +73,10 @@ def baseline_mse(population: Population, group_size: int, prompts: int, batches:
     estimators = {
         "group mean": build_estimator("dr_grpo"),
         "leave-one-out": build_estimator("rloo"),
-        **{name: build_estimator("ebpo", std_normalize=False, center=False, **opts) for name, opts in EBPO_PRIORS.items()},
+        **{
+            name: build_estimator("ebpo", std_normalize=False, center=False, **opts)
+            for name, opts in EBPO_PRIORS.items()
+        },
     }
     s_oracle = oracle_shrinkage(population, group_size)
     s_ebpo = ebpo_population_shrinkage(population, group_size)
@@ -125,7 +130,10 @@ def baseline_mse(population: Population, group_size: int, prompts: int, batches:
         "bins": {
             "edges": torch.linspace(0, 1, bins + 1, dtype=torch.float64).tolist(),
             "count": bin_count.tolist(),
-            **{name: torch.where(with_data, sse / bin_count.clamp_min(1), torch.nan).tolist() for name, sse in bin_sse.items()},
+            **{
+                name: torch.where(with_data, sse / bin_count.clamp_min(1), torch.nan).tolist()
+                for name, sse in bin_sse.items()
+            },
         },
     }
 
@@ -170,7 +178,9 @@ def zero_signal(
     the fraction of groups that failed entirely.
     """
     built = {label: _build(spec) for label, spec in (SIGNAL_ESTIMATORS if estimators is None else estimators).items()}
-    acc: dict[str, dict[str, list[float]]] = {label: {"zero": [], "adv": [], "nonneg": [], "raw": []} for label in built}
+    acc: dict[str, dict[str, list[float]]] = {
+        label: {"zero": [], "adv": [], "nonneg": [], "raw": []} for label in built
+    }
     failures, all_equal = [], []
     for _ in range(batches):
         theta = population.sample(prompts, generator)

@@ -13,8 +13,8 @@ plug-in estimates) are closed forms, not Monte Carlo estimates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -151,6 +151,8 @@ def sample_rewards(theta: Tensor, group_size: int, generator: torch.Generator) -
     """
     if group_size < 1:
         raise ValueError(f"group size must be >= 1, got {group_size}")
-    rewards = (torch.rand(theta.numel(), group_size, generator=generator, dtype=torch.float64) < theta.unsqueeze(1)).double()  # (M, G)
+    rewards = (
+        torch.rand(theta.numel(), group_size, generator=generator, dtype=torch.float64) < theta.unsqueeze(1)
+    ).double()  # (M, G)
     group_ids = torch.arange(theta.numel()).repeat_interleave(group_size)  # (M * G,)
     return rewards.reshape(-1), group_ids

@@ -18,7 +18,6 @@ PAPER_HADW: dict[str, dict[str, float]] = {
 }
 
 
-
 def _f(x: float, digits: int = 4, sign: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -57,16 +56,26 @@ def _hadw_markdown(table: dict[str, Any], curves: dict[str, Any]) -> list[str]:
                 f"| (0, {upper}) | {g} | {v['exact']:.4f} | {mc['estimate']:.4f} ± {mc['std_error']:.4f} | "
                 f"{v['paper']:.4f} | {v['exact'] - v['paper']:+.5f} | {v['pooled']:.4f} |"
             )
-    lines += ["", "Bias of the group mean given a mixed group, E[mu_hat | mixed] - p (closed form; Monte Carlo ± s.e.):", ""]
+    lines += [
+        "",
+        "Bias of the group mean given a mixed group, E[mu_hat | mixed] - p (closed form; Monte Carlo ± s.e.):",
+        "",
+    ]
     probe = [0.1, 0.3, 0.5, 0.7, 0.9]
     lines += ["| G | " + " | ".join(f"p = {p}" for p in probe) + " |", "|---" * (len(probe) + 1) + "|"]
     for g, curve in curves.items():
         cells = []
         for p in probe:
             i = min(range(len(curve["p"])), key=lambda j: abs(curve["p"][j] - p))
-            cells.append(f"{curve['closed_form'][i]:+.4f} ({curve['monte_carlo'][i]:+.4f} ± {curve['std_error'][i]:.4f})")
+            cells.append(
+                f"{curve['closed_form'][i]:+.4f} ({curve['monte_carlo'][i]:+.4f} ± {curve['std_error'][i]:.4f})"
+            )
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    return lines + ["", "Positive bias for p < 0.5: the group mean over-estimates p, so the advantage r - mu_hat of a hard prompt is under-estimated.", ""]
+    return lines + [
+        "",
+        "Positive bias for p < 0.5: the group mean over-estimates p, so the advantage r - mu_hat of a hard prompt is under-estimated.",
+        "",
+    ]
 
 
 def _mse_markdown(mse: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
@@ -77,7 +86,9 @@ def _mse_markdown(mse: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         "Mean of the per-batch MSE (± one standard error over batches). Closed forms: group mean E[θ(1-θ)]/G, "
         "leave-one-out E[θ(1-θ)]/(G-1), oracle (1-S*)²E[θ(1-θ)]/G + S*²Var θ, and EBPO's large-batch limit.",
         "",
-        "| G | " + " | ".join(MSE_BASELINES) + " | EBPO limit (closed form) | S (ebpo-batch) | S (EBPO limit) | S* (oracle) |",
+        "| G | "
+        + " | ".join(MSE_BASELINES)
+        + " | EBPO limit (closed form) | S (ebpo-batch) | S (EBPO limit) | S* (oracle) |",
         "|---" * (len(MSE_BASELINES) + 5) + "|",
     ]
     for g, row in mse.items():
@@ -87,10 +98,18 @@ def _mse_markdown(mse: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             f"| {g} | " + " | ".join(cells) + f" | {row['closed_form']['ebpo (large-batch limit)']:.4f} | "
             f"{s['ebpo-batch']:.3f} | {s['ebpo (large-batch limit)']:.3f} | {s['oracle shrinkage']:.3f} |"
         )
-    lines += ["", "Closed forms of the same (population) quantities:", "", "| G | group mean | leave-one-out | EBPO limit | oracle |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Closed forms of the same (population) quantities:",
+        "",
+        "| G | group mean | leave-one-out | EBPO limit | oracle |",
+        "|---|---|---|---|---|",
+    ]
     for g, row in mse.items():
         c = row["closed_form"]
-        lines.append(f"| {g} | {c['group mean']:.4f} | {c['leave-one-out']:.4f} | {c['ebpo (large-batch limit)']:.4f} | {c['oracle shrinkage']:.4f} |")
+        lines.append(
+            f"| {g} | {c['group mean']:.4f} | {c['leave-one-out']:.4f} | {c['ebpo (large-batch limit)']:.4f} | {c['oracle shrinkage']:.4f} |"
+        )
     return lines + ["", "![MSE against the true success rate](mse_vs_p.png)", "", "![MSE against G](mse_vs_g.png)", ""]
 
 
@@ -108,7 +127,9 @@ def _zero_signal_markdown(zero: dict[str, Any]) -> list[str]:
                 f"| {g} | {label} | {v['zero_signal_frac']:.3f} | {_f(v['all_failure_adv_mean'], 3, sign=True)} | "
                 f"{_f(v['all_failure_nonneg_frac'], 2)} | {_f(v.get('raw_all_failure_adv', math.nan), 3, sign=True)} |"
             )
-        lines.append(f"| {g} | *expected all-equal fraction* | {row['all_equal_frac_expected']:.3f} | all-failure groups: {row['all_failure_frac']:.3f} | | |")
+        lines.append(
+            f"| {g} | *expected all-equal fraction* | {row['all_equal_frac_expected']:.3f} | all-failure groups: {row['all_failure_frac']:.3f} | | |"
+        )
     return lines + ["", "![zero signal](zero_signal.png)", ""]
 
 
@@ -135,13 +156,22 @@ def _bandit_markdown(bandit: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
 
 
 def _bandit_final_table(bandit: dict[str, Any], sizes: list[str]) -> list[str]:
-    lines = ["| update | estimator | " + " | ".join(f"success G={g} | Δ vs GRPO G={g} | entropy G={g}" for g in sizes) + " |", "|---" * (2 + 3 * len(sizes)) + "|"]
+    lines = [
+        "| update | estimator | "
+        + " | ".join(f"success G={g} | Δ vs GRPO G={g} | entropy G={g}" for g in sizes)
+        + " |",
+        "|---" * (2 + 3 * len(sizes)) + "|",
+    ]
     for update, per_g in bandit.items():
         labels = list(next(iter(per_g.values())))
         for label in labels:
             cells = []
             for g in sizes:
-                s, e, d = per_g[g][label]["final_success"], per_g[g][label]["final_entropy"], per_g[g][label]["final_success_minus_grpo"]
+                s, e, d = (
+                    per_g[g][label]["final_success"],
+                    per_g[g][label]["final_entropy"],
+                    per_g[g][label]["final_success_minus_grpo"],
+                )
                 cells.append(
                     f"{s['mean']:.3f} ± {_f(s['ci_half_width'], 3)} | {d['mean']:+.3f} ± {_f(d['ci_half_width'], 3)} | "
                     f"{e['mean']:.3f} ± {_f(e['ci_half_width'], 3)}"
@@ -179,16 +209,22 @@ def _topics_markdown(topics: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         "|---" * (len(TOPIC_BASELINES) + 1) + "|",
     ]
     for g, row in topics["balanced"].items():
-        lines.append(f"| {g} | " + " | ".join(f"{row['mean'][n]:.4f} ± {row['std_error'][n]:.4f}" for n in TOPIC_BASELINES) + " |")
+        lines.append(
+            f"| {g} | "
+            + " | ".join(f"{row['mean'][n]:.4f} ± {row['std_error'][n]:.4f}" for n in TOPIC_BASELINES)
+            + " |"
+        )
     lines += [
         "",
         f"Unbalanced (G = {topics['unbalanced_group_size']}): one topic has only a few groups; MSE over that topic's groups "
         "(and over the whole batch):",
         "",
-        "| small topic | groups | " + " | ".join(TOPIC_BASELINES) + " | whole batch: no pooling | whole batch: partial |",
+        "| small topic | groups | "
+        + " | ".join(TOPIC_BASELINES)
+        + " | whole batch: no pooling | whole batch: partial |",
         "|---" * (len(TOPIC_BASELINES) + 4) + "|",
     ]
-    for key, row in topics["unbalanced"].items():
+    for row in topics["unbalanced"].values():
         small = min(row["groups"])
         cells = " | ".join(f"{row['smallest_topic'][n]:.4f}" for n in TOPIC_BASELINES)
         lines.append(
@@ -228,10 +264,22 @@ def _hadw_figure(plt: Any, curves: dict[str, Any]) -> Any:
     for g, curve in curves.items():
         (line,) = left.plot(curve["p"], curve["prob_above_given_p"], label=f"G={g}")
         right.plot(curve["p"], curve["closed_form"], color=line.get_color(), label=f"G={g} closed form")
-        right.errorbar(curve["p"], curve["monte_carlo"], yerr=curve["std_error"], fmt=".", ms=3, color=line.get_color(), label=f"G={g} Monte Carlo")
-    left.set(xlabel="true success rate p", ylabel="P(mu_hat > p | mixed, p)", title="Group mean over-estimates p (HA-DW)")
+        right.errorbar(
+            curve["p"],
+            curve["monte_carlo"],
+            yerr=curve["std_error"],
+            fmt=".",
+            ms=3,
+            color=line.get_color(),
+            label=f"G={g} Monte Carlo",
+        )
+    left.set(
+        xlabel="true success rate p", ylabel="P(mu_hat > p | mixed, p)", title="Group mean over-estimates p (HA-DW)"
+    )
     right.axhline(0, color="k", lw=0.5)
-    right.set(xlabel="true success rate p", ylabel="E[mu_hat | mixed] - p", title="Bias of the group mean given a mixed group")
+    right.set(
+        xlabel="true success rate p", ylabel="E[mu_hat | mixed] - p", title="Bias of the group mean given a mixed group"
+    )
     left.legend(fontsize=8)
     right.legend(fontsize=6, ncol=2)
     for ax in (left, right):
@@ -251,11 +299,16 @@ def _mse_vs_p_figure(plt: Any, mse: dict[str, Any]) -> Any:
         for name in MSE_BASELINES:
             ax.plot(centres, row["bins"][name], "o", ms=3, color=colours[name], label=name)
         closed = row["closed_form_given_p"]
-        for name, colour in (("group mean", colours["group mean"]), ("leave-one-out", colours["leave-one-out"]), ("oracle shrinkage", colours["oracle shrinkage"]), ("ebpo (large-batch limit)", colours["ebpo-batch"])):
+        for name, colour in (
+            ("group mean", colours["group mean"]),
+            ("leave-one-out", colours["leave-one-out"]),
+            ("oracle shrinkage", colours["oracle shrinkage"]),
+            ("ebpo (large-batch limit)", colours["ebpo-batch"]),
+        ):
             ax.plot(closed["p"], closed[name], "-", lw=0.9, color=colour)
         ax.set(title=f"G = {g}", xlabel="true success rate θ", ylabel="baseline MSE")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(mse):]:
+    for ax in list(axes.flat)[len(mse) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, title="points: simulation per θ bin;\nlines: closed form given θ", title_fontsize=7)
     return fig
@@ -272,7 +325,13 @@ def _mse_vs_g_figure(plt: Any, mse: dict[str, Any]) -> Any:
         key = "ebpo (large-batch limit)" if name.startswith("ebpo") else name
         if name == "ebpo-batch" or not name.startswith("ebpo"):
             ax.plot(gs, [mse[str(g)]["closed_form"][key] for g in gs], "-", lw=0.8, color=line.get_color())
-    ax.set(xscale="log", yscale="log", xlabel="group size G", ylabel="baseline MSE", title="Baseline MSE (points: simulation, lines: closed form)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="group size G",
+        ylabel="baseline MSE",
+        title="Baseline MSE (points: simulation, lines: closed form)",
+    )
     ax.set_xticks(gs, [str(g) for g in gs])
     ax.xaxis.set_minor_locator(NullLocator())  # only the G ticks, no log-scale minor labels
     ax.legend(fontsize=7)
@@ -289,7 +348,10 @@ def _zero_signal_figure(plt: Any, zero: dict[str, Any]) -> Any:
         xs = [i + j * width for i in range(len(labels))]
         left.bar(xs, [row["estimators"][k]["zero_signal_frac"] for k in labels], width, label=f"G={g}")
         right.bar(xs, [row["estimators"][k]["all_failure_adv_mean"] for k in labels], width, label=f"G={g}")
-    for ax, title in ((left, "fraction of responses with zero advantage"), (right, "mean advantage in all-failure groups")):
+    for ax, title in (
+        (left, "fraction of responses with zero advantage"),
+        (right, "mean advantage in all-failure groups"),
+    ):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")

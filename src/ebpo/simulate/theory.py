@@ -165,7 +165,10 @@ def hadw_probability_mc(
         # Draw enough rounds at once that about half of the waiting p resolve in the first batch of rounds.
         batch_rounds = min(max(1, rounds), max_rounds - rounds, max(1, (1 << 22) // (waiting.numel() * group_size)))
         pw = p[waiting]  # (W,)
-        k = (torch.rand(waiting.numel(), batch_rounds, group_size, generator=generator, dtype=torch.float64) < pw.view(-1, 1, 1)).sum(2)  # (W, R)
+        k = (
+            torch.rand(waiting.numel(), batch_rounds, group_size, generator=generator, dtype=torch.float64)
+            < pw.view(-1, 1, 1)
+        ).sum(2)  # (W, R)
         mixed = (k > 0) & (k < group_size)  # (W, R)
         resolved = mixed.any(1)  # (W,)
         first = mixed.double().argmax(1)  # (W,) the first mixed round
@@ -201,7 +204,11 @@ def bias_mc(group_size: int, p: Tensor, groups: int, generator: torch.Generator)
     Returns ``{"bias" (P,), "std_error" (P,), "mixed" (P,)}`` (NaN where no group was mixed).
     """
     p = p.double()
-    k = (torch.rand(p.numel(), groups, group_size, generator=generator, dtype=torch.float64) < p.view(-1, 1, 1)).sum(2).double()  # (P, n)
+    k = (
+        (torch.rand(p.numel(), groups, group_size, generator=generator, dtype=torch.float64) < p.view(-1, 1, 1))
+        .sum(2)
+        .double()
+    )  # (P, n)
     mixed = (k > 0) & (k < group_size)  # (P, n)
     count = mixed.sum(1).double()  # (P,)
     mu = torch.where(mixed, k / group_size, torch.zeros_like(k))
@@ -218,7 +225,9 @@ def shrinkage_mse_given_p(group_size: int, p: Tensor, shrinkage: float, target: 
 
 def shrinkage_mse_population(population: Population, group_size: int, shrinkage: float, target: float) -> float:
     """E[(V - theta)^2] over theta from ``population`` for the linear shrinkage baseline."""
-    return (1 - shrinkage) ** 2 * population.noise / group_size + shrinkage**2 * (population.var + (target - population.mean) ** 2)
+    return (1 - shrinkage) ** 2 * population.noise / group_size + shrinkage**2 * (
+        population.var + (target - population.mean) ** 2
+    )
 
 
 def oracle_shrinkage(population: Population, group_size: int) -> float:

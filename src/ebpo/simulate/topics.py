@@ -18,7 +18,8 @@ returns A_raw = r - V_q), all with the per-batch prior:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,13 @@ TOPIC_BASELINES = ["group mean", "flat ebpo", "hierarchical (no pooling)", "hier
 _ESTIMATORS: dict[str, dict[str, Any]] = {
     "group mean": {"name": "dr_grpo"},
     "flat ebpo": {"name": "ebpo", "std_normalize": False, "center": False},
-    "hierarchical (no pooling)": {"name": "ebpo", "std_normalize": False, "center": False, "hierarchical": True, "pooling": "none"},
+    "hierarchical (no pooling)": {
+        "name": "ebpo",
+        "std_normalize": False,
+        "center": False,
+        "hierarchical": True,
+        "pooling": "none",
+    },
     "hierarchical (partial)": {"name": "ebpo", "std_normalize": False, "center": False, "hierarchical": True},
 }
 
@@ -58,11 +65,18 @@ def topic_mixture_mse(
     "groups": [...]}``; the smallest topic's MSE is pooled over all its groups in every batch.
     """
     if len(topic_means) != len(groups) or min(groups) < 1 or group_size < 2 or batches < 1:
-        raise ValueError(f"need one group count >= 1 per topic, G >= 2 and batches >= 1; got {list(groups)}, G={group_size}, {batches}")
+        raise ValueError(
+            f"need one group count >= 1 per topic, G >= 2 and batches >= 1; got {list(groups)}, G={group_size}, {batches}"
+        )
     populations = [topic_population(m, concentration) for m in topic_means]
-    estimators = {name: build_estimator(spec["name"], **{k: v for k, v in spec.items() if k != "name"}) for name, spec in _ESTIMATORS.items()}
+    estimators = {
+        name: build_estimator(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+        for name, spec in _ESTIMATORS.items()
+    }
     # oracle: the MSE-optimal linear shrinkage toward each topic's true mean
-    s_star = torch.tensor([p.noise / group_size / (p.noise / group_size + p.var) for p in populations], dtype=torch.float64)
+    s_star = torch.tensor(
+        [p.noise / group_size / (p.noise / group_size + p.var) for p in populations], dtype=torch.float64
+    )
     topic_of_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(list(groups)))  # (M,)
     true_mean = torch.tensor(list(topic_means), dtype=torch.float64)[topic_of_group]  # (M,)
     smallest = int(torch.tensor(list(groups)).argmin())
@@ -87,7 +101,11 @@ def topic_mixture_mse(
     small_count = batches * int(in_smallest.sum())
     mean = {name: sum(v) / len(v) for name, v in per_batch.items()}
     std_error = {
-        name: (float(torch.tensor(v, dtype=torch.float64).std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else math.nan)
+        name: (
+            float(torch.tensor(v, dtype=torch.float64).std(unbiased=True)) / math.sqrt(len(v))
+            if len(v) > 1
+            else math.nan
+        )
         for name, v in per_batch.items()
     }
     return {

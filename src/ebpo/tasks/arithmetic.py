@@ -95,20 +95,35 @@ class ArithmeticTask(GeneratedSplits):
 
     def __post_init__(self) -> None:
         if self.max_terms < 1 or self.max_digits < 1:
-            raise ValueError(f"arithmetic needs max_terms >= 1 and max_digits >= 1, got {self.max_terms}, {self.max_digits}")
+            raise ValueError(
+                f"arithmetic needs max_terms >= 1 and max_digits >= 1, got {self.max_terms}, {self.max_digits}"
+            )
         if not self.ops or set(self.ops) - set(_OPS):
             raise ValueError(f"arithmetic ops must be a non-empty string of '+' and '*', got {self.ops!r}")
         self.term_weights = tuple(self.term_weights or (1.0,) * self.max_terms)
         self.digit_weights = tuple(self.digit_weights or (1.0,) * self.max_digits)
-        for name, weights, size in (("term_weights", self.term_weights, self.max_terms), ("digit_weights", self.digit_weights, self.max_digits)):
+        for name, weights, size in (
+            ("term_weights", self.term_weights, self.max_terms),
+            ("digit_weights", self.digit_weights, self.max_digits),
+        ):
             if len(weights) != size or any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"arithmetic {name} needs {size} non-negative weights with a positive sum, got {weights}")
+                raise ValueError(
+                    f"arithmetic {name} needs {size} non-negative weights with a positive sum, got {weights}"
+                )
         if self.num_train < 1 or self.num_eval < 1:
-            raise ValueError(f"arithmetic needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
+            raise ValueError(
+                f"arithmetic needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}"
+            )
         self._build_splits()
 
     def _make(self, rng: random.Random, index: int, split: str) -> Problem:
         return make_problem(
-            rng, max_terms=self.max_terms, max_digits=self.max_digits, ops=self.ops, index=index, split=split,
-            term_weights=self.term_weights, digit_weights=self.digit_weights,
+            rng,
+            max_terms=self.max_terms,
+            max_digits=self.max_digits,
+            ops=self.ops,
+            index=index,
+            split=split,
+            term_weights=self.term_weights,
+            digit_weights=self.digit_weights,
         )

@@ -10,8 +10,9 @@ may carry an argument after a colon-free suffix handled by the factory, e.g.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from ebpo.registry import Registry
 
@@ -78,12 +79,16 @@ class GeneratedSplits:
 
     def _build_splits(self) -> None:
         name = self.name  # type: ignore[attr-defined]
-        excluded = frozenset(p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset()))  # type: ignore[attr-defined]
+        excluded = frozenset(
+            p.prompt for s in self.exclude_eval_seeds for p in self._draw(s, self.num_eval, "eval", exclude=frozenset())
+        )  # type: ignore[attr-defined]
         held_out = self._draw(self.eval_seed, self.num_eval, "eval", exclude=frozenset())  # type: ignore[attr-defined]
         self._eval = [p for p in held_out if p.prompt not in excluded]
         if not self._eval:
             raise ValueError(f"{name}: the excluded held-out sets cover the whole evaluation set; choose other seeds")
-        self._train = self._draw(self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out))  # type: ignore[attr-defined]
+        self._train = self._draw(
+            self.seed, self.num_train, "train", exclude=excluded | frozenset(p.prompt for p in held_out)
+        )  # type: ignore[attr-defined]
 
     def _draw(self, seed: int, count: int, split: str, exclude: frozenset[str]) -> list[Problem]:
         rng = random.Random(seed)
@@ -92,7 +97,9 @@ class GeneratedSplits:
         while len(problems) < count:  # building strings is inherently per problem
             attempts += 1
             if attempts > 50 * count + 1000:
-                raise ValueError(f"{self.name}: cannot draw {count} {split} problems outside the held-out set; lower num_train")  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"{self.name}: cannot draw {count} {split} problems outside the held-out set; lower num_train"
+                )  # type: ignore[attr-defined]
             problem = self._make(rng, len(problems), split)
             if problem.prompt not in exclude:
                 problems.append(problem)

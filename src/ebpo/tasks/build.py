@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ebpo.registry import call_with_options, import_from_path
 from ebpo.tasks.base import TASKS, Task

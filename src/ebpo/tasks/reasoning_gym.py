@@ -23,7 +23,12 @@ from typing import Any
 from ebpo.tasks.base import TASKS, Problem
 from ebpo.verifiers.reasoning_gym import ReasoningGymVerifier, encode_reference, extract_final, require_reasoning_gym
 
-__all__ = ["ReasoningGymTask", "ReasoningGymVerifier", "extract_final", "completion_text"]  # the verifier re-exported for old imports
+__all__ = [
+    "ReasoningGymTask",
+    "ReasoningGymVerifier",
+    "extract_final",
+    "completion_text",
+]  # the verifier re-exported for old imports
 
 
 def completion_text(answer: str) -> str:
@@ -59,14 +64,24 @@ class ReasoningGymTask:
     first RL step; 100 steps (6 passes over the default 2,000 problems at batch 128) teach the answer format."""
 
     def __init__(
-        self, name: str, size: int = 2000, eval_size: int = 128, seed: int = 0, eval_seed: int = 1_000_003,
-        template: str = "{question}", **options: Any,
+        self,
+        name: str,
+        size: int = 2000,
+        eval_size: int = 128,
+        seed: int = 0,
+        eval_seed: int = 1_000_003,
+        template: str = "{question}",
+        **options: Any,
     ) -> None:
         rg = require_reasoning_gym()
         if not name:
-            raise ValueError("reasoning_gym needs a dataset name: --task reasoning_gym:<name>, e.g. reasoning_gym:chain_sum")
+            raise ValueError(
+                "reasoning_gym needs a dataset name: --task reasoning_gym:<name>, e.g. reasoning_gym:chain_sum"
+            )
         if seed == eval_seed:
-            raise ValueError(f"reasoning_gym: seed and eval_seed must differ (both {seed}), or held-out problems repeat training ones")
+            raise ValueError(
+                f"reasoning_gym: seed and eval_seed must differ (both {seed}), or held-out problems repeat training ones"
+            )
         if size < 1 or eval_size < 1:
             raise ValueError(f"reasoning_gym: size and eval_size must be >= 1, got {size} and {eval_size}")
         self.dataset, self.options, self.template = name, dict(options), template
@@ -78,14 +93,20 @@ class ReasoningGymTask:
             raise ValueError(f"reasoning-gym cannot create dataset {name!r} with options {options}: {exc}") from exc
         self._eval = [self._problem(entry, "eval", i) for i, entry in enumerate(held)]
         seen = {p.prompt for p in self._eval}
-        self._train = [p for p in (self._problem(entry, "train", i) for i, entry in enumerate(train)) if p.prompt not in seen]
+        self._train = [
+            p for p in (self._problem(entry, "train", i) for i, entry in enumerate(train)) if p.prompt not in seen
+        ]
         if not self._train:
-            raise ValueError(f"reasoning_gym:{name}: every training problem also occurs in the held-out set; raise size")
+            raise ValueError(
+                f"reasoning_gym:{name}: every training problem also occurs in the held-out set; raise size"
+            )
 
     def _problem(self, entry: dict[str, Any], split: str, index: int) -> Problem:
         prompt = self.template.format(question=entry["question"])
         return Problem(
-            id=f"{self.dataset}-{split}-{index}", prompt=prompt, answer=encode_reference(self.dataset, entry, self.options),
+            id=f"{self.dataset}-{split}-{index}",
+            prompt=prompt,
+            answer=encode_reference(self.dataset, entry, self.options),
             # Some datasets (graph_color, rush_hour, ...) accept many answers and store none: no supervised text ("").
             target="" if entry.get("answer") is None else completion_text(str(entry["answer"])),
         )

@@ -51,7 +51,17 @@ from typing import Any
 from ebpo.tasks.base import TASKS, GeneratedSplits, Problem
 from ebpo.verifiers.base import VERIFIERS, VerifierResult
 
-__all__ = ["StepwiseTask", "StepwiseVerifier", "TOPICS", "RECOMMENDED", "DEFAULT_SLIP_RATE", "DEFAULT_PLAIN_SLIP_RATE", "make_problem", "derivation", "MARKER"]
+__all__ = [
+    "StepwiseTask",
+    "StepwiseVerifier",
+    "TOPICS",
+    "RECOMMENDED",
+    "DEFAULT_SLIP_RATE",
+    "DEFAULT_PLAIN_SLIP_RATE",
+    "make_problem",
+    "derivation",
+    "MARKER",
+]
 
 MARKER = "#"
 """Marks the final answer; the verifier reads what follows the last one."""
@@ -111,7 +121,9 @@ def derivation(numbers: list[int], ops: list[str], slips: list[int] | None = Non
     return STEP_SEPARATOR.join(steps) + f"{STEP_SEPARATOR}{MARKER}{value}", value
 
 
-def _draw_slips(rng: random.Random, numbers: list[int], ops: list[str], slip_rate: float, plain_slip_rate: float) -> list[int]:
+def _draw_slips(
+    rng: random.Random, numbers: list[int], ops: list[str], slip_rate: float, plain_slip_rate: float
+) -> list[int]:
     """Per-step slips of +-1, with probability ``slip_rate`` on a step that carries or borrows (as written,
     from the previous written result) or multiplies, ``plain_slip_rate`` on the others; a -1 that would
     take a later value below 0 becomes +1.
@@ -135,7 +147,9 @@ def _draw_slips(rng: random.Random, numbers: list[int], ops: list[str], slip_rat
     return slips
 
 
-def make_problem(rng: random.Random, topic: str, *, index: int, split: str, slip_rate: float = 0.0, plain_slip_rate: float = 0.0) -> Problem:
+def make_problem(
+    rng: random.Random, topic: str, *, index: int, split: str, slip_rate: float = 0.0, plain_slip_rate: float = 0.0
+) -> Problem:
     """One random problem of ``topic`` (a key of :data:`TOPICS`).
 
     ``Problem.target`` is the worked derivation, in which the result of each step that carries or
@@ -162,17 +176,33 @@ def make_problem(rng: random.Random, topic: str, *, index: int, split: str, slip
         numbers.append(number)
         ops.append(op)
     _, answer = derivation(numbers, ops)
-    target, _ = derivation(numbers, ops, _draw_slips(rng, numbers, ops, slip_rate, plain_slip_rate) if slip_rate or plain_slip_rate else None)
+    target, _ = derivation(
+        numbers,
+        ops,
+        _draw_slips(rng, numbers, ops, slip_rate, plain_slip_rate) if slip_rate or plain_slip_rate else None,
+    )
     rank = list(TOPICS).index(topic)
     difficulty = (rank + carried / max(columns, 1)) / len(TOPICS)
     prompt = "".join(f"{n}{op}" for n, op in zip(numbers, ops)) + f"{numbers[-1]}="
-    return Problem(id=f"stepwise-{split}-{index}", prompt=prompt, answer=str(answer), topic=topic, difficulty=difficulty, target=target)
+    return Problem(
+        id=f"stepwise-{split}-{index}",
+        prompt=prompt,
+        answer=str(answer),
+        topic=topic,
+        difficulty=difficulty,
+        target=target,
+    )
 
 
 RECOMMENDED: dict[str, Any] = {
-    "max_new_tokens": 44, "warmstart_steps": 1000, "warmstart_batch_size": 32, "warmstart_lr": 3e-3,
-    "prompts_per_step": 128, "lr": 3e-4, "steps": 60,
-}  # fmt: skip
+    "max_new_tokens": 44,
+    "warmstart_steps": 1000,
+    "warmstart_batch_size": 32,
+    "warmstart_lr": 3e-3,
+    "prompts_per_step": 128,
+    "lr": 3e-4,
+    "steps": 60,
+}
 """Settings of ``ebpo train`` for this task (docs/testbed.md): the longest target is 34 tokens plus EOS;
 1000 warm-start steps of 32 on the slipped demonstrations leave the tiny model a sloppy solver
 (held-out avg@4 ~0.34, pass@16 ~0.85). RL: large batches (the outcome-reward gradient of 24-token
@@ -218,11 +248,22 @@ class StepwiseTask(GeneratedSplits):
         if unknown or not self.topics:
             raise ValueError(f"stepwise topics must be a non-empty list of {list(TOPICS)}, got {list(self.topics)}")
         self.topic_weights = tuple(self.topic_weights or (1.0,) * len(self.topics))
-        if len(self.topic_weights) != len(self.topics) or any(w < 0 for w in self.topic_weights) or sum(self.topic_weights) <= 0:
-            raise ValueError(f"stepwise topic_weights needs {len(self.topics)} non-negative weights with a positive sum, got {self.topic_weights}")
-        for name in ("slip_rate", "plain_slip_rate"):  # each wrong value gets rate / 2: the true one stays the likeliest
+        if (
+            len(self.topic_weights) != len(self.topics)
+            or any(w < 0 for w in self.topic_weights)
+            or sum(self.topic_weights) <= 0
+        ):
+            raise ValueError(
+                f"stepwise topic_weights needs {len(self.topics)} non-negative weights with a positive sum, got {self.topic_weights}"
+            )
+        for name in (
+            "slip_rate",
+            "plain_slip_rate",
+        ):  # each wrong value gets rate / 2: the true one stays the likeliest
             if not 0.0 <= getattr(self, name) < 2 / 3:
-                raise ValueError(f"stepwise {name} must be in [0, 2/3) (the right result must stay the likeliest), got {getattr(self, name)}")
+                raise ValueError(
+                    f"stepwise {name} must be in [0, 2/3) (the right result must stay the likeliest), got {getattr(self, name)}"
+                )
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError(f"stepwise needs num_train >= 1 and num_eval >= 1, got {self.num_train}, {self.num_eval}")
         self._build_splits()
@@ -231,7 +272,12 @@ class StepwiseTask(GeneratedSplits):
         topic = rng.choices(self.topics, weights=self.topic_weights)[0]  # type: ignore[arg-type]
         train = split == "train"  # held-out targets stay clean (they are never taught)
         return make_problem(
-            rng, topic, index=index, split=split, slip_rate=self.slip_rate if train else 0.0, plain_slip_rate=self.plain_slip_rate if train else 0.0
+            rng,
+            topic,
+            index=index,
+            split=split,
+            slip_rate=self.slip_rate if train else 0.0,
+            plain_slip_rate=self.plain_slip_rate if train else 0.0,
         )
 
 

@@ -75,7 +75,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, step: int, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any], dist: Dist, keep: int) -> str:
+def save_checkpoint(
+    run_dir: str, step: int, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any], dist: Dist, keep: int
+) -> str:
     """Write checkpoint ``step`` atomically (every rank calls this); returns its path."""
     root = os.path.join(run_dir, "checkpoints")
     name = f"step-{step:06d}"
@@ -101,7 +103,9 @@ def save_checkpoint(run_dir: str, step: int, *, model: Any, tokenizer: Any, trai
 def _load(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
     state = load_tensors(path, what=what)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{what} {path} was written by an older ebpo (checkpoint format {state.get('format', 1) if isinstance(state, dict) else '?'}, this ebpo reads {FORMAT}); it cannot be resumed, start a new run")
+        raise ValueError(
+            f"{what} {path} was written by an older ebpo (checkpoint format {state.get('format', 1) if isinstance(state, dict) else '?'}, this ebpo reads {FORMAT}); it cannot be resumed, start a new run"
+        )
     missing = [k for k in keys if k not in state]
     if missing:
         raise ValueError(f"{what} {path} is incomplete: it has no {missing}")
@@ -112,7 +116,9 @@ def load_trainer_state(path: str, dist: Dist) -> tuple[dict[str, Any], dict[str,
     """``(trainer_state, this rank's RNG state)`` of the checkpoint at ``path``, read without unpickling."""
     state = _load(os.path.join(path, "trainer_state.pt"), "checkpoint state", _TRAINER_KEYS)
     if state.get("world", 1) != dist.world:
-        raise ValueError(f"checkpoint {path} was written by {state.get('world')} processes; resume it with the same number, not {dist.world}")
+        raise ValueError(
+            f"checkpoint {path} was written by {state.get('world')} processes; resume it with the same number, not {dist.world}"
+        )
     rng = _load(os.path.join(path, f"rng-rank{dist.rank}.pt"), "checkpoint RNG state", ("python", "numpy", "torch"))
     return state, rng
 
@@ -126,17 +132,27 @@ def check_checkpoint(run_dir: str, world: int) -> str:
     """
     path = latest_checkpoint(run_dir)
     if path is None:
-        raise ValueError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')} (the run stopped before its first checkpoint; start it again)")
+        raise ValueError(
+            f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')} (the run stopped before its first checkpoint; start it again)"
+        )
     state = _load(os.path.join(path, "trainer_state.pt"), "checkpoint state", _TRAINER_KEYS)
     if state.get("world", 1) != world:
-        raise ValueError(f"checkpoint {path} was written by {state.get('world')} processes; resume it with the same number, not {world}")
+        raise ValueError(
+            f"checkpoint {path} was written by {state.get('world')} processes; resume it with the same number, not {world}"
+        )
     for rank in range(world):
         _load(os.path.join(path, f"rng-rank{rank}.pt"), "checkpoint RNG state", ("python", "numpy", "torch"))
     model_dir = os.path.join(path, "model")
     configs = [name for name in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(model_dir, name))]
-    weights = sorted(name for name in os.listdir(model_dir) if name.endswith(".safetensors")) if os.path.isdir(model_dir) else []
+    weights = (
+        sorted(name for name in os.listdir(model_dir) if name.endswith(".safetensors"))
+        if os.path.isdir(model_dir)
+        else []
+    )
     if not configs or not weights:
-        raise ValueError(f"checkpoint {path} has no model (config and *.safetensors weights in {model_dir}); it is incomplete")
+        raise ValueError(
+            f"checkpoint {path} has no model (config and *.safetensors weights in {model_dir}); it is incomplete"
+        )
     from safetensors import safe_open
 
     for name in configs:
@@ -144,11 +160,15 @@ def check_checkpoint(run_dir: str, world: int) -> str:
             with open(os.path.join(model_dir, name)) as handle:
                 json.load(handle)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"checkpoint model config {os.path.join(model_dir, name)} is corrupt or truncated ({exc})") from None
+            raise ValueError(
+                f"checkpoint model config {os.path.join(model_dir, name)} is corrupt or truncated ({exc})"
+            ) from None
     for name in weights:
         try:
             with safe_open(os.path.join(model_dir, name), framework="pt") as handle:
                 handle.keys()
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every malformed file
-            raise ValueError(f"checkpoint weights {os.path.join(model_dir, name)} are corrupt or truncated ({exc})") from None
+            raise ValueError(
+                f"checkpoint weights {os.path.join(model_dir, name)} are corrupt or truncated ({exc})"
+            ) from None
     return path

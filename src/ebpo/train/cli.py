@@ -16,7 +16,8 @@ import os
 import sys
 import time
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -25,7 +26,15 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import list_methods, preset
 
-__all__ = ["main", "build_parser", "resolve_config", "check_train_args", "check_extra_train_args", "task_recommendations", "parse_yaml_mapping"]
+__all__ = [
+    "main",
+    "build_parser",
+    "resolve_config",
+    "check_train_args",
+    "check_extra_train_args",
+    "task_recommendations",
+    "parse_yaml_mapping",
+]
 
 _NONE = ("none", "null", "")
 _COMMAND = "ebpo train"  # the marker of the run directories it creates
@@ -61,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of config fields (flags override it).")
     parser.add_argument("--resume", metavar="DIR", help="Continue the run in DIR from its latest checkpoint.")
-    parser.add_argument("--overwrite", action="store_true", help="Delete an existing run directory that ebpo train created (never any other directory) instead of refusing.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Delete an existing run directory that ebpo train created (never any other directory) instead of refusing.",
+    )
     parser.add_argument("--list-methods", action="store_true", help="Print the --method presets and exit.")
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs()
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         is_main = int(os.environ.get("RANK", "0")) == 0
         config = resolve_config(args, echo=print if is_main else None)
-        from ebpo.train.trainer import Trainer, build_components
+        from ebpo.train.trainer import build_components
 
         components = build_components(config)
         run_dir = _prepare_run_dir(config, resume=resume, overwrite=getattr(args, "overwrite", False))

@@ -23,8 +23,9 @@ import os
 import re
 import textwrap
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ebpo.tasks.build import DEFAULT_TASK
 
@@ -246,7 +247,13 @@ def _as_dict(value: Any) -> dict:
     return value
 
 
-_COERCE: dict[Any, Callable[[Any], Any]] = {float: _as_float, int: _as_int, bool: _as_bool, str: _as_str, dict: _as_dict}
+_COERCE: dict[Any, Callable[[Any], Any]] = {
+    float: _as_float,
+    int: _as_int,
+    bool: _as_bool,
+    str: _as_str,
+    dict: _as_dict,
+}
 
 
 @functools.cache
@@ -258,7 +265,9 @@ def _field_types() -> dict[str, tuple[Callable[[Any], Any], bool]]:
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         if base not in _COERCE:  # a bug in this file, caught by every test that builds a config
-            raise RuntimeError(f"TrainConfig.{name} has type {hint}, which coerce_fields cannot check; add a rule to _COERCE")
+            raise RuntimeError(
+                f"TrainConfig.{name} has type {hint}, which coerce_fields cannot check; add a rule to _COERCE"
+            )
         out[name] = (_COERCE[base], optional)
     return out
 
@@ -300,23 +309,61 @@ def _check_types(config: TrainConfig) -> None:
         if type(coerced) is not type(value) and not (type(value) is int and type(coerced) is float):
             convert, _ = _field_types()[f.name]
             expected = {_as_float: "a number", _as_int: "an integer"}.get(convert, "its annotated type")
-            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); coerce_fields() converts text")
+            raise ValueError(
+                f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); coerce_fields() converts text"
+            )
 
 
 # ------------------------------------------------------------------ ranges
 _POSITIVE = (
-    "length_buckets", "difficulty_samples", "steps", "prompts_per_step", "group_size", "max_new_tokens", "ppo_epochs",
-    "mini_batches", "log_every", "keep_checkpoints", "warmstart_batch_size",
-    "lr", "warmstart_lr", "temperature", "difficulty_temperature", "top_p",
+    "length_buckets",
+    "difficulty_samples",
+    "steps",
+    "prompts_per_step",
+    "group_size",
+    "max_new_tokens",
+    "ppo_epochs",
+    "mini_batches",
+    "log_every",
+    "keep_checkpoints",
+    "warmstart_batch_size",
+    "lr",
+    "warmstart_lr",
+    "temperature",
+    "difficulty_temperature",
+    "top_p",
 )
 _NON_NEGATIVE = (
-    "warmstart_steps", "threads", "lora_rank", "generation_batch_size", "micro_batch_size", "eval_every", "eval_samples",
-    "max_eval_problems", "save_every", "max_resample_rounds", "overlong_buffer", "lr_warmup_steps", "weight_decay",
-    "max_grad_norm", "div_coef", "overlong_penalty", "eps_low", "eps_high", "seed", "warmstart_seed",
+    "warmstart_steps",
+    "threads",
+    "lora_rank",
+    "generation_batch_size",
+    "micro_batch_size",
+    "eval_every",
+    "eval_samples",
+    "max_eval_problems",
+    "save_every",
+    "max_resample_rounds",
+    "overlong_buffer",
+    "lr_warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "div_coef",
+    "overlong_penalty",
+    "eps_low",
+    "eps_high",
+    "seed",
+    "warmstart_seed",
 )
 # Size fields whose huge values would not fail but run (nearly) forever or exhaust memory: a typo like
 # max_new_tokens 1e8 must be an error, not a hang. Generous: no real run comes near these.
-_AT_MOST = {"max_new_tokens": 131_072, "group_size": 4096, "eval_samples": 4096, "difficulty_samples": 4096, "top_p": 1.0}
+_AT_MOST = {
+    "max_new_tokens": 131_072,
+    "group_size": 4096,
+    "eval_samples": 4096,
+    "difficulty_samples": 4096,
+    "top_p": 1.0,
+}
 _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("constant", "linear", "cosine"),
     "chat_template": ("auto", "always", "never"),
@@ -351,30 +398,42 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"{name} must be <= {most}, got {getattr(config, name)}")
     positions = _model_max_positions(config.model)
     if positions is not None and config.max_new_tokens >= positions:
-        raise ValueError(f"max_new_tokens ({config.max_new_tokens}) must be smaller than the model's context length ({positions} positions, prompt included)")
+        raise ValueError(
+            f"max_new_tokens ({config.max_new_tokens}) must be smaller than the model's context length ({positions} positions, prompt included)"
+        )
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
     if config.eps_low >= 1.0:
         raise ValueError(f"eps_low must be < 1 (the ratio's lower clip is 1 - eps_low), got {config.eps_low}")
     if not config.temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {config.temperature}; use --eval-samples 0 for greedy evaluation")
+        raise ValueError(
+            f"temperature must be > 0, got {config.temperature}; use --eval-samples 0 for greedy evaluation"
+        )
     if not 0 < config.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
     if config.overlong_buffer >= config.max_new_tokens:
-        raise ValueError(f"overlong_buffer ({config.overlong_buffer}) must be smaller than max_new_tokens ({config.max_new_tokens})")
+        raise ValueError(
+            f"overlong_buffer ({config.overlong_buffer}) must be smaller than max_new_tokens ({config.max_new_tokens})"
+        )
     if config.prompts_per_step * config.group_size < config.mini_batches:
         raise ValueError(
             f"mini_batches ({config.mini_batches}) exceeds the responses per step "
             f"({config.prompts_per_step} prompts x {config.group_size}); lower --mini-batches"
         )
     if config.div_coef > 0 and config.divergence is None:
-        raise ValueError(f"div_coef is {config.div_coef} but no divergence is set; pass --divergence kl (or prob_l2, ...) or --div-coef 0")
+        raise ValueError(
+            f"div_coef is {config.div_coef} but no divergence is set; pass --divergence kl (or prob_l2, ...) or --div-coef 0"
+        )
     if config.mirror_params is not None:
         if config.divergence != "neural_mirror":
-            raise ValueError(f"mirror_params needs --divergence neural_mirror (or --method gbmpo-mirror), got divergence {config.divergence!r}")
+            raise ValueError(
+                f"mirror_params needs --divergence neural_mirror (or --method gbmpo-mirror), got divergence {config.divergence!r}"
+            )
         if {"params", "params_path"} & set(config.divergence_options):
-            raise ValueError("give the mirror parameters once: --mirror-params or divergence option params/params_path, not both")
+            raise ValueError(
+                "give the mirror parameters once: --mirror-params or divergence option params/params_path, not both"
+            )
     if config.divergence is not None and config.ref_model == "none":
         raise ValueError(
             f"divergence {config.divergence!r} needs a reference policy but ref_model is 'none'; "

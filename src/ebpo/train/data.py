@@ -8,7 +8,8 @@ run sees exactly the prompts the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ebpo.curriculum import build_curriculum
 from ebpo.tasks.base import Problem

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -165,7 +166,15 @@ class Dist:
 
 def mixed_precision_for(dtype: str, device_type: str) -> str:
     """accelerate's ``mixed_precision`` for ``--dtype``: auto is bf16 on CUDA, no (fp32) elsewhere."""
-    table = {"auto": "bf16" if device_type == "cuda" else "no", "float32": "no", "fp32": "no", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
+    table = {
+        "auto": "bf16" if device_type == "cuda" else "no",
+        "float32": "no",
+        "fp32": "no",
+        "bfloat16": "bf16",
+        "bf16": "bf16",
+        "float16": "fp16",
+        "fp16": "fp16",
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(set(table) - {'auto'})}")
     return table[dtype]
@@ -184,7 +193,9 @@ def setup(device: str = "auto", dtype: str = "float32") -> Dist:
         if device.startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))  # accelerate places a single process on the current device
     elif device.startswith("cuda:"):
-        raise ValueError(f"--device {device} names one GPU but {os.environ['WORLD_SIZE']} processes were launched; use --device cuda or auto")
+        raise ValueError(
+            f"--device {device} names one GPU but {os.environ['WORLD_SIZE']} processes were launched; use --device cuda or auto"
+        )
     cpu = device == "cpu"
     if device == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "auto"
@@ -197,7 +208,9 @@ def setup(device: str = "auto", dtype: str = "float32") -> Dist:
         raise ValueError(f"--device {device}: CUDA is not available; use --device cpu or auto")
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision_for(dtype, device_type))
     if device not in ("auto", "cpu") and accelerator.device.type != torch.device(device).type:
-        raise ValueError(f"--device {device} is not available here (accelerate chose {accelerator.device}); use --device auto")
+        raise ValueError(
+            f"--device {device} is not available here (accelerate chose {accelerator.device}); use --device auto"
+        )
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

@@ -25,7 +25,17 @@ from torch import Tensor
 from ebpo.sampling import Rollout, base_model, cache_kwarg, position_ids
 from ebpo.verifiers.base import Verifier
 
-__all__ = ["completion_logits", "shared_prompt_logits", "distinct_prompts", "token_entropy", "sequence_logprobs", "rows_logprobs", "length_chunks", "score", "overlong_penalty"]
+__all__ = [
+    "completion_logits",
+    "shared_prompt_logits",
+    "distinct_prompts",
+    "token_entropy",
+    "sequence_logprobs",
+    "rows_logprobs",
+    "length_chunks",
+    "score",
+    "overlong_penalty",
+]
 
 
 def _keeps_logits(model: Any) -> bool:
@@ -37,7 +47,9 @@ def _keeps_logits(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(type(base_model(model)).forward).parameters
 
 
-def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
+def completion_logits(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0
+) -> Tensor:
     """The temperature-scaled logits (B, T, V) that predict each completion token, fp32; grad flows when enabled.
 
     Only the positions that predict a completion token go through the LM
@@ -47,13 +59,25 @@ def completion_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, pro
     """
     completion = input_ids.shape[1] - prompt_length  # T
     kwargs = {"logits_to_keep": completion + 1} if _keeps_logits(model) else {}  # positions P-1 .. P+T-1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False, **kwargs).logits
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        **kwargs,
+    ).logits
     logits = logits[:, -completion - 1 : -1].float()  # (B, T, V) the logits that predict each completion token
     return logits / temperature if temperature != 1.0 else logits
 
 
 def shared_prompt_logits(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, heads: Tensor, inverse: Tensor, temperature: float = 1.0
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    heads: Tensor,
+    inverse: Tensor,
+    temperature: float = 1.0,
 ) -> Tensor:
     """:func:`completion_logits` with each distinct prompt run through the model once (B, T, V); grad flows.
 
@@ -81,15 +105,22 @@ def shared_prompt_logits(
     prompt_ids, prompt_mask = input_ids[heads, :prompt_length], attention_mask[heads, :prompt_length]  # (U, P)
     keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask), use_cache=True,
-        **{cache_kwarg(model): cache}, **keep,
-    )  # fmt: skip
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+        **{cache_kwarg(model): cache},
+        **keep,
+    )
     first = out.logits[:, -1:].float()[inverse]  # (B, 1, V) the logits that predict the first completion token
     cache.batch_select_indices(inverse)  # (U, ...) -> (B, ...), differentiable
     rest = model(
-        input_ids=input_ids[:, prompt_length:], attention_mask=attention_mask, position_ids=position_ids(attention_mask)[:, prompt_length:],
-        use_cache=True, **{cache_kwarg(model): cache},
-    ).logits  # fmt: skip  # (B, T, V): completion token t predicts token t + 1
+        input_ids=input_ids[:, prompt_length:],
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask)[:, prompt_length:],
+        use_cache=True,
+        **{cache_kwarg(model): cache},
+    ).logits  # (B, T, V): completion token t predicts token t + 1
     logits = torch.cat([first, rest[:, :-1].float()], dim=1)  # (B, T, V)
     return logits / temperature if temperature != 1.0 else logits
 
@@ -102,7 +133,9 @@ def distinct_prompts(group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """(heads, inverse) for :func:`shared_prompt_logits`: the first row of each group and each row's group (CPU)."""
     _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,)
     rows = torch.arange(group_ids.numel())
-    heads = torch.full((int(inverse.max()) + 1,), group_ids.numel(), dtype=torch.long).scatter_reduce_(0, inverse, rows, "amin")
+    heads = torch.full((int(inverse.max()) + 1,), group_ids.numel(), dtype=torch.long).scatter_reduce_(
+        0, inverse, rows, "amin"
+    )
     return heads, inverse
 
 
@@ -121,7 +154,9 @@ def token_entropy(logits: Tensor, lse: Tensor | None = None) -> Tensor:
     return lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1)
 
 
-def sequence_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0) -> Tensor:
+def sequence_logprobs(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, temperature: float = 1.0
+) -> Tensor:
     """Log-probability (B, T) of each completion token under ``model`` sampled at ``temperature``; grad flows when enabled."""
     logits = completion_logits(model, input_ids, attention_mask, prompt_length, temperature)
     return _gather_logprobs(logits, input_ids[:, prompt_length:])
@@ -164,7 +199,9 @@ def rows_logprobs(
     else:
         logits = completion_logits(model, input_ids, attention_mask, used_prompt, temperature)  # (R, T', V)
     lse = torch.logsumexp(logits, dim=-1)  # (R, T'), shared by the log-probs and the entropy
-    logprobs = torch.nn.functional.pad(_gather_logprobs(logits, input_ids[:, used_prompt:], lse), (0, width - used_completion))
+    logprobs = torch.nn.functional.pad(
+        _gather_logprobs(logits, input_ids[:, used_prompt:], lse), (0, width - used_completion)
+    )
     if not entropy:
         return logprobs
     with torch.no_grad():
@@ -173,7 +210,13 @@ def rows_logprobs(
 
 
 def length_chunks(
-    rollout: Rollout, rows: Tensor, size: int, chunks: int, lengths: tuple[Tensor, Tensor] | None = None, *, whole_groups: bool = False
+    rollout: Rollout,
+    rows: Tensor,
+    size: int,
+    chunks: int,
+    lengths: tuple[Tensor, Tensor] | None = None,
+    *,
+    whole_groups: bool = False,
 ) -> list[Tensor]:
     """Split ``rows`` into micro-batches of rows of similar length (so :func:`rows_logprobs` cuts more padding).
 
@@ -189,9 +232,14 @@ def length_chunks(
     key = (prompt_lengths + completion_lengths)[rows]  # (R,)
     if whole_groups:
         _, group = torch.unique(rollout.group_ids[rows], return_inverse=True)  # (R,) group of each row
-        longest = torch.zeros(int(group.max()) + 1, dtype=key.dtype).scatter_reduce_(0, group, key, "amax", include_self=False)
+        longest = torch.zeros(int(group.max()) + 1, dtype=key.dtype).scatter_reduce_(
+            0, group, key, "amax", include_self=False
+        )
         by_group = torch.sort(group, stable=True).indices
-        rows, key = rows[by_group], longest[group][by_group]  # a group's rows share its key: the stable sort keeps them together
+        rows, key = (
+            rows[by_group],
+            longest[group][by_group],
+        )  # a group's rows share its key: the stable sort keeps them together
     ordered = rows[torch.sort(key, stable=True).indices]
     if size > 0:
         return list(torch.split(ordered, size))

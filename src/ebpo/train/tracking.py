@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["Tracker", "accuracy_change_se", "format_line", "plot_curves", "read_metrics", "CURVE_PANELS"]
 
@@ -35,7 +36,9 @@ def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
 
 
 class Tracker:
-    def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, resume_step: int, echo: Callable[[str], None]) -> None:
+    def __init__(
+        self, run_dir: str, *, enabled: bool, tensorboard: bool, resume_step: int, echo: Callable[[str], None]
+    ) -> None:
         self.enabled, self.echo = enabled, echo
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.writer = None
@@ -45,7 +48,9 @@ class Tracker:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(
+                os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -96,7 +101,7 @@ def accuracy_change_se(
     import torch
 
     if scores_before is not None and scores_after is not None and len(scores_before) == len(scores_after):
-        diff = (torch.as_tensor(scores_after, dtype=torch.float64) - torch.as_tensor(scores_before, dtype=torch.float64))
+        diff = torch.as_tensor(scores_after, dtype=torch.float64) - torch.as_tensor(scores_before, dtype=torch.float64)
         diff = diff[~torch.isnan(diff)]  # (n,) problems scored both times
         if diff.numel() >= 2:
             return float(diff.std(unbiased=True) / math.sqrt(diff.numel())), "paired"
@@ -109,13 +114,19 @@ def accuracy_change_se(
 #: The learning-curve panels: (title, [(metric, label, style)], y label).
 CURVE_PANELS = (
     ("held-out accuracy", (("eval/accuracy", "held-out accuracy", "o-"),), "accuracy"),
-    ("training reward", (("train/accuracy", "train accuracy", "-"), ("reward/mean", "reward (shaped)", ":")), "mean over rollouts"),
+    (
+        "training reward",
+        (("train/accuracy", "train accuracy", "-"), ("reward/mean", "reward (shaped)", ":")),
+        "mean over rollouts",
+    ),
     ("divergence to the reference", (("loss/divergence", "divergence", "-"),), "per token"),
     ("policy entropy", (("policy/entropy", "entropy", "-"),), "nats per token"),
 )
 
 
-def plot_curves(metrics_path: str, png_path: str, title: str, *, accuracy_before: float | None = None) -> dict[str, list[str]]:
+def plot_curves(
+    metrics_path: str, png_path: str, title: str, *, accuracy_before: float | None = None
+) -> dict[str, list[str]]:
     """The learning curve PNG: one panel per quantity that the run logged (matplotlib Agg, no display needed).
 
     Panels (:data:`CURVE_PANELS`, each drawn when one of its metrics is in
@@ -140,7 +151,9 @@ def plot_curves(metrics_path: str, png_path: str, title: str, *, accuracy_before
             points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
             if key == "eval/accuracy" and accuracy_before is not None:
                 points = [(0, accuracy_before)] + points
-            if key == "reward/mean" and points == [(r["step"], r["train/accuracy"]) for r in rows if "train/accuracy" in r]:
+            if key == "reward/mean" and points == [
+                (r["step"], r["train/accuracy"]) for r in rows if "train/accuracy" in r
+            ]:
                 continue  # identical to train/accuracy without reward shaping: one line is enough
             if points:
                 drawn.append((label, style, points))

@@ -22,20 +22,30 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ebpo.fileio import latest_checkpoint
-from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, add_lora, builtin_spec, check_model_source, load_adapter, load_policy, resolve_dtype
+from ebpo.models.loading import (
+    BUILTIN_PREFIX,
+    TinyLlamaSpec,
+    add_lora,
+    builtin_spec,
+    check_model_source,
+    load_adapter,
+    load_policy,
+    resolve_dtype,
+)
 from ebpo.sampling import EVAL_SEED_OFFSET, Rollout, generate, sample_correctness
 from ebpo.tasks.build import build_task, build_verifier_for
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream
-from ebpo.train.distributed import Dist, setup
+from ebpo.train.distributed import setup
 from ebpo.train.rollout import SHARED_FORWARDS, length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, accuracy_change_se, format_line, plot_curves
 from ebpo.train.warmstart import cached_warmstart, library_versions, train_data_id
@@ -112,7 +122,9 @@ def _probe_estimator(estimator: Any, config: TrainConfig) -> None:
         shaping[1::2] = -config.overlong_penalty  # every other response truncated
     group_ids = torch.arange(3).repeat_interleave(g)
     try:
-        estimator(correctness + shaping, group_ids, topic_ids=(group_ids > 0).long(), correctness=correctness, training=False)
+        estimator(
+            correctness + shaping, group_ids, topic_ids=(group_ids > 0).long(), correctness=correctness, training=False
+        )
     except ValueError as exc:
         raise ValueError(
             f"this configuration cannot train: estimator {config.estimator!r} with weighting {config.weighting!r} "
@@ -130,7 +142,15 @@ def peak_rss_mb() -> float:
 class Trainer:
     """Owns the policy, the optimiser and every piece of state that a checkpoint saves."""
 
-    def __init__(self, config: TrainConfig, run_dir: str, components: Components, *, resume: bool, echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str,
+        components: Components,
+        *,
+        resume: bool,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.config, self.run_dir, self.c, self.echo = config, run_dir, components, echo
         self.start_time = time.time()
         # accelerate places this process on its device (cuda:LOCAL_RANK when launched on GPUs) and owns
@@ -140,7 +160,9 @@ class Trainer:
         self.compute_dtype = resolve_dtype(config.dtype, self.device)
         threads = config.threads or max(1, min(os.cpu_count() or 1, 8) // self.dist.world)
         torch.set_num_threads(threads)
-        self._seed_everything(config.seed + self.dist.rank)  # sampling differs per rank; initialisation does not (below)
+        self._seed_everything(
+            config.seed + self.dist.rank
+        )  # sampling differs per rank; initialisation does not (below)
         self.spec = builtin_spec(config.model) if config.model.startswith(BUILTIN_PREFIX) else TinyLlamaSpec()
         self.lora = config.lora_rank > 0
         if config.loss == "kl_cov" and config.ppo_epochs * config.mini_batches == 1:
@@ -182,7 +204,9 @@ class Trainer:
             self.optimizer.load_state_dict(self._resume_state["optimizer"])
             self.scheduler.load_state_dict(self._resume_state["scheduler"])
             ckpt.set_rng_state(self._resume_rng)
-        self.tracker = Tracker(run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard, resume_step=self.step, echo=echo)
+        self.tracker = Tracker(
+            run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard, resume_step=self.step, echo=echo
+        )
 
     # ---------------------------------------------------------------- setup
     @staticmethod
@@ -205,15 +229,26 @@ class Trainer:
         # Trained weights are stored in fp32 (master weights of mixed precision); under LoRA the frozen base is
         # stored in the compute dtype and peft keeps the adapters in fp32.
         storage = cfg.dtype if self.lora else "float32"
-        model, tokenizer = load_policy(cfg.model, device=self.device, dtype=storage, spec=self.spec, seed=cfg.warmstart_seed)
+        model, tokenizer = load_policy(
+            cfg.model, device=self.device, dtype=storage, spec=self.spec, seed=cfg.warmstart_seed
+        )
         if not cfg.model.startswith(BUILTIN_PREFIX) or cfg.warmstart_steps == 0:
             return self._with_lora(model, cfg.model), tokenizer, cfg.model
         problems = self.c.task.train_problems()
         task_id = train_data_id(cfg.task, problems)
-        settings = dict(spec=self.spec, task_id=task_id, steps=cfg.warmstart_steps, lr=cfg.warmstart_lr, batch_size=cfg.warmstart_batch_size, seed=cfg.warmstart_seed)
+        settings = dict(
+            spec=self.spec,
+            task_id=task_id,
+            steps=cfg.warmstart_steps,
+            lr=cfg.warmstart_lr,
+            batch_size=cfg.warmstart_batch_size,
+            seed=cfg.warmstart_seed,
+        )
         if not self.dist.is_main:
             self.dist.barrier()  # wait for rank 0 to train and cache it
-        model, path = cached_warmstart(model, tokenizer, problems, log=self.echo if self.dist.is_main else (lambda _: None), **settings)
+        model, path = cached_warmstart(
+            model, tokenizer, problems, log=self.echo if self.dist.is_main else (lambda _: None), **settings
+        )
         if self.dist.is_main:
             self.dist.barrier()
         return self._with_lora(model, path), tokenizer, path
@@ -246,10 +281,19 @@ class Trainer:
         cfg = self.config
         problems = self.c.task.train_problems()
         key_src = json.dumps(
-            {"model": self.init_path, "task": cfg.task, "options": cfg.task_options, "n": cfg.difficulty_samples,
-             "t": cfg.difficulty_temperature, "top_p": cfg.top_p, "len": cfg.max_new_tokens, "problems": len(problems)},
-            sort_keys=True, default=str,
-        )  # fmt: skip
+            {
+                "model": self.init_path,
+                "task": cfg.task,
+                "options": cfg.task_options,
+                "n": cfg.difficulty_samples,
+                "t": cfg.difficulty_temperature,
+                "top_p": cfg.top_p,
+                "len": cfg.max_new_tokens,
+                "problems": len(problems),
+            },
+            sort_keys=True,
+            default=str,
+        )
         path = os.path.join(cache_dir(), "difficulty", hashlib.sha256(key_src.encode()).hexdigest()[:16] + ".pt")
         if os.path.exists(path):
             from ebpo.fileio import load_tensors
@@ -258,13 +302,23 @@ class Trainer:
                 return load_tensors(path, what="difficulty cache")  # weights_only: the cache dir is shared
             except ValueError as exc:
                 self.echo(f"{exc}; estimating it again")
-        self.echo(f"difficulty curriculum: estimating the starting model's pass rate on {len(problems)} prompts x {cfg.difficulty_samples} samples")
+        self.echo(
+            f"difficulty curriculum: estimating the starting model's pass rate on {len(problems)} prompts x {cfg.difficulty_samples} samples"
+        )
         with self._generation_context():
             rewards, _ = sample_correctness(
-                self.model, self.tokenizer, problems, self.c.verifier, samples=cfg.difficulty_samples,
-                max_new_tokens=cfg.max_new_tokens, temperature=cfg.difficulty_temperature, top_p=cfg.top_p,
-                chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size, seed=cfg.seed,
-            )  # fmt: skip
+                self.model,
+                self.tokenizer,
+                problems,
+                self.c.verifier,
+                samples=cfg.difficulty_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.difficulty_temperature,
+                top_p=cfg.top_p,
+                chat_template=cfg.chat_template,
+                generation_batch_size=cfg.generation_batch_size,
+                seed=cfg.seed,
+            )
         pass_rates = torch.nan_to_num(rewards, nan=0.0).mean(dim=1)  # (num_train,)
         if self.dist.is_main:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -296,13 +350,19 @@ class Trainer:
 
         dtype = next(self.model.parameters()).dtype
         if self.lora:  # the checkpoint holds the adapter; the base is the starting model, already loaded
-            self.model = load_adapter(os.path.join(path, "model"), dtype=dtype, trainable=True, base=self.model.unload()).to(self.device)
+            self.model = load_adapter(
+                os.path.join(path, "model"), dtype=dtype, trainable=True, base=self.model.unload()
+            ).to(self.device)
             self.ref_model = self.model if self.ref_model is not None else None
         else:
             self.model = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=dtype).to(self.device)
         self.c.estimator.load_state_dict(state["estimator"])
         self.stream.load_state_dict(state["stream"])
-        self.step, self.accuracy_before, self.elapsed_before = state["step"], state["accuracy_before"], state["elapsed_seconds"]
+        self.step, self.accuracy_before, self.elapsed_before = (
+            state["step"],
+            state["accuracy_before"],
+            state["elapsed_seconds"],
+        )
         self._resume_state, self._resume_rng = state, rng
         self.echo(f"resumed from {path} at step {self.step}")
 
@@ -310,7 +370,10 @@ class Trainer:
     def _generation_context(self) -> Any:
         """Sampling with the plain module, in the compute dtype (and FSDP's root parameters gathered)."""
         train_model = getattr(self, "train_model", None)
-        with self.dist.full_parameters(train_model) if train_model is not None else contextlib.nullcontext(), self.dist.autocast():
+        with (
+            self.dist.full_parameters(train_model) if train_model is not None else contextlib.nullcontext(),
+            self.dist.autocast(),
+        ):
             yield
 
     # ---------------------------------------------------------------- the loop
@@ -333,7 +396,9 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 metrics["eval/accuracy"] = self.evaluate()
             self.tracker.log(self.step, metrics)
-            if self.step % cfg.log_every == 0 or self.step == 1 or self.step == cfg.steps:  # first, every log_every, last
+            if (
+                self.step % cfg.log_every == 0 or self.step == 1 or self.step == cfg.steps
+            ):  # first, every log_every, last
                 _write(bar, format_line(self.step, cfg.steps, metrics), self.echo if self.dist.is_main else None)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save()
@@ -366,10 +431,19 @@ class Trainer:
             global_ids = torch.arange(cfg.prompts_per_step) + round_ * cfg.prompts_per_step
             mine = list(range(dist.rank, cfg.prompts_per_step, dist.world))
             rollout = generate(
-                self.model, self.tokenizer, [problems[i] for i in mine], global_ids[mine],
-                group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_p=cfg.top_p, do_sample=True, chat_template=cfg.chat_template, batch_size=cfg.generation_batch_size,
-                share_prompt_cache=cfg.share_prompt_cache, autocast=self._generation_context,
+                self.model,
+                self.tokenizer,
+                [problems[i] for i in mine],
+                global_ids[mine],
+                group_size=cfg.group_size,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                do_sample=True,
+                chat_template=cfg.chat_template,
+                batch_size=cfg.generation_batch_size,
+                share_prompt_cache=cfg.share_prompt_cache,
+                autocast=self._generation_context,
             )
             correctness, keep, info = score(rollout, self.c.verifier)  # (B,) the verifier's reward, unshaped
             if round_ == 0:
@@ -384,12 +458,22 @@ class Trainer:
                 break
             # DAPO keeps a group when 0 < #correct < G: on correctness, so that a group whose answers
             # are all right (or all wrong) and differ only by the overlong penalty is dropped (issue 12 §2).
-            kept_ids = torch.cat([kept_ids, _mixed_groups(dist.all_gather_cat(correctness), dist.all_gather_cat(rollout.group_ids.cpu()))])
+            kept_ids = torch.cat(
+                [
+                    kept_ids,
+                    _mixed_groups(dist.all_gather_cat(correctness), dist.all_gather_cat(rollout.group_ids.cpu())),
+                ]
+            )
             if kept_ids.numel() >= cfg.prompts_per_step:
                 break
         rollout, rewards, correctness = Rollout.concat(rollouts), torch.cat(rewards_list), torch.cat(correct_list)
         if cfg.dynamic_sampling:
-            metrics.update({"dapo/rounds": float(round_ + 1), "dapo/kept_groups": float(min(kept_ids.numel(), cfg.prompts_per_step))})
+            metrics.update(
+                {
+                    "dapo/rounds": float(round_ + 1),
+                    "dapo/kept_groups": float(min(kept_ids.numel(), cfg.prompts_per_step)),
+                }
+            )
             if kept_ids.numel() > 0:  # train on the first prompts_per_step groups with differing correctness
                 selected = torch.isin(rollout.group_ids.cpu(), kept_ids[: cfg.prompts_per_step])
                 rows = torch.nonzero(selected).squeeze(1)
@@ -402,11 +486,21 @@ class Trainer:
             return torch.zeros(len(rollout.texts), dtype=torch.float64)
         mask = rollout.completion_mask.bool()  # (B, T)
         completion = rollout.input_ids[:, rollout.prompt_length :]  # (B, T)
-        stopped = (torch.isin(completion, torch.tensor([self.tokenizer.eos_token_id], device=completion.device)) & mask).any(1)
+        stopped = (
+            torch.isin(completion, torch.tensor([self.tokenizer.eos_token_id], device=completion.device)) & mask
+        ).any(1)
         lengths = mask.sum(1).cpu()  # (B,)
-        return overlong_penalty(lengths, ~stopped.cpu(), max_new_tokens=cfg.max_new_tokens, buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)
+        return overlong_penalty(
+            lengths,
+            ~stopped.cpu(),
+            max_new_tokens=cfg.max_new_tokens,
+            buffer=cfg.overlong_buffer,
+            penalty=cfg.overlong_penalty,
+        )
 
-    def _rollout_metrics(self, rollout: Rollout, rewards: Tensor, keep: Tensor, info: dict[str, float]) -> dict[str, float]:
+    def _rollout_metrics(
+        self, rollout: Rollout, rewards: Tensor, keep: Tensor, info: dict[str, float]
+    ) -> dict[str, float]:
         dist = self.dist
         count = dist.sum(float(keep.sum()))
         lengths = rollout.completion_mask.sum(1).double().cpu()
@@ -418,7 +512,9 @@ class Trainer:
         metrics.update(dist.sum_dict(info))  # ranks may see different diagnostic keys
         return metrics
 
-    def compute_advantages(self, rollout: Rollout, rewards: Tensor, correctness: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def compute_advantages(
+        self, rollout: Rollout, rewards: Tensor, correctness: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
         """Advantages of this rank's responses from the estimator run on the global batch.
 
         Rewards, correctness, group ids and topic ids of every rank are
@@ -434,7 +530,9 @@ class Trainer:
         all_correct = dist.all_gather_cat(correctness)  # (N_global,)
         all_ids = dist.all_gather_cat(rollout.group_ids.cpu())
         all_topics = dist.all_gather_cat(stable_topic_ids([p.topic for p in rollout.problems]))
-        advantages, metrics = self.c.estimator(all_rewards, all_ids, topic_ids=all_topics, correctness=all_correct, training=True)
+        advantages, metrics = self.c.estimator(
+            all_rewards, all_ids, topic_ids=all_topics, correctness=all_correct, training=True
+        )
         offset = dist.local_offset(len(rewards))
         return advantages[offset : offset + len(rewards)].float().to(self.device), metrics
 
@@ -460,7 +558,11 @@ class Trainer:
         # of the same forward pass (saves a forward).
         on_policy = cfg.ppo_epochs * cfg.mini_batches == 1
         old_logprobs = None if on_policy else self._logprobs(self.model, rollout, rows, lengths=lengths)
-        ref_logprobs = self._logprobs(self.ref_model, rollout, rows, reference=True, lengths=lengths) if self.ref_model is not None else None
+        ref_logprobs = (
+            self._logprobs(self.ref_model, rollout, rows, reference=True, lengths=lengths)
+            if self.ref_model is not None
+            else None
+        )
         # Metrics stay on the device (0-dim tensors) until the end of the step: one host sync for all of them.
         additive: dict[str, Any] = {}  # parts of a globally normalised loss: they sum over micro-batches and ranks
         weighted: dict[str, Any] = {"tokens": 0.0}  # token-weighted sums of per-token means
@@ -473,7 +575,9 @@ class Trainer:
                 num_tokens = dist.sum(float(completion_lengths[mini].sum()))
                 num_seqs = dist.sum(float(len(mini)))
                 share = self.share_update_prompts
-                micros = length_chunks(rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths, whole_groups=share)
+                micros = length_chunks(
+                    rollout, mini, cfg.micro_batch_size, cfg.length_buckets, lengths, whole_groups=share
+                )
                 micros = [m for m in micros if m.numel() > 0]
                 # DDP needs the same number of backward passes on every rank: ranks with fewer micro-batches
                 # (dynamic sampling, skipped rewards, uneven shards) pad with zero-weight passes, and only the
@@ -487,7 +591,13 @@ class Trainer:
                         else:
                             micro = micros[index]
                             logprobs, entropy = rows_logprobs(
-                                self.train_model, rollout, micro, cfg.temperature, entropy=True, lengths=lengths, share_prompts=share
+                                self.train_model,
+                                rollout,
+                                micro,
+                                cfg.temperature,
+                                entropy=True,
+                                lengths=lengths,
+                                share_prompts=share,
                             )
                             inputs = LossInputs(
                                 logprobs=logprobs,
@@ -502,22 +612,34 @@ class Trainer:
                             for key, value in out.metrics.items():
                                 target, weight = (additive, 1.0) if key in _ADDITIVE_METRICS else (weighted, tokens)
                                 target[key] = target.get(key, 0.0) + value * weight
-                            weighted["policy/entropy"] = weighted.get("policy/entropy", 0.0) + (entropy * mask[micro]).sum()
+                            weighted["policy/entropy"] = (
+                                weighted.get("policy/entropy", 0.0) + (entropy * mask[micro]).sum()
+                            )
                             weighted["tokens"] += tokens
                         # The loss is this rank's share of the global-count-normalised loss, so the *sum* over ranks
                         # of the gradients is the full-batch gradient; DDP (and FSDP, DeepSpeed) *average* them over
                         # ranks, hence the factor world.
                         dist.backward(loss * dist.world)
                 lrs.append(self.scheduler.get_last_lr()[0])  # the rate this optimiser step uses
-                grad_norms.append(dist.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+                grad_norms.append(
+                    dist.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                )
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        local = _read_back({**{f"sum:{k}": v for k, v in additive.items()}, **{f"weighted:{k}": v for k, v in weighted.items()}})
+        local = _read_back(
+            {**{f"sum:{k}": v for k, v in additive.items()}, **{f"weighted:{k}": v for k, v in weighted.items()}}
+        )
         totals = dist.sum_dict(local)
         tokens = max(totals.get("weighted:tokens", 0.0), 1.0)
         metrics = {k[len("sum:") :]: v / len(lrs) for k, v in totals.items() if k.startswith("sum:")}
-        metrics.update({k[len("weighted:") :]: v / tokens for k, v in totals.items() if k.startswith("weighted:") and k != "weighted:tokens"})
+        metrics.update(
+            {
+                k[len("weighted:") :]: v / tokens
+                for k, v in totals.items()
+                if k.startswith("weighted:") and k != "weighted:tokens"
+            }
+        )
         metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["optim/lr"] = sum(lrs) / len(lrs)
         if self.device.type == "cuda":  # this rank's peak since the run started (rank 0's is logged)
@@ -532,11 +654,22 @@ class Trainer:
         """
         token = torch.full((1, 1), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
         calls = SHARED_FORWARDS if self.share_update_prompts else 1
-        logits = [self.train_model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False).logits for _ in range(calls)]
+        logits = [
+            self.train_model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False).logits
+            for _ in range(calls)
+        ]
         return sum(x.float().sum() for x in logits) * 0.0
 
     @torch.no_grad()
-    def _logprobs(self, model: Any, rollout: Rollout, rows: Tensor, *, reference: bool = False, lengths: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def _logprobs(
+        self,
+        model: Any,
+        rollout: Rollout,
+        rows: Tensor,
+        *,
+        reference: bool = False,
+        lengths: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """Detached log-probs of ``rows`` at the rollout temperature; ``reference`` under LoRA: adapters disabled.
 
         (The flag, not ``model is self.ref_model``: with LoRA both are the same object, and the old
@@ -546,9 +679,13 @@ class Trainer:
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
         with model.disable_adapter() if self.lora and reference else contextlib.nullcontext(), self.dist.autocast():
             share = self.share_update_prompts
-            for micro in length_chunks(rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths, whole_groups=share):
+            for micro in length_chunks(
+                rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths, whole_groups=share
+            ):
                 if micro.numel() > 0:
-                    out[micro] = rows_logprobs(model, rollout, micro, self.config.temperature, lengths=lengths, share_prompts=share).float()
+                    out[micro] = rows_logprobs(
+                        model, rollout, micro, self.config.temperature, lengths=lengths, share_prompts=share
+                    ).float()
         return out[rows]
 
     @torch.no_grad()
@@ -564,9 +701,16 @@ class Trainer:
             problems = problems[: cfg.max_eval_problems]
         with self._generation_context():
             rewards, _ = sample_correctness(
-                self.model, self.tokenizer, problems[dist.rank :: dist.world], self.c.verifier,
-                samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                chat_template=cfg.chat_template, generation_batch_size=cfg.generation_batch_size,
+                self.model,
+                self.tokenizer,
+                problems[dist.rank :: dist.world],
+                self.c.verifier,
+                samples=cfg.eval_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                chat_template=cfg.chat_template,
+                generation_batch_size=cfg.generation_batch_size,
                 seed=cfg.seed + EVAL_SEED_OFFSET * (dist.rank + 1),
             )
         scored = ~torch.isnan(rewards)
@@ -609,15 +753,30 @@ class Trainer:
             "elapsed_seconds": self.elapsed_before + time.time() - self.start_time,
             "init_model": self.init_path,
         }
-        ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, tokenizer=self.tokenizer, trainer_state=state, dist=self.dist, keep=self.config.keep_checkpoints)
+        ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            trainer_state=state,
+            dist=self.dist,
+            keep=self.config.keep_checkpoints,
+        )
 
     def finish(self, accuracy_after: float) -> dict[str, Any]:
-        eval_problems = len(self.c.task.eval_problems()) if not self.config.max_eval_problems else min(self.config.max_eval_problems, len(self.c.task.eval_problems()))
+        eval_problems = (
+            len(self.c.task.eval_problems())
+            if not self.config.max_eval_problems
+            else min(self.config.max_eval_problems, len(self.c.task.eval_problems()))
+        )
         samples = max(self.config.eval_samples, 1)
         gain_se, gain_se_kind = accuracy_change_se(
-            self.scores_before, self.last_eval_scores, accuracy_before=self.accuracy_before or 0.0,
-            accuracy_after=accuracy_after, samples=eval_problems * samples,
-        )  # fmt: skip
+            self.scores_before,
+            self.last_eval_scores,
+            accuracy_before=self.accuracy_before or 0.0,
+            accuracy_after=accuracy_after,
+            samples=eval_problems * samples,
+        )
         summary = {
             "method": self.config.method,
             "task": self.config.task,
@@ -647,9 +806,11 @@ class Trainer:
             with open(os.path.join(self.run_dir, "summary.json"), "w") as handle:
                 json.dump(summary, handle, indent=2)
             plot_curves(
-                os.path.join(self.run_dir, "metrics.jsonl"), os.path.join(self.run_dir, "learning_curve.png"),
-                f"{self.config.method} on {self.config.task}", accuracy_before=self.accuracy_before,
-            )  # fmt: skip
+                os.path.join(self.run_dir, "metrics.jsonl"),
+                os.path.join(self.run_dir, "learning_curve.png"),
+                f"{self.config.method} on {self.config.task}",
+                accuracy_before=self.accuracy_before,
+            )
         return summary
 
 
@@ -703,4 +864,3 @@ def _write(bar: Any, line: str, echo: Callable[[str], None] | None) -> None:
         bar.write(line)
     else:
         echo(line)
-

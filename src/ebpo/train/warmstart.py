@@ -28,8 +28,9 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -38,7 +39,15 @@ from transformers import PreTrainedModel
 from ebpo.models.loading import TinyLlamaSpec
 from ebpo.tasks.base import Problem
 
-__all__ = ["cache_dir", "warmstart_key", "supervised_batch", "fitting_problems", "train_supervised", "cached_warmstart", "library_versions"]
+__all__ = [
+    "cache_dir",
+    "warmstart_key",
+    "supervised_batch",
+    "fitting_problems",
+    "train_supervised",
+    "cached_warmstart",
+    "library_versions",
+]
 
 # Bump when the warm-start procedure changes, to invalidate old caches.
 # 2: problems longer than the model's positions are left out; torch/transformers versions in the key.
@@ -97,8 +106,16 @@ def fitting_problems(problems: Sequence[Problem], tokenizer: Any, max_positions:
 
 
 def train_supervised(
-    model: PreTrainedModel, tokenizer: Any, problems: Sequence[Problem], *, steps: int, lr: float, batch_size: int, seed: int,
-    log: Any = None, log_every: int = 0,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Any = None,
+    log_every: int = 0,
 ) -> list[float]:
     """Teacher-forced cross-entropy on the targets; linear warm-up then linear decay. Returns the losses.
 
@@ -108,7 +125,9 @@ def train_supervised(
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps)
+    )
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
@@ -125,7 +144,9 @@ def train_supervised(
         losses.append(float(loss.detach()))
         if log is not None and log_every and (step % log_every == 0 or step == steps):
             recent = losses[-((step - 1) % log_every + 1) :]  # the steps since the previous line
-            log(f"warm start: step {step:>{len(str(steps))}}/{steps} | loss {sum(recent) / len(recent):.3f} | {time.time() - started:.0f} s")
+            log(
+                f"warm start: step {step:>{len(str(steps))}}/{steps} | loss {sum(recent) / len(recent):.3f} | {time.time() - started:.0f} s"
+            )
     return losses
 
 
@@ -157,9 +178,15 @@ def cached_warmstart(
 ) -> tuple[PreTrainedModel, str]:
     """Load the cached warm start for these settings, or train it and cache it. Returns (model, cache path)."""
     settings = {
-        "spec": asdict(spec), "alphabet": getattr(tokenizer, "alphabet", None), "task": task_id, "steps": steps, "lr": lr,
-        "batch_size": batch_size, "seed": seed, "versions": library_versions(),
-    }  # fmt: skip
+        "spec": asdict(spec),
+        "alphabet": getattr(tokenizer, "alphabet", None),
+        "task": task_id,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "versions": library_versions(),
+    }
     path = os.path.join(cache_dir(), "warmstart", warmstart_key(settings))
     if os.path.isfile(os.path.join(path, "warmstart.json")):
         log(f"warm start: reusing {path}")
@@ -167,13 +194,23 @@ def cached_warmstart(
         return loaded, path
     fitting = fitting_problems(problems, tokenizer, model.config.max_position_embeddings)
     if len(fitting) < len(problems):
-        log(f"warm start: {len(problems) - len(fitting)} of {len(problems)} training problems are longer than the model's {model.config.max_position_embeddings} positions; left out")
+        log(
+            f"warm start: {len(problems) - len(fitting)} of {len(problems)} training problems are longer than the model's {model.config.max_position_embeddings} positions; left out"
+        )
     log(f"warm start: {steps} supervised steps on {len(fitting)} problems (cached afterwards in {path})")
     with torch.random.fork_rng(devices=[]):  # the warm start must not move the run's RNG stream
         torch.manual_seed(seed)
         losses = train_supervised(
-            model, tokenizer, fitting, steps=steps, lr=lr, batch_size=batch_size, seed=seed, log=log, log_every=max(1, steps // 6),
-        )  # fmt: skip
+            model,
+            tokenizer,
+            fitting,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            log=log,
+            log_every=max(1, steps // 6),
+        )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
     model.save_pretrained(tmp)

@@ -11,16 +11,21 @@
 # each call {"name": ..., "args": [...], "kwargs": [...]} it replies {"ok": <encoded>},
 # {"raised": "TypeName"} or {"unserialisable": "why"}. Encoding: _plain_data.py, whose text
 # the judge puts before this file's.
-import json, os, resource, sys
+import json
+import os
+import resource
+import sys
 
 cfg = json.loads(sys.argv[1])
 status = cfg["status_fd"]
 keep = {0, 1, 2, status, cfg["request_fd"], cfg["reply_fd"]}
 try:
+
     def limit(kind, value):
         resource.setrlimit(kind, (value, value))
 
     import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(result, what):
@@ -36,11 +41,30 @@ try:
     if flags:
         check(libc.unshare(flags), "unshare")
     if cfg["mountns"]:
-        def mount(source, target, fstype, mountflags, data=None):
-            check(libc.mount(source, target.encode() if target else None, fstype, mountflags, data), "mount %s" % target)
 
-        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-        per_mount = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
+        def mount(source, target, fstype, mountflags, data=None):
+            check(
+                libc.mount(source, target.encode() if target else None, fstype, mountflags, data), "mount %s" % target
+            )
+
+        MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+            1,
+            2,
+            4,
+            8,
+            32,
+            4096,
+            16384,
+            1 << 18,
+        )
+        per_mount = {
+            "nosuid": MS_NOSUID,
+            "nodev": MS_NODEV,
+            "noexec": MS_NOEXEC,
+            "noatime": 1024,
+            "nodiratime": 2048,
+            "relatime": 1 << 21,
+        }
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do propagates back to the host
         with open("/proc/self/mountinfo") as handle:
             mounts = [line.split() for line in handle]
@@ -59,7 +83,13 @@ try:
         owner = "uid=%d,gid=%d," % (cfg["uid"], cfg["gid"]) if cfg["uid"] is not None else ""
         for target in ("/tmp", "/dev/shm"):
             if os.path.isdir(target):
-                mount(b"tmpfs", target, b"tmpfs", MS_NOSUID | MS_NODEV, ("size=%dm,mode=700,%s" % (cfg["tmpfs_mb"], owner)).rstrip(",").encode())
+                mount(
+                    b"tmpfs",
+                    target,
+                    b"tmpfs",
+                    MS_NOSUID | MS_NODEV,
+                    ("size=%dm,mode=700,%s" % (cfg["tmpfs_mb"], owner)).rstrip(",").encode(),
+                )
         workdir = "/tmp"
     else:
         workdir = cfg["workdir"]
@@ -97,21 +127,57 @@ def _hook_factory(root):
     # Defence in depth only (PEP 578: audit hooks are not a security boundary); the OS layers
     # (read-only mounts, nobody, namespaces) are the boundary where the machine allows them.
     import os as _os
+
     realpath, sep = _os.path.realpath, _os.sep
     root = realpath(root)
     allowed = (root, "/dev/null")
     write_flags = _os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND
-    denied = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-              "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "os.setsid",
-              "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
-              "socket.sendto", "os.chroot", "os.startfile", "pty.spawn", "sys.remote_exec",
-              "sys.setprofile", "sys.settrace"}
+    denied = {
+        "os.fork",
+        "os.forkpty",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "subprocess.Popen",
+        "os.kill",
+        "os.killpg",
+        "signal.pthread_kill",
+        "os.setsid",
+        "socket.__new__",
+        "socket.connect",
+        "socket.bind",
+        "socket.getaddrinfo",
+        "socket.sendto",
+        "os.chroot",
+        "os.startfile",
+        "pty.spawn",
+        "sys.remote_exec",
+        "sys.setprofile",
+        "sys.settrace",
+    }
     # event: (number of leading path arguments, positions of dir_fd arguments)
-    path_events = {"os.remove": (1, (1,)), "os.rmdir": (1, (1,)), "os.mkdir": (1, (2,)), "os.rename": (2, (2, 3)),
-                   "os.chmod": (1, (2,)), "os.chown": (1, (3,)), "os.truncate": (1, ()), "os.link": (2, (2, 3)),
-                   "os.symlink": (2, (2,)), "os.utime": (1, (3,)), "os.chflags": (1, ()), "os.lchflags": (1, ()),
-                   "os.setxattr": (1, ()), "os.removexattr": (1, ()), "shutil.rmtree": (1, ()), "os.mkfifo": (1, (2,)),
-                   "os.mknod": (1, (3,)), "os.fchmod": (1, ()), "os.fchown": (1, ())}
+    path_events = {
+        "os.remove": (1, (1,)),
+        "os.rmdir": (1, (1,)),
+        "os.mkdir": (1, (2,)),
+        "os.rename": (2, (2, 3)),
+        "os.chmod": (1, (2,)),
+        "os.chown": (1, (3,)),
+        "os.truncate": (1, ()),
+        "os.link": (2, (2, 3)),
+        "os.symlink": (2, (2,)),
+        "os.utime": (1, (3,)),
+        "os.chflags": (1, ()),
+        "os.lchflags": (1, ()),
+        "os.setxattr": (1, ()),
+        "os.removexattr": (1, ()),
+        "shutil.rmtree": (1, ()),
+        "os.mkfifo": (1, (2,)),
+        "os.mknod": (1, (3,)),
+        "os.fchmod": (1, ()),
+        "os.fchown": (1, ()),
+    }
 
     def inside(path):
         if isinstance(path, int):  # a descriptor: where does it point (fchmod/fsetxattr on a host file)?
@@ -149,6 +215,7 @@ def _hook_factory(root):
                 raise PermissionError("blocked by the ebpo sandbox: %s%r" % (event, args))
         elif event == "object.__setattr__" and args[1] in ("__code__", "__closure__"):
             raise PermissionError("blocked by the ebpo sandbox: replacing code objects")
+
     return hook
 
 
@@ -159,14 +226,22 @@ _reply_fd = cfg["reply_fd"]
 def _reply(message):
     data = (json.dumps(message) + "\n").encode()
     while data:
-        data = data[os.write(_reply_fd, data):]
+        data = data[os.write(_reply_fd, data) :]
 
 
 _program_source = json.loads(_readline())
 _mode = cfg["mode"]
 if cfg["audit_hook"]:
-    import posix, signal, _signal
-    for _module, _name in ((os, "pidfd_open"), (posix, "pidfd_open"), (signal, "pidfd_send_signal"), (_signal, "pidfd_send_signal")):
+    import _signal
+    import posix
+    import signal
+
+    for _module, _name in (
+        (os, "pidfd_open"),
+        (posix, "pidfd_open"),
+        (signal, "pidfd_send_signal"),
+        (_signal, "pidfd_send_signal"),
+    ):
         if hasattr(_module, _name):
             delattr(_module, _name)
     del posix, signal, _signal, _module, _name

@@ -82,21 +82,42 @@ class Child:
             if libc.unshare(CLONE_NEWPID) != 0:  # our next child is the init of a new PID namespace
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID) failed")
         child_cfg = {
-            "status_fd": status_w, "request_fd": request_r, "reply_fd": reply_w, "mode": mode, "judge_pid": os.getpid(),
-            "netns": cfg["netns"], "mountns": cfg["mountns"], "pidns": cfg["pidns"], "workdir": self.workdir,
-            "cpu_seconds": int(cfg["timeout_seconds"]) + 1, "memory_bytes": cfg["memory_mb"] << 20,
-            "max_file_bytes": cfg["max_output_bytes"], "tmpfs_mb": cfg["tmpfs_mb"], "max_processes": cfg["max_processes"],
-            "audit_hook": cfg["audit_hook"], "uid": cfg["uid"], "gid": cfg["gid"], "label": cfg["label"],
+            "status_fd": status_w,
+            "request_fd": request_r,
+            "reply_fd": reply_w,
+            "mode": mode,
+            "judge_pid": os.getpid(),
+            "netns": cfg["netns"],
+            "mountns": cfg["mountns"],
+            "pidns": cfg["pidns"],
+            "workdir": self.workdir,
+            "cpu_seconds": int(cfg["timeout_seconds"]) + 1,
+            "memory_bytes": cfg["memory_mb"] << 20,
+            "max_file_bytes": cfg["max_output_bytes"],
+            "tmpfs_mb": cfg["tmpfs_mb"],
+            "max_processes": cfg["max_processes"],
+            "audit_hook": cfg["audit_hook"],
+            "uid": cfg["uid"],
+            "gid": cfg["gid"],
+            "label": cfg["label"],
         }
         self.proc = subprocess.Popen(
             [cfg["python"], "-I", "-B", "-c", _CHILD_SOURCE, json.dumps(child_cfg)],
-            stdin=subprocess.DEVNULL, stdout=output_w, stderr=output_w, pass_fds=(status_w, request_r, reply_w),
-            close_fds=True, start_new_session=True, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            stdout=output_w,
+            stderr=output_w,
+            pass_fds=(status_w, request_r, reply_w),
+            close_fds=True,
+            start_new_session=True,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         for fd in (status_w, request_r, reply_w, output_w):
             os.close(fd)
         self.status = self._read_all(status_r)
-        self.deadline = time.monotonic() + cfg["timeout_seconds"]  # the program's time starts once the sandbox is set up
+        self.deadline = (
+            time.monotonic() + cfg["timeout_seconds"]
+        )  # the program's time starts once the sandbox is set up
         self.buffer = b""
 
     def _drain(self, fd):
@@ -115,7 +136,9 @@ class Child:
 
     def _read_all(self, fd):
         data = b""
-        while time.monotonic() < self.deadline + 5:  # set-up is ours: slack beyond the limit (the caller's hard limit still holds)
+        while (
+            time.monotonic() < self.deadline + 5
+        ):  # set-up is ours: slack beyond the limit (the caller's hard limit still holds)
             if not select.select([fd], [], [], 0.5)[0]:
                 continue
             chunk = os.read(fd, 4096)
@@ -200,7 +223,11 @@ def exception_class(name):
     found = getattr(builtins, str(name), None)
     # A StopIteration raised inside map()/filter() ends the iteration silently:
     # all(map(lambda x: f(x) == y, xs)) would pass with nothing answered.
-    if isinstance(found, type) and issubclass(found, Exception) and not issubclass(found, (StopIteration, StopAsyncIteration)):
+    if (
+        isinstance(found, type)
+        and issubclass(found, Exception)
+        and not issubclass(found, (StopIteration, StopAsyncIteration))
+    ):
         return found
     return CandidateError
 
@@ -232,14 +259,20 @@ def make_proxy(child, name):
 
 def free_names(tree, namespace):
     return {
-        node.id for node in ast.walk(tree)
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in namespace and not hasattr(builtins, node.id)
+        node.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Name)
+        and isinstance(node.ctx, ast.Load)
+        and node.id not in namespace
+        and not hasattr(builtins, node.id)
     }
 
 
 def module_names(tree):
     """Names the tests use as ``name.attr``: MBPP tests use ``math.isclose`` relying on the candidate's import."""
-    return {node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+    return {
+        node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+    }
 
 
 def run_tests(child, tests):

@@ -38,7 +38,10 @@ def compare(reference: str, answer: str, timeout: int | None) -> dict[str, Any]:
     except TimeoutException:
         return {"status": "reference_error", "message": f"math reference timed out in parsing: {reference[:200]!r}"}
     except Exception as exc:  # noqa: BLE001  (the reference is ours: reported, and raised by the caller)
-        return {"status": "reference_error", "message": f"math reference could not be parsed ({type(exc).__name__}: {exc}): {reference[:200]!r}"}
+        return {
+            "status": "reference_error",
+            "message": f"math reference could not be parsed ({type(exc).__name__}: {exc}): {reference[:200]!r}",
+        }
     if not gold:
         return {"status": "reference_error", "message": f"math reference could not be parsed: {reference!r}"}
     try:

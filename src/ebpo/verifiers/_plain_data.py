@@ -39,7 +39,7 @@ def _decode(data, depth=0):
         return data
     if kind is list:
         return [_decode(item, depth + 1) for item in data]
-    (tag, body), = data.items()
+    ((tag, body),) = data.items()
     if tag in ("tuple", "set", "frozenset"):
         return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](_decode(item, depth + 1) for item in body)
     if tag == "dict":
@@ -49,5 +49,3 @@ def _decode(data, depth=0):
     if tag == "complex":
         return complex(float(body[0]), float(body[1]))
     raise ValueError(tag)
-
-

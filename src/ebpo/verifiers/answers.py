@@ -38,7 +38,9 @@ def normalize_digits(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     if text.isascii():
         return text
-    return "".join(str(unicodedata.decimal(c)) if not c.isascii() and unicodedata.category(c) == "Nd" else c for c in text)
+    return "".join(
+        str(unicodedata.decimal(c)) if not c.isascii() and unicodedata.category(c) == "Nd" else c for c in text
+    )
 
 
 def last_boxed(text: str) -> str | None:
@@ -70,7 +72,9 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1].strip() if numbers else None
 
 
-_UNITS = re.compile(r"(?i)\b(dollars?|cents?|usd|percent|hours?|minutes?|meters?|km|kg|pounds?|miles?|units?|years?|days?)\b")
+_UNITS = re.compile(
+    r"(?i)\b(dollars?|cents?|usd|percent|hours?|minutes?|meters?|km|kg|pounds?|miles?|units?|years?|days?)\b"
+)
 
 
 def parse_number(text: str) -> Decimal | None:

@@ -30,7 +30,17 @@ from typing import Any, Protocol
 
 from ebpo.registry import Registry
 
-__all__ = ["VerifierResult", "Verifier", "NotTheCompletion", "BadReference", "VerifierMisuse", "GuardedVerifier", "VERIFIERS", "build_verifier", "list_verifiers"]
+__all__ = [
+    "VerifierResult",
+    "Verifier",
+    "NotTheCompletion",
+    "BadReference",
+    "VerifierMisuse",
+    "GuardedVerifier",
+    "VERIFIERS",
+    "build_verifier",
+    "list_verifiers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +84,9 @@ class GuardedVerifier:
     ebpo.verifiers.base.BadReference: not a number: 'seven'
     """
 
-    def __init__(self, verifier: Verifier, name: str, window: int = 200, warn_error_rate: float = 0.5, logged_samples: int = 5) -> None:
+    def __init__(
+        self, verifier: Verifier, name: str, window: int = 200, warn_error_rate: float = 0.5, logged_samples: int = 5
+    ) -> None:
         self.verifier, self.name = verifier, name
         self.window, self.warn_error_rate, self.logged_samples = window, warn_error_rate, logged_samples
         self.calls = self.errors = 0
@@ -90,8 +102,14 @@ class GuardedVerifier:
             self._record(True)
             self.errors += 1
             if self.errors <= self.logged_samples or self.errors % 100 == 0:
-                logger.warning("verifier %r raised %s: %s on a completion (reward 0, counted in verifier/error; %d so far); completion starts %r",
-                               self.name, type(error).__name__, str(error)[:300], self.errors, completion[:200])
+                logger.warning(
+                    "verifier %r raised %s: %s on a completion (reward 0, counted in verifier/error; %d so far); completion starts %r",
+                    self.name,
+                    type(error).__name__,
+                    str(error)[:300],
+                    self.errors,
+                    completion[:200],
+                )
             return VerifierResult(0.0, {"error": 1.0})
         self._record(False)
         return result
@@ -101,8 +119,13 @@ class GuardedVerifier:
         if len(self._recent) == self.window and self.calls % self.window == 0:
             rate = sum(self._recent) / self.window
             if rate > self.warn_error_rate:
-                logger.warning("verifier %r raised on %.0f%% of the last %d completions: that points at the verifier or the "
-                               "references, not the policy (see the samples logged above)", self.name, 100 * rate, self.window)
+                logger.warning(
+                    "verifier %r raised on %.0f%% of the last %d completions: that points at the verifier or the "
+                    "references, not the policy (see the samples logged above)",
+                    self.name,
+                    100 * rate,
+                    self.window,
+                )
 
     def __getattr__(self, name: str) -> Any:
         if name == "verifier" or name.startswith("__"):  # unpickling and copying look these up before __init__

@@ -75,6 +75,7 @@ __all__ = ["CodeVerifier", "CodeReference", "SandboxResult", "extract_code", "bu
 
 logger = logging.getLogger(__name__)
 
+
 def extract_code(completion: str) -> str:
     """The last fenced code block (```python or ```), else the completion itself.
 
@@ -114,7 +115,9 @@ def parse_reference(reference: str) -> CodeReference:
     if isinstance(spec, list):
         spec = {"tests": spec}
     if not isinstance(spec, dict) or not ({"tests", "test"} & set(spec)):
-        raise BadReference(f"code reference must hold 'tests' (MBPP) or 'test' + 'entry_point' (HumanEval): {reference[:200]!r}")
+        raise BadReference(
+            f"code reference must hold 'tests' (MBPP) or 'test' + 'entry_point' (HumanEval): {reference[:200]!r}"
+        )
     if "test" in spec:
         if "entry_point" not in spec:
             raise BadReference(f"a HumanEval-style code reference needs 'entry_point': {reference[:200]!r}")
@@ -164,8 +167,14 @@ def _nobody() -> tuple[int, int] | None:
 
 _JUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_code_judge.py")
 # Verdict statuses (see _code_judge.py) -> the info key counted with reward 0.
-_FAILURES = {"failed": "failed", "timeout": "timeout", "output_limit": "output_limit", "not_plain_data": "not_plain_data",
-             "bad_output": "bad_output", "unsupported_test": "unsupported_test"}
+_FAILURES = {
+    "failed": "failed",
+    "timeout": "timeout",
+    "output_limit": "output_limit",
+    "not_plain_data": "not_plain_data",
+    "bad_output": "bad_output",
+    "unsupported_test": "unsupported_test",
+}
 
 
 @VERIFIERS.register("code")
@@ -213,17 +222,25 @@ class CodeVerifier:
         if timeout_seconds <= 0:
             raise ValueError(f"code verifier timeout_seconds must be > 0, got {timeout_seconds}")
         if memory_mb < 64:
-            raise ValueError(f"code verifier memory_mb must be >= 64 (a Python interpreter needs ~30 MB), got {memory_mb}")
+            raise ValueError(
+                f"code verifier memory_mb must be >= 64 (a Python interpreter needs ~30 MB), got {memory_mb}"
+            )
         if max_output_bytes < 1024 or max_report_bytes < 0:
             raise ValueError("code verifier needs max_output_bytes >= 1024 and max_report_bytes >= 0")
         if grace_seconds <= 0:
             raise ValueError(f"code verifier grace_seconds must be > 0, got {grace_seconds}")
         self.timeout_seconds, self.memory_mb, self.grace_seconds = timeout_seconds, memory_mb, grace_seconds
-        self.max_output_bytes, self.max_report_bytes, self.max_processes = max_output_bytes, max_report_bytes, max_processes
+        self.max_output_bytes, self.max_report_bytes, self.max_processes = (
+            max_output_bytes,
+            max_report_bytes,
+            max_processes,
+        )
         self.audit_hook, self.label = audit_hook, label
         root = os.geteuid() == 0
         nobody = _nobody() if drop_privileges else None
-        interpreters = [python] if python else list(dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]))
+        interpreters = (
+            [python] if python else list(dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]))
+        )
         # Strongest combination first; containers may forbid namespaces even to root, and
         # 'nobody' may be unable to run the current interpreter.
         candidates = [
@@ -240,12 +257,19 @@ class CodeVerifier:
         else:
             raise RuntimeError(f"code verifier: no Python interpreter starts in the sandbox (tried {interpreters})")
         self.layers = {
-            "pid_namespace": self.pidns, "network_namespace": self.netns, "readonly_mounts": self.mountns,
-            "nobody": self.user is not None, "audit_hook": audit_hook, "rlimits": True,
+            "pid_namespace": self.pidns,
+            "network_namespace": self.netns,
+            "readonly_mounts": self.mountns,
+            "nobody": self.user is not None,
+            "audit_hook": audit_hook,
+            "rlimits": True,
         }
         logger.info("code verifier sandbox layers: %s (interpreter %s)", self.layers, self.python)
         if not (self.pidns and self.mountns and self.user):
-            logger.warning("code verifier: weaker sandbox on this machine (%s); see docs/verifiers.md", ", ".join(f"{k}={v}" for k, v in self.layers.items()))
+            logger.warning(
+                "code verifier: weaker sandbox on this machine (%s); see docs/verifiers.md",
+                ", ".join(f"{k}={v}" for k, v in self.layers.items()),
+            )
 
     def _probe(self, exe: str) -> bool:
         self.python = exe
@@ -258,22 +282,39 @@ class CodeVerifier:
 
     def _config(self) -> dict[str, Any]:
         return {
-            "python": self.python, "timeout_seconds": self.timeout_seconds, "memory_mb": self.memory_mb,
-            "judge_memory_mb": max(2048, 2 * self.memory_mb), "max_output_bytes": self.max_output_bytes,
-            "max_report_bytes": self.max_report_bytes, "max_processes": self.max_processes, "tmpfs_mb": 64,
-            "pidns": self.pidns, "netns": self.netns, "mountns": self.mountns, "audit_hook": self.audit_hook,
-            "uid": self.user[0] if self.user else None, "gid": self.user[1] if self.user else None, "label": self.label,
+            "python": self.python,
+            "timeout_seconds": self.timeout_seconds,
+            "memory_mb": self.memory_mb,
+            "judge_memory_mb": max(2048, 2 * self.memory_mb),
+            "max_output_bytes": self.max_output_bytes,
+            "max_report_bytes": self.max_report_bytes,
+            "max_processes": self.max_processes,
+            "tmpfs_mb": 64,
+            "pidns": self.pidns,
+            "netns": self.netns,
+            "mountns": self.mountns,
+            "audit_hook": self.audit_hook,
+            "uid": self.user[0] if self.user else None,
+            "gid": self.user[1] if self.user else None,
+            "label": self.label,
         }
 
     def _judge(self, request: dict[str, Any]) -> dict[str, Any]:
         """One judge process per check; killed (and the sandbox with it) past the hard limit."""
         request["config"] = self._config()
         judge = subprocess.Popen(
-            [sys.executable, "-I", "-B", _JUDGE, self.label], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, close_fds=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            [sys.executable, "-I", "-B", _JUDGE, self.label],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
         try:
-            out, err = judge.communicate(json.dumps(request).encode(), timeout=self.timeout_seconds + self.grace_seconds)
+            out, err = judge.communicate(
+                json.dumps(request).encode(), timeout=self.timeout_seconds + self.grace_seconds
+            )
         except subprocess.TimeoutExpired:
             _kill_group(judge)  # the sandboxed child has PR_SET_PDEATHSIG: it dies with the judge
             judge.communicate()
@@ -283,9 +324,13 @@ class CodeVerifier:
         try:
             verdict = json.loads(out)
         except ValueError:
-            raise RuntimeError(f"code verifier's judge failed (exit {judge.returncode}): {err.decode(errors='replace')[-2000:]}") from None
+            raise RuntimeError(
+                f"code verifier's judge failed (exit {judge.returncode}): {err.decode(errors='replace')[-2000:]}"
+            ) from None
         if verdict["status"] == "sandbox_error":
-            raise RuntimeError(f"code sandbox could not start the program ({self.python}): {verdict['message']}; output: {verdict['output'][-2000:]}")
+            raise RuntimeError(
+                f"code sandbox could not start the program ({self.python}): {verdict['message']}; output: {verdict['output'][-2000:]}"
+            )
         return verdict
 
     def run(self, program: str) -> SandboxResult:
@@ -293,12 +338,23 @@ class CodeVerifier:
         start = time.monotonic()
         verdict = self._judge({"mode": "run", "program": program})
         timed_out = verdict["status"] == "timeout"
-        return SandboxResult(None if timed_out else verdict["returncode"], timed_out, verdict["output_truncated"], verdict["output"], time.monotonic() - start)
+        return SandboxResult(
+            None if timed_out else verdict["returncode"],
+            timed_out,
+            verdict["output_truncated"],
+            verdict["output"],
+            time.monotonic() - start,
+        )
 
     def __call__(self, completion: str, reference: str) -> VerifierResult:
         parsed = parse_reference(reference)
         program = "\n".join([parsed.setup, parsed.prompt, extract_code(completion), ""])
-        tests = {"setup": parsed.setup, "prompt": parsed.prompt, "source": parsed.tests, "entry_point": parsed.entry_point}
+        tests = {
+            "setup": parsed.setup,
+            "prompt": parsed.prompt,
+            "source": parsed.tests,
+            "entry_point": parsed.entry_point,
+        }
         verdict = self._judge({"mode": "check", "program": program, "tests": tests})
         status = verdict["status"]
         if status == "passed":

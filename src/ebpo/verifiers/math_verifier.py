@@ -69,7 +69,11 @@ class MathVerifier:
     """
 
     def __init__(
-        self, timeout_seconds: int = 5, max_answer_chars: int = 500, isolation: str = "auto", worker_memory_mb: int = 4096,
+        self,
+        timeout_seconds: int = 5,
+        max_answer_chars: int = 500,
+        isolation: str = "auto",
+        worker_memory_mb: int = 4096,
         max_completion_chars: int = 100_000,
     ) -> None:
         try:
@@ -77,9 +81,13 @@ class MathVerifier:
         except ImportError as exc:  # an optional dependency: say how to get it
             raise ValueError("the math verifier needs math-verify: pip install 'ebpo[math]'") from exc
         if not isinstance(timeout_seconds, int) or timeout_seconds < 1:
-            raise ValueError(f"timeout_seconds must be a whole number >= 1 (SIGALRM has one-second resolution), got {timeout_seconds!r}")
+            raise ValueError(
+                f"timeout_seconds must be a whole number >= 1 (SIGALRM has one-second resolution), got {timeout_seconds!r}"
+            )
         if max_answer_chars < 1 or max_completion_chars < 1:
-            raise ValueError(f"max_answer_chars and max_completion_chars must be >= 1, got {max_answer_chars}, {max_completion_chars}")
+            raise ValueError(
+                f"max_answer_chars and max_completion_chars must be >= 1, got {max_answer_chars}, {max_completion_chars}"
+            )
         if isolation not in _ISOLATIONS:
             raise ValueError(f"isolation must be one of {_ISOLATIONS}, got {isolation!r}")
         self.timeout_seconds, self.max_answer_chars, self.isolation = timeout_seconds, max_answer_chars, isolation
@@ -100,9 +108,13 @@ class MathVerifier:
             return VerifierResult(0.0, {"oversize": 1.0})
         in_main = threading.current_thread() is threading.main_thread()
         if self.isolation == "signal" and not in_main:
-            raise VerifierMisuse("math verifier isolation='signal' uses SIGALRM and must run in the main thread; use 'auto' or 'process'")
+            raise VerifierMisuse(
+                "math verifier isolation='signal' uses SIGALRM and must run in the main thread; use 'auto' or 'process'"
+            )
         if self.isolation == "process" or (self.isolation == "auto" and not in_main):
-            reply = self._worker().request(reference, answer, self.timeout_seconds, hard_limit=3 * self.timeout_seconds + 2)
+            reply = self._worker().request(
+                reference, answer, self.timeout_seconds, hard_limit=3 * self.timeout_seconds + 2
+            )
         else:
             reply = compare(reference, answer, self.timeout_seconds)
         return _to_result(reply)
@@ -151,7 +163,10 @@ class _Worker:
     def _start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-u", _WORKER_SCRIPT, str(self.memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self._buffer = b""
         if self._read_line(deadline=time.monotonic() + 120) != {"status": "ready"}:  # None or a crash
@@ -162,7 +177,9 @@ class _Worker:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"reference": reference, "answer": answer, "timeout": timeout}) + "\n").encode())
+        self.proc.stdin.write(
+            (json.dumps({"reference": reference, "answer": answer, "timeout": timeout}) + "\n").encode()
+        )
         self.proc.stdin.flush()
         reply = self._read_line(deadline=time.monotonic() + hard_limit)
         if reply is None:  # stuck past the hard limit: kill it; the next request starts a fresh one

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 from ebpo.verifiers.base import VERIFIERS, BadReference, VerifierResult
 
@@ -43,7 +44,9 @@ def encode_reference(dataset: str, entry: dict[str, Any], options: dict[str, Any
     against metadata tuples (``arc_agi``/``rearc`` boards: a list never equals
     the parsed tuple board, and the right answer scored 0.05).
     """
-    return json.dumps({"dataset": dataset, "options": options or {}, "entry": _tag_tuples(entry)}, default=str, sort_keys=True)
+    return json.dumps(
+        {"dataset": dataset, "options": options or {}, "entry": _tag_tuples(entry)}, default=str, sort_keys=True
+    )
 
 
 def _tag_tuples(value: Any) -> Any:
@@ -93,7 +96,9 @@ class ReasoningGymVerifier:
             dataset, entry = spec["dataset"], spec["entry"]
             options = {k: v for k, v in spec.get("options", {}).items() if k not in ("size", "seed")}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise BadReference(f"reasoning_gym reference must be JSON with 'dataset' and 'entry': {reference[:200]!r}") from exc
+            raise BadReference(
+                f"reasoning_gym reference must be JSON with 'dataset' and 'entry': {reference[:200]!r}"
+            ) from exc
         answer = extract_final(completion)
         if not answer:
             return VerifierResult(0.0, {"parse_error": 1.0})
