@@ -15,47 +15,12 @@ import yaml
 pytest.importorskip("ebpo.losses", reason="the policy losses module is not installed yet")
 pytest.importorskip("ebpo.divergences", reason="the divergences module is not installed yet")
 
+from runs import TINY  # noqa: E402
+from runs import saved_weights as _weights  # noqa: E402
+from runs import timeless as _timeless  # noqa: E402
+
 from ebpo.cli import main  # noqa: E402
 from ebpo.train.tracking import read_metrics  # noqa: E402
-
-TINY = [
-    "--task",
-    "arithmetic",  # the small built-in task (the default is stepwise)
-    "--warmstart-steps",
-    "40",
-    "--warmstart-batch-size",
-    "32",
-    # Copy-a-digit problems: learnable in a few warm-start steps, so rewards are mixed and the policy moves.
-    "--task-options",
-    "{num_train: 400, num_eval: 16, max_terms: 1, max_digits: 2}",
-    "--prompts-per-step",
-    "4",
-    "--group-size",
-    "4",
-    "--max-new-tokens",
-    "6",
-    "--log-every",
-    "1",
-    "--no-progress",
-    "--threads",
-    "1",
-]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # One warm-start cache per test session, never the user's ~/.cache.
-    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ebpo-cache"))
-
-
-def _timeless(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith("time/")}
-
-
-def _weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 def test_short_default_run_learns_and_writes_every_artifact(tmp_path):

@@ -1,5 +1,5 @@
 """The trainer's maths on real-model settings: temperature, sampling config, mixed precision, logged metrics,
-entropy, help text and warnings. Each test names the defect it guards (issue 13)."""
+entropy, help text and warnings. Each test names the defect it guards."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ from ebpo.models import load_policy
 from ebpo.sampling import generate
 from ebpo.tasks.arithmetic import ArithmeticTask
 from ebpo.train.rollout import sequence_logprobs
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_policy("builtin:tiny", device=torch.device("cpu"), seed=0)
-    return model, tok
 
 
 def _problems(n: int = 4):
@@ -151,45 +145,6 @@ def test_rollout_emits_no_future_or_deprecation_warning(tiny):
 
 
 # ---------------------------------------------------------------- trainer-level checks (in process, one rank)
-BASE = [
-    "--task",
-    "arithmetic",
-    "--warmstart-steps",
-    "0",
-    "--task-options",
-    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
-    "--prompts-per-step",
-    "4",
-    "--group-size",
-    "4",
-    "--max-new-tokens",
-    "6",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-    "--no-tensorboard",
-]
-
-
-def _trainer(tmp_path, *flags, echo=lambda _: None):
-    from ebpo.train.cli import build_parser, resolve_config
-    from ebpo.train.trainer import Trainer, build_components
-
-    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    out.mkdir()
-    config = resolve_config(build_parser().parse_args(["--out", str(out), *BASE, *flags]))
-    return Trainer(config, str(out), build_components(config), resume=False, echo=echo)
-
-
-def _batch(trainer, seed=0):
-    """One rollout of the trainer's policy and synthetic advantages (N(0, 1) per response), so every path has signal."""
-    rollout, _, _, _ = trainer.rollout_and_score()
-    gen = torch.Generator().manual_seed(seed)
-    return rollout, torch.randn(len(rollout.texts), generator=gen)
-
-
 def _full_batch_loss(trainer, rollout, advantages):
     """Oracle: the loss function once on the whole batch (one forward, own counts), before any update."""
     from ebpo.losses import LossInputs
@@ -203,12 +158,12 @@ def _full_batch_loss(trainer, rollout, advantages):
     return trainer.c.loss_fn(LossInputs(logprobs, logprobs, advantages, mask))
 
 
-def test_logged_loss_is_invariant_to_micro_batches_and_lr_is_the_one_used(tmp_path):
+def test_logged_loss_is_invariant_to_micro_batches_and_lr_is_the_one_used(make_trainer, synthetic_batch):
     """Defect 6: loss/policy shrank with the number of micro-batches, loss/total was added twice, lr was the next one."""
-    first = _trainer(
-        tmp_path, "--method", "grpo", "--micro-batch-size", "0", "--length-buckets", "1", "--lr-warmup-steps", "4"
+    first = make_trainer(
+        "--method", "grpo", "--micro-batch-size", "0", "--length-buckets", "1", "--lr-warmup-steps", "4"
     )
-    rollout, advantages = _batch(first)
+    rollout, advantages = synthetic_batch(first)
     expected = _full_batch_loss(first, rollout, advantages)
     logged = []
     for flags in (
@@ -216,7 +171,7 @@ def test_logged_loss_is_invariant_to_micro_batches_and_lr_is_the_one_used(tmp_pa
         ["--micro-batch-size", "2"],
         ["--micro-batch-size", "0", "--length-buckets", "4"],
     ):
-        trainer = _trainer(tmp_path, "--method", "grpo", "--lr-warmup-steps", "4", *flags)
+        trainer = make_trainer("--method", "grpo", "--lr-warmup-steps", "4", *flags)
         logged.append(trainer.update(rollout, advantages))
     for metrics in logged:
         assert metrics["loss/policy"] == pytest.approx(float(expected.loss), rel=1e-5, abs=1e-7)
@@ -225,12 +180,12 @@ def test_logged_loss_is_invariant_to_micro_batches_and_lr_is_the_one_used(tmp_pa
         assert metrics["optim/lr"] == pytest.approx(first.config.lr / 4)  # the first warm-up update's rate
 
 
-def test_policy_entropy_is_the_token_mean_entropy_of_the_tempered_policy(tmp_path):
+def test_policy_entropy_is_the_token_mean_entropy_of_the_tempered_policy(make_trainer, synthetic_batch):
     """Defect 7: policy/entropy from the update's own forward; oracle: softmax(logits / T) entropy, token mean."""
     from ebpo.train.rollout import completion_logits
 
-    trainer = _trainer(tmp_path, "--method", "grpo", "--temperature", "0.5", "--micro-batch-size", "3")
-    rollout, advantages = _batch(trainer)
+    trainer = make_trainer("--method", "grpo", "--temperature", "0.5", "--micro-batch-size", "3")
+    rollout, advantages = synthetic_batch(trainer)
     with torch.no_grad():
         logits = completion_logits(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length, 0.5)
     probs = torch.softmax(logits.double(), -1)
@@ -240,20 +195,20 @@ def test_policy_entropy_is_the_token_mean_entropy_of_the_tempered_policy(tmp_pat
     assert trainer.update(rollout, advantages)["policy/entropy"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_kl_cov_without_a_moving_policy_warns(tmp_path):
+def test_kl_cov_without_a_moving_policy_warns(make_trainer):
     lines: list[str] = []
-    _trainer(tmp_path, "--loss", "kl_cov", echo=lines.append)
+    make_trainer("--loss", "kl_cov", echo=lines.append)
     assert any("kl_cov has no effect" in line for line in lines)
     lines.clear()
-    _trainer(tmp_path, "--loss", "kl_cov", "--ppo-epochs", "2", echo=lines.append)
+    make_trainer("--loss", "kl_cov", "--ppo-epochs", "2", echo=lines.append)
     assert not any("kl_cov" in line for line in lines)
 
 
-def test_bf16_compute_keeps_fp32_weights_that_move_at_a_small_lr(tmp_path):
+def test_bf16_compute_keeps_fp32_weights_that_move_at_a_small_lr(make_trainer, synthetic_batch):
     """Defect 3: bf16 parameters trained directly lost ~98% of the updates at lr 1e-6; now fp32 masters + autocast."""
-    trainer = _trainer(tmp_path, "--method", "grpo", "--dtype", "bfloat16", "--lr", "1e-6", "--lr-warmup-steps", "0")
+    trainer = make_trainer("--method", "grpo", "--dtype", "bfloat16", "--lr", "1e-6", "--lr-warmup-steps", "0")
     assert all(p.dtype == torch.float32 for p in trainer.params)
-    rollout, advantages = _batch(trainer)
+    rollout, advantages = synthetic_batch(trainer)
     seen: list[torch.dtype] = []
     hook = trainer.model.lm_head.register_forward_hook(
         lambda module, args, output: seen.append(output.dtype) if torch.is_grad_enabled() else None
@@ -280,13 +235,13 @@ def test_help_shows_the_defaults_that_actually_run():
     assert "Responses sampled per prompt (G). (default: 8)" in text  # not a preset field: no note
 
 
-def test_lora_adapters_do_not_depend_on_the_ranks_sampling_seed(tmp_path):
+def test_lora_adapters_do_not_depend_on_the_ranks_sampling_seed(make_trainer):
     """Defect 5: adapters were initialised from the seed + rank stream, so ranks started from different policies.
 
     (Under DDP the wrapper would also copy rank 0's weights at construction; the trainer additionally
     broadcasts them, and this checks the initialisation itself, which other engines rely on.)"""
     pytest.importorskip("peft")
-    trainer = _trainer(tmp_path, "--lora-rank", "4", "--method", "grpo")
+    trainer = make_trainer("--lora-rank", "4", "--method", "grpo")
     adapters = []
     for rank_seed in (0, 1):  # what seed + rank leaves in the global RNG on ranks 0 and 1
         base, _ = load_policy("builtin:tiny", device=torch.device("cpu"), seed=0)

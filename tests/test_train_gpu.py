@@ -9,19 +9,15 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-from test_train_correctness import _batch, _trainer  # noqa: E402
 
-
-def _cuda_trainer(tmp_path, *flags):
-    return _trainer(tmp_path, "--device", "cuda", *flags)
-
-
-def test_trainer_places_everything_on_the_gpu_and_computes_in_bf16(tmp_path):
-    trainer = _cuda_trainer(tmp_path, "--method", "ebpo", "--dtype", "auto", "--lr", "1e-6", "--lr-warmup-steps", "0")
+def test_trainer_places_everything_on_the_gpu_and_computes_in_bf16(make_trainer, synthetic_batch):
+    trainer = make_trainer(
+        "--device", "cuda", "--method", "ebpo", "--dtype", "auto", "--lr", "1e-6", "--lr-warmup-steps", "0"
+    )
     assert trainer.device.type == "cuda" and trainer.dist.device.type == "cuda"
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in trainer.params)  # fp32 masters
     assert trainer.ref_model is not None and next(trainer.ref_model.parameters()).dtype == torch.bfloat16
-    rollout, advantages = _batch(trainer)
+    rollout, advantages = synthetic_batch(trainer)
     assert rollout.input_ids.device.type == "cuda"
     seen: list[torch.dtype] = []
     hook = trainer.model.lm_head.register_forward_hook(

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("peft")
 
-from test_train_cli import TINY, _cache, _timeless, _weights  # noqa: E402,F401  (the fixture keeps ~/.cache clean)
+from runs import TINY  # noqa: E402
+from runs import timeless as _timeless  # noqa: E402
 
 from ebpo.cli import main  # noqa: E402
 from ebpo.train.tracking import read_metrics  # noqa: E402
