@@ -17,26 +17,45 @@ The result is cached under ``$EBPO_CACHE_DIR/warmstart/<hash>`` (default
 transformers versions included (their kernels and initialisation change the
 trained weights), and written atomically (temporary directory, then
 rename), so runs with other RL seeds or methods reuse it.
+
+The warm start of ``ebpo train``'s default run ships with the package
+(``warmstart_data/``: ``model.safetensors`` and ``warmstart.json``, made by
+``python -m ebpo.train.warmstart --ship`` under the versions of
+``requirements/lock.txt``), because it is most of a first run's time. On a
+cache miss whose key is exactly the shipped one (the same settings, training
+problems, torch and transformers versions and ``_VERSION``; nothing else is
+compared), :func:`cached_warmstart` loads those weights instead of training
+and writes them to the cache like a trained warm start; any other key trains
+as before. Copying into the cache rather than loading from the package keeps
+the run's starting path (recorded in checkpoints, LoRA adapters' base, the
+difficulty curriculum's cache key) the same cache directory whether the
+weights were shipped or trained, and independent of where, or whether, the
+package is installed later. The weights are loaded with safetensors (no
+pickle), after checking their sha256 against ``warmstart.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_model, save_model
 from transformers import PreTrainedModel
 
-from ebpo.models.loading import TinyLlamaSpec
+from ebpo.models.loading import BUILTIN_PREFIX, TinyLlamaSpec, builtin_spec, load_policy
 from ebpo.tasks.base import Problem
 
 __all__ = [
@@ -47,11 +66,23 @@ __all__ = [
     "train_supervised",
     "cached_warmstart",
     "library_versions",
+    "warmstart_settings",
+    "shipped_warmstart",
+    "default_warmstart",
+    "ship",
+    "SHIPPED_DIR",
+    "SHIP_COMMAND",
 ]
 
 # Bump when the warm-start procedure changes, to invalidate old caches.
 # 2: problems longer than the model's positions are left out; torch/transformers versions in the key.
 _VERSION = 2
+
+# The shipped warm start of the default run (package data, see the module docstring).
+SHIPPED_DIR = Path(__file__).with_name("warmstart_data")
+SHIP_COMMAND = "python -m ebpo.train.warmstart --ship"
+_SHIPPED_WEIGHTS = "model.safetensors"
+_SHIPPED_RECORD = "warmstart.json"
 
 
 def library_versions() -> dict[str, str]:
@@ -163,6 +194,108 @@ def train_data_id(task: str, problems: Sequence[Problem]) -> dict[str, Any]:
     return {"task": task, "train_problems": len(problems), "train_sha256": digest.hexdigest()}
 
 
+def warmstart_settings(
+    tokenizer: Any,
+    *,
+    spec: TinyLlamaSpec,
+    task_id: dict[str, Any],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Everything the warm-started weights depend on; :func:`warmstart_key` hashes it (with ``_VERSION``)."""
+    return {
+        "spec": asdict(spec),
+        "alphabet": getattr(tokenizer, "alphabet", None),
+        "task": task_id,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "versions": library_versions(),
+    }
+
+
+def shipped_warmstart(key: str, *, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped weights file and its record when the shipped key is exactly ``key``; else None.
+
+    The key is the only thing trusted: it hashes the settings, the training
+    problems and the library versions. A shipped file that does not match its
+    record's sha256 (a damaged install) is not used; a log line says so.
+    """
+    record_path = SHIPPED_DIR / _SHIPPED_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as exc:
+        log(f"warning: the shipped warm start's record {record_path} is unreadable ({exc}); training the warm start")
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    weights = SHIPPED_DIR / _SHIPPED_WEIGHTS
+    try:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    except OSError as exc:
+        log(f"warning: the shipped warm start {weights} is unreadable ({exc}); training the warm start")
+        return None
+    if digest != record.get("sha256"):
+        log(
+            f"warning: the shipped warm start {weights} does not match its sha256 in {record_path}; training the warm start"
+        )
+        return None
+    return weights, record
+
+
+def _train_warmstart(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    destination: str,
+    log: Callable[[str], None],
+) -> list[float]:
+    """Train ``model`` in place on the problems that fit it, outside the caller's RNG stream; returns the losses."""
+    fitting = fitting_problems(problems, tokenizer, model.config.max_position_embeddings)
+    if len(fitting) < len(problems):
+        log(
+            f"warm start: {len(problems) - len(fitting)} of {len(problems)} training problems are longer than the model's {model.config.max_position_embeddings} positions; left out"
+        )
+    log(f"warm start: {steps} supervised steps on {len(fitting)} problems ({destination})")
+    with torch.random.fork_rng(devices=[]):  # the warm start must not move the run's RNG stream
+        torch.manual_seed(seed)
+        return train_supervised(
+            model,
+            tokenizer,
+            fitting,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            log=log,
+            log_every=max(1, steps // 6),
+        )
+
+
+def _write_cache(model: PreTrainedModel, tokenizer: Any, record: dict[str, Any], path: str) -> None:
+    """Save the warm-started model and its record under ``path`` atomically (temporary directory, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warmstart.json"), "w") as handle:
+        json.dump(record, handle, indent=1, default=str)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process cached the same settings first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cached_warmstart(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -176,49 +309,157 @@ def cached_warmstart(
     seed: int,
     log: Any = print,
 ) -> tuple[PreTrainedModel, str]:
-    """Load the cached warm start for these settings, or train it and cache it. Returns (model, cache path)."""
-    settings = {
-        "spec": asdict(spec),
-        "alphabet": getattr(tokenizer, "alphabet", None),
-        "task": task_id,
-        "steps": steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-        "versions": library_versions(),
-    }
-    path = os.path.join(cache_dir(), "warmstart", warmstart_key(settings))
+    """Load the cached warm start for these settings, else the shipped one when its key matches, else train it;
+    cache it. Returns (model, cache path)."""
+    settings = warmstart_settings(
+        tokenizer, spec=spec, task_id=task_id, steps=steps, lr=lr, batch_size=batch_size, seed=seed
+    )
+    key = warmstart_key(settings)
+    path = os.path.join(cache_dir(), "warmstart", key)
     if os.path.isfile(os.path.join(path, "warmstart.json")):
         log(f"warm start: reusing {path}")
-        loaded = type(model).from_pretrained(path).to(next(model.parameters()).device)
+        loaded = type(model).from_pretrained(path, use_safetensors=True).to(next(model.parameters()).device)
         return loaded, path
-    fitting = fitting_problems(problems, tokenizer, model.config.max_position_embeddings)
-    if len(fitting) < len(problems):
-        log(
-            f"warm start: {len(problems) - len(fitting)} of {len(problems)} training problems are longer than the model's {model.config.max_position_embeddings} positions; left out"
-        )
-    log(f"warm start: {steps} supervised steps on {len(fitting)} problems (cached afterwards in {path})")
-    with torch.random.fork_rng(devices=[]):  # the warm start must not move the run's RNG stream
-        torch.manual_seed(seed)
-        losses = train_supervised(
-            model,
-            tokenizer,
-            fitting,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            log=log,
-            log_every=max(1, steps // 6),
-        )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "warmstart.json"), "w") as handle:
-        json.dump({**settings, "final_loss": losses[-1] if losses else None}, handle, indent=1, default=str)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process cached the same settings first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    shipped = shipped_warmstart(key, log=log)
+    if shipped is not None:
+        weights, record = shipped
+        # strict: every parameter comes from the file (the tied output embedding is stored once)
+        load_model(model, weights, strict=True, device=str(next(model.parameters()).device))
+        versions = ", ".join(f"{name} {version}" for name, version in settings["versions"].items())
+        log(f"warm start: using the warm start shipped with ebpo (key {key}, {versions}; cached in {path})")
+        _write_cache(model, tokenizer, {**settings, "final_loss": record.get("final_loss"), "shipped": True}, path)
+        return model, path
+    losses = _train_warmstart(
+        model,
+        tokenizer,
+        problems,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        destination=f"cached afterwards in {path}",
+        log=log,
+    )
+    _write_cache(model, tokenizer, {**settings, "final_loss": losses[-1] if losses else None}, path)
     return model, path
+
+
+def default_warmstart() -> tuple[PreTrainedModel, Any, list[Problem], dict[str, Any]]:
+    """What ``ebpo train`` with no flags warm-starts: ``(fresh model, tokenizer, training problems, keywords)``,
+    the keywords being those ``Trainer._initial_policy`` passes to :func:`cached_warmstart`.
+
+    The default config is resolved by ``ebpo train``'s own code (defaults < the task's recommendations < the
+    method preset); tests/test_warmstart_shipped.py checks that the trainer passes the same keywords.
+    """
+    from ebpo.train.cli import build_parser, resolve_config
+    from ebpo.train.trainer import build_components
+
+    config = resolve_config(build_parser().parse_args([]))
+    components = build_components(config)
+    if not config.model.startswith(BUILTIN_PREFIX) or config.warmstart_steps == 0:
+        raise ValueError(f"ebpo train's default run has no warm start to ship (model {config.model!r})")
+    spec = builtin_spec(config.model)
+    model, tokenizer = load_policy(
+        config.model, device=torch.device("cpu"), dtype="float32", spec=spec, seed=config.warmstart_seed
+    )
+    problems = components.task.train_problems()
+    keywords = {
+        "spec": spec,
+        "task_id": train_data_id(config.task, problems),
+        "steps": config.warmstart_steps,
+        "lr": config.warmstart_lr,
+        "batch_size": config.warmstart_batch_size,
+        "seed": config.warmstart_seed,
+    }
+    return model, tokenizer, problems, keywords
+
+
+def _lock_mismatch() -> str | None:
+    """How torch/transformers differ from the repository's ``requirements/lock.txt``; None when they agree or
+    there is no lock (an installed package)."""
+    lock = Path(__file__).resolve().parents[3] / "requirements" / "lock.txt"
+    if not lock.is_file():
+        return None
+    lines = [line.split("#")[0].strip() for line in lock.read_text().splitlines()]
+    pins = dict(line.lower().split("==", 1) for line in lines if "==" in line)
+    differ = [
+        f"{name} {version} (lock: {pins.get(name)})"
+        for name, version in library_versions().items()
+        if pins.get(name) != version.split("+")[0]  # the lock records torch without its local label (+cpu)
+    ]
+    return ", ".join(differ) or None
+
+
+def ship(directory: Path | None = None, *, log: Callable[[str], None] = print) -> str:
+    """Train the default run's warm start and write it as the shipped one (``directory``, default
+    :data:`SHIPPED_DIR`), replacing the folder whole; returns its key. Never reads a cache or the shipped data."""
+    directory = Path(directory or SHIPPED_DIR)
+    model, tokenizer, problems, keywords = default_warmstart()
+    settings = warmstart_settings(tokenizer, **keywords)
+    key = warmstart_key(settings)
+    losses = _train_warmstart(
+        model,
+        tokenizer,
+        problems,
+        steps=keywords["steps"],
+        lr=keywords["lr"],
+        batch_size=keywords["batch_size"],
+        seed=keywords["seed"],
+        destination=f"to ship in {directory}",
+        log=log,
+    )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; package data is read by everyone
+    save_model(model, str(tmp / _SHIPPED_WEIGHTS))
+    (tmp / _SHIPPED_WEIGHTS).chmod(0o644)  # safetensors writes it private too
+    record = {
+        "key": key,
+        "sha256": hashlib.sha256((tmp / _SHIPPED_WEIGHTS).read_bytes()).hexdigest(),
+        "made_with": SHIP_COMMAND,
+        "threads": torch.get_num_threads(),
+        "final_loss": losses[-1] if losses else None,
+        "settings": settings,
+    }
+    (tmp / _SHIPPED_RECORD).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    # Swap the folders: a reader sees the old pair, no folder (it then trains), or the new pair, never a mix.
+    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return key
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ebpo.train.warmstart",
+        description="Regenerate the warm start shipped with ebpo (the default `ebpo train` run's); prints its key.",
+    )
+    parser.add_argument("--ship", action="store_true", required=True, help="train the default warm start and ship it")
+    parser.add_argument("--out", type=Path, default=None, help=f"folder to write (default: {SHIPPED_DIR})")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads for torch (default: 1, as the README's runs)"
+    )
+    parser.add_argument(
+        "--ignore-lock",
+        action="store_true",
+        help="ship even when torch/transformers differ from requirements/lock.txt (users of the lock would miss it)",
+    )
+    args = parser.parse_args(argv)
+    mismatch = _lock_mismatch()
+    if mismatch and not args.ignore_lock:
+        print(
+            f"{parser.prog}: error: ship under the lock's versions; this environment has {mismatch} "
+            "(install requirements/lock.txt, or pass --ignore-lock)",
+            file=sys.stderr,
+        )
+        return 2
+    torch.set_num_threads(args.threads)
+    key = ship(args.out)
+    print(f"shipped warm start {key} in {args.out or SHIPPED_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
