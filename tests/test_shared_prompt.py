@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close_norm, assert_close_scale
+from tolerances import GRADIENT_ULPS, LOGPROB_ULPS, UPDATE_ULPS, assert_close_norm, assert_close_scale
 
 from ebpo.sampling import Rollout, generate
 from ebpo.tasks.arithmetic import ArithmeticTask
 from ebpo.train.rollout import distinct_prompts, length_chunks, rows_logprobs
-
-# Budgets in float32 rounding steps of the tensor's scale (see tolerances.py); a detached prompt cache or a
-# wrong slice is off by orders of magnitude more.
-LOGPROB_ULPS = 64
-GRADIENT_ULPS = 64
-UPDATE_ULPS = 1e4
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close_scale
+from tolerances import LOGPROB_ULPS, assert_close_scale
 
 from ebpo.sampling import generate
 from ebpo.tasks.arithmetic import ArithmeticTask
 from ebpo.train.rollout import _keeps_logits, rows_logprobs, sequence_logprobs
-
-LOGPROB_ULPS = 64  # float32 rounding steps of the log-probs' scale (tolerances.py)
 
 
 @pytest.fixture(scope="module")

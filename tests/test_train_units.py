@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from tolerances import LOGPROB_ULPS, assert_close_scale
 
 from ebpo.models import load_policy
 from ebpo.sampling import Rollout, completion_mask, generate
@@ -158,7 +159,7 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny):
             logits = model(input_ids=full).logits[0, len(prompt) - 1 : -1]
         expected = torch.log_softmax(logits, -1).gather(1, completion.unsqueeze(1)).squeeze(1)
         got = logprobs[row, : len(completion)]
-        assert torch.allclose(got, expected, atol=1e-5), row
+        assert_close_scale(got, expected, ulps=LOGPROB_ULPS, what=f"row {row}")
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
@@ -220,7 +221,7 @@ def test_length_chunks_cut_padding_without_changing_logprobs(tiny):
     for chunk in chunks:
         cut = rows_logprobs(model, rollout, chunk)
         assert cut.shape == (len(chunk), mask.shape[1])
-        assert torch.allclose(cut[mask[chunk]], full[chunk][mask[chunk]], atol=1e-5)
+        assert_close_scale(cut[mask[chunk]], full[chunk][mask[chunk]], ulps=LOGPROB_ULPS, what="chunk")
         assert torch.all(cut[~mask[chunk]] == 0)
 
 
@@ -258,8 +259,8 @@ def test_rollout_concat_keeps_rows_aligned(tiny):
     lp_a = sequence_logprobs(model, a.input_ids, a.attention_mask, a.prompt_length)
     lp_b = sequence_logprobs(model, b.input_ids, b.attention_mask, b.prompt_length)
     width_a = a.completion_mask.shape[1]
-    assert torch.allclose(lp_both[:4, :width_a] * a.completion_mask, lp_a * a.completion_mask, atol=1e-5)
-    assert torch.allclose(lp_both[4:] * b.completion_mask, lp_b * b.completion_mask, atol=1e-5)
+    assert_close_scale(lp_both[:4, :width_a] * a.completion_mask, lp_a * a.completion_mask, ulps=LOGPROB_ULPS)
+    assert_close_scale(lp_both[4:] * b.completion_mask, lp_b * b.completion_mask, ulps=LOGPROB_ULPS)
     assert both.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and both.texts == a.texts + b.texts
 
 
