@@ -1,4 +1,4 @@
-"""Time every advantage estimator on contiguous and on shuffled group ids (issue 14).
+"""Time every advantage estimator on contiguous and on shuffled group ids.
 
     python benchmarks/advantages.py                            # N = 2k, 64k, 1M; G = 4; 1 thread
     python benchmarks/advantages.py --sizes 2048 --repeats 5 --json out.json

@@ -12,7 +12,7 @@ settings reuses it), then samples from it and prints:
 * the share of all-fail groups among training prompts at G = 4 (and 8);
 * held-out accuracy per topic, and the spread between easiest and hardest.
 
-Each property is checked against the target of issue 15 (docs/testbed.md)
+Each property is checked against the testbed's targets (docs/testbed.md)
 and the table says which pass. Writes everything to ``--out`` as JSON.
 """
 

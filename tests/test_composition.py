@@ -1,4 +1,4 @@
-"""Issue 12 §2 and issue 11 item 5: estimators composed with shaping, weighting and failures.
+"""Estimators composed with reward shaping, a weighting, and failures (a rejected batch leaves no trace).
 
 * HA-DW reads correctness, not the shaped reward (DAPO overlong shaping makes wrong answers negative).
 * All-equal groups of non-binary rewards are all-equal (metrics and exact zero advantages).

@@ -167,7 +167,7 @@ def test_float32_output_dtype_and_non_negativity():
     assert out.dtype == torch.float32 and bool((out >= 0).all())
 
 
-# ---------------------------------------------------------------- issue 12 §2: values and exact non-negativity
+# ---------------------------------------------------------------- values and exact non-negativity
 
 
 def test_k2_and_log_l2_values_against_closed_forms():

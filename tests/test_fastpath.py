@@ -1,4 +1,4 @@
-"""The contiguous-groups fast path of Grouping (issue 14) against the general path, for every estimator.
+"""The contiguous-groups fast path of Grouping against the general path, for every estimator.
 
 The same contiguous responses (group ids constant over consecutive blocks of
 G: the (M, G) view path) go through the fast path and, with block detection

@@ -1,4 +1,4 @@
-"""The CLIs never run code from a file they are handed and never lose a user's files (issue 11, item 4).
+"""The CLIs never run code from a file they are handed and never lose a user's files.
 
 * every loader of a ``.pt`` file refuses a pickle payload (and the payload is shown to be live);
 * ``--overwrite`` deletes only a directory that ``ebpo train`` created;

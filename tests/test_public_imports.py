@@ -1,6 +1,6 @@
 """Every import path users and the docs rely on resolves, and the commands sit above what they share.
 
-The layout (issue 14): the core at the top level; one package per command
+The layout: the core at the top level; one package per command
 (``train/``, ``evaluate/``, ``compare/``, ``meta/``, ``simulate/``). What two
 commands share lives below both, so that no command package imports another;
 ``compare`` and ``meta`` launch ``ebpo train`` runs and may use its pieces.

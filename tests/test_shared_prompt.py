@@ -1,4 +1,4 @@
-"""The update runs each group's prompt once (issue 14): same log-probs, entropies and gradients as the full forward.
+"""The update runs each group's prompt once: same log-probs, entropies and gradients as the full forward.
 
 Oracle: the plain full forward over every row (prompt and completion), sliced
 to the completion positions, and autograd through it.

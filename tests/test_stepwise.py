@@ -226,7 +226,7 @@ def test_docstring_examples():
 @pytest.mark.slow
 def test_grpo_learns_the_task_on_cpu(tmp_path):
     """GRPO at G = 8 with the task's recommended settings gains >= 15 points of held-out avg@4 in under 2 GB
-    (issue 15; the wall time, under 5 minutes on 2 cores, is measured in docs/testbed.md, not asserted here)."""
+    (the wall time, under 5 minutes on 2 cores, is measured in docs/testbed.md, not asserted here)."""
     out = tmp_path / "run"
     command = [
         sys.executable,

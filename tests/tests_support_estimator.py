@@ -22,7 +22,7 @@ class ConstantBaseline:
 
 
 class NonNegativeOnly:
-    """A user weighting that, like HA-DW before issue 12, reads the (possibly shaped) reward and rejects < 0."""
+    """A user weighting that, like an early HA-DW, reads the (possibly shaped) reward and rejects < 0."""
 
     def __call__(self, advantages, batch: GroupedBatch, *, training: bool):
         if bool((batch.rewards < 0).any()):

@@ -242,7 +242,7 @@ class NeuralMirror:
             bregman = _antiderivative(k, xk) - _antiderivative(k, x0k) - _act(k, x0k) * (xk - x0k)
             if self.project_nonneg:
                 # F is convex (act non-decreasing), so its Bregman divergence is >= 0; next to the
-                # diagonal the three terms cancel and rounding leaves values down to -1e-13 (issue 12 §2).
+                # diagonal the three terms cancel and rounding leaves values down to -1e-13.
                 # The true value there is below that rounding level, so 0 is the nearest representable answer.
                 bregman = bregman.clamp_min(0.0)
             taylor = 0.5 * w[sl] * _act_slope(k, x0k) * (y - y0) ** 2

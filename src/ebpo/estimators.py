@@ -408,7 +408,8 @@ class AdvantagePipeline:
         Transactional: a batch that is rejected anywhere (validation, the
         estimator, the weighting, non-finite or unrepresentable advantages)
         raises and leaves the estimator's and the weighting's state exactly as
-        before the call (issue 11 item 5).
+        before the call, so a caller that catches the error and skips the batch
+        continues from uncorrupted statistics.
         """
         batch = GroupedBatch.from_inputs(rewards, group_ids, topic_ids=topic_ids, correctness=correctness)
         batch.require_min_group_size(self.min_group_size, self.name)

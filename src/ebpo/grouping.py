@@ -4,7 +4,7 @@ Groups are identified by arbitrary integer ids, in any order, with any sizes.
 :class:`Grouping` maps them to ``0..M-1`` and owns every segment reduction
 (sum, min, max per group) and the broadcast of per-group values back to the
 responses; estimators only ever call those, so there is no Python loop over
-samples or groups and one code path for every layout (issue 14).
+samples or groups and one code path for every layout.
 
 Two layouts behind that one interface:
 
@@ -36,7 +36,8 @@ __all__ = ["Grouping", "GroupedBatch", "as_reward_tensor", "stable_topic_ids", "
 
 # Rewards of one group that differ by at most this many float64 units in the
 # last place, measured at the batch's reward scale (max |r|), are equal:
-# 0.1 + 0.2 and 0.3 are the same reward (issue 12 §2). Float64, not the
+# 0.1 + 0.2 and 0.3 are the same reward (a group of 0.3s computed two ways
+# would otherwise have a spurious spread and a non-zero advantage). Float64, not the
 # caller's dtype: distinct half-precision rewards stay distinct (statistics
 # are computed in float64, where only float64 rounding needs forgiving).
 EQUAL_ULPS = 4.0

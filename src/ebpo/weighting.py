@@ -130,7 +130,7 @@ class HADW:
                     else "correctness is the verifier's score before shaping"
                 )
             )
-        accuracy = float(correct.mean())  # y_t, over correctness (issue 12 §2: not the shaped reward)
+        accuracy = float(correct.mean())  # y_t, over correctness, not the shaped reward (shaping may go below 0)
         anchor, updated, history, metrics = self._next_anchor(accuracy)
         if training:
             self.anchor, self.history = updated, history
