@@ -18,11 +18,25 @@ Two rules, each enforced here and nowhere else:
   the home directory or the working directory (or a directory above them).
 
 It also knows where a run keeps its checkpoints (:func:`latest_checkpoint`),
-which ``ebpo train --resume`` and ``ebpo eval --model RUN_DIR`` both read.
+which ``ebpo train --resume`` and ``ebpo eval --model RUN_DIR`` both read, and
+holds the pieces that let a run survive what real runs meet:
+
+* :class:`RunLock`, an OS lock (``fcntl.flock``) on :data:`LOCK_FILE` in a run
+  directory, held for the life of the command that writes it, so a second
+  process on a live run is refused (naming the holder's PID). The kernel drops
+  the lock when its process dies, however it dies, so a stale lock file is
+  simply taken over.
+* :func:`fsync_tree` / :func:`fsync_dir`: what is renamed into place is on disk
+  first, so a power cut cannot leave a renamed but empty checkpoint.
+* :func:`append_line`: a metrics row is one ``write`` of a whole line; a write
+  that fails part-way (a full disk) is cut back, so no torn row is left.
+* :func:`write_failure`: the one-line message for a failed write, naming the
+  path and the free space on its filesystem.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -43,6 +57,15 @@ __all__ = [
     "marker_kind",
     "step_dirs",
     "latest_checkpoint",
+    "LOCK_FILE",
+    "RunLock",
+    "RunInUse",
+    "fsync_dir",
+    "fsync_tree",
+    "append_line",
+    "free_space",
+    "write_failure",
+    "short",
 ]
 
 MARKER = ".ebpo-run"
@@ -195,3 +218,190 @@ def latest_checkpoint(run_dir: str) -> str | None:
     """The newest complete checkpoint of ``run_dir`` (temporary directories are ignored)."""
     dirs = step_dirs(os.path.join(run_dir, "checkpoints"))
     return os.path.join(run_dir, "checkpoints", dirs[-1]) if dirs else None
+
+
+# ---------------------------------------------------------------------------- messages
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, without ever building the whole repr.
+
+    Error messages show the value a user gave; a value from a YAML alias bomb (a few lines that expand to
+    billions of elements) or a 50 MB dataset row must not be printed, or even formatted, in full.
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxdict, shortener.maxlist, shortener.maxtuple = 2, 4, 4, 4
+    shortener.maxset = shortener.maxfrozenset = shortener.maxdeque = shortener.maxarray = 4
+    shortener.maxstring, shortener.maxlong, shortener.maxother = limit, 40, limit
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - the loop returns
+
+
+def free_space(path: str | os.PathLike[str]) -> str:
+    """Free space on the filesystem of ``path`` (or its nearest existing parent), e.g. ``"12.0 MiB"``."""
+    try:
+        return _human(shutil.disk_usage(_nearest_existing(Path(path))).free)
+    except OSError:
+        return "unknown"
+
+
+def write_failure(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """``cannot write PATH: REASON (N MiB free on its filesystem)``: one line, whatever raised."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:  # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc:...] unexpected pos"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return f"cannot write {path}: {reason} ({free_space(path)} free on its filesystem)"
+
+
+# ---------------------------------------------------------------------------- durable writes
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush directory ``path``'s entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems cannot fsync a directory; their renames are what they are
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike[str]) -> None:
+    """Flush every file under ``path``, then every directory (children first), to disk."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Append ``line`` (which ends in a newline) to ``path`` with one ``write``, flushed; all or nothing.
+
+    A write that fails or writes only part of the line (a full disk) is cut back to the file's previous
+    length before the error is raised, so a reader never meets a torn line.
+    """
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, start)  # needs no space: the file only shrinks
+            raise
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- the run lock
+LOCK_FILE = ".ebpo-lock"
+"""File in a run directory that :class:`RunLock` locks; it holds the PID and command of the holder."""
+
+
+class RunInUse(ValueError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``DIR/.ebpo-lock``, held until :meth:`release` (or the process's end).
+
+    ``flock`` belongs to the open file, so the kernel releases it when the holder exits, is killed (even by
+    SIGKILL) or crashes: a lock file left by a dead process is taken over without asking. The file holds
+    the holder's PID and command only for the message a refused process prints. The file is removed on
+    release; a taker checks, after locking, that the file it locked is still the one at the path, so a
+    process that opened the file just before it was removed cannot hold a lock nobody else sees.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], command: str) -> None:
+        self.directory, self.command = Path(directory), command
+        self.path = self.directory / LOCK_FILE
+        self._fd: int | None = None
+
+    @staticmethod
+    def holder(directory: str | os.PathLike[str]) -> str | None:
+        """The PID line of a live holder of ``directory``'s lock, or None when it is free (writes nothing)."""
+        import fcntl
+
+        path = Path(directory) / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder_text(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise :class:`RunInUse` naming the holder's PID; returns ``self``."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = _holder_text(fd)
+                os.close(fd)
+                raise RunInUse(
+                    f"{self.directory} is in use by {text}; wait for it to finish or stop it "
+                    "(SIGTERM saves a checkpoint), then try again"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": self.command}).encode() + b"\n")
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass  # the directory is gone (--overwrite removed it) or read-only: the lock dies with the fd
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        pid, command = int(info["pid"]), str(info.get("command", "ebpo"))[:40]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "another process (its PID is not recorded yet)"
+    return f"{command} (PID {pid})"

@@ -37,6 +37,7 @@ __all__ = [
     "load_tokenizer",
     "select_device",
     "check_model_source",
+    "check_model_dir",
     "resolve_dtype",
 ]
 
@@ -151,11 +152,47 @@ def check_model_source(name: str) -> None:
         raise ValueError(f"model {name!r} is neither an existing directory nor a hub id like 'owner/name'")
 
 
+def check_model_dir(model_dir: str, *, what: str = "model directory") -> None:
+    """ValueError naming the file when ``model_dir`` lacks its config or weights or holds a corrupt one.
+
+    Reads the config(s) as JSON (UTF-8) and the header of every ``*.safetensors`` file, which covers
+    truncation (safetensors checks the data length against the header). A model saved as ``.bin`` only is
+    not checked here (transformers loads it, or says why). Writes nothing.
+    """
+    configs = [n for n in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(model_dir, n))]
+    names = sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else []
+    weights = [n for n in names if n.endswith(".safetensors")]
+    if not configs or not (weights or any(n.endswith(".bin") for n in names)):
+        raise ValueError(f"{what} has no model (config and *.safetensors weights in {model_dir}); it is incomplete")
+    for name in configs:
+        try:
+            with open(os.path.join(model_dir, name), encoding="utf-8") as handle:
+                if not isinstance(json.load(handle), dict):
+                    raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise ValueError(
+                f"model config {os.path.join(model_dir, name)} is corrupt or truncated ({reason})"
+            ) from None
+    from safetensors import safe_open
+
+    for name in weights:
+        try:
+            with safe_open(os.path.join(model_dir, name), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every malformed file
+            reason = " ".join(str(exc).split())[:160]
+            raise ValueError(
+                f"model weights {os.path.join(model_dir, name)} are corrupt or truncated ({reason})"
+            ) from None
+
+
 def load_tokenizer(name: str) -> Any:
     """The tokenizer for ``name`` (CharTokenizer for the built-in model and its checkpoints), padding on the left."""
     expanded = os.path.expanduser(name)
     if name.startswith(BUILTIN_PREFIX):
-        tokenizer: Any = CharTokenizer()
+        builtin_spec(name)  # a known size
+        tokenizer: Any = CharTokenizer(**BUILTIN_TOKENIZERS.get(name[len(BUILTIN_PREFIX) :], {}))
     elif os.path.isdir(expanded) and _is_char_tokenizer_dir(expanded):
         tokenizer = CharTokenizer.from_pretrained(expanded)
     else:

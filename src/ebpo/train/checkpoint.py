@@ -16,27 +16,55 @@ numpy arrays inside, and is refused with an error that says so.
 :func:`check_checkpoint` reads everything a resume needs, so that a missing,
 corrupt or truncated checkpoint is reported before anything is written.
 
-Everything goes into ``.step-000050.tmp`` first and is renamed into place
-only when complete, so a run killed mid-write leaves the previous checkpoint
-intact and never a half-written one. Older checkpoints beyond ``keep`` are
-deleted afterwards.
+Saving is atomic at every instant. Everything goes into ``.step-000050.tmp``
+first; every file and folder in it is flushed to disk (``fsync``) and only then
+is it renamed into place. A re-save of the same step (a resumed run that was
+already finished saves its last step again) renames the old copy to
+``.step-000050.old`` first, renames the new one into place and deletes the old
+copy last, so at every instant one complete copy exists under one of these
+names. Older checkpoints beyond ``keep`` are deleted only after the new one is
+in place. A save that fails (a full disk) removes its temporary folder and
+raises :class:`CheckpointWriteError`, whose one-line message names the path,
+the free space and the last complete checkpoint.
+
+:func:`resumable_checkpoint` (reads only) finds the newest *complete*
+checkpoint, trying the step folders newest first and, for a step whose folder
+is missing or broken, the ``.old`` copy of an interrupted re-save and a
+complete ``.tmp`` of a save killed just before its rename; it returns what it
+skipped and why. :func:`settle_checkpoints` (under the run lock) puts that
+checkpoint in place as ``step-N``, moves newer broken ones aside to
+``step-N.corrupt`` (out of pruning's way, kept for the user) and removes the
+temporaries an interrupted save left. It removes only names this module
+creates (``.step-NNNNNN.tmp`` and ``.step-NNNNNN.old``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from ebpo.fileio import latest_checkpoint, load_tensors, step_dirs
+from ebpo.fileio import fsync_dir, fsync_tree, load_tensors, step_dirs, write_failure
 from ebpo.train.distributed import Dist
 
-__all__ = ["FORMAT", "rng_state", "set_rng_state", "save_checkpoint", "load_trainer_state", "check_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "CheckpointWriteError",
+    "rng_state",
+    "set_rng_state",
+    "save_checkpoint",
+    "load_trainer_state",
+    "check_checkpoint",
+    "check_checkpoint_dir",
+    "resumable_checkpoint",
+    "settle_checkpoints",
+]
 
 FORMAT = 2
 """Checkpoint format: 2 = tensors and plain values only (loadable with weights_only=True)."""
@@ -75,29 +103,102 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); the message is one line."""
+
+
+# Names this module creates in ``checkpoints/`` (and so the only ones it ever removes).
+_TMP = re.compile(r"^\.step-(\d+)\.tmp$")
+_OLD = re.compile(r"^\.step-(\d+)\.old$")
+_FINAL = re.compile(r"^step-(\d+)$")
+# Errors a failed write raises: OSError (ENOSPC, EDQUOT, EIO), torch's zip writer (RuntimeError
+# "unexpected pos" on a full disk) and safetensors' own error type, matched by name (no import needed).
+_WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    return isinstance(exc, _WRITE_ERRORS) or type(exc).__name__ == "SafetensorError"
+
+
+def _name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
 def save_checkpoint(
     run_dir: str, step: int, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any], dist: Dist, keep: int
 ) -> str:
-    """Write checkpoint ``step`` atomically (every rank calls this); returns its path."""
+    """Write checkpoint ``step`` atomically (every rank calls this); returns its path.
+
+    Raises :class:`CheckpointWriteError` on every rank when any rank's write fails; the temporary folder
+    is removed and the checkpoints already on disk are untouched.
+    """
     root = os.path.join(run_dir, "checkpoints")
-    name = f"step-{step:06d}"
+    name = _name(step)
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    error: BaseException | None = None
     if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # an earlier attempt at this step, killed part-way
+            os.makedirs(tmp)
+        except OSError as exc:
+            error = exc
     dist.barrier()
-    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{dist.rank}.pt"))
-    dist.barrier()
+    where = os.path.join(tmp, f"rng-rank{dist.rank}.pt")
+    if error is None and os.path.isdir(tmp):
+        try:
+            torch.save(rng_state(), where)
+        except BaseException as exc:
+            if not _is_write_error(exc):
+                raise
+            error = exc
+    _raise_if_any_failed(error, where, root, tmp, dist)
     if dist.is_main:
-        model.save_pretrained(os.path.join(tmp, "model"))
-        tokenizer.save_pretrained(os.path.join(tmp, "model"))
-        torch.save({**trainer_state, "world": dist.world, "format": FORMAT}, os.path.join(tmp, "trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step (e.g. the final one)
-        os.rename(tmp, final)
-        for old in step_dirs(root)[:-keep]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
+        try:
+            where = os.path.join(tmp, "model")
+            model.save_pretrained(where)
+            tokenizer.save_pretrained(where)
+            where = os.path.join(tmp, "trainer_state.pt")
+            torch.save({**trainer_state, "world": dist.world, "format": FORMAT}, where)
+            where = tmp
+            fsync_tree(tmp)  # on disk before it is renamed into place
+            _move_into_place(tmp, final, root)
+            for old in step_dirs(root)[:-keep]:  # only once the new checkpoint is in place
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        except BaseException as exc:
+            if not _is_write_error(exc):
+                raise
+            error = exc
+    _raise_if_any_failed(error, where, root, tmp, dist)
     return final
+
+
+def _move_into_place(tmp: str, final: str, root: str) -> None:
+    """Rename the complete ``tmp`` to ``final``; an existing ``final`` is set aside first and deleted last."""
+    if not os.path.exists(final):
+        os.rename(tmp, final)
+        fsync_dir(root)
+        return
+    old = os.path.join(root, f".{os.path.basename(final)}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by an earlier re-save that finished its swap
+    os.rename(final, old)  # from here until the next rename, .old and .tmp are both complete copies
+    os.rename(tmp, final)
+    fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)  # what is left of it, settle_checkpoints removes at the next resume
+
+
+def _raise_if_any_failed(error: BaseException | None, where: str, root: str, tmp: str, dist: Dist) -> None:
+    """Agree across ranks whether a write failed; if one did, remove ``tmp`` and raise on every rank."""
+    failed = dist.max(0.0 if error is None else 1.0) > 0
+    if not failed:
+        return
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves no temporary folder taking space
+    dist.barrier()
+    done = step_dirs(root)
+    last = os.path.join(root, done[-1]) if done else "none (the run has not saved one yet)"
+    what = write_failure(where, error) if error is not None else "another process of the run failed to write it"
+    raise CheckpointWriteError(f"checkpoint not saved: {what}; the last complete checkpoint is {last}")
 
 
 def _load(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -123,52 +224,104 @@ def load_trainer_state(path: str, dist: Dist) -> tuple[dict[str, Any], dict[str,
     return state, rng
 
 
-def check_checkpoint(run_dir: str, world: int) -> str:
-    """The latest checkpoint of ``run_dir``, after reading everything a resume loads; ValueError if anything is wrong.
+def check_checkpoint_dir(path: str, world: int | None = None) -> dict[str, Any]:
+    """Read everything a resume loads from the checkpoint at ``path``; ValueError naming the first problem.
 
-    Reads the trainer state, every rank's RNG state, the model's ``config.json`` and the header of every
-    ``*.safetensors`` file (which covers truncation: safetensors checks the data length against the header).
-    Writes nothing.
+    Reads the trainer state, every rank's RNG state (``world`` ranks; None: as many as the state says),
+    the model's ``config.json`` and the header of every ``*.safetensors`` file (which covers truncation:
+    safetensors checks the data length against the header). Writes nothing. Returns the trainer state.
     """
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise ValueError(
-            f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')} (the run stopped before its first checkpoint; start it again)"
-        )
-    state = _load(os.path.join(path, "trainer_state.pt"), "checkpoint state", _TRAINER_KEYS)
-    if state.get("world", 1) != world:
-        raise ValueError(
-            f"checkpoint {path} was written by {state.get('world')} processes; resume it with the same number, not {world}"
-        )
-    for rank in range(world):
-        _load(os.path.join(path, f"rng-rank{rank}.pt"), "checkpoint RNG state", ("python", "numpy", "torch"))
-    model_dir = os.path.join(path, "model")
-    configs = [name for name in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(model_dir, name))]
-    weights = (
-        sorted(name for name in os.listdir(model_dir) if name.endswith(".safetensors"))
-        if os.path.isdir(model_dir)
-        else []
-    )
-    if not configs or not weights:
-        raise ValueError(
-            f"checkpoint {path} has no model (config and *.safetensors weights in {model_dir}); it is incomplete"
-        )
-    from safetensors import safe_open
+    from ebpo.models.loading import check_model_dir
 
-    for name in configs:
+    state = _load(os.path.join(path, "trainer_state.pt"), "checkpoint state", _TRAINER_KEYS)
+    written_by = state.get("world", 1)
+    if world is not None and written_by != world:
+        raise ValueError(
+            f"checkpoint {path} was written by {written_by} processes; resume it with the same number, not {world}"
+        )
+    for rank in range(written_by if world is None else world):
+        _load(os.path.join(path, f"rng-rank{rank}.pt"), "checkpoint RNG state", ("python", "numpy", "torch"))
+    check_model_dir(os.path.join(path, "model"), what=f"checkpoint {path}")
+    return state
+
+
+def _candidates(root: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every copy a resume may use, newest step first; for one step: the step folder,
+    then the ``.old`` copy of an interrupted re-save, then the ``.tmp`` of a save killed before its rename."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for entry in os.listdir(root):
+        for rank, pattern in enumerate((_FINAL, _OLD, _TMP)):
+            match = pattern.match(entry)
+            if match:
+                found.append((int(match.group(1)), rank, os.path.join(root, entry)))
+    return [(step, path) for step, _, path in sorted(found, key=lambda f: (-f[0], f[1]))]
+
+
+def resumable_checkpoint(run_dir: str, world: int) -> tuple[str, list[str]]:
+    """The newest complete checkpoint of ``run_dir`` and one note per newer copy it skipped; reads only.
+
+    ValueError when there is none: the one broken checkpoint's own message, or every skipped one's.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    skipped: list[str] = []
+    candidates = _candidates(root)
+    for _, path in candidates:
         try:
-            with open(os.path.join(model_dir, name)) as handle:
-                json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"checkpoint model config {os.path.join(model_dir, name)} is corrupt or truncated ({exc})"
-            ) from None
-    for name in weights:
-        try:
-            with safe_open(os.path.join(model_dir, name), framework="pt") as handle:
-                handle.keys()
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every malformed file
-            raise ValueError(
-                f"checkpoint weights {os.path.join(model_dir, name)} are corrupt or truncated ({exc})"
-            ) from None
-    return path
+            check_checkpoint_dir(path, world)
+        except ValueError as exc:
+            if "processes; resume it with the same number" in str(exc):
+                raise  # the checkpoint is fine; the launch is not
+            skipped.append(f"{os.path.basename(path)} ({exc})" if len(candidates) > 1 else str(exc))
+            continue
+        return path, skipped
+    if not candidates:
+        raise ValueError(
+            f"--resume {run_dir}: no checkpoint in {root} (the run stopped before its first checkpoint; start it again)"
+        )
+    if len(skipped) == 1:
+        raise ValueError(skipped[0])
+    raise ValueError(f"--resume {run_dir}: no complete checkpoint in {root}: " + "; ".join(skipped))
+
+
+def check_checkpoint(run_dir: str, world: int) -> str:
+    """The checkpoint a resume of ``run_dir`` would use (see :func:`resumable_checkpoint`); writes nothing."""
+    return resumable_checkpoint(run_dir, world)[0]
+
+
+def settle_checkpoints(run_dir: str, world: int, echo: Callable[[str], None] = print) -> str:
+    """Under the run lock: the newest complete checkpoint in place as ``checkpoints/step-N``; returns its path.
+
+    Newer step folders (broken, or they would have been chosen) are renamed to ``step-M.corrupt``
+    (``.corrupt-2``, ... when taken): kept for the user, out of pruning's way (pruning would otherwise keep
+    a broken newest checkpoint and delete the good one). A complete ``.old`` or ``.tmp`` copy is renamed
+    into place; every other ``.step-M.tmp`` / ``.step-M.old`` (what an interrupted save leaves) is removed.
+    One warning line per step folder set aside, naming why.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    path, skipped = resumable_checkpoint(run_dir, world)
+    reasons = {note.split(" ", 1)[0]: note.split(" ", 1)[1] if " " in note else "" for note in skipped}
+    chosen = os.path.basename(path)
+    step = int(re.search(r"(\d+)", chosen).group(1))  # type: ignore[union-attr]
+    final = os.path.join(root, _name(step))
+    for name in step_dirs(root):
+        if int(name.split("-")[1]) > step or (name == _name(step) and path != final):
+            aside, count = os.path.join(root, f"{name}.corrupt"), 1
+            while os.path.exists(aside):
+                count += 1
+                aside = os.path.join(root, f"{name}.corrupt-{count}")
+            os.rename(os.path.join(root, name), aside)
+            why = reasons.get(name, "(not complete)")[:300]
+            echo(
+                f"warning: skipped checkpoint {name} {why}; moved it aside to {os.path.basename(aside)}, "
+                f"resuming from {_name(step)}"
+            )
+    if path != final:
+        os.rename(path, final)
+        echo(f"warning: checkpoint {_name(step)} was found complete as {chosen} (an interrupted save); restored it")
+    for entry in os.listdir(root):
+        if _TMP.match(entry) or _OLD.match(entry):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    fsync_dir(root)
+    return final

@@ -265,6 +265,12 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
     if is_main:
         if not resume:
             make_output_dir(run_dir, _COMMAND)
+        else:
+            try:  # the newest complete checkpoint in place, broken newer ones set aside, orphaned temporaries gone
+                ckpt.settle_checkpoints(run_dir, int(os.environ.get("WORLD_SIZE", "1")))
+            except ValueError as exc:
+                print(f"ebpo train: error: {exc}", file=sys.stderr)
+                return 2
         config = dataclasses.replace(config, out=run_dir)
         from ebpo.train.warmstart import library_versions
 

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ebpo.fileio import latest_checkpoint
 from ebpo.models.loading import (
     BUILTIN_PREFIX,
     TinyLlamaSpec,
@@ -342,9 +341,8 @@ class Trainer:
         return 1.0
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise ValueError(f"--resume {self.run_dir}: no checkpoint in {os.path.join(self.run_dir, 'checkpoints')}")
+        self.dist.barrier()  # rank 0 has put the newest complete checkpoint in place (cli.run) before anyone reads
+        path = ckpt.check_checkpoint(self.run_dir, self.dist.world)
         state, rng = ckpt.load_trainer_state(path, self.dist)
         from transformers import AutoModelForCausalLM
 

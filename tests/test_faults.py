@@ -1,0 +1,238 @@
+"""Runs that survive what real runs meet: kills during a save, signals, a second process, full disks, bad inputs.
+
+Faults are injected in-process where the fault is a function's failure (a kill is a ``BaseException`` raised at
+a chosen instant of a save, so no cleanup code of ours runs, as with SIGKILL; a full disk is ``OSError(ENOSPC)``
+from a write); real processes are used where a process is the point: SIGTERM and SIGINT, SIGKILL in the middle
+of a save, a lock held by a live process and by a dead one. Every test uses one tiny finished run, copied.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ebpo.cli import main
+from ebpo.train import checkpoint as ckpt
+from ebpo.train.distributed import Dist
+from ebpo.train.tracking import read_metrics
+
+TINY = [
+    "--task",
+    "arithmetic",
+    "--warmstart-steps",
+    "20",
+    "--warmstart-batch-size",
+    "16",
+    "--task-options",
+    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--eval-samples",
+    "0",
+    "--estimator-options",
+    "{prior: running}",  # a moving estimator state, so a resume that lost it would show in the metrics
+    "--no-progress",
+    "--no-tensorboard",
+    "--threads",
+    "1",
+]
+STEPS = ["--steps", "3", "--save-every", "1", "--keep-checkpoints", "5"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ebpo-cache"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 3-step run with checkpoints at steps 1, 2 and 3 (made once; tests copy it)."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    os.environ["EBPO_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "ebpo-cache")
+    assert main(["train", "--out", str(out), *STEPS, "--seed", "4", *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def run(finished, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock columns."""
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(str(run_dir / "metrics.jsonl"))
+    ]
+
+
+def entries(run_dir: Path) -> list[str]:
+    return sorted(os.listdir(run_dir / "checkpoints"))
+
+
+def one_line(text: str, prefix: str = "ebpo train: error:") -> str:
+    text = text.strip()
+    assert text.startswith(prefix) and "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+# ------------------------------------------------------------------ 1. a kill at any instant of a save
+class Killed(BaseException):
+    """Stands for SIGKILL: a BaseException, so no ``except Exception``/``OSError`` cleanup of ours runs."""
+
+
+def kill_at(monkeypatch, owner, name: str, nth: int = 1, *, after: bool = False) -> None:
+    """Raise :class:`Killed` at the ``nth`` call of ``owner.name`` (before it runs, or ``after`` it ran)."""
+    original, calls = getattr(owner, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth and not after:
+            raise Killed(name)
+        result = original(*args, **kwargs)
+        if calls[0] == nth:
+            raise Killed(name)
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def _policy(run_dir: Path):
+    from ebpo.models.loading import load_policy
+
+    return load_policy(str(run_dir / "checkpoints" / "step-000003" / "model"), device=torch.device("cpu"))
+
+
+def _save(run_dir: Path, step: int, model, tokenizer) -> None:
+    state = torch.load(run_dir / "checkpoints" / "step-000003" / "trainer_state.pt", weights_only=True)
+    state.pop("world"), state.pop("format")
+    ckpt.save_checkpoint(
+        str(run_dir), step, model=model, tokenizer=tokenizer, trainer_state={**state, "step": step}, dist=Dist(), keep=2
+    )
+
+
+# Every call of a save that changes the disk, in order; a kill lands before one of them, after it, or (for
+# torch.save) after half its file was written. Enumerated until a save runs through with no kill left to land.
+_STEPS_OF_A_SAVE = [
+    (torch, "save"),
+    (os, "makedirs"),
+    (os, "rename"),
+    (shutil, "rmtree"),
+    (ckpt, "fsync_tree"),
+    (ckpt, "fsync_dir"),
+]
+
+
+def _instrument(monkeypatch, model, tokenizer, target: int, mode: str) -> list[str]:
+    """Wrap every step of a save with one shared counter; the ``target``-th call is killed (``mode``)."""
+    seen: list[str] = []
+
+    def wrap(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append(name)
+            here = len(seen) == target
+            if here and mode == "before":
+                raise Killed(name)
+            result = original(*args, **kwargs)
+            if here and mode == "torn" and name == "save":
+                path = Path(args[1])
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            if here:
+                raise Killed(name)
+            return result
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for owner, name in _STEPS_OF_A_SAVE:
+        wrap(owner, name)
+    wrap(model, "save_pretrained")
+    wrap(tokenizer, "save_pretrained")
+    return seen
+
+
+@pytest.mark.parametrize("resave", [True, False], ids=["re-save-of-the-same-step", "new-step"])
+def test_a_kill_at_any_instant_of_a_save_leaves_a_complete_checkpoint(finished, tmp_path, monkeypatch, resave):
+    """Exhaustive over the save's disk-changing calls: whatever instant the kill lands on, the resume finds a
+    complete checkpoint at least as new as the last one (never falls back to step 2), and settling it leaves
+    ``step-N`` folders only (no .tmp or .old)."""
+    step = 3 if resave else 4
+    model, tokenizer = _policy(finished)
+    source = tmp_path / "source"  # what a save touches: the checkpoints and the run's marker
+    (source / "checkpoints").mkdir(parents=True)
+    for name in ("step-000002", "step-000003"):
+        shutil.copytree(finished / "checkpoints" / name, source / "checkpoints" / name)
+    landed: list[str] = []
+    for target in range(1, 200):
+        modes, killed = ["before", "after", "torn"], None
+        while modes:
+            mode = modes.pop(0)
+            run = tmp_path / f"{target}-{mode}"
+            shutil.copytree(source, run)
+            seen = _instrument(monkeypatch, model, tokenizer, target, mode)
+            try:
+                _save(run, step, model, tokenizer)
+            except Killed as exc:
+                killed = str(exc)
+            monkeypatch.undo()
+            if killed is None:
+                break
+            if mode == "before" and killed != "save":
+                modes.remove("torn")  # only torch.save's file can be left half-written by our own call
+            landed.append(f"{mode} {killed} #{target}")
+            path, _ = ckpt.resumable_checkpoint(str(run), 1)
+            assert ckpt.check_checkpoint_dir(path, 1)["step"] >= 3, (landed[-1], entries(run))
+            settled = ckpt.settle_checkpoints(str(run), 1, echo=lambda _: None)
+            ckpt.check_checkpoint_dir(settled, 1)
+            assert not [e for e in entries(run) if e.startswith(".")], (landed[-1], entries(run))
+            shutil.rmtree(run)
+        if killed is None:  # the save ran through with no call left to kill: every instant has been tried
+            assert len(seen) == target - 1
+            break
+    assert len(landed) >= 20, landed
+    assert any("rename" in k for k in landed) and any("save_pretrained" in k for k in landed), landed
+
+
+def test_sigkill_between_the_two_renames_of_a_re_save_then_resume(run):
+    """A real SIGKILL in the window that once lost the only checkpoint: a re-save of step 3 has moved the old
+    copy aside and not yet renamed the new one in. The resume restores a complete step 3 and finishes."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from ebpo.models.loading import load_policy
+        from ebpo.train import checkpoint as ckpt
+        from ebpo.train.distributed import Dist
+
+        run = {str(run)!r}
+        model, tokenizer = load_policy(run + "/checkpoints/step-000003/model", device=torch.device("cpu"))
+        state = torch.load(run + "/checkpoints/step-000003/trainer_state.pt", weights_only=True)
+        state.pop("world"), state.pop("format")
+        rename = os.rename
+
+        def rename_then_die(src, dst):
+            rename(src, dst)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        os.rename = rename_then_die
+        ckpt.save_checkpoint(run, 3, model=model, tokenizer=tokenizer, trainer_state=state, dist=Dist(), keep=5)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "step-000003" not in entries(run) and {".step-000003.old", ".step-000003.tmp"} <= set(entries(run))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "step-000003" in entries(run) and not [e for e in entries(run) if e.startswith(".")]
