@@ -173,8 +173,10 @@ class TrainConfig:
     """Write a checkpoint every this many steps (and always at the end; 0 = only at the end)."""
     keep_checkpoints: int = 1
     """Checkpoints kept on disk (older ones are deleted)."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow, several joined by commas (wandb,tensorboard), or none. wandb and mlflow need pip install "ebpo[track]"; their environment variables are in docs/trainer.md."""
     tensorboard: bool = True
-    """Write TensorBoard events to the run directory."""
+    """False leaves tensorboard out of report_to (the older way to turn it off, kept for existing commands and saved configs)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -404,6 +406,9 @@ def validate(config: TrainConfig) -> None:
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+    from ebpo.train.trackers import parse_report_to
+
+    parse_report_to(config.report_to)  # known names, libraries installed: before the run directory is made
     if config.eps_low >= 1.0:
         raise ValueError(f"eps_low must be < 1 (the ratio's lower clip is 1 - eps_low), got {config.eps_low}")
     if not config.temperature > 0:

@@ -1,9 +1,10 @@
-"""Metrics out of the trainer: ``metrics.jsonl``, TensorBoard, the console, a learning-curve PNG.
+"""Metrics out of the trainer: ``metrics.jsonl``, the ``--report-to`` backends, the console, a learning-curve PNG.
 
 Only rank 0 writes (:class:`Tracker` on other ranks is a no-op). Every step's
 flat dict of namespaced scalars goes to ``metrics.jsonl`` (one JSON object a
-line, with ``step``) and to TensorBoard; every ``log_every`` steps one
-readable line goes to the console.
+line, with ``step``) and to each ``--report-to`` backend (TensorBoard by
+default, wandb, mlflow: :mod:`ebpo.train.trackers`); every ``log_every``
+steps one readable line goes to the console.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from ebpo.train.trackers import Backend, open_backends
 
 __all__ = ["Tracker", "accuracy_change_se", "format_line", "plot_curves", "read_metrics", "CURVE_PANELS"]
 
@@ -37,20 +40,24 @@ def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
 
 class Tracker:
     def __init__(
-        self, run_dir: str, *, enabled: bool, tensorboard: bool, resume_step: int, echo: Callable[[str], None]
+        self,
+        run_dir: str,
+        *,
+        enabled: bool,
+        report_to: Sequence[str] = ("tensorboard",),
+        config: Mapping[str, Any] | None = None,
+        resume_step: int,
+        echo: Callable[[str], None],
     ) -> None:
+        """``report_to``: backends of :mod:`ebpo.train.trackers` (``--report-to``); ``config``: the run's config,
+        logged once as the wandb config / mlflow params."""
         self.enabled, self.echo = enabled, echo
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.writer = None
+        self.backends: list[Backend] = []
         if not enabled:
             return
         _truncate_after(self.path, resume_step)  # a resumed run rewrites the steps after its checkpoint
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(
-                os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-            )
+        self.backends = open_backends(report_to, run_dir, config=config or {}, resume_step=resume_step, echo=echo)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -60,13 +67,13 @@ class Tracker:
             self.echo(f"warning: non-finite metrics at step {step}: {bad}")
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
+        for backend in self.backends:
+            backend.log(step, metrics)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for backend in self.backends:
+            backend.close()
+        self.backends = []
 
 
 def _truncate_after(path: str, step: int) -> None:

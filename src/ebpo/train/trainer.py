@@ -203,8 +203,17 @@ class Trainer:
             self.optimizer.load_state_dict(self._resume_state["optimizer"])
             self.scheduler.load_state_dict(self._resume_state["scheduler"])
             ckpt.set_rng_state(self._resume_rng)
+        from dataclasses import asdict
+
+        from ebpo.train.trackers import selected
+
         self.tracker = Tracker(
-            run_dir, enabled=self.dist.is_main, tensorboard=config.tensorboard, resume_step=self.step, echo=echo
+            run_dir,
+            enabled=self.dist.is_main,
+            report_to=selected(config.report_to, config.tensorboard),
+            config=asdict(config),  # logged once: the wandb config, the mlflow params
+            resume_step=self.step,
+            echo=echo,
         )
 
     # ---------------------------------------------------------------- setup
