@@ -10,7 +10,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q "torch==2.13.0"
-# verl 0.9.1 imports cachetools, fastapi and uvicorn without declaring them.
-"$VENV/bin/pip" install -q "verl==0.9.1" cachetools fastapi uvicorn pytest
+# verl 0.9.1 imports cachetools, fastapi and uvicorn without declaring them; its default (v1) trainer imports
+# transfer_queue, which only verl's "verl-core" extra brings (with pyzmq and msgspec): the checkpoint tests
+# run that trainer's own _save_checkpoint / _load_checkpoint.
+"$VENV/bin/pip" install -q "verl==0.9.1" cachetools fastapi uvicorn pytest "TransferQueue>=0.1.10" pyzmq msgspec
 "$VENV/bin/pip" install -q -e . --no-deps
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integration_verl_runtime.py -o addopts=""

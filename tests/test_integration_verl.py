@@ -114,3 +114,78 @@ def test_topics_from_non_tensor_batch_reach_the_hierarchical_prior():
         adapter.FUNCTIONS["ebpo_hier"](
             token_rewards, mask, index=uids, data_source=np.array(["x"] * 6 + ["y"] * 6, dtype=object)
         )
+
+
+# What norm_adv_by_std_in_grpo=False does to each name: the estimator built without its std division.
+STD_OFF_REFERENCE = {
+    "ebpo": {"name": "ebpo", "prior": "batch", "std_normalize": False},
+    "ebpo_running": {"name": "ebpo", "prior": "running", "std_normalize": False},
+    "ebpo_ema": {"name": "ebpo", "prior": "ema", "std_normalize": False},
+    "ha_dw": {"name": "grpo", "weighting": "ha_dw", "scale": "none"},
+    "ebpo_ha_dw": {"name": "ebpo", "weighting": "ha_dw", "std_normalize": False},
+    "ebpo_hier": {"name": "ebpo", "prior": "batch", "hierarchical": True, "std_normalize": False},
+    "ebpo_hier_running": {"name": "ebpo", "prior": "running", "hierarchical": True, "std_normalize": False},
+}
+
+
+def test_every_name_has_a_std_off_form():
+    assert sorted(STD_OFF_REFERENCE) == sorted(adapter.SPECS)
+    for key, spec in STD_OFF_REFERENCE.items():
+        assert adapter.estimator_spec(key, norm_adv_by_std_in_grpo=False) == spec
+        assert adapter.estimator_spec(key) == adapter.SPECS[key]  # the flag's default (True) changes nothing
+
+
+class AlgoConfigLike:
+    """verl's AlgoConfig: a frozen dataclass read with .get(key, default)."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+
+@pytest.mark.parametrize("key", sorted(adapter.SPECS))
+@pytest.mark.parametrize("config_type", [dict, AlgoConfigLike])
+def test_norm_adv_by_std_off_turns_the_estimators_std_division_off(key, config_type):
+    """verl's algorithm.norm_adv_by_std_in_grpo=False reaches every name as its std division off, over 3 steps."""
+    adapter.ESTIMATORS.clear()
+    spec = dict(STD_OFF_REFERENCE[key])
+    reference = build_estimator(spec.pop("name"), **spec)
+    config = config_type(adv_estimator=key, norm_adv_by_std_in_grpo=False)
+    for step in range(3):
+        token_rewards, mask, uids, scores = verl_batch(step)
+        advantages, _ = adapter.FUNCTIONS[key](token_rewards, mask, index=uids, config=config)
+        _, group_ids = np.unique(uids.astype(str), return_inverse=True)
+        expected, _ = reference(scores, torch.as_tensor(group_ids))
+        assert torch.allclose(advantages, expected.unsqueeze(-1) * mask, atol=1e-6)
+    scaled, _ = adapter.FUNCTIONS[key](
+        token_rewards, mask, index=uids, config=config_type(norm_adv_by_std_in_grpo=True)
+    )
+    assert not torch.allclose(scaled, advantages, atol=1e-3)  # the flag is what made the difference
+
+
+def test_switching_the_flag_keeps_the_prior():
+    """The state is the same whatever the std division: a config read later rebuilds the estimator, state carried."""
+    adapter.ESTIMATORS.clear()
+    reference = build_estimator("ebpo", prior="running", std_normalize=False)
+    for step in range(3):
+        token_rewards, mask, uids, scores = verl_batch(step)
+        adapter.FUNCTIONS["ebpo_running"](token_rewards, mask, index=uids, config={"norm_adv_by_std_in_grpo": step > 0})
+        _, group_ids = np.unique(uids.astype(str), return_inverse=True)
+        reference(scores, torch.as_tensor(group_ids))
+    assert adapter.ESTIMATORS["ebpo_running"].state_dict() == reference.state_dict()
+    assert adapter.ESTIMATORS["ebpo_running"].estimator.std_normalize is True
+
+
+def test_a_non_boolean_flag_is_refused():
+    token_rewards, mask, uids, _ = verl_batch(0)
+    with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo must be true or false"):
+        adapter.FUNCTIONS["ha_dw"](token_rewards, mask, index=uids, config={"norm_adv_by_std_in_grpo": "false"})
+
+
+def test_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(adapter)
+    assert result.attempted > 0 and result.failed == 0

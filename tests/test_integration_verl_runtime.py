@@ -68,3 +68,28 @@ def test_gbmpo_term_is_coef_times_token_mean_of_the_divergence(report, name):
 
 def test_bad_divergence_spec_is_named(report):
     assert "only ebpo:neural_mirror takes a parameter file" in report["bad_spec_error"]
+
+
+def test_plugin_hooks_both_of_verls_trainers(report):
+    assert report["checkpoints"]["hooked"] == ["PPOTrainer", "RayPPOTrainer"]  # v1 (default) and legacy
+
+
+def test_resume_through_verls_checkpoints_equals_the_uninterrupted_run(report):
+    """verl's own _save_checkpoint / _load_checkpoint (v1 and legacy trainer, auto and resume_path) carry the state."""
+    cases = report["checkpoints"]["resume"]
+    assert len(cases) == 10
+    assert {name.split("/")[2] for name in cases} == {"auto", "resume_path"}
+    for name, case in cases.items():
+        assert "ebpo_estimator_states.pt" in case["files"] and "data.pt" in case["files"], name  # beside verl's
+        assert case["tracker"] == "3" and case["resumed_step"] == 3 and case["actor_loaded"], name
+        assert case["max_abs_diff"] == 0.0 and case["state_equal"], name
+        assert case["control_max_abs_diff"] > 1e-3, name  # without the restore the same steps differ
+
+
+def test_resuming_a_checkpoint_without_the_state_is_refused(report):
+    assert "ebpo_estimator_states.pt" not in report["checkpoints"]["grpo_files"]  # other estimators write nothing
+    assert "EBPO_VERL_FRESH_ESTIMATOR_STATE=1" in report["checkpoints"]["missing_state_error"]
+
+
+def test_ha_dw_honours_norm_adv_by_std_in_grpo(report):
+    assert report["ha_dw_std_off_max_abs_diff"] <= 1e-6  # verl's DictConfig, verl's compute_advantage

@@ -5,16 +5,25 @@ Calls verl's own driver and worker code with ebpo plugged in and prints a JSON r
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
 import verl  # noqa: F401  (imports the external modules: our plugin registers and installs here)
+from omegaconf import OmegaConf
 from tensordict import TensorDict
+from torchdata.stateful_dataloader import StatefulDataLoader
 from verl import DataProto
 from verl.trainer.ppo import core_algos
-from verl.trainer.ppo.ray_trainer import compute_advantage
+from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import FSDPActorConfig
 from verl.workers.utils import losses
@@ -22,6 +31,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from ebpo import build_estimator
 from ebpo.divergences import NeuralMirror, build_divergence
+from ebpo.integrations import verl as adapter
+from ebpo.integrations import verl_plugin
 
 
 def advantages_through_verls_driver() -> float:
@@ -103,6 +114,182 @@ def token_mean(name: str, batch: dict, **options: object) -> float:
     return float((d * batch["mask"]).sum() / batch["mask"].sum())
 
 
+# ------------------------------------------------------------------ checkpoints through verl's trainers
+VERL_CONFIG = os.path.join(os.path.dirname(verl.__file__), "trainer", "config", "_generated_ppo_trainer.yaml")
+
+
+@functools.cache
+def verl_config():
+    """verl's full default PPO config (the generated ppo_trainer.yaml), read once."""
+    return OmegaConf.load(VERL_CONFIG)
+
+
+class WorkerGroupStandIn:
+    """The actor worker group (Ray workers on GPUs): records verl's save/load calls, writes the actor folder."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        os.makedirs(local_path, exist_ok=True)
+        self.calls.append(("save", local_path))
+
+    def load_checkpoint(self, local_path, del_local_after_load=False):
+        self.calls.append(("load", local_path))
+
+
+def trainer_on_cpu(trainer_cls: type, root: str, key: str, resume_mode: str, norm: bool, resume_from_path=None):
+    """verl's trainer class, its own _save_checkpoint/_load_checkpoint, with verl's full default config.
+
+    Built without __init__ (which starts Ray worker groups on GPUs); the attributes the two methods read are
+    set as __init__/init() would: config, the actor worker group (a stand-in), a real StatefulDataLoader.
+    """
+    config = copy.deepcopy(verl_config())
+    config.trainer.default_local_dir = root
+    config.trainer.resume_mode = resume_mode
+    config.trainer.resume_from_path = resume_from_path
+    config.algorithm.adv_estimator = key
+    config.algorithm.norm_adv_by_std_in_grpo = norm
+    config.actor_rollout_ref.rollout.n = 4
+    trainer = object.__new__(trainer_cls)
+    trainer.config = config
+    trainer.global_steps = 0
+    trainer.use_critic = False
+    trainer.actor_rollout_wg = WorkerGroupStandIn()
+    trainer.train_dataloader = StatefulDataLoader(list(range(64)), batch_size=4)
+    trainer.trainer_mode = "sync"  # v1
+    trainer.checkpoint_callback = build_checkpoint_callback(config)  # v1: verl's own (the no-op default)
+    return trainer
+
+
+def checkpoint_batch(step: int) -> DataProto:
+    gen = torch.Generator().manual_seed(1000 + step)
+    bs, length = 16, 5
+    lengths = torch.randint(1, length + 1, (bs,), generator=gen)
+    mask = (torch.arange(length)[None] < lengths[:, None]).float()
+    token_rewards = torch.zeros(bs, length)
+    token_rewards[torch.arange(bs), lengths - 1] = (torch.rand(bs, generator=gen) < 0.2 + 0.15 * step).float()
+    return DataProto.from_dict(
+        tensors={"token_level_rewards": token_rewards, "response_mask": mask},
+        non_tensors={
+            "uid": np.array([f"s{step}-p{i // 4}" for i in range(bs)], dtype=object),
+            "data_source": np.array(["gsm8k" if i < 8 else "math" for i in range(bs)], dtype=object),
+        },
+    )
+
+
+def train_step(trainer) -> torch.Tensor:
+    """One step's advantages as each trainer computes them in the driver (its call, its arguments)."""
+    trainer.global_steps += 1
+    data = checkpoint_batch(trainer.global_steps)
+    algorithm = trainer.config.algorithm
+    arguments = dict(
+        adv_estimator=algorithm.adv_estimator,
+        gamma=algorithm.gamma,
+        lam=algorithm.lam,
+        num_repeat=trainer.config.actor_rollout_ref.rollout.n,
+        norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
+        config=algorithm,
+    )
+    if isinstance(trainer, PPOTrainerSync):  # PPOTrainer._compute_advantage
+        keys = [f"{uid}_0_0" for uid in data.non_tensor_batch["uid"]]
+        data = compute_advantage_for_multi_trajectories(data, batch_keys=keys, **arguments)
+    else:  # RayPPOTrainer.fit
+        data = compute_advantage(data, **arguments)
+    return data.batch["advantages"].clone()
+
+
+def same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def resume_through_verls_checkpoints(trainer_cls: type, key: str, resume_mode: str, norm: bool) -> dict:
+    """Train 3 steps, verl's _save_checkpoint, 2 more steps; then, in a fresh estimator state, verl's
+    _load_checkpoint and the same 2 steps. Also the control: the 2 steps without the restore."""
+    root = tempfile.mkdtemp()
+    adapter.ESTIMATORS.clear()
+    first = trainer_on_cpu(trainer_cls, root, key, "auto", norm)
+    first._load_checkpoint()  # verl calls it at init: nothing to resume yet
+    for _ in range(3):
+        train_step(first)
+    first._save_checkpoint()
+    uninterrupted = [train_step(first) for _ in range(2)]
+    final_state = adapter.ESTIMATORS[key].state_dict()
+    folder = os.path.join(root, "global_step_3")
+
+    adapter.ESTIMATORS.clear()  # what a new driver process starts with
+    resumed = trainer_on_cpu(trainer_cls, root, key, resume_mode, norm, resume_from_path=folder)
+    resumed._load_checkpoint()
+    resumed_step = resumed.global_steps
+    after_resume = [train_step(resumed) for _ in range(2)]
+    state_equal = same_state(adapter.ESTIMATORS[key].state_dict(), final_state)
+
+    adapter.ESTIMATORS.clear()
+    fresh = trainer_on_cpu(trainer_cls, root, key, "disable", norm)
+    fresh._load_checkpoint()
+    fresh.global_steps = 3
+    without_restore = [train_step(fresh) for _ in range(2)]
+    return {
+        "files": sorted(os.listdir(folder)),
+        "tracker": open(os.path.join(root, "latest_checkpointed_iteration.txt")).read(),
+        "resumed_step": resumed_step,
+        "actor_loaded": resumed.actor_rollout_wg.calls == [("load", os.path.join(folder, "actor"))],
+        "max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(after_resume, uninterrupted)),
+        "state_equal": state_equal,
+        "control_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(without_restore, uninterrupted)),
+    }
+
+
+def checkpoint_report() -> dict:
+    report = {"hooked": verl_plugin.CHECKPOINTING}
+    cases = {}
+    # Each trainer x each stateful name; resume modes and the std flag alternate so that every trainer meets
+    # both modes and both flag values.
+    for t, trainer_cls in enumerate((PPOTrainerSync, RayPPOTrainer)):
+        for i, key in enumerate(("ebpo_running", "ebpo_ema", "ha_dw", "ebpo_ha_dw", "ebpo_hier_running")):
+            mode, norm = ("auto", "resume_path")[i % 2], (True, False)[(i + t) % 2]
+            cases[f"{trainer_cls.__name__}/{key}/{mode}/norm={norm}"] = resume_through_verls_checkpoints(
+                trainer_cls, key, mode, norm
+            )
+    report["resume"] = cases
+    # A checkpoint saved without the plugin: resuming it with a stateful estimator is refused.
+    root = tempfile.mkdtemp()
+    adapter.ESTIMATORS.clear()
+    plain = trainer_on_cpu(PPOTrainerSync, root, "grpo", "auto", True)
+    plain.global_steps = 2
+    plain._save_checkpoint()
+    report["grpo_files"] = sorted(os.listdir(os.path.join(root, "global_step_2")))
+    try:
+        trainer_on_cpu(PPOTrainerSync, root, "ebpo_running", "auto", True)._load_checkpoint()
+        report["missing_state_error"] = None
+    except ValueError as exc:
+        report["missing_state_error"] = str(exc)
+    return report
+
+
+def norm_flag_through_verls_driver() -> float:
+    """ha_dw with algorithm.norm_adv_by_std_in_grpo=false (verl's DictConfig) vs Dr. GRPO + HA-DW; max |diff|."""
+    adapter.ESTIMATORS.clear()
+    reference = build_estimator("grpo", scale="none", weighting="ha_dw")
+    config = copy.deepcopy(verl_config().algorithm)
+    config.norm_adv_by_std_in_grpo = False
+    worst = 0.0
+    for step in range(1, 4):
+        data = checkpoint_batch(step)
+        out = compute_advantage(data, adv_estimator="ha_dw", num_repeat=4, norm_adv_by_std_in_grpo=False, config=config)
+        scores = data.batch["token_level_rewards"].sum(-1)
+        expected, _ = reference(scores.double(), torch.arange(16) // 4)
+        mask = data.batch["response_mask"]
+        worst = max(worst, float((out.batch["advantages"] - expected.float()[:, None] * mask).abs().max()))
+    return worst
+
+
 def main(out_path: str, mirror_path: str) -> None:
     report: dict = {"registered": sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if "ebpo" in k or "ha_dw" in k)}
     report["losses_module_sees_wrapper"] = hasattr(losses.kl_penalty, "_ebpo_wrapped")
@@ -130,6 +317,8 @@ def main(out_path: str, mirror_path: str) -> None:
         report["bad_spec_error"] = None
     except ValueError as exc:
         report["bad_spec_error"] = str(exc)
+    report["checkpoints"] = checkpoint_report()
+    report["ha_dw_std_off_max_abs_diff"] = norm_flag_through_verls_driver()
     with open(out_path, "w") as handle:
         json.dump(report, handle)
 
