@@ -8,13 +8,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${NEWEST_VENV:-.venv-newest}"
-rm -rf "$VENV"
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q "torch==2.13.0" -e ".[test]"
+if [ "${NEWEST_REUSE:-0}" != 1 ] || [ ! -x "$VENV/bin/python" ]; then  # NEWEST_REUSE=1: rerun in the last venv
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q "torch==2.13.0" -e ".[test]"
+fi
 
-moved=$(diff <(grep -v '^#' requirements/lock.txt | LC_ALL=C sort -f) \
-    <("$VENV/bin/pip" freeze --exclude-editable | sed -E 's/\+cpu$//' | LC_ALL=C sort -f) |
+moved=$({ diff <(grep -v '^#' requirements/lock.txt | LC_ALL=C sort -f) \
+    <("$VENV/bin/pip" freeze --exclude-editable | sed -E 's/\+cpu$//' | LC_ALL=C sort -f) || true; } |
     awk -F'==' '/^</ {old[tolower(substr($1, 3))] = $2} /^>/ {new[tolower(substr($1, 3))] = $2}
         END {for (p in new) printf "  %s %s (lock: %s)\n", p, new[p], (p in old ? old[p] : "not in the lock")}' |
     LC_ALL=C sort)
