@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,167 @@ def test_sigkill_between_the_two_renames_of_a_re_save_then_resume(run):
     assert "step-000003" not in entries(run) and {".step-000003.old", ".step-000003.tmp"} <= set(entries(run))
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert "step-000003" in entries(run) and not [e for e in entries(run) if e.startswith(".")]
+
+
+# ------------------------------------------------------------------ 3. SIGTERM and SIGINT
+LONG = ["--steps", "10", "--save-every", "0", "--seed", "6", *TINY]  # save-every 0: only the stop saves a checkpoint
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, finished) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "full"
+    assert main(["train", "--out", str(out), *LONG]) == 0
+    return out
+
+
+def test_sigterm_saves_stops_in_one_line_and_the_resume_equals_the_uninterrupted_run(uninterrupted, tmp_path):
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ebpo", "train", "--out", str(stopped), *LONG],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (stopped / "metrics.jsonl").is_file() or not (stopped / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    step = len(rows(stopped))
+    assert 1 <= step < 10, "the run finished before the signal landed"
+    last = out.strip().splitlines()[-1]
+    assert last == f"stopped by SIGTERM at step {step}; resume with: ebpo train --resume {stopped}"
+    assert "Traceback" not in err and "SIGTERM received" in err
+    assert entries(stopped) == [f"step-{step:06d}"]  # the stop saved its step; --save-every 0 saved nothing else
+    assert not (stopped / "summary.json").exists()
+    assert main(["train", "--resume", str(stopped)]) == 0
+    assert rows(stopped) == rows(uninterrupted)  # steps step+1 .. 10 recomputed equal the uninterrupted ones
+    a = torch.load(stopped / "checkpoints" / "step-000010" / "trainer_state.pt", weights_only=True)
+    b = torch.load(uninterrupted / "checkpoints" / "step-000010" / "trainer_state.pt", weights_only=True)
+    assert a["estimator"] == b["estimator"] and a["stream"] == b["stream"]
+
+
+def test_sigint_at_a_chosen_step_saves_exits_130_and_resumes_to_the_same_metrics(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C in-process, delivered during step 4's logging: the step finishes, is saved, and the run stops."""
+    from ebpo.train.tracking import Tracker
+
+    log = Tracker.log
+
+    def log_then_interrupt(self, step, metrics):
+        log(self, step, metrics)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Tracker, "log", log_then_interrupt)
+    stopped = tmp_path / "stopped"
+    assert main(["train", "--out", str(stopped), *LONG]) == 130
+    captured = capsys.readouterr()
+    assert (
+        captured.out.strip().splitlines()[-1]
+        == f"stopped by SIGINT at step 4; resume with: ebpo train --resume {stopped}"
+    )
+    assert "Traceback" not in captured.err
+    monkeypatch.undo()
+    assert entries(stopped) == ["step-000004"] and len(rows(stopped)) == 4
+    assert main(["train", "--resume", str(stopped)]) == 0
+    assert rows(stopped) == rows(uninterrupted)
+
+
+# ------------------------------------------------------------------ 2. a second process on a live run
+def test_a_live_lock_holder_refuses_resume_overwrite_and_compare_and_a_dead_ones_lock_is_taken_over(
+    run, tmp_path, capsys
+):
+    from ebpo.fileio import LOCK_FILE
+
+    other = tmp_path / "compare"
+    compare_args = ["--methods", "grpo", "--group-sizes", "2", "--seeds", "1", "--steps", "1", "--out", str(other)]
+    holder = subprocess.Popen(  # a live holder of both directories' locks, as a running train and compare would be
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ebpo.fileio import RunLock, make_output_dir; "
+            f"RunLock({str(run)!r}, 'ebpo train').acquire(); make_output_dir({str(other)!r}, 'ebpo compare'); "
+            f"RunLock({str(other)!r}, 'ebpo compare').acquire(); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in run.rglob("*"))
+        for argv, prefix in [
+            (["train", "--resume", str(run)], "ebpo train: error:"),
+            (["train", "--out", str(run), "--overwrite", *STEPS, *TINY], "ebpo train: error:"),
+            (["compare", *compare_args], "ebpo compare: error:"),
+        ]:
+            assert main(argv) == 2, argv
+            err = one_line(capsys.readouterr().err, prefix)
+            assert f"PID {holder.pid}" in err and ("in use" in err or "still going" in err), err
+        assert sorted(p.name for p in run.rglob("*")) == before  # nothing deleted or written under the live run
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind, naming a dead process
+        holder.wait()
+    assert (run / LOCK_FILE).is_file() and str(holder.pid) in (run / LOCK_FILE).read_text()
+    assert main(["train", "--resume", str(run)]) == 0  # the kernel released the dead holder's lock: taken over
+    assert not (run / LOCK_FILE).exists()  # released (and removed) when the run ended
+
+
+def test_compare_and_meta_pass_a_signal_to_their_running_jobs_and_start_no_more(tmp_path):
+    """run_parallel (under compare and meta): SIGTERM to the parent reaches each running child once, no pending
+    job starts, and Stopped carries exit status 143 once the children have stopped."""
+    import threading
+
+    from ebpo.train.procs import Stopped, run_parallel
+
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "def stop(signum, frame):\n"
+        "    out.write_text(out.read_text() + signal.Signals(signum).name + ' ')\n"
+        "    sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "out.write_text('')\n"
+        "time.sleep(60)\n"
+    )
+    jobs = [
+        (f"job{i}", [sys.executable, "-c", child, str(tmp_path / f"job{i}")], tmp_path / f"job{i}.log")
+        for i in range(3)
+    ]
+
+    def signal_once_both_run():
+        while not all((tmp_path / f"job{i}").exists() for i in range(2)):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_both_run, daemon=True).start()
+    codes = {}
+    with pytest.raises(Stopped) as stopped:
+        run_parallel(jobs, 2, on_done=lambda name, code, seconds: codes.update({name: code}), echo=lambda _: None)
+    assert stopped.value.exit_code == 143
+    assert codes == {"job0": 143, "job1": 143}  # each stopped on the signal passed on ...
+    assert [(tmp_path / f"job{i}").read_text() for i in range(2)] == ["SIGTERM ", "SIGTERM "]  # ... exactly once
+    assert not (tmp_path / "job2").exists()  # the pending job never started
+
+
+def test_compare_and_meta_stop_in_one_line_with_the_signals_exit_status(tmp_path, monkeypatch, capsys):
+    from ebpo import compare, meta
+    from ebpo.train.procs import Stopped
+
+    def stopped(*args, **kwargs):
+        raise Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(compare, "run_parallel", stopped)
+    monkeypatch.setattr(meta, "run_parallel", stopped)
+    argv = ["--methods", "grpo", "--group-sizes", "2", "--seeds", "1", "--steps", "1", "--out", str(tmp_path / "c")]
+    assert compare.main(argv) == 143
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ebpo compare: stopped by SIGTERM; rerun")
+    argv = ["--quick", "--out", str(tmp_path / "m")]
+    assert meta.main(argv) == 143
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("ebpo meta: stopped by SIGTERM in iteration 1") and "--resume" in last
+    assert not (tmp_path / "c" / ".ebpo-lock").exists() and not (tmp_path / "m" / ".ebpo-lock").exists()

@@ -8,8 +8,11 @@ Every run is an ordinary ``ebpo train`` subprocess with its own run
 directory under ``OUT/runs/``; ``--workers`` of them run at once, each with
 one torch thread, so the CPU budget is used by parallel processes rather
 than by threads that contend for two cores. A run whose ``summary.json``
-already exists is reused, so an interrupted comparison continues where it
-stopped (``--rerun`` forces fresh runs).
+already exists is reused, and a run that was stopped part-way (SIGTERM or
+Ctrl-C to compare, which passes it to every running run; each saves a
+checkpoint and stops) is resumed from its checkpoint, so an interrupted
+comparison continues where it stopped (``--rerun`` forces fresh runs). While
+it runs, ``OUT`` is locked: a second ``ebpo compare`` on it is refused.
 
 A method is a ``--method`` preset, or a ``--variant LABEL "FLAGS"``: any
 ``ebpo train`` flags under a label of your choosing (the flags should name
@@ -45,10 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ebpo.fileio import check_output_dir, make_output_dir
+from ebpo.fileio import RunLock, check_output_dir, make_output_dir, step_dirs
 from ebpo.stats_report import mean_ci, samples_to_target
 from ebpo.train.cli import check_extra_train_args, check_train_args
-from ebpo.train.procs import run_parallel
+from ebpo.train.procs import Stopped, run_parallel
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 
@@ -295,9 +298,17 @@ def run_all(specs: list[RunSpec], args: argparse.Namespace, out: Path) -> dict[R
     def report(name: str, code: int, seconds: float) -> None:
         done[0] += 1
         status = "ok" if code == 0 else f"FAILED (exit {code}, see {runs_dir / name}.log)"
+        if code in (130, 143):  # the run stopped cleanly on the signal we passed on; it resumes next time
+            status = f"stopped by {'SIGINT' if code == 130 else 'SIGTERM'} (checkpoint saved; it resumes next time)"
         print(f"[{done[0]}/{len(specs)}] {name}: {status} ({seconds:.0f}s)", flush=True)
 
-    jobs = [(s.name, _command(s, args, runs_dir / s.name), runs_dir / f"{s.name}.log") for s in pending]
+    def command(spec: RunSpec) -> list[str]:
+        run_dir = runs_dir / spec.name
+        if not args.rerun and (run_dir / "config.yaml").is_file() and step_dirs(str(run_dir / "checkpoints")):
+            return [sys.executable, "-m", "ebpo", "train", "--resume", str(run_dir)]  # stopped part-way: continue
+        return _command(spec, args, run_dir)
+
+    jobs = [(s.name, command(s), runs_dir / f"{s.name}.log") for s in pending]
     codes = run_parallel(jobs, args.workers, on_done=report)
     failed = sorted(name for name, code in codes.items() if code != 0)
     if failed:  # a failed run is reported, never silently averaged in as 0
@@ -661,10 +672,21 @@ def main(argv: list[str] | None = None) -> int:
                 own = _own_flags(spec, args, check_dir, method=False)
                 check_extra_train_args(own, args.variants[method], "ebpo compare", source=f"--variant {method}")
         check_output_dir(out, "ebpo compare", reuse=True)
+        holder = None if args.report_only else RunLock.holder(out)
+        if holder is not None:
+            raise ValueError(f"{out} is in use by {holder}; wait for it to finish or stop it (SIGTERM), then rerun")
         check_settings(out, shared_settings(args))
     except ValueError as exc:
         print(f"ebpo compare: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _run_and_report(args, argv, out)
+    except Stopped as stop:
+        print(f"ebpo compare: stopped by {stop.name}; rerun the same command to continue (stopped runs resume)")
+        return stop.exit_code
+
+
+def _run_and_report(args: argparse.Namespace, argv: list[str], out: Path) -> int:
     # Seed-major order: a comparison stopped part-way has every method at the same seeds (balanced pairs).
     specs = [RunSpec(m, g, s) for s, g, m in itertools.product(range(args.seeds), args.group_sizes, args.methods)]
     if args.report_only:
@@ -675,12 +697,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         make_output_dir(out, "ebpo compare")
-        record_settings(out, shared_settings(args))
-        print(
-            f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time"
-        )
-        dirs = run_all(specs, args, out)
-    if args.final_samples:
+        try:
+            lock = RunLock(out, "ebpo compare").acquire()  # held until this process ends (released below)
+        except ValueError as exc:
+            print(f"ebpo compare: error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            record_settings(out, shared_settings(args))
+            print(
+                f"ebpo compare: {len(specs)} runs ({len(args.methods)} methods x {len(args.group_sizes)} G x {args.seeds} seeds), {args.workers} at a time"
+            )
+            dirs = run_all(specs, args, out)
+            if args.final_samples:
+                evaluate_finals(dirs, args.final_samples, args.workers)
+        finally:
+            lock.release()
+    if args.final_samples and args.report_only:
         evaluate_finals(dirs, args.final_samples, args.workers)
     runs = {s: _read_run(d, args.prompts_per_step, s.group_size, args.final_samples) for s, d in dirs.items()}
     result = {**aggregate_runs(runs, args.target, args.baseline), "final_samples": args.final_samples}

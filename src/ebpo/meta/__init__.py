@@ -36,6 +36,11 @@ with the same parameters as an uninterrupted search), and ``OUT/es_log.json``
 and ``OUT/fitness.png`` are updated. At the end ``OUT/mirror_params.json``
 holds the final ES parameters, for ``ebpo train --method gbmpo-mirror
 --mirror-params FILE`` (or ``build_divergence("neural_mirror", params_path=FILE)``).
+
+While a search runs, ``OUT`` is locked (a second ``ebpo meta`` on it is
+refused, naming the PID). SIGTERM or Ctrl-C is passed to the running members;
+the search then stops with one line and exit status 143 / 130, and
+``--resume`` reruns the interrupted iteration from its start.
 """
 
 from __future__ import annotations
@@ -53,11 +58,11 @@ from typing import Any
 import torch
 
 from ebpo.divergences import NeuralMirror
-from ebpo.fileio import check_output_dir, load_tensors, make_output_dir
+from ebpo.fileio import RunLock, check_output_dir, load_tensors, make_output_dir
 from ebpo.meta.es import ESConfig, ESState, es_iteration
 from ebpo.tasks.build import DEFAULT_TASK, task_factory
 from ebpo.train.cli import check_extra_train_args, check_train_args, parse_yaml_mapping
-from ebpo.train.procs import run_parallel
+from ebpo.train.procs import Stopped, run_parallel
 
 __all__ = ["main"]
 
@@ -329,35 +334,49 @@ def main(argv: list[str] | None = None) -> int:
         check_params, check_dir = out / "members" / "check.json", out / "members" / "check"
         check_train_args(_member_command(args, check_params, check_dir)[4:])
         check_extra_train_args(_own_flags(args, check_params, check_dir), shlex.split(args.train_args), "ebpo meta")
+        holder = RunLock.holder(out)
+        if holder is not None:
+            raise ValueError(f"{out} is in use by {holder}; wait for it to finish or stop it (SIGTERM), then rerun")
         state = _start_or_resume(args, config, out)
+        lock = RunLock(out, "ebpo meta").acquire()  # held until the search ends (released below)
     except ValueError as exc:
         print(f"ebpo meta: error: {exc}", file=sys.stderr)
         return 2
-    while not state.done:
-        state = es_iteration(state, config, _fitness(args, out, state.iteration + 1))
-        record = state.history[-1]
-        print(
-            f"iteration {record['iteration']}: mean fitness {record['mean_fitness']}, best member {record['max_fitness']}, "
-            f"failed {record['failed']}/{record['evaluated']}, improved {record['improved']}",
-            flush=True,
+    try:
+        while not state.done:
+            state = es_iteration(state, config, _fitness(args, out, state.iteration + 1))
+            record = state.history[-1]
+            print(
+                f"iteration {record['iteration']}: mean fitness {record['mean_fitness']}, best member {record['max_fitness']}, "
+                f"failed {record['failed']}/{record['evaluated']}, improved {record['improved']}",
+                flush=True,
+            )
+            _save_state(state, config, out, _search_settings(args, config))
+        mirror = NeuralMirror(state.phi, project_nonneg=args.project_nonneg)
+        mirror.save(out / "mirror_params.json")
+        print(f"wrote {out / 'mirror_params.json'} (best population mean {state.best_mean_fitness:.4f})")
+        low = min_divergence_on_grid(mirror)
+        log = json.loads((out / "es_log.json").read_text()) if (out / "es_log.json").exists() else {}
+        final_options = {**args.task_options, "exclude_eval_seeds": [VALIDATION_SEED]}
+        (out / "es_log.json").write_text(
+            json.dumps({**log, "min_divergence_on_grid": low, "final_run_task_options": final_options}, indent=2)
         )
-        _save_state(state, config, out, _search_settings(args, config))
-    mirror = NeuralMirror(state.phi, project_nonneg=args.project_nonneg)
-    mirror.save(out / "mirror_params.json")
-    print(f"wrote {out / 'mirror_params.json'} (best population mean {state.best_mean_fitness:.4f})")
-    low = min_divergence_on_grid(mirror)
-    log = json.loads((out / "es_log.json").read_text()) if (out / "es_log.json").exists() else {}
-    final_options = {**args.task_options, "exclude_eval_seeds": [VALIDATION_SEED]}
-    (out / "es_log.json").write_text(
-        json.dumps({**log, "min_divergence_on_grid": low, "final_run_task_options": final_options}, indent=2)
-    )
-    verdict = "D >= 0 holds" if low >= -1e-12 else "D < 0 somewhere: the map is not convex (see --project-nonneg)"
-    print(f"min D(p, p_ref) over a 64 x 64 grid in (0, 1]: {low:.3e} ({verdict})")
-    print(
-        "train with it on the members' training problems and warm start (the validation split stays unseen):\n"
-        f"  ebpo train --task {args.task} --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
-    )
-    return 0
+        verdict = "D >= 0 holds" if low >= -1e-12 else "D < 0 somewhere: the map is not convex (see --project-nonneg)"
+        print(f"min D(p, p_ref) over a 64 x 64 grid in (0, 1]: {low:.3e} ({verdict})")
+        print(
+            "train with it on the members' training problems and warm start (the validation split stays unseen):\n"
+            f"  ebpo train --task {args.task} --method gbmpo-mirror --mirror-params {out / 'mirror_params.json'} --task-options '{json.dumps(final_options)}'"
+        )
+        return 0
+    except Stopped as stop:
+        again = shlex.join(["ebpo", "meta", *(a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume")])
+        print(
+            f"ebpo meta: stopped by {stop.name} in iteration {state.iteration + 1} (its members rerun on resume); "
+            f"resume with: {again} --resume"
+        )
+        return stop.exit_code
+    finally:
+        lock.release()
 
 
 def min_divergence_on_grid(mirror: NeuralMirror, points: int = 64) -> float:

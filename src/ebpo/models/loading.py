@@ -191,8 +191,7 @@ def load_tokenizer(name: str) -> Any:
     """The tokenizer for ``name`` (CharTokenizer for the built-in model and its checkpoints), padding on the left."""
     expanded = os.path.expanduser(name)
     if name.startswith(BUILTIN_PREFIX):
-        builtin_spec(name)  # a known size
-        tokenizer: Any = CharTokenizer(**BUILTIN_TOKENIZERS.get(name[len(BUILTIN_PREFIX) :], {}))
+        tokenizer: Any = CharTokenizer()
     elif os.path.isdir(expanded) and _is_char_tokenizer_dir(expanded):
         tokenizer = CharTokenizer.from_pretrained(expanded)
     else:

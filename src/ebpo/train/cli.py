@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 import typing
@@ -21,10 +22,11 @@ from typing import Any
 
 import yaml
 
-from ebpo.fileio import check_output_dir, make_output_dir, remove_output_dir
+from ebpo.fileio import RunInUse, RunLock, check_output_dir, make_output_dir, remove_output_dir
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import list_methods, preset
+from ebpo.train.procs import Stopped, StopSignals
 
 __all__ = [
     "main",
@@ -226,13 +228,17 @@ def _prepare_run_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> s
             raise ValueError(f"--resume {run_dir!r}: no such run directory")
         if not os.access(run_dir, os.W_OK | os.X_OK):
             raise ValueError(f"--resume {run_dir!r}: the run directory is not writable")
+        holder = RunLock.holder(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        if holder is not None:  # before reading checkpoints a live run may be replacing
+            raise RunInUse(f"--resume {run_dir}: the run is still going ({holder} holds it); stop it first")
         ckpt.check_checkpoint(run_dir, int(os.environ.get("WORLD_SIZE", "1")))
         return run_dir
     if int(os.environ.get("RANK", "0")) != 0:
         return run_dir  # rank 0 alone checks and creates it (it may already have written config.yaml)
     check_output_dir(run_dir, _COMMAND, overwrite=overwrite)
     if overwrite and os.path.isdir(run_dir) and os.listdir(run_dir):
-        remove_output_dir(run_dir, _COMMAND)
+        with RunLock(run_dir, _COMMAND):  # a live run is refused, never deleted under its process
+            remove_output_dir(run_dir, _COMMAND)
     return run_dir
 
 
@@ -244,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<14} {preset(name)}")
         return 0
     resume = bool(getattr(args, "resume", None))
+    try:
+        return _main(args, resume)
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handling is in place: nothing to save yet
+        print("ebpo train: stopped by SIGINT before training started; nothing was saved", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, resume: bool) -> int:
     try:
         is_main = int(os.environ.get("RANK", "0")) == 0
         config = resolve_config(args, echo=print if is_main else None)
@@ -258,19 +272,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
-    from ebpo.train.trainer import Trainer
+    """Train in ``run_dir`` (rank 0 holds its lock throughout); the exit status.
 
+    SIGTERM or SIGINT ends the run after the current step with a checkpoint and one line (exit 143 / 130;
+    a second signal stops at once without saving). A failed write (a full disk) ends it with one line
+    naming the path, the free space and the last complete checkpoint (exit 1).
+    """
     _quiet_transformers()
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        if not resume:
-            make_output_dir(run_dir, _COMMAND)
-        else:
-            try:  # the newest complete checkpoint in place, broken newer ones set aside, orphaned temporaries gone
-                ckpt.settle_checkpoints(run_dir, int(os.environ.get("WORLD_SIZE", "1")))
+    lock = None
+    with StopSignals(on_first=_acknowledge if is_main else None, on_second=_stop_at_once) as stop:
+        if is_main:
+            if not resume:
+                make_output_dir(run_dir, _COMMAND)
+            try:
+                # Held until this process ends: a second train --resume/--overwrite or compare on it is refused.
+                lock = RunLock(run_dir, _COMMAND).acquire()
+                if resume:  # the newest complete checkpoint in place, broken newer ones aside, temporaries gone
+                    ckpt.settle_checkpoints(run_dir, int(os.environ.get("WORLD_SIZE", "1")))
             except ValueError as exc:
+                if lock is not None:
+                    lock.release()
                 print(f"ebpo train: error: {exc}", file=sys.stderr)
                 return 2
+        try:
+            return _run_locked(config, components, run_dir, resume=resume, is_main=is_main, stop=stop)
+        except Stopped as stopped:
+            return stopped.exit_code  # the trainer printed the line (checkpoint saved, how to resume)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _acknowledge(signum: int) -> None:
+    # os.write, not print: a handler that prints while the main thread is inside print raises "reentrant call".
+    name = signal.Signals(signum).name
+    os.write(
+        2,
+        f"{name} received: finishing the current step, then saving a checkpoint and stopping "
+        f"(send {name} again to stop at once, without saving)\n".encode(),
+    )
+
+
+def _stop_at_once(signum: int) -> None:
+    name = signal.Signals(signum).name
+    os.write(
+        2, f"second {name}: stopped at once, without saving; --resume continues from the last checkpoint\n".encode()
+    )
+    os._exit(128 + signum)  # no cleanup can be trusted mid-step; checkpoints are atomic and the lock dies with us
+
+
+def _run_locked(config: Any, components: Any, run_dir: str, *, resume: bool, is_main: bool, stop: StopSignals) -> int:
+    from ebpo.train.trainer import Trainer
+
+    if is_main:
         config = dataclasses.replace(config, out=run_dir)
         from ebpo.train.warmstart import library_versions
 
@@ -282,7 +337,7 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
             yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
         os.replace(tmp, os.path.join(run_dir, "config.yaml"))  # a resumed run's config is replaced whole or not at all
     trainer = Trainer(config, run_dir, components, resume=resume, echo=print if is_main else (lambda _: None))
-    summary = trainer.train()
+    summary = trainer.train(stop=stop)
     if is_main:
         print(
             f"done: held-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "

@@ -20,6 +20,8 @@ import contextlib
 import copy
 import os
 import resource
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, validate
 from ebpo.train.data import PromptStream
 from ebpo.train.distributed import setup
+from ebpo.train.procs import Stopped, StopSignals
 from ebpo.train.rollout import SHARED_FORWARDS, length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, accuracy_change_se, format_line, plot_curves
 from ebpo.train.warmstart import cached_warmstart, library_versions, train_data_id
@@ -384,8 +387,15 @@ class Trainer:
             yield
 
     # ---------------------------------------------------------------- the loop
-    def train(self) -> dict[str, Any]:
+    def train(self, stop: StopSignals | None = None) -> dict[str, Any]:
+        """Run to ``config.steps``, evaluate and save; returns the summary.
+
+        ``stop``: once it has recorded a SIGTERM or SIGINT, the run ends after the step in progress (or
+        before the first one) with a checkpoint of that step and one line, raising :class:`Stopped`. The
+        checkpoint holds every RNG state, so a resume reproduces the uninterrupted run's next steps.
+        """
         cfg = self.config
+        self._stop_if_requested(stop, None, saved=False)
         if self.accuracy_before is None:
             self.accuracy_before = self.evaluate()
             self.scores_before = self.last_eval_scores  # per problem, for the paired standard error of the change
@@ -407,16 +417,38 @@ class Trainer:
                 self.step % cfg.log_every == 0 or self.step == 1 or self.step == cfg.steps
             ):  # first, every log_every, last
                 _write(bar, format_line(self.step, cfg.steps, metrics), self.echo if self.dist.is_main else None)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            saved = bool(cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps)
+            if saved:
                 self.save()
             if bar is not None:
                 bar.update(1)
+            self._stop_if_requested(stop, bar, saved=saved)
         if bar is not None:
             bar.close()
         accuracy_after = self.evaluate()
         self.tracker.log(self.step, {"eval/accuracy": accuracy_after})
         self.save()
         return self.finish(accuracy_after)
+
+    def _stop_if_requested(self, stop: StopSignals | None, bar: Any, *, saved: bool) -> None:
+        """Between steps: if any rank got a stop signal, save this step's checkpoint (unless just saved),
+        print one line and raise :class:`Stopped`. Every rank reads the same answer (one collective), so all
+        of them stop at the same step and save together."""
+        if stop is None:
+            return
+        signum = int(self.dist.max(float(stop.signum or 0)))
+        if not signum:
+            return
+        if bar is not None:
+            bar.close()
+        if not saved:
+            self.save()
+        self.tracker.close()
+        name = signal.Signals(signum).name
+        self.echo(
+            f"stopped by {name} at step {self.step}; resume with: ebpo train --resume {shlex.quote(self.run_dir)}"
+        )
+        raise Stopped(signum)
 
     def rollout_and_score(self) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
         """Sample and score one step's responses (this rank's share); DAPO dynamic sampling resamples.
