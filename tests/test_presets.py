@@ -63,7 +63,8 @@ def _row(
 DOCUMENTED: dict[str, dict] = {
     "grpo": _row("grpo", "seq-mean-token-mean"),
     "dr_grpo": _row("dr_grpo", "seq-mean-token-sum-norm"),
-    "dapo": _row("grpo", "token-mean", eps=(0.2, 0.28), dynamic_sampling=True, overlong=(4, 1.0)),
+    # overlong buffer: a fifth of max_new_tokens, 44 // 5 = 8 at the default task's length (stepwise)
+    "dapo": _row("grpo", "token-mean", eps=(0.2, 0.28), dynamic_sampling=True, overlong=(8, 1.0)),
     "rloo": _row("rloo", "seq-mean-token-mean"),
     "entropymech": _row("grpo", "token-mean", loss="clip_cov"),
     "ebpo": _row("ebpo", "token-mean", divergence=_KL, div_coef=0.001),
@@ -140,3 +141,30 @@ def test_docs_presets_table_matches():
     documented = {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows}
     expected = {method: [_cell(c, components[c]) for c in _COLUMNS] for method, components in DOCUMENTED.items()}
     assert documented == expected
+
+
+def test_dapo_overlong_buffer_is_a_fifth_of_max_new_tokens():
+    """DAPO (arXiv 2503.14476) ramps the penalty over the last 4096 of 20480 tokens."""
+    from ebpo.train.presets import dapo_overlong_buffer
+
+    cases = {1: 0, 2: 1, 4: 1, 12: 2, 44: 8, 1000: 200, 20480: 4096, 131072: 26214}
+    assert {n: dapo_overlong_buffer(n) for n in cases} == cases
+
+
+def test_dapo_overlong_buffer_scales_with_max_new_tokens(tmp_path):
+    """The dapo preset's buffer was a fixed 4 tokens whatever --max-new-tokens: no soft ramp at all at 1k tokens,
+    and an invalid config (buffer >= max_new_tokens) at 4. Now derived from max_new_tokens wherever it is set
+    (flag, YAML, the task's recommendation); a buffer set by a flag or the YAML file wins."""
+    small = ["--task", "arithmetic", "--task-options", "{num_train: 8, num_eval: 4}"]
+    for max_new_tokens, buffer in ((4, 1), (1000, 200)):
+        config = _resolve(["--method", "dapo", *small, "--max-new-tokens", str(max_new_tokens)])
+        assert config.overlong_buffer == buffer
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"method": "dapo", "max_new_tokens": 20480}))
+    assert _resolve(["--config", str(path), *small]).overlong_buffer == 4096
+    assert _resolve(["--config", str(path), *small, "--overlong-buffer", "3"]).overlong_buffer == 3
+    path.write_text(yaml.safe_dump({"method": "dapo", "overlong_buffer": 3, "max_new_tokens": 20480}))
+    assert _resolve(["--config", str(path), *small]).overlong_buffer == 3
+    # The task's recommended length (stepwise: 44), and other methods keep shaping off.
+    assert _resolve(["--method", "dapo"]).overlong_buffer == 8
+    assert _resolve(["--method", "grpo", *small, "--max-new-tokens", "1000"]).overlong_buffer == 0

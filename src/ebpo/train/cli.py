@@ -25,7 +25,7 @@ import yaml
 from ebpo.fileio import RunInUse, RunLock, check_output_dir, make_output_dir, remove_output_dir
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
-from ebpo.train.presets import list_methods, preset
+from ebpo.train.presets import derived, describe, list_methods, preset
 from ebpo.train.procs import Stopped, StopSignals
 
 __all__ = [
@@ -137,7 +137,9 @@ def resolve_config(args: argparse.Namespace, *, echo: Callable[[str], None] | No
     recommended = task_recommendations(values["task"], values["task_options"])
     if recommended and echo is not None:
         echo(_describe_recommendations(values["task"], recommended, chosen))
-    return TrainConfig(**coerce_fields({**values, **recommended, **chosen}))
+    resolved = coerce_fields({**values, **recommended, **chosen})
+    resolved.update(derived(method, resolved, given={*file_values, *flags}))  # e.g. dapo's buffer from max_new_tokens
+    return TrainConfig(**resolved)
 
 
 def task_recommendations(task: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if getattr(args, "list_methods", False):
         for name in list_methods():
-            print(f"{name:<14} {preset(name)}")
+            print(f"{name:<14} {describe(name)}")
         return 0
     resume = bool(getattr(args, "resume", None))
     try:
