@@ -83,3 +83,38 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_chat_tokenizer_pads_its_vocabulary_and_splits_chat_tokens_whole(tmp_path):
+    tok = CharTokenizer(chat=True, vocab_size=1000)
+    assert len(tok) == tok.vocab_size == 1000
+    text = tok.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n1+2=<|im_end|>\n<|im_start|>assistant\n"  # ChatML, as Qwen2.5 writes it
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert (ids.count(im_start), ids.count(im_end), len(ids)) == (2, 1, len("user\n1+2=\nassistant\n") + 3)
+    assert tok.decode(ids, skip_special_tokens=True) == "user\n1+2=\nassistant\n"
+    assert tok("ab")["input_ids"] == CharTokenizer()("ab")["input_ids"]  # characters keep their ids
+    tok.save_pretrained(tmp_path)
+    again = CharTokenizer.from_pretrained(tmp_path)
+    assert again.get_vocab() == tok.get_vocab() and again.chat_template == tok.chat_template
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    with pytest.raises(ValueError, match="below"):
+        CharTokenizer(vocab_size=50)
+
+
+def test_builtin_qwen_shapes_has_qwens_vocabulary_and_end_of_turn_ids(tmp_path):
+    """Qwen2.5-Instruct: 151,936 embedding rows; a turn ends in <|im_end|>, which is not the tokenizer's EOS,
+    and the generation config lists both. Saved and loaded back, it keeps all three."""
+    from ebpo.sampling import end_of_turn_ids
+
+    model, tok = load_policy("builtin:qwen-shapes", device=torch.device("cpu"))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.config.vocab_size == len(tok) == 151_936 and im_end != tok.eos_token_id
+    assert model.generation_config.eos_token_id == [im_end, tok.eos_token_id]
+    assert end_of_turn_ids(model, tok) == sorted([im_end, tok.eos_token_id])
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = load_policy(str(tmp_path), device=torch.device("cpu"))
+    assert again.generation_config.eos_token_id == [im_end, tok.eos_token_id]
+    assert len(tok2) == 151_936 and tok2.chat_template == tok.chat_template

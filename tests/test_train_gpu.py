@@ -16,7 +16,8 @@ def test_trainer_places_everything_on_the_gpu_and_computes_in_bf16(make_trainer,
     )
     assert trainer.device.type == "cuda" and trainer.dist.device.type == "cuda"
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in trainer.params)  # fp32 masters
-    assert trainer.ref_model is not None and next(trainer.ref_model.parameters()).dtype == torch.bfloat16
+    # The reference is stored as the policy is (fp32) and runs under the same autocast: equal to it at step 0.
+    assert trainer.ref_model is not None and next(trainer.ref_model.parameters()).dtype == torch.float32
     rollout, advantages = synthetic_batch(trainer)
     assert rollout.input_ids.device.type == "cuda"
     seen: list[torch.dtype] = []

@@ -15,7 +15,10 @@ the log-probabilities recomputed for the update match the sampling policy.
 Sampling uses :func:`sampling_config`, a fresh
 ``GenerationConfig`` that names every setting and neutralises the rest, so a
 checkpoint's own ``generation_config.json`` (repetition penalty, top-k, ...)
-never changes what the trainer samples.
+never changes what the trainer samples. The one thing read from it is where a
+turn ends (:func:`end_of_turn_ids`): chat models end a turn in a token that is
+not the tokenizer's EOS (Qwen2.5-Instruct: ``<|im_end|>``, with
+``<|endoftext|>`` as EOS), and a completion ends at the first token of either.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ __all__ = [
     "prompt_text",
     "encode_prompts",
     "completion_mask",
+    "end_of_turn_ids",
     "position_ids",
     "base_model",
     "cache_kwarg",
+    "keeps_logits",
     "sampling_config",
     "generate",
     "EVAL_SEED_OFFSET",
@@ -54,8 +59,8 @@ class Rollout:
     """One batch of sampled sequences (B rows)."""
 
     input_ids: Tensor  # (B, P + T) prompt and completion tokens
-    attention_mask: Tensor  # (B, P + T) 1 on real prompt tokens and on completion tokens up to EOS
-    completion_mask: Tensor  # (B, T) 1 on completion tokens up to and including the first EOS
+    attention_mask: Tensor  # (B, P + T) 1 on real prompt tokens and on completion tokens up to the turn's end
+    completion_mask: Tensor  # (B, T) 1 on completion tokens up to and including the first end_of_turn_ids token
     prompt_length: int  # P
     group_ids: Tensor  # (B,) int64 on the CPU, one id per prompt of the step (global over ranks); the estimator runs on the CPU.
     # Rows with the same group id have the same prompt tokens and padding (the update runs each prompt once).
@@ -136,8 +141,25 @@ def encode_prompts(
     return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
+def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The token ids that end a completion: the tokenizer's EOS and every id of the model's generation config.
+
+    A chat model's ``generation_config.eos_token_id`` (an id or a list) names
+    the end of its turn, which need not be ``tokenizer.eos_token_id``:
+    Qwen2.5-Instruct lists ``<|im_end|>`` and ``<|endoftext|>``, its tokenizer's
+    EOS being ``<|endoftext|>``; stopping at EOS alone samples past the turn's
+    end, and that continuation would be scored and trained on. Sampling, the
+    completion mask and DAPO's truncation test all use this union.
+    """
+    ids = [tokenizer.eos_token_id]
+    config = getattr(base_model(model), "generation_config", None)
+    listed = getattr(config, "eos_token_id", None)
+    ids += [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted({int(i) for i in ids if i is not None})
+
+
 def completion_mask(completion_ids: Tensor, eos_token_id: int | list[int]) -> Tensor:
-    """(B, T) mask: 1 up to and including the first EOS, 0 after it (padding)."""
+    """(B, T) mask: 1 up to and including the first EOS (any of ``eos_token_id``), 0 after it (padding)."""
     eos_ids = torch.as_tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=completion_ids.device
     )
@@ -157,6 +179,15 @@ def base_model(model: Any) -> Any:
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, FSDP
         inner = inner.module
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def keeps_logits(model: Any) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50).
+
+    Looked up on the class of the innermost model (:func:`base_model`), as
+    :func:`cache_kwarg` does; the wrappers pass the keyword through to it.
+    """
+    return "logits_to_keep" in inspect.signature(type(base_model(model)).forward).parameters
 
 
 def cache_kwarg(model: Any) -> str:
@@ -258,17 +289,25 @@ def _shared_prompt_cache(model: Any, input_ids: Tensor, attention_mask: Tensor, 
     prefix-cache reuse that transformers documents for ``generate``). Same
     positions and mask as a full prefill, so the sampling distribution is
     unchanged (tested against ``share_prompt_cache=False``).
+
+    Only the cache is used, so the LM head runs on one position
+    (``logits_to_keep=1``, as ``generate``'s own prefill does): the full
+    (n, P - 1, V) fp32 logits would be 592 MiB for two 512-token prompts at a
+    152k vocabulary, tens of GB for 128 prompts of 1k tokens. Models whose
+    forward does not take the keyword build them all.
     """
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     prefix_ids, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     model(
         input_ids=prefix_ids,
         attention_mask=prefix_mask,
         position_ids=position_ids(prefix_mask),
         use_cache=True,
         **{cache_kwarg(model): cache},
+        **keep,
     )
     cache.batch_repeat_interleave(repeats)
     return cache
@@ -297,15 +336,16 @@ def generate(
     ordered problem by problem, G consecutive rows each. ``batch_size``
     sequences per ``generate`` call (0 = all; rounded to whole groups).
     ``share_prompt_cache``: prefill each prompt once for its G samples.
-    Sampling settings come from :func:`sampling_config` only (the model's own
-    generation config is ignored). ``autocast``: a context manager factory
+    Sampling settings come from :func:`sampling_config` only (of the model's
+    own generation config, only its end-of-turn ids are read:
+    :func:`end_of_turn_ids`). ``autocast``: a context manager factory
     for the forward passes (mixed precision), none = run as stored.
     """
     device = next(model.parameters()).device
     repeated = [p for p in problems for _ in range(group_size)]
     encoded = encode_prompts(problems, tokenizer, chat_template, device)  # (n, P), one row per problem
     prompt_length = encoded["input_ids"].shape[1]
-    eos = tokenizer.eos_token_id
+    eos = end_of_turn_ids(model, tokenizer)  # read before _NeutralDefaults swaps the generation config out
     chunks = []
     per_call = max(1, batch_size // group_size) if batch_size > 0 else max(len(problems), 1)
     share = share_prompt_cache and group_size > 1 and prompt_length > 1

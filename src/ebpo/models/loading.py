@@ -7,6 +7,11 @@
   with the :class:`~ebpo.models.tokenizer.CharTokenizer`; nothing is downloaded.
   ``"builtin:medium"`` is the same recipe at ~40 M parameters, large enough
   to exercise a GPU (``scripts/gpu-check.sh``); see :data:`BUILTIN_SPECS`.
+  ``"builtin:qwen-shapes"`` has a real chat model's shapes around a tiny
+  core: Qwen2.5's vocabulary size (151,936 ids, the character tokenizer
+  padded), a ChatML template whose turns end in ``<|im_end|>`` and a
+  generation config that lists ``<|im_end|>`` and EOS, as Qwen2.5-Instruct's
+  does (the trainer's real-shapes test runs it).
 * a local directory written by ``save_pretrained`` (an ebpo checkpoint, or
   any HF model): loaded with ``AutoModelForCausalLM``; a directory whose
   tokenizer config names ``CharTokenizer`` gets that tokenizer back.
@@ -61,7 +66,13 @@ BUILTIN_SPECS: dict[str, TinyLlamaSpec] = {
     "medium": TinyLlamaSpec(
         hidden_size=512, num_layers=12, num_heads=8, intermediate_size=1536, max_positions=256
     ),  # ~41 M
+    # Qwen2.5-Instruct's vocabulary and end-of-turn tokens (BUILTIN_TOKENIZERS) around a tiny core (~4.9 M
+    # parameters, nearly all of them the tied 151,936 x 32 embedding): the LM head's shape is a real one.
+    "qwen-shapes": TinyLlamaSpec(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=1024),
 }
+
+# The character tokenizer's options of each built-in model (the default alphabet without chat tokens when absent).
+BUILTIN_TOKENIZERS: dict[str, dict[str, Any]] = {"qwen-shapes": {"chat": True, "vocab_size": 151_936}}
 
 
 def builtin_spec(name: str) -> TinyLlamaSpec:
@@ -93,6 +104,8 @@ def build_tiny_llama(spec: TinyLlamaSpec, tokenizer: CharTokenizer, *, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    if getattr(tokenizer, "chat", False):  # a turn ends in <|im_end|> or EOS, as Qwen2.5-Instruct's config says
+        model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     return model
 
 
@@ -191,7 +204,8 @@ def load_tokenizer(name: str) -> Any:
     """The tokenizer for ``name`` (CharTokenizer for the built-in model and its checkpoints), padding on the left."""
     expanded = os.path.expanduser(name)
     if name.startswith(BUILTIN_PREFIX):
-        tokenizer: Any = CharTokenizer()
+        builtin_spec(name)  # a known size
+        tokenizer: Any = CharTokenizer(**BUILTIN_TOKENIZERS.get(name[len(BUILTIN_PREFIX) :], {}))
     elif os.path.isdir(expanded) and _is_char_tokenizer_dir(expanded):
         tokenizer = CharTokenizer.from_pretrained(expanded)
     else:

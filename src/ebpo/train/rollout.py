@@ -16,13 +16,12 @@ default.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ebpo.sampling import Rollout, base_model, cache_kwarg, position_ids
+from ebpo.sampling import Rollout, base_model, cache_kwarg, keeps_logits, position_ids
 from ebpo.verifiers.base import Verifier
 
 __all__ = [
@@ -38,13 +37,7 @@ __all__ = [
 ]
 
 
-def _keeps_logits(model: Any) -> bool:
-    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50).
-
-    Looked up on the class of the innermost model (:func:`ebpo.sampling.base_model`), as
-    :func:`ebpo.sampling.cache_kwarg` does; the wrappers pass the keyword through to it.
-    """
-    return "logits_to_keep" in inspect.signature(type(base_model(model)).forward).parameters
+_keeps_logits = keeps_logits  # the name the tests imported before generation's prefill needed it too
 
 
 def completion_logits(
@@ -58,7 +51,7 @@ def completion_logits(
     ``logits_to_keep`` run the full forward and are sliced (same values).
     """
     completion = input_ids.shape[1] - prompt_length  # T
-    kwargs = {"logits_to_keep": completion + 1} if _keeps_logits(model) else {}  # positions P-1 .. P+T-1
+    kwargs = {"logits_to_keep": completion + 1} if keeps_logits(model) else {}  # positions P-1 .. P+T-1
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -103,7 +96,7 @@ def shared_prompt_logits(
 
     cache = DynamicCache(config=base_model(model).config)
     prompt_ids, prompt_mask = input_ids[heads, :prompt_length], attention_mask[heads, :prompt_length]  # (U, P)
-    keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
