@@ -8,6 +8,8 @@ of a save, a lock held by a live process and by a dead one. Every test uses one 
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import signal
@@ -401,3 +403,87 @@ def test_compare_and_meta_stop_in_one_line_with_the_signals_exit_status(tmp_path
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("ebpo meta: stopped by SIGTERM in iteration 1") and "--resume" in last
     assert not (tmp_path / "c" / ".ebpo-lock").exists() and not (tmp_path / "m" / ".ebpo-lock").exists()
+
+
+# ------------------------------------------------------------------ 4. a full disk
+def _no_tmp_anywhere(run_dir: Path) -> bool:
+    return not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_during_a_save_says_where_and_keeps_the_last_checkpoint(finished, tmp_path, monkeypatch, capsys):
+    """torch's zip writer on a full disk raises RuntimeError('... unexpected pos'); the step-2 save fails."""
+    calls = [0]
+    save = torch.save
+
+    def save_until_full(obj, path, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:  # step 1 wrote rng (1) and state (2); step 2 its rng (3), then its state (4)
+            Path(path).write_bytes(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 320 vs 254")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), *STEPS, "--seed", "4", *TINY]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert ".step-000002.tmp/trainer_state.pt: [enforce fail" in err and "free on its filesystem" in err, err
+    assert f"the last complete checkpoint is {run_dir / 'checkpoints' / 'step-000001'}" in err
+    assert f"resume with: ebpo train --resume {run_dir}" in err
+    assert entries(run_dir) == ["step-000001"] and _no_tmp_anywhere(run_dir)
+    ckpt.check_checkpoint_dir(str(run_dir / "checkpoints" / "step-000001"), 1)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run_dir)]) == 0  # space freed: the run continues as if never stopped
+    assert rows(run_dir) == rows(finished)
+
+
+@pytest.mark.parametrize("how", ["short-write", "raises-after-part"])
+def test_a_full_disk_during_a_metrics_write_leaves_only_whole_rows(finished, tmp_path, monkeypatch, capsys, how):
+    write = os.write
+
+    def write_until_full(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl") and b'"step": 2,' in data:
+            written = write(fd, data[: len(data) // 2])  # what a full disk lets through
+            if how == "short-write":
+                return written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", write_until_full)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), *STEPS, "--seed", "4", *TINY]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert f"cannot write {run_dir / 'metrics.jsonl'}: No space left on device (" in err, err
+    assert f"the last complete checkpoint is {run_dir / 'checkpoints' / 'step-000001'}" in err
+    text = (run_dir / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(line)["step"] for line in text.splitlines()] == [1]
+    assert _no_tmp_anywhere(run_dir)
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert rows(run_dir) == rows(finished)
+
+
+def test_resume_repairs_a_torn_last_metrics_row_with_a_warning(run, capsys):
+    """A metrics.jsonl torn by an older ebpo (or a power cut): the resume warns and drops it, never crashes."""
+    shutil.rmtree(run / "checkpoints" / "step-000003")  # as if stopped after step 2 while writing step 3's row
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:2]) + lines[2][:25])
+    assert main(["train", "--resume", str(run)]) == 0
+    assert (
+        f"warning: {run / 'metrics.jsonl'} line 3 is not a whole JSON row (a torn write); dropped it"
+        in capsys.readouterr().out
+    )
+    assert rows(run) == [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
+
+
+def test_a_torn_row_inside_metrics_is_dropped_on_resume_and_named_when_read(tmp_path):
+    from ebpo.train.tracking import _truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.{"step": 2, "a": 2.0}\n{"step": 3, "a": 3.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a whole metrics row"):
+        read_metrics(str(path))
+    said = []
+    _truncate_after(str(path), 2, said.append)
+    assert read_metrics(str(path)) == [{"step": 1, "a": 1.0}] and said == [
+        f"warning: {path} line 2 is not a whole JSON row (a torn write); dropped it"
+    ]

@@ -52,6 +52,7 @@ from ebpo.fileio import RunLock, check_output_dir, make_output_dir, step_dirs
 from ebpo.stats_report import mean_ci, samples_to_target
 from ebpo.train.cli import check_extra_train_args, check_train_args
 from ebpo.train.procs import Stopped, run_parallel
+from ebpo.train.tracking import read_metrics
 
 __all__ = ["main", "RunSpec", "aggregate_runs"]
 
@@ -364,7 +365,7 @@ def evaluate_finals(dirs: dict[RunSpec, Path], samples: int, workers: int) -> No
 def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_samples: int = 0) -> dict[str, Any]:
     """A run's curves and final accuracy; the final one from its ``final_samples`` evaluation when that is given."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(str(run_dir / "metrics.jsonl"))  # file and line named if a row is broken
     samples, curve, step_times, lengths = 0.0, [(0.0, summary["accuracy_before"])], [], []
     length_curve: list[tuple[float, float]] = []
     seen_steps: set[int] = set()

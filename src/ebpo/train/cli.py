@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,7 +24,15 @@ from typing import Any
 
 import yaml
 
-from ebpo.fileio import RunInUse, RunLock, check_output_dir, make_output_dir, remove_output_dir
+from ebpo.fileio import (
+    RunInUse,
+    RunLock,
+    check_output_dir,
+    make_output_dir,
+    remove_output_dir,
+    step_dirs,
+    write_failure,
+)
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.config import TrainConfig, check_known_fields, coerce_fields, field_docs
 from ebpo.train.presets import derived, describe, list_methods, preset
@@ -301,9 +311,28 @@ def run(config: Any, components: Any, run_dir: str, *, resume: bool) -> int:
             return _run_locked(config, components, run_dir, resume=resume, is_main=is_main, stop=stop)
         except Stopped as stopped:
             return stopped.exit_code  # the trainer printed the line (checkpoint saved, how to resume)
+        except OSError as exc:
+            if not isinstance(exc, ckpt.CheckpointWriteError) and exc.errno not in _WRITE_ERRNOS:
+                raise  # not a write that the disk refused: a bug, with its traceback
+            print(f"ebpo train: error: {_write_error_line(exc, run_dir)}", file=sys.stderr)
+            return 1
         finally:
             if lock is not None:
                 lock.release()
+
+
+# Errors of a write the disk refused: full, over quota, too large, read-only, failing.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+def _write_error_line(exc: OSError, run_dir: str) -> str:
+    """One line: what could not be written, the free space, the last complete checkpoint, how to go on."""
+    resume = f"free some space, then resume with: ebpo train --resume {shlex.quote(run_dir)}"
+    if isinstance(exc, ckpt.CheckpointWriteError):
+        return f"{exc}; {resume}"
+    done = step_dirs(os.path.join(run_dir, "checkpoints"))
+    last = os.path.join(run_dir, "checkpoints", done[-1]) if done else "none yet"
+    return f"{write_failure(exc.filename or run_dir, exc)}; the last complete checkpoint is {last}; {resume}"
 
 
 def _acknowledge(signum: int) -> None:
@@ -332,12 +361,21 @@ def _run_locked(config: Any, components: Any, run_dir: str, *, resume: bool, is_
         from ebpo.train.warmstart import library_versions
 
         tmp = os.path.join(run_dir, ".config.yaml.tmp")
-        with open(tmp, "w") as handle:
-            # What the numbers also depend on (comments, so --resume reads the file as before); summary.json has the threads used.
-            versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
-            handle.write(f"# ebpo train with {versions}, python {sys.version.split()[0]}; {os.cpu_count()} CPU cores\n")
-            yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
-        os.replace(tmp, os.path.join(run_dir, "config.yaml"))  # a resumed run's config is replaced whole or not at all
+        try:
+            with open(tmp, "w") as handle:
+                # What the numbers also depend on (comments, so --resume reads the file as before); summary.json has the threads used.
+                versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+                handle.write(
+                    f"# ebpo train with {versions}, python {sys.version.split()[0]}; {os.cpu_count()} CPU cores\n"
+                )
+                yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
+            os.replace(
+                tmp, os.path.join(run_dir, "config.yaml")
+            )  # a resumed run's config: replaced whole or not at all
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     trainer = Trainer(config, run_dir, components, resume=resume, echo=print if is_main else (lambda _: None))
     summary = trainer.train(stop=stop)
     if is_main:

@@ -9,12 +9,14 @@ steps one readable line goes to the console.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ebpo.fileio import append_line
 from ebpo.train.trackers import Backend, open_backends
 
 __all__ = ["Tracker", "accuracy_change_se", "format_line", "plot_curves", "read_metrics", "CURVE_PANELS"]
@@ -56,7 +58,7 @@ class Tracker:
         self.backends: list[Backend] = []
         if not enabled:
             return
-        _truncate_after(self.path, resume_step)  # a resumed run rewrites the steps after its checkpoint
+        _truncate_after(self.path, resume_step, echo)  # a resumed run rewrites the steps after its checkpoint
         self.backends = open_backends(report_to, run_dir, config=config or {}, resume_step=resume_step, echo=echo)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -65,8 +67,8 @@ class Tracker:
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         if bad:  # loud, but keep the record: the jsonl shows where it went wrong
             self.echo(f"warning: non-finite metrics at step {step}: {bad}")
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        # One write of a whole line, cut back if the disk fills part-way: a reader never meets a torn row.
+        append_line(self.path, json.dumps({"step": step, **metrics}) + "\n")
         for backend in self.backends:
             backend.log(step, metrics)
 
@@ -76,19 +78,55 @@ class Tracker:
         self.backends = []
 
 
-def _truncate_after(path: str, step: int) -> None:
+def _truncate_after(path: str, step: int, echo: Callable[[str], None] = print) -> None:
+    """Keep the rows up to ``step`` (a resumed run rewrites the later ones), replacing the file atomically.
+
+    A line that is not a whole JSON row (a write torn by a kill or a full disk, before rows were written
+    whole, or a power cut) is dropped with a warning naming it, instead of making every resume fail.
+    """
     if not os.path.exists(path):
         return
-    rows = read_metrics(path)
-    with open(path, "w") as handle:
-        for row in rows:
-            if row["step"] <= step:
-                handle.write(json.dumps(row) + "\n")
+    torn: list[int] = []
+    rows = read_metrics(path, torn=torn)
+    for number in torn:
+        echo(f"warning: {path} line {number} is not a whole JSON row (a torn write); dropped it")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
+        os.replace(tmp, path)  # the old file stays whole until the new one is
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_metrics(path: str, *, torn: list[int] | None = None) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``.
+
+    ``torn``: a list that receives the line numbers of lines that are not a JSON object with a ``step``
+    (dropped); without it such a line raises ValueError naming the file and line. A last line without its
+    newline that does not parse is always dropped: it is the row a kill or a full disk was writing.
+    """
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a JSON object with a step")
+        except ValueError as exc:
+            if number == len(lines) and torn is None:  # no newline after it: the torn last write
+                continue
+            if torn is None:
+                raise ValueError(f"{path}:{number}: not a whole metrics row ({exc})") from None
+            torn.append(number)
+            continue
+        rows.append(row)
+    return rows
 
 
 def accuracy_change_se(

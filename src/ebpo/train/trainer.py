@@ -853,8 +853,15 @@ class Trainer:
         if self.dist.is_main:
             import json
 
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as handle:
-                json.dump(summary, handle, indent=2)
+            path = os.path.join(self.run_dir, "summary.json")
+            try:  # whole or absent: compare reads a run with summary.json as finished
+                with open(path + ".tmp", "w") as handle:
+                    json.dump(summary, handle, indent=2)
+                os.replace(path + ".tmp", path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                raise
             plot_curves(
                 os.path.join(self.run_dir, "metrics.jsonl"),
                 os.path.join(self.run_dir, "learning_curve.png"),
