@@ -487,3 +487,165 @@ def test_a_torn_row_inside_metrics_is_dropped_on_resume_and_named_when_read(tmp_
     assert read_metrics(str(path)) == [{"step": 1, "a": 1.0}] and said == [
         f"warning: {path} line 2 is not a whole JSON row (a torn write); dropped it"
     ]
+
+
+# ------------------------------------------------------------------ 5. bad inputs: one line, before any run folder
+def _jsonl(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join(['*' + a] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)
+ROW = '{"question": "1+1=", "answer": "2"}'
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name: (ebpo train flags, what the one error line says)."""
+    gsm8k = ["--task", "dataset:gsm8k", "--warmstart-steps", "0", "--max-new-tokens", "4"]
+    (tmp / "runs").mkdir(exist_ok=True)
+    (tmp / "bomb.yaml").write_text(BOMB + "steps: *i\n")
+    (tmp / "big.yaml").write_text("steps: [" + ", ".join(["123456789"] * 20000) + "]\n")
+    (tmp / "latin1.yaml").write_bytes("steps: 3 # caf\xe9\n".encode("latin-1"))
+    (tmp / "latin1.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "2"}\n')
+    (tmp / "numbers.json").write_text("[1, 2, 3]")
+    files = {
+        "n": _jsonl(tmp / "n.jsonl", [ROW, "5"]),
+        "z": _jsonl(tmp / "z.jsonl", [ROW, "null"]),
+        "l": _jsonl(tmp / "l.jsonl", ["[1, 2]"]),
+        "m": _jsonl(tmp / "m.jsonl", [ROW, '{"question": ']),
+        "h": _jsonl(tmp / "h.jsonl", [json.dumps({"prompt": "def f():", "entry_point": "f"})]),
+        "long": _jsonl(tmp / "long.jsonl", [json.dumps({"question": "x" * 80, "answer": "2"})] * 3),
+        "w": _jsonl(tmp / "w.jsonl", [json.dumps({"question": "1+1=", "answer": "2" * 70})] * 5),
+    }
+
+    def data(name: str, extra: str = "") -> list[str]:
+        return ["--task-options", f"{{{extra}path: {files.get(name) or tmp / name}}}"]
+
+    return {
+        "row-a-number": (
+            [*gsm8k, *data("n")],
+            "n.jsonl:2: a row must be a JSON object with the dataset's columns, got a number 5",
+        ),
+        "row-null": (
+            [*gsm8k, *data("z")],
+            "z.jsonl:2: a row must be a JSON object with the dataset's columns, got null",
+        ),
+        "row-a-list": (
+            [*gsm8k, *data("l")],
+            "l.jsonl:1: a row must be a JSON object with the dataset's columns, got a list",
+        ),
+        "json-of-numbers": ([*gsm8k, *data("numbers.json")], "numbers.json item 1: a row must be a JSON object"),
+        "malformed-json": ([*gsm8k, *data("m")], "m.jsonl:2: not valid JSON"),
+        "not-utf8-data": ([*gsm8k, *data("latin1.jsonl")], "latin1.jsonl:1: not UTF-8 text"),
+        "humaneval-without-test": (
+            ["--task", "dataset:humaneval", *data("h")],
+            "h.jsonl:1: a humaneval row needs a 'test' column",
+        ),
+        "estimator-option-a-list": (
+            ["--estimator-options", "{decay: [0.9, 0.5], prior: ema}"],
+            "estimator 'ebpo' cannot take options {'decay': [0.9, 0.5], 'prior': 'ema'}",
+        ),
+        "yaml-alias-bomb": (["--config", str(tmp / "bomb.yaml")], "bomb.yaml' expands to more than 100000 values"),
+        "huge-value-in-a-typed-field": (
+            ["--config", str(tmp / "big.yaml")],
+            "steps must be an integer, got [123456789, 123456789, 123456789, 123456789, ...] (list)",
+        ),
+        "not-utf8-config": (["--config", str(tmp / "latin1.yaml")], "latin1.yaml' is not UTF-8 text"),
+        "model-path-that-does-not-exist": (
+            ["--model", "runs/missing"],
+            "model path 'runs/missing' is not a directory (does not exist; a name that looks like a path is never looked up",
+        ),
+        "no-prompt-fits-the-context": (
+            [*gsm8k, *data("long")],
+            "no training prompt of task 'dataset:gsm8k' fits builtin:tiny's context: 64 positions minus --max-new-tokens 4",
+        ),
+        "no-warm-start-target-fits": (
+            ["--task", "dataset:gsm8k", "--max-new-tokens", "4", *data("w", "template: raw, ")],
+            "warm start: no training problem fits the model's 64 positions",
+        ),
+    }
+
+
+CASES = [
+    "row-a-number",
+    "row-null",
+    "row-a-list",
+    "json-of-numbers",
+    "malformed-json",
+    "not-utf8-data",
+    "humaneval-without-test",
+    "estimator-option-a-list",
+    "yaml-alias-bomb",
+    "huge-value-in-a-typed-field",
+    "not-utf8-config",
+    "model-path-that-does-not-exist",
+    "no-prompt-fits-the-context",
+    "no-warm-start-target-fits",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_input_is_one_line_naming_it_before_any_run_folder(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.chdir(tmp_path)  # runs/ exists here, so runs/missing is a path, not a hub id
+    flags, message = _bad_inputs(tmp_path)[case]
+    started = time.time()
+    assert main(["train", "--out", str(tmp_path / "out"), "--no-progress", *flags]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert message in err, err
+    assert len(err) < 600  # never an unbounded value
+    assert time.time() - started < 30  # the bomb is refused, not expanded
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_longer_than_the_context_are_skipped_with_a_count_and_a_50_mb_row_costs_nothing():
+    from ebpo.tasks.base import Problem
+    from ebpo.train.config import TrainConfig
+    from ebpo.train.trainer import Components, fit_prompts
+
+    class Task:
+        name, verifier = "t", "exact"
+
+        def train_problems(self):
+            return [Problem("a", "1+1=", "2"), Problem("b", "9" * 60, "2"), Problem("c", "x" * 50_000_000, "2")]
+
+        def eval_problems(self):
+            return [Problem("d", "2+2=", "4"), Problem("e", "9" * 70, "2")]
+
+    said = []
+    started = time.time()
+    config = TrainConfig(max_new_tokens=8, warmstart_steps=0)
+    fitted = fit_prompts(config, Components(Task(), None, None, None, None), said.append)
+    assert time.time() - started < 5
+    assert [p.id for p in fitted.task.train_problems()] == ["a"] and [p.id for p in fitted.task.eval_problems()] == [
+        "d"
+    ]
+    assert fitted.task.name == "t" and fitted.task.verifier == "exact"
+    assert said == [
+        "skipped 2 of 3 training and 1 of 2 held-out prompts longer than builtin:tiny's context "
+        "(64 positions minus --max-new-tokens 8 = 56 prompt tokens)"
+    ]
+
+
+def test_eval_of_a_run_with_corrupt_files_is_one_line_or_falls_back(run, tmp_path, monkeypatch, capsys):
+    from ebpo.evaluate import main as evaluate
+
+    newest = run / "checkpoints" / "step-000003" / "model"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert evaluate(["--model", str(newest), "--samples", "0", "--limit", "2"]) == 2
+    assert "model.safetensors are corrupt or truncated" in one_line(capsys.readouterr().err, "ebpo eval: error:")
+    assert evaluate(["--model", str(run), "--samples", "0", "--limit", "2"]) == 0  # falls back to step 2
+    assert "warning: skipped the newer checkpoint step-000003: model weights" in capsys.readouterr().err
+    (newest / "config.json").write_text('{"model_type": "lla')
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    shutil.rmtree(run / "checkpoints" / "step-000001")
+    assert evaluate(["--model", str(newest), "--samples", "0"]) == 2
+    assert "config.json is corrupt or truncated" in one_line(capsys.readouterr().err, "ebpo eval: error:")
+    (run / "config.yaml").write_text("task: arithmetic\nlr: [1,\n")
+    assert evaluate(["--model", str(run), "--samples", "0"]) == 2
+    assert "config.yaml is corrupt or truncated" in one_line(capsys.readouterr().err, "ebpo eval: error:")
+    monkeypatch.chdir(run.parent)
+    assert evaluate(["--model", "run/missing", "--samples", "0"]) == 2
+    assert "is never looked up on the Hugging Face hub" in one_line(capsys.readouterr().err, "ebpo eval: error:")

@@ -45,8 +45,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "MARKER",
     "load_tensors",
@@ -74,6 +72,8 @@ MARKER = ".ebpo-run"
 
 def load_tensors(path: str | os.PathLike[str], *, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; every failure is a :class:`ValueError` naming ``what`` and ``path``."""
+    import torch  # here, not at the top: the config and data modules import this one for its messages
+
     path = str(path)
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} does not exist")

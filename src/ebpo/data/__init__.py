@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ebpo.fileio import short
 from ebpo.registry import Registry
 from ebpo.tasks.base import TASKS, Problem
 
@@ -51,7 +52,7 @@ def _first(row: dict[str, Any], keys: Sequence[str], dataset: str, what: str) ->
     for key in keys:
         if key in row and row[key] is not None:
             return row[key]
-    raise ValueError(f"{dataset}: a row has no {what} column (looked for {list(keys)}; row has {sorted(row)})")
+    raise ValueError(f"{dataset}: a row has no {what} column (looked for {list(keys)}; row has {short(sorted(row))})")
 
 
 def _message_text(value: Any) -> str:
@@ -174,40 +175,79 @@ def list_datasets() -> list[str]:
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local ``.jsonl``, ``.json`` (a list of objects) or ``.parquet`` file."""
+    """Rows of a local ``.jsonl``, ``.json`` (a list of objects) or ``.parquet`` file.
+
+    Every problem (not UTF-8, not JSON, a row that is not an object) is a ValueError naming the file and the
+    line (``.jsonl``) or item (``.json``), with values shortened: a message never prints a whole row.
+    """
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` of every row of ``path``: ``where`` is ``FILE:LINE`` (``.jsonl``) or ``FILE item N``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"cannot read dataset file {str(path)!r}: no such file")
     suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise ValueError(
+                f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise ValueError(f"cannot read dataset file {str(path)!r}: {exc.strerror or exc}") from None
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                rows.append((f"{path}:{number}", _object(row, f"{path}:{number}")))
         return rows
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json dataset must be a list of objects")
-        return data
+            raise ValueError(f"{path}: a .json dataset must be a list of objects, not {_kind(data)}")
+        return [(f"{path} item {i}", _object(row, f"{path} item {i}")) for i, row in enumerate(data, 1)]
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             pq = None
         if pq is not None:
-            return pq.read_table(path).to_pylist()
-        try:
-            import pandas
-        except ImportError as exc:
-            raise ValueError(
-                f"reading {str(path)!r} (.parquet) needs pyarrow or pandas: pip install 'ebpo[data]'"
-            ) from exc
-        return pandas.read_parquet(path).to_dict(orient="records")
+            table = pq.read_table(path).to_pylist()
+        else:
+            try:
+                import pandas
+            except ImportError as exc:
+                raise ValueError(
+                    f"reading {str(path)!r} (.parquet) needs pyarrow or pandas: pip install 'ebpo[data]'"
+                ) from exc
+            table = pandas.read_parquet(path).to_dict(orient="records")
+        return [(f"{path} row {i}", row) for i, row in enumerate(table, 1)]
     raise ValueError(f"unsupported dataset file type {suffix!r} for {str(path)!r}: use .jsonl, .json or .parquet")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+def _object(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(
+            f"{where}: a row must be a JSON object with the dataset's columns, got {_kind(row)} {short(row, 40)}"
+        )
+    return row
 
 
 def _hub_rows(spec: DatasetSpec, split: str | None) -> list[dict[str, Any]]:
@@ -221,8 +261,14 @@ def _hub_rows(spec: DatasetSpec, split: str | None) -> list[dict[str, Any]]:
 
 
 def to_problems(
-    name: str, rows: Iterable[dict[str, Any]], *, template: str | None = None, limit: int | None = None
+    name: str,
+    rows: Iterable[dict[str, Any]],
+    *,
+    template: str | None = None,
+    limit: int | None = None,
+    where: Sequence[str] | None = None,
 ) -> list[Problem]:
+    """Problems of dataset ``name`` from its ``rows``; ``where[i]`` names row i in errors (default ``row i+1``)."""
     spec = DATASETS.build(name)
     fmt = (
         PROMPT_TEMPLATES[template or spec.template]
@@ -233,30 +279,40 @@ def to_problems(
     for index, row in enumerate(rows):
         if limit is not None and index >= limit:
             break
-        question = _message_text(_first(row, spec.question, name, "question"))
-        answer = spec.to_answer(row) if spec.to_answer else _answer_text(_first(row, spec.answer, name, "answer"))
-        tests = (
-            "\n".join(json.loads(answer).get("tests", []))
-            if spec.verifier == "code" and spec.to_answer is _mbpp_answer
-            else ""
-        )
-        ident = next((row[k] for k in spec.id_field if k in row), index)
-        topic = next((str(row[k]) for k in spec.topic if row.get(k) is not None), None)
-        difficulty = next((_level(row[k]) for k in spec.difficulty if row.get(k) is not None), None)
-        target = _target(spec, row, answer)
-        problems.append(
-            Problem(
-                id=f"{name}-{ident}",
-                prompt=fmt.format(question=question, tests=tests),
-                answer=answer,
-                topic=topic,
-                difficulty=difficulty,
-                target=target,
-            )
-        )
+        place = where[index] if where is not None else f"{name} row {index + 1}"
+        row = _object(row, place)
+        try:
+            problems.append(_problem(name, spec, fmt, index, row))
+        except KeyError as exc:  # a column the spec's own converter reads (HumanEval's test, entry_point, ...)
+            raise ValueError(
+                f"{place}: a {name} row needs a {short(exc.args[0], 60)} column; this row has {short(sorted(row), 160)}"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{place}: {str(exc)[:300]}") from None
     if not problems:
         raise ValueError(f"{name}: no records")
     return problems
+
+
+def _problem(name: str, spec: DatasetSpec, fmt: str, index: int, row: dict[str, Any]) -> Problem:
+    question = _message_text(_first(row, spec.question, name, "question"))
+    answer = spec.to_answer(row) if spec.to_answer else _answer_text(_first(row, spec.answer, name, "answer"))
+    tests = (
+        "\n".join(json.loads(answer).get("tests", []))
+        if spec.verifier == "code" and spec.to_answer is _mbpp_answer
+        else ""
+    )
+    ident = next((row[k] for k in spec.id_field if k in row), index)
+    topic = next((str(row[k]) for k in spec.topic if row.get(k) is not None), None)
+    difficulty = next((_level(row[k]) for k in spec.difficulty if row.get(k) is not None), None)
+    return Problem(
+        id=f"{name}-{ident}",
+        prompt=fmt.format(question=question, tests=tests),
+        answer=answer,
+        topic=topic,
+        difficulty=difficulty,
+        target=_target(spec, row, answer),
+    )
 
 
 def _target(spec: DatasetSpec, row: dict[str, Any], answer: str) -> str | None:
@@ -292,8 +348,13 @@ def load_records(
     spec = DATASETS.build(name)
     if name == "humaneval" and path is None:
         rows = _humaneval_package_rows()
+    elif path is not None:
+        numbered = _numbered_rows(path)
+        return to_problems(
+            name, [row for _, row in numbered], template=template, limit=limit, where=[w for w, _ in numbered]
+        )
     else:
-        rows = read_rows(path) if path is not None else _hub_rows(spec, split)
+        rows = _hub_rows(spec, split)
     return to_problems(name, rows, template=template, limit=limit)
 
 

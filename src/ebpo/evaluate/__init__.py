@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ebpo.eval_metrics import avg_at_k, pass_at_k
-from ebpo.fileio import check_output_dir, latest_checkpoint, make_output_dir
+from ebpo.fileio import check_output_dir, make_output_dir, step_dirs
 from ebpo.sampling import EVAL_SEED_OFFSET, sample_correctness
 from ebpo.tasks.base import Problem
 from ebpo.tasks.build import DEFAULT_TASK, build_task, build_verifier_for
@@ -97,17 +97,42 @@ def by_topic(rewards: Tensor, problems: Sequence[Problem]) -> dict[str, dict[str
 
 
 def _resolve_model(path: str) -> tuple[str, dict[str, Any]]:
-    """A run directory -> (its latest checkpoint's model dir, its config); else (path, {})."""
-    config_file = os.path.join(path, "config.yaml")
-    if os.path.isfile(config_file):
-        import yaml
+    """A run directory -> (its newest complete checkpoint's model dir, its config); else (path, {}).
 
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
-            raise ValueError(f"run directory {path!r} has no checkpoint yet")
-        with open(config_file) as handle:
-            return os.path.join(checkpoint, "model"), yaml.safe_load(handle) or {}
-    return path, {}
+    A newer checkpoint whose model is corrupt or incomplete is skipped with a warning naming why; a config
+    file that is not a YAML mapping is a ValueError naming it.
+    """
+    from ebpo.models.loading import check_model_dir
+
+    config_file = os.path.join(path, "config.yaml")
+    if not os.path.isfile(config_file):
+        return path, {}
+    import yaml
+
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"run config {config_file} is corrupt or truncated ({reason})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"run config {config_file} is not a mapping of field: value; it is corrupt")
+    steps = step_dirs(os.path.join(path, "checkpoints"))
+    if not steps:
+        raise ValueError(f"run directory {path!r} has no checkpoint yet")
+    problems = []
+    for name in reversed(steps):
+        model_dir = os.path.join(path, "checkpoints", name, "model")
+        try:
+            check_model_dir(model_dir, what=f"checkpoint {name}")
+        except ValueError as exc:
+            problems.append((name, str(exc)))
+            continue
+        for skipped, problem in problems:
+            print(f"warning: skipped the newer checkpoint {skipped}: {problem}; evaluating {name}", file=sys.stderr)
+        return model_dir, config
+    reasons = [problem for _, problem in problems]
+    raise ValueError(reasons[0] if len(reasons) == 1 else "no complete checkpoint: " + "; ".join(reasons))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +197,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model_path, run = _resolve_model(args.model)
+    from ebpo.models.loading import check_model_source
+
+    check_model_source(model_path)  # a path that does not exist is named now, never sent to the hub
 
     def pick(flag: Any, key: str, default: Any) -> Any:
         return flag if flag is not None else run.get(key, default)

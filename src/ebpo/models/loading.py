@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from ebpo.fileio import short
 from ebpo.models.tokenizer import CharTokenizer
 
 __all__ = [
@@ -127,42 +128,61 @@ def _is_char_tokenizer_dir(path: str) -> bool:
     config_path = os.path.join(path, "tokenizer_config.json")
     if not os.path.isfile(config_path):
         return False
-    with open(config_path, encoding="utf-8") as handle:
-        return json.load(handle).get("tokenizer_class") == CharTokenizer.__name__
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise ValueError(f"tokenizer config {config_path} is corrupt or truncated ({reason})") from None
+    return isinstance(config, dict) and config.get("tokenizer_class") == CharTokenizer.__name__
+
+
+def _looks_like_a_path(name: str, expanded: str) -> bool:
+    """Whether ``name`` is meant as a local path (so it must never be sent to the hub, which would retry the
+    network for a minute before failing): absolute, ``./``, ``../``, ``~``, a trailing or Windows separator,
+    an existing path, or a first component that is an existing local directory (``runs/missing`` when
+    ``runs/`` is here). ``owner/name`` with no such directory is a hub id: a hub id has that very shape."""
+    if os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded):
+        return True
+    if name.endswith(("/", os.sep)) or "\\" in name or (os.sep != "/" and os.sep in name):
+        return True
+    first = name.split("/", 1)[0]
+    return "/" in name and os.path.isdir(first)
 
 
 def check_model_source(name: str) -> None:
     """Fail early (ValueError) when ``name`` can be neither a local model nor a hub id.
 
-    A path that looks local (absolute, ``./``, ``~``, or an existing
-    directory) must contain a ``config.json`` (or a LoRA adapter's
-    ``adapter_config.json``); anything else must look like a
-    hub id ``owner/name`` or ``name``. Whether a hub id exists is only known
-    when it is downloaded.
+    A name that looks like a path (:func:`_looks_like_a_path`) must be a
+    directory with a ``config.json`` (or a LoRA adapter's
+    ``adapter_config.json``) and is never looked up on the hub; anything else
+    must look like a hub id ``owner/name`` or ``name``. Whether a hub id
+    exists is only known when it is downloaded.
     """
     if name.startswith(BUILTIN_PREFIX):
         builtin_spec(name)
         return
     expanded = os.path.expanduser(name)
-    looks_local = os.path.isabs(expanded) or name.startswith((".", "~")) or os.path.exists(expanded)
-    if looks_local:
+    if _looks_like_a_path(name, expanded):
         if not os.path.isdir(expanded):
+            what = "does not exist" if not os.path.exists(expanded) else "is a file"
             raise ValueError(
-                f"model path {name!r} is not a directory; pass a directory written by save_pretrained or a hub id"
+                f"model path {short(name)} is not a directory ({what}; a name that looks like a path is never looked "
+                "up on the Hugging Face hub); pass a directory written by save_pretrained or a hub id like 'owner/name'"
             )
         config = next(
             (f for f in ("config.json", "adapter_config.json") if os.path.isfile(os.path.join(expanded, f))), None
         )
         if config is None:
             raise ValueError(
-                f"model path {name!r} has no config.json; pass a directory written by save_pretrained or a hub id"
+                f"model path {short(name)} has no config.json; pass a directory written by save_pretrained or a hub id"
             )
         if not os.access(os.path.join(expanded, config), os.R_OK):
-            raise ValueError(f"model path {name!r} is not readable; check its permissions")
+            raise ValueError(f"model path {short(name)} is not readable; check its permissions")
         return
     parts = name.split("/")
     if len(parts) > 2 or any(not part or part.strip() != part for part in parts):
-        raise ValueError(f"model {name!r} is neither an existing directory nor a hub id like 'owner/name'")
+        raise ValueError(f"model {short(name)} is neither an existing directory nor a hub id like 'owner/name'")
 
 
 def check_model_dir(model_dir: str, *, what: str = "model directory") -> None:
@@ -235,6 +255,8 @@ def load_policy(
     peft LoRA adapters on every linear projection.
     """
     check_model_source(name)
+    if not name.startswith(BUILTIN_PREFIX) and os.path.isdir(os.path.expanduser(name)):
+        check_model_dir(os.path.expanduser(name), what=f"model directory {name}")  # a corrupt file: one line
     tokenizer = load_tokenizer(name)
     torch_dtype = resolve_dtype(dtype, device)
     if name.startswith(BUILTIN_PREFIX):

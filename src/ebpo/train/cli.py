@@ -30,6 +30,7 @@ from ebpo.fileio import (
     check_output_dir,
     make_output_dir,
     remove_output_dir,
+    short,
     step_dirs,
     write_failure,
 )
@@ -62,11 +63,18 @@ def _parse_optional_str(text: str) -> str | None:
 
 def parse_yaml_mapping(text: str) -> dict:
     """A flag's YAML mapping (``'{key: value}'``); empty text is ``{}``."""
-    value = yaml.safe_load(text) if text.strip() else {}
+    try:
+        value = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {' '.join(str(exc).split())[:200]}") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a YAML mapping like '{{key: value}}', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping like '{{key: value}}', got {short(text)}")
+    try:
+        _check_size(value, "the YAML mapping")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
@@ -113,16 +121,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MAX_YAML_VALUES = 100_000
+"""A config holds a few hundred values; more than this (counted with every alias expanded) is an alias bomb,
+refused before anything formats, copies or dumps it (each of which would expand it in full)."""
+
+
+def _check_size(value: Any, source: str) -> None:
+    """ValueError when ``value`` holds more than :data:`_MAX_YAML_VALUES` values, aliases expanded (stops early)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > _MAX_YAML_VALUES:
+            raise ValueError(
+                f"{source} expands to more than {_MAX_YAML_VALUES} values (YAML aliases repeating a large value?); "
+                "a config holds far fewer"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             values = yaml.safe_load(handle) or {}
     except OSError as exc:
-        raise ValueError(f"cannot read config file {path!r}: {exc}") from exc
+        raise ValueError(f"cannot read config file {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path!r} is not UTF-8 text (at byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of field: value")
+    _check_size(values, f"config file {path!r}")
     check_known_fields(values, f"config file {path!r}")
     return values
 
@@ -273,9 +307,11 @@ def _main(args: argparse.Namespace, resume: bool) -> int:
     try:
         is_main = int(os.environ.get("RANK", "0")) == 0
         config = resolve_config(args, echo=print if is_main else None)
-        from ebpo.train.trainer import build_components
+        from ebpo.train.trainer import build_components, fit_prompts
 
         components = build_components(config)
+        # Prompts longer than the model's context are skipped (counted) or refused now, not mid-run.
+        components = fit_prompts(config, components, echo=print if is_main else (lambda _: None))
         run_dir = _prepare_run_dir(config, resume=resume, overwrite=getattr(args, "overwrite", False))
     except ValueError as exc:
         print(f"ebpo train: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ebpo.fileio import short
 from ebpo.tasks.build import DEFAULT_TASK
 
 __all__ = ["TrainConfig", "field_docs", "validate", "coerce_fields", "check_known_fields"]
@@ -282,7 +283,7 @@ def _coerce(name: str, value: Any) -> Any:
         return convert(value)
     except TypeError as exc:
         expected = f"{exc}{' or none' if optional else ''}"
-        raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})") from None
+        raise ValueError(f"{name} must be {expected}, got {short(value)} ({type(value).__name__})") from None
 
 
 def check_known_fields(values: Mapping[str, Any], source: str) -> None:
@@ -293,7 +294,7 @@ def check_known_fields(values: Mapping[str, Any], source: str) -> None:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints.append(short(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{source} has unknown field(s) {', '.join(hints)}; see 'ebpo train --help'")
 
 
@@ -312,7 +313,7 @@ def _check_types(config: TrainConfig) -> None:
             convert, _ = _field_types()[f.name]
             expected = {_as_float: "a number", _as_int: "an integer"}.get(convert, "its annotated type")
             raise ValueError(
-                f"{f.name} must be {expected}, got {value!r} ({type(value).__name__}); coerce_fields() converts text"
+                f"{f.name} must be {expected}, got {short(value)} ({type(value).__name__}); coerce_fields() converts text"
             )
 
 
@@ -405,7 +406,7 @@ def validate(config: TrainConfig) -> None:
         )
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
-            raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(config, name)!r}")
+            raise ValueError(f"{name} must be one of {list(choices)}, got {short(getattr(config, name))}")
     from ebpo.train.trackers import parse_report_to
 
     parse_report_to(config.report_to)  # known names, libraries installed: before the run directory is made
@@ -433,7 +434,7 @@ def validate(config: TrainConfig) -> None:
     if config.mirror_params is not None:
         if config.divergence != "neural_mirror":
             raise ValueError(
-                f"mirror_params needs --divergence neural_mirror (or --method gbmpo-mirror), got divergence {config.divergence!r}"
+                f"mirror_params needs --divergence neural_mirror (or --method gbmpo-mirror), got divergence {short(config.divergence)}"
             )
         if {"params", "params_path"} & set(config.divergence_options):
             raise ValueError(
@@ -441,8 +442,8 @@ def validate(config: TrainConfig) -> None:
             )
     if config.divergence is not None and config.ref_model == "none":
         raise ValueError(
-            f"divergence {config.divergence!r} needs a reference policy but ref_model is 'none'; "
+            f"divergence {short(config.divergence)} needs a reference policy but ref_model is 'none'; "
             "pass --ref-model init, or --divergence none"
         )
     if config.ref_model not in ("init", "none"):
-        raise ValueError(f"ref_model must be 'init' or 'none', got {config.ref_model!r}")
+        raise ValueError(f"ref_model must be 'init' or 'none', got {short(config.ref_model)}")

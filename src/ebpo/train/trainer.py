@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import resource
 import shlex
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ebpo.fileio import short
 from ebpo.models.loading import (
     BUILTIN_PREFIX,
     TinyLlamaSpec,
@@ -74,12 +76,19 @@ def build_components(config: TrainConfig) -> Components:
 
     validate(config)
     check_model_source(config.model)
-    estimator = build_estimator(
-        config.estimator,
-        weighting=config.weighting,
-        weighting_options=config.weighting_options or None,
-        **config.estimator_options,
-    )
+    try:  # an option of the wrong type (a list where a number goes) fails inside the component as a TypeError
+        estimator = build_estimator(
+            config.estimator,
+            weighting=config.weighting,
+            weighting_options=config.weighting_options or None,
+            **config.estimator_options,
+        )
+    except TypeError as exc:
+        raise ValueError(
+            f"estimator {short(config.estimator)} cannot take options {short(config.estimator_options, 160)}"
+            f"{' with weighting options ' + short(config.weighting_options, 160) if config.weighting_options else ''}: "
+            f"{str(exc)[:200]}"
+        ) from None
     if config.group_size < estimator.min_group_size:
         raise ValueError(
             f"estimator {config.estimator!r} compares responses within a group and needs group_size >= "
@@ -89,7 +98,12 @@ def build_components(config: TrainConfig) -> Components:
     divergence_options = dict(config.divergence_options)
     if config.mirror_params is not None:  # validate() checked that the divergence is neural_mirror
         divergence_options["params_path"] = config.mirror_params
-    divergence = build_divergence(config.divergence, **divergence_options) if config.divergence else None
+    try:
+        divergence = build_divergence(config.divergence, **divergence_options) if config.divergence else None
+    except TypeError as exc:
+        raise ValueError(
+            f"divergence {short(config.divergence)} cannot take options {short(divergence_options, 160)}: {str(exc)[:200]}"
+        ) from None
     loss_fn = build_policy_loss(
         name=config.loss,
         eps_low=config.eps_low,
@@ -108,14 +122,124 @@ def build_components(config: TrainConfig) -> Components:
     return Components(task, verifier, estimator, loss_fn, divergence)
 
 
+class _FittingTask:
+    """A task with the problems whose prompts fit the model's context (everything else from the task itself)."""
+
+    def __init__(self, task: Any, train: list[Any], held_out: list[Any]) -> None:
+        self._task, self._train, self._eval = task, train, held_out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def train_problems(self) -> list[Any]:
+        return self._train
+
+    def eval_problems(self) -> list[Any]:
+        return self._eval
+
+
+def model_context(model: str) -> int | None:
+    """Positions the policy was built for (``max_position_embeddings``); None when it cannot be read cheaply."""
+    from ebpo.models.loading import is_adapter_dir
+    from ebpo.train.config import _model_max_positions
+
+    positions = _model_max_positions(model)
+    if positions is not None or model.startswith(BUILTIN_PREFIX) or is_adapter_dir(model):
+        return positions
+    if os.path.isdir(os.path.expanduser(model)):
+        return None
+    try:  # a hub id: its config is small and is downloaded with the model anyway
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - unreadable now: loading the model will say why
+        return None
+    return value if isinstance(value, int) else None
+
+
+# Every tokenizer ebpo meets makes at most one token per byte (byte-level BPE, byte-fallback SentencePiece, the
+# character tokenizer) plus a few special tokens, so a prompt of at most ``budget - _SPECIALS`` bytes fits
+# without tokenizing it; and none averages 32 characters per token, so a longer prompt than 32 x budget
+# characters is too long without tokenizing it (a 50 MB dataset row costs nothing to refuse).
+_SPECIALS, _CHARS_PER_TOKEN = 8, 32
+
+
+def fit_prompts(config: TrainConfig, components: Components, echo: Callable[[str], None] = print) -> Components:
+    """The components with a task that holds only the problems whose prompt fits the model, checked before
+    any run directory exists: prompt tokens + ``max_new_tokens`` <= the model's context.
+
+    Problems that do not fit are skipped with one line that counts them; a split where none fits is a
+    ValueError. For the warm-started built-in model, a training set where no prompt + target fits (the
+    warm start would fail after the run directory was made) is refused here too.
+    """
+    from ebpo.sampling import prompt_text
+
+    positions = model_context(config.model)
+    if positions is None:
+        return components
+    try:
+        from ebpo.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model)
+    except Exception:  # noqa: BLE001 - loading the policy will report it, with its own message
+        return components
+    budget = positions - config.max_new_tokens
+    task = components.task
+
+    def fits(problem: Any) -> bool:
+        text = prompt_text(problem, tokenizer, config.chat_template)
+        if len(text) > _CHARS_PER_TOKEN * budget:
+            return False
+        if len(text.encode()) + _SPECIALS <= budget:
+            return True
+        return len(tokenizer(text)["input_ids"]) <= budget
+
+    kept, counts = {}, {}
+    for split, problems in (("training", list(task.train_problems())), ("held-out", list(task.eval_problems()))):
+        kept[split] = [p for p in problems if fits(p)]
+        counts[split] = (len(problems) - len(kept[split]), len(problems))
+        if problems and not kept[split]:
+            raise ValueError(
+                f"no {split} prompt of task {config.task!r} fits {config.model}'s context: {positions} positions "
+                f"minus --max-new-tokens {config.max_new_tokens} leaves {budget} prompt tokens; use a model with a "
+                "longer context or lower --max-new-tokens"
+            )
+    if config.model.startswith(BUILTIN_PREFIX) and config.warmstart_steps > 0:
+        _check_warmstart_fits(kept["training"], tokenizer, positions)
+    if not counts["training"][0] and not counts["held-out"][0]:
+        return components
+    parts = [f"{skipped} of {total} {split}" for split, (skipped, total) in counts.items() if skipped]
+    echo(
+        f"skipped {' and '.join(parts)} prompts longer than {config.model}'s context ({positions} positions minus "
+        f"--max-new-tokens {config.max_new_tokens} = {budget} prompt tokens)"
+    )
+    return dataclasses.replace(components, task=_FittingTask(task, kept["training"], kept["held-out"]))
+
+
+def _check_warmstart_fits(problems: list[Any], tokenizer: Any, positions: int) -> None:
+    """The warm start's own check (some prompt + target + EOS fits), run before any run directory exists."""
+    from ebpo.train.warmstart import fitting_problems
+
+    targets = [p for p in problems if p.completion_target]
+    if any(len((p.prompt + p.completion_target).encode()) + _SPECIALS <= positions for p in targets):
+        return  # one fits for sure: no tokenizing
+    candidates = [p for p in targets if len(p.prompt) + len(p.completion_target) <= _CHARS_PER_TOKEN * positions]
+    if targets and not candidates:
+        raise ValueError(
+            f"warm start: no training problem fits the model's {positions} positions (prompt + target + EOS); "
+            "pass --warmstart-steps 0, or choose task options with shorter problems"
+        )
+    fitting_problems(candidates, tokenizer, positions)  # its ValueError when none fits (or none has a target)
+
+
 def _probe_estimator(estimator: Any, config: TrainConfig) -> None:
     """Refuse, before training, an estimator/weighting that cannot take the rewards this config produces.
 
     One dry run (``training=False``: no state moves) on a synthetic step with
     the config's group size and reward range: a mixed group, an all-correct and
     an all-wrong group, correctness in {0, 1}, and, with DAPO's overlong
-    shaping, rewards down to ``-overlong_penalty`` (issue 12 §2: HA-DW once
-    rejected those mid-run). Two topics, so a hierarchical prior is exercised.
+    shaping, rewards down to ``-overlong_penalty`` (a weighting that rejected those would
+    otherwise fail mid-run, on the first overlong batch, not here). Two topics, so a hierarchical prior is exercised.
     """
     g = config.group_size
     correctness = torch.cat([(torch.arange(g) % 2 == 0).double(), torch.ones(g), torch.zeros(g)])  # (3G,)
