@@ -210,6 +210,20 @@ def test_a_kill_at_any_instant_of_a_save_leaves_a_complete_checkpoint(finished, 
     assert any("rename" in k for k in landed) and any("save_pretrained" in k for k in landed), landed
 
 
+def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_deletes_nothing_it_did_not_create(run, finished, capsys):
+    weights = run / "checkpoints" / "step-000003" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk in an older ebpo
+    (run / "checkpoints" / ".step-000004.tmp").mkdir()  # what a save killed part-way leaves
+    (run / "checkpoints" / "notes").mkdir()  # the user's, not ours: kept
+    (run / "checkpoints" / ".mine.tmp").write_text("keep")
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipped checkpoint step-000003 (model weights" in out and "are corrupt or truncated" in out
+    assert "moved it aside to step-000003.corrupt, resuming from step-000002" in out
+    assert entries(run) == [".mine.tmp", "notes", "step-000001", "step-000002", "step-000003", "step-000003.corrupt"]
+    assert rows(run) == rows(finished)  # step 3 recomputed from step 2 equals the original
+
+
 def test_sigkill_between_the_two_renames_of_a_re_save_then_resume(run):
     """A real SIGKILL in the window that once lost the only checkpoint: a re-save of step 3 has moved the old
     copy aside and not yet renamed the new one in. The resume restores a complete step 3 and finishes."""
@@ -279,6 +293,12 @@ def test_sigterm_saves_stops_in_one_line_and_the_resume_equals_the_uninterrupted
     a = torch.load(stopped / "checkpoints" / "step-000010" / "trainer_state.pt", weights_only=True)
     b = torch.load(uninterrupted / "checkpoints" / "step-000010" / "trainer_state.pt", weights_only=True)
     assert a["estimator"] == b["estimator"] and a["stream"] == b["stream"]
+    from safetensors.torch import load_file
+
+    wa, wb = (
+        load_file(d / "checkpoints" / "step-000010" / "model" / "model.safetensors") for d in (stopped, uninterrupted)
+    )
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)  # the same policy, bit for bit
 
 
 def test_sigint_at_a_chosen_step_saves_exits_130_and_resumes_to_the_same_metrics(
@@ -589,6 +609,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_input_is_one_line_naming_it_before_any_run_folder(tmp_path, monkeypatch, capsys, case):
     monkeypatch.chdir(tmp_path)  # runs/ exists here, so runs/missing is a path, not a hub id
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it sent to the hub anyway, fail fast instead of retrying
     flags, message = _bad_inputs(tmp_path)[case]
     started = time.time()
     assert main(["train", "--out", str(tmp_path / "out"), "--no-progress", *flags]) == 2
