@@ -168,6 +168,14 @@ def _instrument(monkeypatch, model, tokenizer, target: int, mode: str) -> list[s
     return seen
 
 
+def _complete(path: Path) -> int:
+    """The step of the complete checkpoint at ``path``; -1 when it is not complete."""
+    try:
+        return ckpt.check_checkpoint_dir(str(path), 1)["step"]
+    except ValueError:
+        return -1
+
+
 @pytest.mark.parametrize("resave", [True, False], ids=["re-save-of-the-same-step", "new-step"])
 def test_a_kill_at_any_instant_of_a_save_leaves_a_complete_checkpoint(finished, tmp_path, monkeypatch, resave):
     """Exhaustive over the save's disk-changing calls: whatever instant the kill lands on, the resume finds a
@@ -197,6 +205,10 @@ def test_a_kill_at_any_instant_of_a_save_leaves_a_complete_checkpoint(finished, 
             if mode == "before" and killed != "save":
                 modes.remove("torn")  # only torch.save's file can be left half-written by our own call
             landed.append(f"{mode} {killed} #{target}")
+            # What the save itself guarantees: a complete copy of step >= 3 under a name a save renames into
+            # place (step-N, or .step-N.old mid-swap), without the resume's rescue of a complete .tmp.
+            placed = [e for e in entries(run) if e.startswith("step-") or e.endswith(".old")]
+            assert any(_complete(run / "checkpoints" / e) >= 3 for e in placed), (landed[-1], entries(run))
             path, _ = ckpt.resumable_checkpoint(str(run), 1)
             assert ckpt.check_checkpoint_dir(path, 1)["step"] >= 3, (landed[-1], entries(run))
             settled = ckpt.settle_checkpoints(str(run), 1, echo=lambda _: None)
