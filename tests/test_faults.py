@@ -227,7 +227,8 @@ def test_resume_skips_a_corrupt_newest_checkpoint_names_it_and_deletes_nothing_i
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk in an older ebpo
     (run / "checkpoints" / ".step-000004.tmp").mkdir()  # what a save killed part-way leaves
     (run / "checkpoints" / "notes").mkdir()  # the user's, not ours: kept
-    (run / "checkpoints" / ".mine.tmp").write_text("keep")
+    (run / "checkpoints" / ".mine.tmp").mkdir()  # a folder whose name is not one a save makes: kept too
+    (run / "checkpoints" / ".mine.tmp" / "keep.txt").write_text("keep")
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert "warning: skipped checkpoint step-000003 (model weights" in out and "are corrupt or truncated" in out
