@@ -625,7 +625,8 @@ class Trainer:
             if not cfg.dynamic_sampling:
                 break
             # DAPO keeps a group when 0 < #correct < G: on correctness, so that a group whose answers
-            # are all right (or all wrong) and differ only by the overlong penalty is dropped (issue 12 §2).
+            # are all right (or all wrong) and differ only by the overlong penalty is dropped
+            # (the penalty is shaping, not signal about the answer).
             kept_ids = torch.cat(
                 [
                     kept_ids,
