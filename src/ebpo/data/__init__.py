@@ -365,7 +365,7 @@ def load_dataset_records(
     limit: int | None = None,
     template: str | None = None,
 ) -> list[Problem]:
-    """Same as :func:`load_records` (the signature the issue names)."""
+    """Same as :func:`load_records` (an alias, kept for code written against the earlier name)."""
     return load_records(name, path, split=split, template=template, limit=limit)
 
 
