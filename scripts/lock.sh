@@ -69,4 +69,5 @@ if [ -f "$LOCK" ]; then
 fi
 mkdir -p "$(dirname "$LOCK")"
 mv "$new" "$LOCK"
+chmod 644 "$LOCK"  # mktemp made it private
 echo "wrote $LOCK ($(grep -vc '^#' "$LOCK") packages)"
