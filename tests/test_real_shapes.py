@@ -127,10 +127,10 @@ def test_completions_end_at_every_end_of_turn_id_of_the_generation_config(tiny):
     assert model.generation_config.eos_token_id == [turn_end, tok.eos_token_id]  # restored after sampling
 
 
-def test_overlong_shaping_counts_a_turn_end_as_a_stop(tmp_path, tiny):
+def test_overlong_shaping_counts_a_turn_end_as_a_stop(tiny, make_trainer):
     """DAPO's overlong shaping read only ``eos_token_id``: a completion that ended its turn in 2 tokens was
     'truncated' and got the full penalty."""
-    trainer = _trainer(tmp_path, "--method", "dapo", "--overlong-buffer", "2")
+    trainer = make_trainer("--method", "dapo", "--overlong-buffer", "2")
     tok = trainer.tokenizer
     turn_end = _turn_end(tok)
     trainer.model.generation_config.eos_token_id = [turn_end, tok.eos_token_id]
@@ -159,43 +159,11 @@ def test_overlong_shaping_counts_a_turn_end_as_a_stop(tmp_path, tiny):
 
 
 # ---------------------------------------------------------------- the reference policy
-_TRAINER_ARGS = [
-    "--task",
-    "arithmetic",
-    "--warmstart-steps",
-    "0",
-    "--task-options",
-    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 2}",
-    "--prompts-per-step",
-    "4",
-    "--group-size",
-    "4",
-    "--max-new-tokens",
-    "6",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-    "--no-tensorboard",
-]
-
-
-def _trainer(tmp_path, *flags):
-    from ebpo.train.cli import build_parser, resolve_config
-    from ebpo.train.trainer import Trainer, build_components
-
-    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    out.mkdir()
-    config = resolve_config(build_parser().parse_args(["--out", str(out), *_TRAINER_ARGS, *flags]))
-    return Trainer(config, str(out), build_components(config), resume=False, echo=lambda _: None)
-
-
-def test_reference_equals_the_policy_at_step_zero_under_bf16_autocast(tmp_path):
+def test_reference_equals_the_policy_at_step_zero_under_bf16_autocast(make_trainer):
     """A full-parameter reference stored in bf16 while the policy keeps fp32 weights under autocast: embeddings,
     norms and the residual stream differ, so the two policies differed before any update (and the KL pulled
     toward the copy's rounding). Oracle: identical log-probs, KL exactly 0, at step 0."""
-    trainer = _trainer(tmp_path, "--method", "ebpo", "--dtype", "bfloat16")
+    trainer = make_trainer("--method", "ebpo", "--dtype", "bfloat16")
     rollout, _, _, _ = trainer.rollout_and_score()
     rows = torch.arange(len(rollout.texts))
     policy = trainer._logprobs(trainer.model, rollout, rows)
@@ -207,10 +175,10 @@ def test_reference_equals_the_policy_at_step_zero_under_bf16_autocast(tmp_path):
     assert {p.dtype for p in trainer.ref_model.parameters()} == {p.dtype for p in trainer.model.parameters()}
 
 
-def test_non_finite_reference_logprobs_stop_the_update_before_the_optimiser(tmp_path):
+def test_non_finite_reference_logprobs_stop_the_update_before_the_optimiser(make_trainer):
     """The reference's log-probs were not in the finite check: an overflow there (fp16) reached AdamW as NaN.
     A NaN weight in the reference stands for the overflow."""
-    trainer = _trainer(tmp_path, "--method", "ebpo")
+    trainer = make_trainer("--method", "ebpo")
     rollout, _, _, _ = trainer.rollout_and_score()
     advantages = torch.randn(len(rollout.texts), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
