@@ -1,12 +1,27 @@
-"""TRL adapter: the advantages TRL trains on are ebpo's, and the estimator state survives checkpoint/resume."""
+"""TRL adapter: the advantages TRL trains on are ebpo's, the estimator state is saved with TRL's checkpoints and is
+the same on every process, GBMPO divergences replace TRL's KL.
+
+Resuming (on every backend), TRL's settings and the equivalence with stock TRL: test_trl_settings.py and
+test_trl_equivalence.py.
+"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+
+from trl_ddp_worker import (  # noqa: E402
+    check_equivalence,
+    equivalence_table,
+    run_two_processes,
+    saved_tiny_model,
+    varied,
+)
 
 from ebpo import build_estimator  # noqa: E402
 from ebpo.integrations.trl import STATE_FILE, EBPOGRPOConfig, EBPOGRPOTrainer  # noqa: E402
@@ -63,7 +78,7 @@ def make_args(out, **extra):
     return EBPOGRPOConfig(**{**options, **extra})
 
 
-def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
+def test_trl_trains_on_ebpo_advantages_and_saves_the_estimator(setup):
     model, tokenizer, dataset, tmp = setup
     trainer = Recording(
         model=model, reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer
@@ -78,30 +93,8 @@ def test_trl_trains_on_ebpo_advantages_and_resumes_the_estimator(setup):
 
     saved = torch.load(tmp / "a" / "checkpoint-1" / STATE_FILE, weights_only=True)
     assert saved["estimator_state"]["group_stats"]["count"] == 2.0  # one step of 2 prompts
-    resumed = EBPOGRPOTrainer(
-        model=build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0),
-        reward_funcs=[exact],
-        args=make_args(tmp / "a"),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    resumed._load_from_checkpoint(str(tmp / "a" / "checkpoint-1"))
-    assert resumed.ebpo_estimator.state_dict() == saved
-
-
-def varied(completions, **_):
-    """A reward that differs within groups even for an untrained model (so that the weights move)."""
-    return [float(len(c) % 3) for c in completions]
-
-
-def _saved_model(folder, tokenizer):
-    """The tiny model loaded from a path (TRL builds its reference model from the policy's path)."""
-    from transformers import AutoModelForCausalLM
-
-    path = folder / "tiny-model"
-    if not path.exists():
-        build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0).save_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path)
+    final = torch.load(tmp / "a" / "checkpoint-3" / STATE_FILE, weights_only=True)
+    assert final == trainer.ebpo_estimator.state_dict()
 
 
 def _train(trainer_cls, tmp, tokenizer, dataset, **extra):
@@ -116,38 +109,12 @@ def _train(trainer_cls, tmp, tokenizer, dataset, **extra):
             **extra,
         },
     )
-    model = _saved_model(tmp.parent, tokenizer)
+    model = saved_tiny_model(tmp.parent, tokenizer)
     trainer = trainer_cls(
         model=model, reward_funcs=[varied], args=args, train_dataset=dataset, processing_class=tokenizer
     )
     trainer.train()
     return trainer
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_divergence_kl_k3_trains_exactly_like_trls_own_kl_term(setup, loss_type):
-    """Oracle: TRL's own k3 term. Same beta, same seed: ebpo's kl/k3 in TRL's place gives the same weights."""
-    _, tokenizer, dataset, tmp = setup
-    stock = _train(EBPOGRPOTrainer, tmp / "stock", tokenizer, dataset, beta=0.5, loss_type=loss_type)
-    ours = _train(
-        EBPOGRPOTrainer,
-        tmp / "ours",
-        tokenizer,
-        dataset,
-        beta=0.5,
-        loss_type=loss_type,
-        ebpo_divergence="kl",
-        ebpo_divergence_options={"estimator": "k3"},
-    )
-    a, b = dict(stock.model.named_parameters()), dict(ours.model.named_parameters())
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    start = build_tiny_llama(TinyLlamaSpec(), tokenizer, seed=0)
-    assert stock.ref_model is not None and ours.ref_model is not None
-    assert not all(torch.equal(a[k], p) for k, p in start.named_parameters())  # the step did move the weights
-    logs = [row for row in ours.state.log_history if "ebpo/divergence" in row]
-    stock_kl = [row["kl"] for row in stock.state.log_history if "kl" in row]
-    assert [row["ebpo/divergence"] for row in logs] == pytest.approx(stock_kl, abs=1e-6)
-    assert stock_kl[-1] > 0  # by step 2 the policy has left the reference: the term is active
 
 
 def test_divergence_prob_l2_replaces_the_kl_term(setup):
@@ -173,7 +140,7 @@ def test_divergence_misconfiguration_is_named(setup, extra, message):
     _, tokenizer, dataset, tmp = setup
     with pytest.raises(ValueError, match=message):
         EBPOGRPOTrainer(
-            model=_saved_model(tmp, tokenizer),
+            model=saved_tiny_model(tmp, tokenizer),
             reward_funcs=[exact],
             args=make_args(tmp / "x", **extra),
             train_dataset=dataset,
@@ -181,39 +148,20 @@ def test_divergence_misconfiguration_is_named(setup, extra, message):
         )
 
 
-def test_two_process_gloo_run_has_identical_estimator_state_on_both_ranks(tmp_path):
-    """torchrun, 2 CPU processes: the estimator sees the global batch, so both ranks end in the same state."""
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("trl_ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_DISABLED": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(worker),
-        str(tmp_path),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def test_two_process_gloo_run_has_identical_estimator_state_and_trains_like_stock_trl(tmp_path):
+    """torchrun, 2 CPU processes: the estimator sees the global batch, so both ranks end in the same state; and
+    dapo with steps_per_generation 4, accumulation 2 ends at stock TRL's weights (the rest of the 2-process grid
+    is in test_trl_equivalence.py, marked slow)."""
+    result = run_two_processes(tmp_path, [["dapo", 4, 2]])
     assert result.returncode == 0, result.stderr[-3000:]
     states = [json.loads((tmp_path / f"state-{rank}.json").read_text()) for rank in (0, 1)]
     assert states[0] == states[1]
     # 3 steps x 2 ranks x 2 prompts: each rank's estimator saw the global batch
     assert states[0]["estimator_state"]["group_stats"]["count"] == 12.0
+    (equivalence,) = json.loads((tmp_path / "equivalence.json").read_text())
+    assert equivalence["num_processes"] == 2
+    print(equivalence_table([equivalence]))
+    check_equivalence(equivalence)
 
 
 class RecordingTopics(EBPOGRPOTrainer):

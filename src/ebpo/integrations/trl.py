@@ -30,14 +30,38 @@ reference log-probs). Inside the loss we switch TRL's k3 term off
 (``beta = 0`` for the duration of TRL's ``_compute_loss``), keep the
 per-token log-probs TRL computed, and add ``beta * agg(D)`` where ``agg`` is
 the aggregation of TRL's ``loss_type`` (``grpo``, ``bnpo``, ``dr_grpo``,
-``dapo``: the same normaliser TRL applies to its policy loss, so the term is
-exactly where TRL's KL would be). ``ebpo_divergence="kl"`` with ``k3``
-therefore trains exactly like stock TRL with the same ``beta`` (tested).
-TRL's ``use_bias_correction_kl`` (on by default) multiplies the divergence
-by the importance ratio exactly as it does the KL; its unbiasedness argument
-is specific to the reverse KL, so set it to False for GBMPO's plain
-per-token penalty, as in the paper.
+``dapo``: the same normaliser the installed TRL applies to its policy loss,
+so the term is exactly where TRL's KL would be; ``dapo``'s changed in TRL
+1.9.1, see :meth:`EBPOGRPOTrainer._ebpo_aggregate`). ``ebpo_divergence="kl"``
+with ``k3`` therefore trains exactly like stock TRL with the same ``beta``
+(tested over loss types, ``steps_per_generation``, gradient accumulation and
+2 processes). TRL's ``use_bias_correction_kl`` multiplies the divergence by
+the importance ratio exactly as it does the KL; TRL's default is off in TRL
+1.0 to 1.9 and on from TRL 1.10 (read in each release's ``grpo_config.py``).
+Its unbiasedness argument is specific to the reverse KL, so set it to False
+for GBMPO's plain per-token penalty, as in the paper.
 The term's global token mean is logged as ``ebpo/divergence``.
+
+TRL settings the adapter maps or refuses (at ``EBPOGRPOConfig`` construction,
+:func:`check_trl_settings`), because they act on the advantages or the loss it
+replaces:
+
+- ``scale_rewards`` (``"group"``, ``"batch"``, ``"none"``, or TRL's booleans)
+  is ``ebpo_estimator="grpo"``'s ``scale``, with TRL's std epsilon (1e-4), so
+  that ``grpo`` gives TRL's own advantages. Other estimators have their own
+  normalisation: there only TRL's default ``"group"`` is accepted.
+- ``multi_objective_aggregation="normalize_then_sum"`` is refused: the
+  estimators take one reward per completion, the weighted sum of the reward
+  functions (TRL's default ``"sum_then_normalize"``).
+- ``use_liger_kernel=True`` with ``ebpo_divergence`` is refused on TRL 1.0 to
+  1.13, whose ``compute_loss`` then calls ``compute_liger_loss`` (Liger's own
+  k3 KL) instead of ``_compute_loss``. From TRL 1.14 the Liger path goes
+  through ``_compute_loss`` and the divergence applies. Without a divergence
+  every version is fine: Liger's loss reads the advantages this adapter sets.
+
+Resuming: the estimator state is restored in ``_load_optimizer_and_scheduler``,
+which transformers' ``Trainer`` calls on every backend when it resumes
+(``_load_from_checkpoint`` is skipped under DeepSpeed).
 
 Supported TRL versions: :data:`SUPPORTED_TRL`.
 """
@@ -65,15 +89,72 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("ebpo.integrations.trl needs TRL: pip install 'trl>=1.0,<2.0'") from exc
 
-if not SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]:
+TRL_VERSION = Version(trl.__version__)
+if not SUPPORTED_TRL[0] <= TRL_VERSION < SUPPORTED_TRL[1]:
     raise ImportError(
         f"ebpo.integrations.trl supports trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}; installed trl {trl.__version__}"
     )
 
-__all__ = ["EBPOGRPOConfig", "EBPOGRPOTrainer", "SUPPORTED_TRL", "DIVERGENCE_LOSS_TYPES"]
+__all__ = ["EBPOGRPOConfig", "EBPOGRPOTrainer", "SUPPORTED_TRL", "DIVERGENCE_LOSS_TYPES", "check_trl_settings"]
 
 # TRL loss types whose aggregation the divergence term reproduces.
 DIVERGENCE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+# The releases where TRL's behaviour that the adapter mirrors changed (trl/trainer/grpo_trainer.py, read at
+# every 1.x release from 1.0.0 to 1.16.0, patch releases included):
+# - from 1.9.1 (a patch release; 1.9.0 has the old one), dapo's normaliser num_items_in_batch / num_processes (tokens of the whole generation batch) is
+#   rescaled in training by gradient_accumulation_steps / steps_per_generation to one accumulation window;
+# - up to 1.13, use_liger_kernel sends compute_loss to compute_liger_loss, which never calls _compute_loss.
+DAPO_WINDOW_RESCALE_FROM = Version("1.9.1")
+LIGER_CALLS_COMPUTE_LOSS_FROM = Version("1.14")
+
+# TRL's own advantage settings, as options of the ebpo estimator that computes the same advantages. TRL
+# (_generate_and_score_completions, every 1.x): A = (r - group mean) / (std + 1e-4), with the std of the
+# group ("group"), of the whole batch ("batch") or no division ("none"). ebpo's grpo uses eps 1e-6 by
+# default; here it takes TRL's 1e-4 unless ebpo_estimator_options sets eps.
+TRL_ADVANTAGE_OPTIONS = {"grpo": lambda args: {"scale": args.scale_rewards, "eps": 1e-4}}
+
+
+def check_trl_settings(args: Any, trl_version: Version = TRL_VERSION) -> None:
+    """Refuse the TRL settings the adapter cannot honour with ``trl_version``: a ValueError saying what to change.
+
+    ``args`` is an :class:`EBPOGRPOConfig` after TRL's own ``__post_init__`` (which maps ``scale_rewards``
+    booleans to ``"group"``/``"none"``). Called by ``EBPOGRPOConfig.__post_init__``.
+    """
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        raise ValueError(
+            f"multi_objective_aggregation={args.multi_objective_aggregation!r} normalises each reward function "
+            "before summing; ebpo's estimators take one reward per completion (the weighted sum of the reward "
+            "functions): use multi_objective_aggregation='sum_then_normalize' (TRL's default)"
+        )
+    if args.ebpo_estimator in TRL_ADVANTAGE_OPTIONS:
+        if "scale" in args.ebpo_estimator_options:
+            raise ValueError(
+                f"ebpo_estimator={args.ebpo_estimator!r} takes its scale from TRL's scale_rewards: set "
+                f"scale_rewards={args.ebpo_estimator_options['scale']!r} instead of ebpo_estimator_options['scale']"
+            )
+    elif args.scale_rewards != "group":
+        raise ValueError(
+            f"scale_rewards={args.scale_rewards!r} sets how TRL normalises its advantages, which "
+            f"ebpo_estimator={args.ebpo_estimator!r} replaces with its own (it would be ignored): leave scale_rewards "
+            f"at its default 'group' and use the estimator's options, or use ebpo_estimator='grpo', whose scale "
+            "scale_rewards sets"
+        )
+    if args.ebpo_divergence is None:
+        return
+    if args.beta == 0.0:
+        raise ValueError(
+            f"ebpo_divergence={args.ebpo_divergence!r} is weighted by beta, which is 0; set beta > 0 "
+            "(e.g. 0.04) so that TRL keeps a reference model"
+        )
+    if args.loss_type not in DIVERGENCE_LOSS_TYPES:
+        raise ValueError(f"ebpo_divergence supports loss_type in {list(DIVERGENCE_LOSS_TYPES)}, got {args.loss_type!r}")
+    if args.use_liger_kernel and trl_version < LIGER_CALLS_COMPUTE_LOSS_FROM:
+        raise ValueError(
+            f"use_liger_kernel=True with ebpo_divergence={args.ebpo_divergence!r}: TRL {trl_version} then computes "
+            "the loss with Liger's fused GRPO loss and its own k3 KL, never with the divergence; set "
+            f"use_liger_kernel=False, drop ebpo_divergence, or use trl>={LIGER_CALLS_COMPUTE_LOSS_FROM}"
+        )
 
 
 @dataclass
@@ -100,6 +181,10 @@ class EBPOGRPOConfig(GRPOConfig):
     )
     ebpo_divergence_options: dict = field(default_factory=dict, metadata={"help": "options of the divergence"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_trl_settings(self)
+
 
 class EBPOGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with advantages from ebpo; same constructor."""
@@ -109,11 +194,12 @@ class EBPOGRPOTrainer(GRPOTrainer):
         cfg = self.args
         if not isinstance(cfg, EBPOGRPOConfig):
             raise ValueError("EBPOGRPOTrainer needs an EBPOGRPOConfig (GRPOConfig plus the ebpo_* fields)")
+        trl_options = TRL_ADVANTAGE_OPTIONS.get(cfg.ebpo_estimator, lambda _: {})(cfg)
         self.ebpo_estimator = build_estimator(
             cfg.ebpo_estimator,
             weighting=cfg.ebpo_weighting,
             weighting_options=cfg.ebpo_weighting_options or None,
-            **cfg.ebpo_estimator_options,
+            **{**trl_options, **cfg.ebpo_estimator_options},
         )
         if self.num_generations < self.ebpo_estimator.min_group_size:
             raise ValueError(f"{cfg.ebpo_estimator} needs num_generations >= {self.ebpo_estimator.min_group_size}")
@@ -121,16 +207,7 @@ class EBPOGRPOTrainer(GRPOTrainer):
         self.ebpo_divergence = None
         self._ebpo_logps: torch.Tensor | None = None
         self._ebpo_capture = False
-        if cfg.ebpo_divergence is not None:
-            if self.beta == 0.0:
-                raise ValueError(
-                    f"ebpo_divergence={cfg.ebpo_divergence!r} is weighted by beta, which is 0; set beta > 0 "
-                    "(e.g. 0.04) so that TRL keeps a reference model"
-                )
-            if self.loss_type not in DIVERGENCE_LOSS_TYPES:
-                raise ValueError(
-                    f"ebpo_divergence supports loss_type in {list(DIVERGENCE_LOSS_TYPES)}, got {self.loss_type!r}"
-                )
+        if cfg.ebpo_divergence is not None:  # beta and loss_type checked by check_trl_settings
             self.ebpo_divergence = build_divergence(cfg.ebpo_divergence, **cfg.ebpo_divergence_options)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
@@ -138,9 +215,20 @@ class EBPOGRPOTrainer(GRPOTrainer):
         self._ebpo_rewards = rewards_per_func  # (N_global, num_funcs), gathered over processes
         return rewards_per_func
 
+    def _generate(self, prompts):  # type: ignore[no-untyped-def]
+        # TRL's continuous-batching (paged) generation ends with model.train() (TRL 1.0 to 1.16), which in
+        # evaluation leaves the model in train mode for the rest of the eval loop: the next eval batch would
+        # be buffered, scored and counted as training. Generation does not change the mode here.
+        training = self.model.training
+        try:
+            return super()._generate(prompts)
+        finally:
+            self.model.train(training)
+
     def _generate_and_score_completions(self, inputs):  # type: ignore[no-untyped-def]
-        output = super()._generate_and_score_completions(inputs)
+        # Read the mode before generating, as TRL does: generation may leave the model in train mode (above).
         mode = "train" if self.model.training else "eval"
+        output = super()._generate_and_score_completions(inputs)
         per_func = self._ebpo_rewards
         assert per_func is not None, "TRL did not call _calculate_rewards"
         rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)  # (N_global,)
@@ -159,6 +247,10 @@ class EBPOGRPOTrainer(GRPOTrainer):
         local = output["advantages"].shape[0]
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start : start + local].to(output["advantages"].dtype)
+        logged = self._logs["advantages"]  # the completions table (log_completions): ours, not TRL's
+        for _ in range(min(advantages.numel(), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         return output
@@ -180,15 +272,22 @@ class EBPOGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
         super()._save_checkpoint(model, trial)
-        if self.accelerator.is_main_process:
+        if self.args.should_save:  # every process that writes the checkpoint (save_on_each_node: one per node)
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             torch.save(self.ebpo_estimator.state_dict(), os.path.join(folder, STATE_FILE))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # type: ignore[no-untyped-def]
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+    def _load_optimizer_and_scheduler(self, checkpoint):  # type: ignore[no-untyped-def]
+        # Restored here, not in _load_from_checkpoint: transformers' Trainer._inner_training_loop calls this on
+        # every backend when it resumes, while under DeepSpeed it loads the weights with
+        # deepspeed_load_checkpoint and never calls _load_from_checkpoint (read in transformers 4.56 to 5.25).
+        # TRL restores its own trainer state here too. transformers 4.x and 5.0 also call it, with None, when
+        # training starts from scratch.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
         if not os.path.exists(path):
-            raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by EBPOGRPOTrainer")
+            raise ValueError(f"{checkpoint} has no {STATE_FILE}: it was not written by EBPOGRPOTrainer")
         from ebpo.fileio import load_tensors  # weights_only: a checkpoint folder is never unpickled
 
         self.ebpo_estimator.load_state_dict(load_tensors(path, what="ebpo estimator state"))
@@ -244,8 +343,10 @@ class EBPOGRPOTrainer(GRPOTrainer):
             return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
         if self.loss_type == "dr_grpo":  # constant normaliser: sequences x max completion length
             return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
-        # dapo: tokens of the whole generation batch, as a per-process share of one accumulation window
+        # dapo: the completion tokens of the whole generation batch (all processes), per process; from TRL 1.9.1
+        # rescaled in training to one accumulation window (TRL 1.0 to 1.9.0 do not: with steps_per_generation 4 and
+        # no accumulation their dapo loss is a quarter of 1.9.1's, and so is their KL's weight).
         normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if training:
+        if training and TRL_VERSION >= DAPO_WINDOW_RESCALE_FROM:
             normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return masked.sum() / normaliser
