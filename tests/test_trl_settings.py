@@ -7,6 +7,8 @@ Each test names the TRL behaviour it depends on; the behaviour was read in every
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -135,13 +137,35 @@ def test_resume_restores_the_estimator_state_on_every_backend(checkpoint, backen
 def test_resume_from_a_checkpoint_without_the_estimator_state_is_refused(checkpoint, tmp_path):
     folder, _ = checkpoint
     foreign = tmp_path / "checkpoint-1"
-    import shutil
-
     shutil.copytree(folder, foreign)
     (foreign / adapter.STATE_FILE).unlink()
     trainer = make_trainer(StateAtFirstGeneration, make_args(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="was not written by EBPOGRPOTrainer"):
         trainer.train(resume_from_checkpoint=str(foreign))
+
+
+class Payload:
+    """Unpickling this creates directory ``marker``: the stand-in for arbitrary code."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_resume_never_unpickles_a_crafted_estimator_state(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    crafted = tmp_path / "checkpoint-1"
+    shutil.copytree(folder, crafted)
+    torch.save({"evil": Payload(tmp_path / "live")}, tmp_path / "live.pt")
+    torch.load(tmp_path / "live.pt", weights_only=False)
+    assert (tmp_path / "live").is_dir()  # the payload does run its code when fully unpickled
+    torch.save({"evil": Payload(tmp_path / "pwned")}, crafted / adapter.STATE_FILE)
+    trainer = make_trainer(StateAtFirstGeneration, make_args(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        trainer.train(resume_from_checkpoint=str(crafted))
+    assert not (tmp_path / "pwned").exists()
 
 
 # ------------------------------------------------------------------ scale_rewards and what cannot be honoured
