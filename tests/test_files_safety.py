@@ -172,22 +172,6 @@ def test_verl_adapter_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
-def test_trl_adapter_never_unpickles(tmp_path, monkeypatch):
-    pytest.importorskip("trl")
-    from ebpo.estimators import build_estimator
-    from ebpo.integrations.trl import STATE_FILE, EBPOGRPOTrainer
-
-    marker = tmp_path / "pwned"
-    write_payload(tmp_path / STATE_FILE, marker)
-    # Only the estimator-state line is under test: TRL's own checkpoint loading is stubbed out.
-    monkeypatch.setattr(EBPOGRPOTrainer.__mro__[1], "_load_from_checkpoint", lambda self, *a, **k: None)
-    trainer = object.__new__(EBPOGRPOTrainer)
-    trainer.ebpo_estimator = build_estimator("ebpo", prior="running")
-    with pytest.raises(ValueError, match="cannot be loaded safely"):
-        trainer._load_from_checkpoint(str(tmp_path))
-    assert not marker.exists()
-
-
 def test_old_format_checkpoint_is_refused_with_a_clear_error(run_copy, capsys):
     """What ebpo wrote before checkpoint format 2: numpy RNG arrays, no format key. Never loaded unsafely."""
     path = run_copy / "checkpoints" / "step-000002"
