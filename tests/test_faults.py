@@ -528,8 +528,9 @@ def _jsonl(path: Path, lines: list[str]) -> str:
     return str(path)
 
 
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{b}: &{b} [{', '.join(['*' + a] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+BOMB = (  # 10^9 values in 10 lines, every anchor inside a real (mapping) field: nothing is an unknown key
+    "estimator_options:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"  {b}: &{b} [{', '.join(['*' + a] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
 )
 ROW = '{"question": "1+1=", "answer": "2"}'
 

@@ -213,12 +213,13 @@ def _describe_recommendations(task: str, recommended: dict[str, Any], chosen: di
 def check_train_args(argv: list[str], *, build: bool = False) -> None:
     """ValueError if ``ebpo train argv`` has a bad flag or config value, for commands that launch train runs
     and must fail before writing anything rather than in every child. ``build``: also build the components
-    (catches e.g. an estimator's minimum group size; needs every file the flags name to exist)."""
+    and check that prompts fit the model (catches e.g. an estimator's minimum group size, a dataset whose
+    prompts are all too long; needs every file the flags name to exist)."""
     config = resolve_config(_parse_quietly(argv, "ebpo train flags"))
     if build:
-        from ebpo.train.trainer import build_components
+        from ebpo.train.trainer import build_components, fit_prompts
 
-        build_components(config)
+        fit_prompts(config, build_components(config), echo=lambda _: None)  # prompts that fit: checked once here
     else:
         from ebpo.train.config import validate
 
