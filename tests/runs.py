@@ -32,6 +32,58 @@ TINY = [
 ]
 
 
+# Smaller still (2 prompts x 2 samples, no evaluation samples): for tests that run many short runs (faults, files).
+MINI = [
+    "--task",
+    "arithmetic",
+    "--warmstart-steps",
+    "20",
+    "--warmstart-batch-size",
+    "16",
+    "--task-options",
+    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
+    "--prompts-per-step",
+    "2",
+    "--group-size",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--eval-samples",
+    "0",
+    "--no-progress",
+    "--no-tensorboard",
+    "--threads",
+    "1",
+]
+
+
+def trl_args(out, **extra):
+    """An ``EBPOGRPOConfig`` for the TRL tests: CPU, 8 rows of 4 generations, 4 tokens, running prior + HA-DW,
+    nothing saved or reported; ``extra`` overrides any field."""
+    from ebpo.integrations.trl import EBPOGRPOConfig
+
+    options = dict(
+        output_dir=str(out),
+        max_steps=1,
+        learning_rate=1e-3,
+        beta=0.0,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        ebpo_estimator="ebpo",
+        ebpo_estimator_options={"prior": "running"},
+        ebpo_weighting="ha_dw",
+    )
+    return EBPOGRPOConfig(**{**options, **extra})
+
+
 def timeless(row: dict) -> dict:
     """A metrics row without its wall-clock fields (which differ between two runs of the same maths)."""
     return {k: v for k, v in row.items() if not k.startswith("time/")}

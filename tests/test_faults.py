@@ -21,42 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import MINI
 
 from ebpo.cli import main
 from ebpo.train import checkpoint as ckpt
 from ebpo.train.distributed import Dist
 from ebpo.train.tracking import read_metrics
 
-TINY = [
-    "--task",
-    "arithmetic",
-    "--warmstart-steps",
-    "20",
-    "--warmstart-batch-size",
-    "16",
-    "--task-options",
-    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
-    "--prompts-per-step",
-    "2",
-    "--group-size",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--eval-samples",
-    "0",
-    "--estimator-options",
-    "{prior: running}",  # a moving estimator state, so a resume that lost it would show in the metrics
-    "--no-progress",
-    "--no-tensorboard",
-    "--threads",
-    "1",
-]
+# a moving estimator state, so a resume that lost it would show in the metrics
+TINY = [*MINI, "--estimator-options", "{prior: running}"]
 STEPS = ["--steps", "3", "--save-every", "1", "--keep-checkpoints", "5"]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ebpo-cache"))
 
 
 @pytest.fixture(scope="module")

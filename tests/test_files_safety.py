@@ -18,37 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import MINI
 
 from ebpo.cli import main
 from ebpo.fileio import MARKER, check_output_dir, load_tensors, make_output_dir, remove_output_dir
 
-TINY = [
-    "--task",
-    "arithmetic",  # the small built-in task (the default is stepwise)
-    "--warmstart-steps",
-    "20",
-    "--warmstart-batch-size",
-    "16",
-    "--task-options",
-    "{num_train: 64, num_eval: 8, max_terms: 1, max_digits: 1}",
-    "--prompts-per-step",
-    "2",
-    "--group-size",
-    "2",
-    "--max-new-tokens",
-    "4",
-    "--eval-samples",
-    "0",
-    "--no-progress",
-    "--no-tensorboard",
-    "--threads",
-    "1",
-]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ebpo-cache"))
+TINY = MINI
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
+from runs import trl_args  # noqa: E402
 from trl_ddp_worker import (  # noqa: E402
     check_equivalence,
     equivalence_table,
@@ -24,7 +25,7 @@ from trl_ddp_worker import (  # noqa: E402
 )
 
 from ebpo import build_estimator  # noqa: E402
-from ebpo.integrations.trl import STATE_FILE, EBPOGRPOConfig, EBPOGRPOTrainer  # noqa: E402
+from ebpo.integrations.trl import STATE_FILE, EBPOGRPOTrainer  # noqa: E402
 from ebpo.models.loading import TinyLlamaSpec, build_tiny_llama  # noqa: E402
 from ebpo.models.tokenizer import CharTokenizer  # noqa: E402
 from ebpo.tasks.arithmetic import ArithmeticTask  # noqa: E402
@@ -55,27 +56,7 @@ def setup(tmp_path, monkeypatch):
 
 
 def make_args(out, **extra):
-    options = dict(
-        output_dir=str(out),
-        max_steps=3,
-        learning_rate=1e-3,
-        beta=0.0,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="steps",
-        save_steps=1,
-        disable_tqdm=True,
-        ebpo_estimator="ebpo",
-        ebpo_estimator_options={"prior": "running"},
-        ebpo_weighting="ha_dw",
-    )
-    return EBPOGRPOConfig(**{**options, **extra})
+    return trl_args(out, **{**dict(max_steps=3, save_strategy="steps", save_steps=1), **extra})
 
 
 def test_trl_trains_on_ebpo_advantages_and_saves_the_estimator(setup):

@@ -17,11 +17,12 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from packaging.version import Version  # noqa: E402
+from runs import trl_args  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl_ddp_worker import prompt_dataset, tiny_tokenizer, varied  # noqa: E402
 
 import ebpo.integrations.trl as adapter  # noqa: E402
-from ebpo.integrations.trl import TRL_VERSION, EBPOGRPOConfig, EBPOGRPOTrainer, check_trl_settings  # noqa: E402
+from ebpo.integrations.trl import TRL_VERSION, EBPOGRPOTrainer, check_trl_settings  # noqa: E402
 from ebpo.models.loading import TinyLlamaSpec, build_tiny_llama  # noqa: E402
 
 
@@ -30,27 +31,7 @@ def _no_trackers(monkeypatch):
     monkeypatch.setenv("WANDB_DISABLED", "true")
 
 
-def make_args(out, **extra) -> EBPOGRPOConfig:
-    options = dict(
-        output_dir=str(out),
-        max_steps=1,
-        learning_rate=1e-3,
-        beta=0.0,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-        ebpo_estimator="ebpo",
-        ebpo_estimator_options={"prior": "running"},
-        ebpo_weighting="ha_dw",
-    )
-    return EBPOGRPOConfig(**{**options, **extra})
+make_args = trl_args
 
 
 def make_trainer(trainer_cls, args, seed=0, **kwargs):
