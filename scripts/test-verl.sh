@@ -16,3 +16,4 @@ fi
 "$VENV/bin/pip" install -q "verl==0.9.1" cachetools fastapi uvicorn pytest "TransferQueue>=0.1.10" pyzmq msgspec
 "$VENV/bin/pip" install -q -e . --no-deps
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integration_verl_runtime.py -o addopts=""
+"$VENV/bin/python" examples/from_verl.py  # the README's verl example, in verl's own environment
