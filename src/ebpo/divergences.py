@@ -45,9 +45,25 @@ __all__ = [
 
 
 class Divergence(Protocol):
-    needs_reference: bool
+    """What a registered divergence implements: a per-token penalty towards the reference policy.
 
-    def __call__(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor: ...
+    Built by :func:`build_divergence` (``--divergence NAME`` in ``ebpo train``, a registered name or
+    ``package.module:attr``) with its options as keyword arguments. The policy loss adds ``div_coef`` times
+    its value to each token's loss before aggregation, so padding is masked there, not here.
+    """
+
+    needs_reference: bool
+    """Whether it reads ``ref_logprobs`` (True for every built-in one): the trainer builds the frozen
+    reference policy only for a divergence that needs it (one without the attribute is taken to)."""
+
+    def __call__(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        """The divergence per token (B, T), differentiable w.r.t. ``logprobs``.
+
+        Args:
+            logprobs: (B, T) log-probabilities of the sampled tokens under the current policy (with grad).
+            ref_logprobs: (B, T) log-probabilities of the same tokens under the reference policy (detached).
+        """
+        ...
 
 
 DIVERGENCES: Registry[Divergence] = Registry("divergence")

@@ -70,6 +70,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LossInputs:
+    """What every policy loss takes: the tensors of one micro-batch, named for where they came from."""
+
     logprobs: Tensor
     """(B, T) log-probs of the sampled tokens under the current policy (with grad)."""
     old_logprobs: Tensor
@@ -83,16 +85,36 @@ class LossInputs:
 
 
 class LossOutputs(NamedTuple):
+    """What a policy loss returns: the scalar to differentiate and its diagnostics."""
+
     loss: Tensor
+    """0-dim: the aggregated loss (divergence term included), for ``loss.backward()``."""
     metrics: dict[str, Tensor | float]
     """Flat diagnostics; the per-token ones are detached 0-dim tensors on the loss's device (``float()`` reads
     one), so a training loop can sum them over micro-batches and read them back once per step."""
 
 
 class PolicyLoss(Protocol):
+    """What a registered policy loss implements (built by :func:`build_policy_loss` with its options).
+
+    The built-in ones take ``eps_low``, ``eps_high``, ``agg`` (a name in :data:`AGGREGATIONS`),
+    ``agg_constant``, ``divergence`` (a :class:`~ebpo.divergences.Divergence`) and ``div_coef``; ``ebpo train``
+    passes a loss of your own (``--loss package.module:attr``) these too, with its ``--loss-options``.
+    """
+
     def __call__(
         self, inputs: LossInputs, *, num_tokens: float | None = None, num_seqs: float | None = None
-    ) -> LossOutputs: ...
+    ) -> LossOutputs:
+        """The loss of one micro-batch and its metrics (flat, namespaced: ``"loss/clip_frac_high"``).
+
+        Args:
+            inputs: the micro-batch's log-probabilities, advantages and mask.
+            num_tokens: valid tokens in the whole optimiser step (every shard and micro-batch), or None
+                for this micro-batch's own count; dividing by the global count keeps data parallelism and
+                gradient accumulation from changing the objective.
+            num_seqs: sequences in the whole optimiser step, likewise.
+        """
+        ...
 
 
 Aggregation = Callable[..., Tensor]

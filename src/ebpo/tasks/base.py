@@ -44,16 +44,28 @@ class Problem:
 
 
 class Task(Protocol):
+    """What a task implements: a name, the verifier that scores it, and its two splits of problems.
+
+    Registered with ``@TASKS.register("name")`` on a factory (a class or a function) that takes the task's
+    options as keyword arguments (``--task-options`` in ``ebpo train``), or named by import path
+    (``--task mypkg.tasks:make_task``); :func:`~ebpo.tasks.build.build_task` checks the attributes below.
+    """
+
     name: str
     verifier: str  # a name in ebpo.verifiers.VERIFIERS
+    """The name (or ``package.module:attr`` path) of the verifier that scores its completions."""
     recommended: dict[str, Any]
     """``ebpo train`` settings the task is meant to be trained with (config field -> value, e.g.
     ``{"max_new_tokens": 44}``): applied over the config defaults and under the ``--method`` preset,
     ``--config`` YAML and flags, so any of them still wins. Optional: a task without it recommends nothing."""
 
-    def train_problems(self) -> Sequence[Problem]: ...
+    def train_problems(self) -> Sequence[Problem]:
+        """The problems the policy is trained on."""
+        ...
 
-    def eval_problems(self) -> Sequence[Problem]: ...
+    def eval_problems(self) -> Sequence[Problem]:
+        """The held-out problems the run is evaluated on (disjoint from the training problems)."""
+        ...
 
 
 TASKS: Registry[Task] = Registry("task")

@@ -52,7 +52,8 @@ class ReasoningGymTask:
         name: a reasoning-gym dataset name (``chain_sum``, ``leg_counting``, ...).
         size: training problems drawn (before removing overlaps with the held-out set).
         eval_size: held-out problems.
-        seed, eval_seed: generator seeds of the two sets (must differ).
+        seed: generator seed of the training set (must differ from ``eval_seed``).
+        eval_seed: generator seed of the held-out set.
         template: prompt format with a ``{question}`` field.
         **options: the dataset's own configuration.
     """

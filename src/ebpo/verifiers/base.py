@@ -47,12 +47,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VerifierResult:
+    """One completion's score."""
+
     reward: float | None
+    """Usually 0.0 or 1.0; None skips the sample (as a TRL reward function may)."""
     info: dict[str, float] = field(default_factory=dict)
+    """Diagnostics the trainer sums into ``verifier/*`` metrics (``{"parse_error": 1.0}``)."""
 
 
 class Verifier(Protocol):
-    def __call__(self, completion: str, reference: str) -> VerifierResult: ...
+    """What a registered verifier implements: any callable with this signature (a function will do).
+
+    Registered with ``@VERIFIERS.register("name")`` or named by import path (``--verifier
+    package.module:attr``); the registry wraps it in :class:`GuardedVerifier` (see the module docstring for
+    which exceptions end a run and which score 0).
+    """
+
+    def __call__(self, completion: str, reference: str) -> VerifierResult:
+        """Score ``completion`` (the model's text, without the prompt) against ``reference`` (the problem's
+        ``answer``); raise :class:`BadReference` when the reference, not the completion, is unusable."""
+        ...
 
 
 class NotTheCompletion(Exception):
