@@ -38,7 +38,7 @@ def max_abs_diff(a: torch.Tensor, b: list[float]) -> float:
 
 
 def test_registry_lists_every_estimator():
-    assert list_estimators() == ["dr_grpo", "ebpo", "grpo", "rloo"]
+    assert list_estimators() == ["dr_grpo", "ebpo", "grpo", "jspo", "krpo", "rloo", "spo"]
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -6,9 +6,16 @@ Every estimator is built by :func:`build_estimator` and called the same way::
     advantages, metrics = estimator(rewards, group_ids, training=True)
 
 ``rewards`` is a float tensor (N,), ``group_ids`` an integer tensor (N,) whose
-values name each response's prompt (any values, any order, groups of any
-size). ``advantages`` is (N,) in the rewards' dtype; ``metrics`` is a flat dict
-of namespaced Python floats.
+values name each response's group within the batch (any values, any order,
+groups of any size). ``advantages`` is (N,) in the rewards' dtype; ``metrics``
+is a flat dict of namespaced Python floats. Optional ``prompt_ids`` (N,) name
+each group's prompt across steps (a stable key such as
+:func:`stable_prompt_ids` of the problem ids): the estimators that keep state
+per prompt (``spo``, ``krpo`` with ``carry=True``) need them; the others
+validate and ignore them.
+
+The other baselines, JSPO, SPO and KRPO, live in :mod:`ebpo.estimators_shrinkage`
+and register themselves in the same :data:`ESTIMATORS` when this module is imported.
 
 One dispatch path: :func:`build_estimator` looks the name up in
 :data:`ESTIMATORS` (or imports ``module:attr``), looks the optional weighting
@@ -28,6 +35,7 @@ also docs/methods.md#advantage-estimators.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -35,7 +43,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ebpo.grouping import GroupedBatch
+from ebpo.grouping import GroupedBatch, stable_topic_ids
 from ebpo.registry import Registry
 from ebpo.stats import KeyedWelford, Welford
 from ebpo.weighting import WEIGHTINGS, Weighting
@@ -43,6 +51,8 @@ from ebpo.weighting import WEIGHTINGS, Weighting
 __all__ = [
     "Estimator",
     "AdvantagePipeline",
+    "PromptedBatch",
+    "stable_prompt_ids",
     "ESTIMATORS",
     "build_estimator",
     "list_estimators",
@@ -54,12 +64,76 @@ __all__ = [
 EPS = 1e-6
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptedBatch(GroupedBatch):
+    """A :class:`~ebpo.grouping.GroupedBatch` that also names each group's prompt across steps.
+
+    What :class:`AdvantagePipeline` hands to every estimator and weighting.
+
+    Attributes:
+        group_prompts: (M,) int64 the caller's prompt key of each group
+            (``prompt_ids=`` of the call), or None when the caller gave none.
+            A group id names a group within one batch (the trainer numbers
+            each step's prompts from 0); a prompt key names the same prompt
+            at every step, so an estimator that keeps state per prompt
+            across steps keys it by ``group_prompts``, never by group ids.
+            Two groups of one batch may share a prompt.
+    """
+
+    group_prompts: Tensor | None = None
+
+
+def stable_prompt_ids(keys: Sequence[object]) -> Tensor:
+    """Prompt ids (N,) int64 for each response's prompt key (a problem id, a dataset index, the prompt text).
+
+    The 62-bit BLAKE2b hash of each key's text (as
+    :func:`ebpo.grouping.stable_topic_ids`), so a prompt has the same id in
+    every process, on every rank and after a resume; two keys collide with
+    probability about k^2 / 2^63 for k distinct prompts.
+
+    >>> ids = stable_prompt_ids(["p1", "p2", "p1"])
+    >>> bool(ids[0] == ids[2]), bool(ids[0] == ids[1])
+    (True, False)
+    """
+    missing = [i for i, key in enumerate(keys) if key is None]
+    if missing:
+        raise ValueError(f"prompt key at index {missing[0]} is None: every response needs its prompt's key")
+    return stable_topic_ids(keys)
+
+
+def _group_prompts(prompt_ids: Tensor | Sequence[int], group_ids: Any, batch: GroupedBatch) -> Tensor:
+    """Validate per-response prompt ids (N,) and return each group's prompt id (M,) int64.
+
+    Every response of a group answers the same prompt, so a group whose
+    responses carry different prompt ids is a wiring bug and raises.
+    """
+    prompts = prompt_ids if isinstance(prompt_ids, Tensor) else torch.as_tensor(prompt_ids)
+    if prompts.shape != batch.rewards.shape:
+        raise ValueError(
+            f"prompt_ids must have shape {tuple(batch.rewards.shape)} like group_ids, got {tuple(prompts.shape)}"
+        )
+    if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+        raise ValueError(f"prompt_ids must be an integer tensor, got dtype {prompts.dtype}")
+    prompts = prompts.to(device=batch.rewards.device, dtype=torch.long)
+    low, high = batch.grouping.amin(prompts), batch.grouping.amax(prompts)  # (M,)
+    mixed = high != low  # (M,)
+    if bool(mixed.any()):
+        slot = int(mixed.nonzero()[0, 0])
+        ids = torch.as_tensor(group_ids).reshape(-1).to(batch.rewards.device)
+        group = int(ids[batch.grouping.index == slot][0])
+        raise ValueError(
+            f"group {group} has responses with different prompt ids ({int(low[slot])} and {int(high[slot])}); "
+            "a prompt id names the prompt a group answers, so all responses of a group need the same prompt id"
+        )
+    return low
+
+
 class Estimator(Protocol):
     """What a registered advantage estimator implements."""
 
     min_group_size: int
 
-    def compute(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
+    def compute(self, batch: PromptedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         """Return float64 advantages (N,) and metrics. Must not change state when ``training`` is False."""
         ...
 
@@ -389,17 +463,23 @@ class AdvantagePipeline:
         *,
         topic_ids: Tensor | Sequence[int] | None = None,
         correctness: Tensor | Sequence[float] | None = None,
+        prompt_ids: Tensor | Sequence[int] | None = None,
         training: bool = True,
     ) -> tuple[Tensor, dict[str, float]]:
         """Advantages (N,) in the rewards' dtype and metrics.
 
         Args:
             rewards: (N,) the rewards the policy is trained on (possibly shaped).
-            group_ids: (N,) integer prompt id of each response.
+            group_ids: (N,) integer id of each response's group in this batch.
             topic_ids: optional (N,) integer topic id of each response (one
                 topic per group). Estimators without a use for them (all but
                 ``ebpo`` with ``hierarchical=True``) ignore them; they are
                 validated all the same.
+            prompt_ids: optional (N,) integer id of each response's prompt,
+                the same at every step (one prompt per group; see
+                :func:`stable_prompt_ids`). Needed by the estimators that
+                keep state per prompt (``spo``; ``krpo`` with
+                ``carry=True``); validated and ignored by the others.
             correctness: optional (N,) the verifier's correctness before any
                 shaping; what HA-DW's accuracy and difficulty read. Defaults
                 to ``rewards``.
@@ -411,7 +491,9 @@ class AdvantagePipeline:
         before the call, so a caller that catches the error and skips the batch
         continues from uncorrupted statistics.
         """
-        batch = GroupedBatch.from_inputs(rewards, group_ids, topic_ids=topic_ids, correctness=correctness)
+        batch = PromptedBatch.from_inputs(rewards, group_ids, topic_ids=topic_ids, correctness=correctness)
+        if prompt_ids is not None:
+            batch = dataclasses.replace(batch, group_prompts=_group_prompts(prompt_ids, group_ids, batch))
         batch.require_min_group_size(self.min_group_size, self.name)
         if not training:  # nothing moves: no snapshot needed
             return self._run(batch, training=False)
@@ -425,7 +507,7 @@ class AdvantagePipeline:
             self.load_state_dict(snapshot)
             raise
 
-    def _run(self, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
+    def _run(self, batch: PromptedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         advantages, metrics = self.estimator.compute(batch, training=training)  # (N,) float64
         metrics = dict(metrics)
         if self.weighting is not None:
@@ -531,3 +613,8 @@ def build_estimator(
 
 def list_estimators() -> list[str]:
     return ESTIMATORS.names()
+
+
+# The other baselines (JSPO, SPO, KRPO) register themselves in ESTIMATORS; imported last because that module
+# builds on the names above.
+from ebpo import estimators_shrinkage as _estimators_shrinkage  # noqa: E402, F401
