@@ -31,6 +31,11 @@ real registries (never a copy of a flag list):
   ``--benchmark NAME[=PATH]`` names a dataset loader.
 * ``ebpo simulate``: flags parse and pass ``ebpo.simulate._validate``.
 
+A component named by an import path into the reader's own code
+(``--estimator my_estimators:MedianBaseline``, whose top-level module is not
+installed) is checked for its form only; an import path into an installed
+package (``ebpo.estimators:...``) must resolve.
+
 Placeholders: a value written in capitals (``S``, ``N``, ``FILE``, ``DIR``,
 ``RUN_DIR``, ``FLAGS``) or ``...`` stands for the reader's own; it is given a
 value of the flag's type and not checked further. An inline span names a
@@ -58,6 +63,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import io
 import re
@@ -145,7 +151,7 @@ def commands_in_line(text: str) -> list[tuple[str, ...] | str]:
                 found.append(tuple(words[i + 1 :]))
                 break
             at_command_position = i == first or (i > 0 and words[i - 1] == "-m")
-            if at_command_position and not sub.startswith("-"):
+            if at_command_position and re.fullmatch(r"[a-z][a-z0-9_-]*", sub):  # not "ebpo train: error: ..."
                 found.append(f"unknown subcommand {sub!r} (ebpo has {sorted(SUBCOMMANDS)}): {text.strip()}")
                 break
     return found
@@ -312,6 +318,10 @@ def _resolved_task_stub(name: str, options: dict):
     except ValueError:
         pass
     cls = factory.func if isinstance(factory, functools.partial) else factory
+    from ebpo.data import DATASETS, DatasetTask
+
+    if cls is DatasetTask and isinstance(factory, functools.partial):  # what DatasetTask does first: its loader
+        DATASETS.get(factory.args[0])
     recommended = getattr(cls, "recommended", None)
     if dataclasses.is_dataclass(cls):
         field = {f.name: f for f in dataclasses.fields(cls)}.get("recommended")
@@ -331,6 +341,37 @@ def _bind(factory, options: dict, what: str) -> None:
         pass
 
 
+_COMPONENT_FIELDS = {
+    "estimator": "estimator_options",
+    "weighting": "weighting_options",
+    "divergence": "divergence_options",
+    "loss": "loss_options",
+    "loss_agg": None,
+    "curriculum": None,
+    "verifier": None,
+    "task": "task_options",
+}
+"""``ebpo train``'s fields that name a registered component or a ``module:attr`` import path, with their options."""
+
+
+def readers_plugin(name: object, kind: str) -> bool:
+    """Whether ``name`` is an import path into the reader's own code: ``module:attr`` whose top-level package is not
+    installed (``my_estimators:MedianBaseline``; a task's ``dataset:gsm8k`` is a registered task with its argument)."""
+    if not isinstance(name, str):
+        return False
+    module, sep, attr = name.partition(":")
+    if not (sep and module and attr):
+        return False
+    if kind == "task":
+        from ebpo.tasks.base import TASKS
+        from ebpo.tasks.build import register_builtin_components
+
+        register_builtin_components()
+        if module in TASKS:
+            return False
+    return importlib.util.find_spec(module.split(".")[0]) is None
+
+
 @functools.cache
 def check_train_argv(argv: tuple[str, ...], placeholders: frozenset[str] = frozenset()) -> None:
     """ValueError when ``ebpo train argv`` would be refused before training (see the module docstring)."""
@@ -347,6 +388,11 @@ def check_train_argv(argv: tuple[str, ...], placeholders: frozenset[str] = froze
     for name in ("resume", "config"):  # the run directory or YAML file is the reader's: check the flags alone
         if hasattr(args, name):
             delattr(args, name)
+    for name, options in _COMPONENT_FIELDS.items():  # the reader's own plugin: the preset's component instead
+        if readers_plugin(getattr(args, name, None), name):
+            delattr(args, name)
+            if options and hasattr(args, options):
+                delattr(args, options)
     real_build_task = task_build.build_task
     task_build.build_task = _resolved_task_stub  # task_recommendations imports it from there at call time
     try:
@@ -509,6 +555,7 @@ def test_extraction_follows_the_shell():
             '  "--method grpo --lr 1e-4"',
             "torchrun --nproc_per_node 2 -m ebpo train --device cpu",
             "ebpo evaluate --model m",
+            "ebpo train: error: steps must be > 0, got 0",
             "python -m ebpo.train.warmstart --ship",
             "```",
             "```python",
@@ -547,6 +594,8 @@ def test_the_docs_have_commands_of_every_subcommand():
         (["train", "--task", "gsm8k"], "unknown task 'gsm8k'"),
         (["train", "--method", "ebpo2"], "invalid choice"),
         (["train", "--estimator", "grpoo"], "unknown advantage estimator"),
+        (["train", "--estimator", "ebpo.estimators:Nope"], "has no attribute"),
+        (["train", "--task", "dataset:gsm8kk"], "gsm8kk"),
         (["train", "--estimator-options", "{prior: runing}"], "prior"),
         (["train", "--weighting", "hadw"], "unknown advantage weighting"),
         (["train", "--divergence", "kl", "--divergence-options", "{estimater: k3}"], "bad options for divergence"),
@@ -576,6 +625,7 @@ def test_the_checks_accept_what_ebpo_accepts():
         ["train", "--task", "dataset:gsm8k", "--task-options", "{path: train.jsonl, eval_path: test.jsonl}"],
         ["train", "--method", "gbmpo-mirror", "--mirror-params", "FILE", "--seed", "S"],
         ["train", "--estimator", "NAME", "--task", "NAME"],
+        ["train", "--estimator", "my_estimators:MedianBaseline", "--estimator-options", "{width: 2}"],
         ["compare", "--methods", "grpo", "--variant", "k", "--method ebpo --estimator-options '{prior: running}'"],
         ["meta", "--task", "arithmetic", "--train-args", "--prompts-per-step 16 --group-size 4"],
         ["eval", "--model", "RUN_DIR", "--benchmark", "math500=path.jsonl"],
