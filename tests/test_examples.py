@@ -72,3 +72,17 @@ def test_from_verl(tmp_path):
     assert f"ebpo estimators registered in verl: {registered}" in out
     assert "config: adv_estimator=ebpo_running, rollout.n=4, kl_loss_type=ebpo:prob_l2" in out
     assert out.rstrip().endswith("ok")
+
+
+def test_the_readme_verl_route_names_every_registered_estimator():
+    """The verl route lists every name the plugin registers (an older README listed 5 of 7) and the topic key."""
+    from ebpo.integrations.verl import SPECS
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    route = readme.split("\n## From verl\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", route))
+    assert set(SPECS) <= named, f"README's From verl does not name {sorted(set(SPECS) - named)}"
+    assert "EBPO_VERL_TOPIC_KEY" in route
+    guide = (EXAMPLES.parent / "docs" / "guide.md").read_text()
+    for name in SPECS:  # the option map has a row for each
+        assert f"`{name}`" in guide or f"adv_estimator={name}`" in guide, name
