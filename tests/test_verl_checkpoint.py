@@ -96,8 +96,9 @@ class StandInTrainer:
         self.global_steps += 1
         token_rewards, mask, uids, sources = verl_batch(self.global_steps)
         key = self.config.algorithm["adv_estimator"]
+        acc = (token_rewards.sum(-1) > 0).numpy()  # the reward extra info's correctness (HA-DW reads it)
         advantages, _ = adapter.FUNCTIONS[key](
-            token_rewards, mask, index=uids, config=self.config.algorithm, data_source=sources
+            token_rewards, mask, index=uids, config=self.config.algorithm, data_source=sources, acc=acc
         )
         return advantages
 
@@ -153,6 +154,26 @@ def test_norm_flag_of_the_resumed_config_is_honoured(hooked, tmp_path):
     resumed = hooked(tmp_path, "ha_dw", norm=False)
     resumed._load_checkpoint()
     assert adapter.ESTIMATORS["ha_dw"].estimator.scale == "none"
+
+
+def test_options_of_the_resumed_config_build_the_restored_estimator(hooked, tmp_path):
+    """algorithm.ebpo reaches the load path too: the restored ebpo_ema has the run's decay, and its state."""
+    options = {"estimator_options": {"decay": 0.5}}
+    trainer = hooked(tmp_path, "ebpo_ema")
+    trainer.config.algorithm["ebpo"] = options
+    trainer.step()
+    trainer.step()
+    trainer._save_checkpoint()
+    saved = adapter.ESTIMATORS["ebpo_ema"].state_dict()
+    adapter.ESTIMATORS.clear()
+    resumed = hooked(tmp_path, "ebpo_ema")
+    resumed.config.algorithm["ebpo"] = options
+    resumed._load_checkpoint()
+    assert adapter.ESTIMATORS["ebpo_ema"].estimator.decay == 0.5
+    assert same_state(adapter.ESTIMATORS["ebpo_ema"].state_dict(), saved)
+    adapter.ESTIMATORS.clear()
+    with pytest.raises(ValueError, match="decay"):  # another decay cannot take over that state
+        hooked(tmp_path, "ebpo_ema")._load_checkpoint()
 
 
 def test_the_file_is_written_before_verls_tracker_names_the_folder(hooked, tmp_path):

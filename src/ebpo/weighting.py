@@ -48,7 +48,13 @@ __all__ = ["Weighting", "WEIGHTINGS", "HADW", "list_weightings"]
 
 
 class Weighting(Protocol):
-    """Per-response multiplicative weights for the advantages."""
+    """Per-response multiplicative weights for the advantages.
+
+    A weighting that reads ``batch.correctness`` (each response's success, in [0, 1]) declares it with a class
+    attribute ``reads_correctness = True``; the TRL and verl adapters then require the user to say where the
+    correctness comes from (their rewards are arbitrary sums and scales) and refuse to start otherwise.
+    Without the attribute a weighting is taken not to read it.
+    """
 
     def __call__(self, advantages: Tensor, batch: GroupedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         """Return weights (N,) float64 and metrics; no state change when ``training`` is False."""
@@ -80,6 +86,10 @@ class HADW:
         k: hard anchor window of batch accuracies (code: 10).
         c0: initial soft anchor; ``None`` uses the first batch's accuracy.
     """
+
+    # Reads batch.correctness: the batch accuracy y_t, the group accuracies mu_q and the anchor C are success
+    # rates, which rewards of another scale (TRL's summed reward functions, a -1/1 verifier) are not.
+    reads_correctness = True
 
     def __init__(
         self,
