@@ -56,14 +56,16 @@ def setup(tmp_path, monkeypatch):
 
 
 def make_args(out, **extra):
-    return trl_args(out, **{**dict(max_steps=3, save_strategy="steps", save_steps=1), **extra})
+    """With HA-DW (trl_args' default) the correctness is the reward >= 1 unless a test says otherwise."""
+    hadw = extra.get("ebpo_weighting", "ha_dw") == "ha_dw"
+    correctness = {"ebpo_correctness_threshold": 1.0} if hadw else {}
+    return trl_args(out, **{**dict(max_steps=3, save_strategy="steps", save_steps=1), **correctness, **extra})
 
 
 def test_trl_trains_on_ebpo_advantages_and_saves_the_estimator(setup):
     model, tokenizer, dataset, tmp = setup
-    trainer = Recording(
-        model=model, reward_funcs=[exact], args=make_args(tmp / "a"), train_dataset=dataset, processing_class=tokenizer
-    )
+    args = make_args(tmp / "a", ebpo_correctness_reward="exact", ebpo_correctness_threshold=None)  # exact is 0/1
+    trainer = Recording(model=model, reward_funcs=[exact], args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     replay = build_estimator("ebpo", prior="running", weighting="ha_dw")
     for rewards, used in trainer.recorded:
@@ -169,7 +171,8 @@ def test_topic_column_reaches_the_hierarchical_prior(setup):
     replay = build_estimator("ebpo", weighting="ha_dw", **options)
     for rewards, topics, used in trainer.recorded:
         group_ids = torch.arange(rewards.numel()) // 4
-        expected, metrics = replay(rewards.cpu(), group_ids, topic_ids=stable_topic_ids(topics))
+        correct = (rewards >= 1.0).double().cpu()  # make_args' correctness threshold
+        expected, metrics = replay(rewards.cpu(), group_ids, topic_ids=stable_topic_ids(topics), correctness=correct)
         assert torch.allclose(used.cpu().double(), expected.double(), atol=1e-6)
     assert metrics["ebpo/num_topics"] >= 1 and "ebpo/omega2" in trainer.state.log_history[0]
     with pytest.raises(ValueError, match="ebpo_topic_column='nope' is not a column"):

@@ -31,7 +31,10 @@ def _no_trackers(monkeypatch):
     monkeypatch.setenv("WANDB_DISABLED", "true")
 
 
-make_args = trl_args
+def make_args(out, **extra):
+    """trl_args; with HA-DW (its default) the correctness is the reward (varied: 0, 1 or 2) >= 1."""
+    hadw = extra.get("ebpo_weighting", "ha_dw") == "ha_dw"
+    return trl_args(out, **{**({"ebpo_correctness_threshold": 1.0} if hadw else {}), **extra})
 
 
 def make_trainer(trainer_cls, args, seed=0, **kwargs):

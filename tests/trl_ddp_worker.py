@@ -210,6 +210,7 @@ def estimator_state_run(out: str) -> None:
         ebpo_estimator="ebpo",
         ebpo_estimator_options={"prior": "running"},
         ebpo_weighting="ha_dw",
+        ebpo_correctness_reward="reward",  # its output, 0, 0.5 or 1, is the correctness HA-DW weights by
     )
     t = EBPOGRPOTrainer(
         model=model, reward_funcs=[reward], args=args, train_dataset=prompt_dataset(), processing_class=tok

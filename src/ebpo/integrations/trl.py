@@ -22,6 +22,22 @@ dataset column, gathered from every process) reaches the estimator as
 ``topic_ids`` (a stable hash, :func:`ebpo.grouping.stable_topic_ids`), which
 the hierarchical prior (``ebpo_estimator_options={"hierarchical": True}``) uses.
 
+HA-DW's correctness (``ebpo_weighting="ha_dw"``, or any weighting whose
+``reads_correctness`` is set): HA-DW weights by accuracy, and its batch
+accuracy, group accuracies and anchor are success rates in [0, 1], which TRL's
+reward (the weighted sum of every reward function: a format reward plus an
+accuracy reward exceeds 1, a -1/1 verifier goes below 0) is not. The config
+says where each completion's correctness comes from:
+``ebpo_correctness_reward="NAME"`` (that reward function's own output, which
+must lie in [0, 1]) and/or ``ebpo_correctness_threshold=T`` (correct when that
+output, or else TRL's summed reward, is >= T). Without either, a weighting that
+reads correctness is refused when the config is built, and a name that is not
+one of the trainer's reward functions when the trainer is built; a
+correctness source without such a weighting is refused too (it would be
+ignored). With a threshold the correctness is always 0 or 1; a named function
+returning a value outside [0, 1], or None for a completion another function
+scored, raises at that step, naming the function.
+
 GBMPO divergences in place of TRL's KL term: ``ebpo_divergence="prob_l2"``
 (or ``log_l2``, ``neural_mirror`` with ``{"params_path": ...}``, ``kl`` with
 ``{"estimator": "k1"|"k2"|"k3"}``), weighted by TRL's own ``beta`` (which
@@ -68,6 +84,7 @@ Supported TRL versions: :data:`SUPPORTED_TRL`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +95,7 @@ from packaging.version import Version
 from ebpo.divergences import build_divergence
 from ebpo.estimators import build_estimator
 from ebpo.grouping import stable_topic_ids
+from ebpo.weighting import WEIGHTINGS
 
 SUPPORTED_TRL = (Version("1.0"), Version("2.0"))  # [min, max)
 STATE_FILE = "ebpo_estimator_state.pt"
@@ -140,6 +158,7 @@ def check_trl_settings(args: Any, trl_version: Version = TRL_VERSION) -> None:
             f"at its default 'group' and use the estimator's options, or use ebpo_estimator='grpo', whose scale "
             "scale_rewards sets"
         )
+    _check_correctness_source(args)
     if args.ebpo_divergence is None:
         return
     if args.beta == 0.0:
@@ -157,6 +176,34 @@ def check_trl_settings(args: Any, trl_version: Version = TRL_VERSION) -> None:
         )
 
 
+def _check_correctness_source(args: Any) -> None:
+    """A weighting that reads correctness (HA-DW) needs its source said; a source nothing reads is refused."""
+    threshold = args.ebpo_correctness_threshold
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+    ):
+        raise ValueError(f"ebpo_correctness_threshold must be a finite number, got {threshold!r}")
+    weighting = args.ebpo_weighting
+    reads = weighting is not None and bool(
+        getattr(WEIGHTINGS.build(weighting, **(args.ebpo_weighting_options or {})), "reads_correctness", False)
+    )
+    given = args.ebpo_correctness_reward is not None or threshold is not None
+    if reads and not given:
+        raise ValueError(
+            f"ebpo_weighting={weighting!r} weights each completion by its correctness, a success in [0, 1] (HA-DW's "
+            "batch accuracy, group accuracies and anchor are success rates), which TRL's reward, the weighted sum of "
+            "the reward functions, is not in general. Say where it comes from: ebpo_correctness_reward='NAME' (the "
+            "reward function whose output, in [0, 1], is the correctness; NAME as TRL logs it, rewards/NAME/mean) "
+            "and/or ebpo_correctness_threshold=T (correct when that function's output, or else TRL's summed reward, "
+            "is >= T; e.g. 1.0 when an accuracy reward of 1 is added to format rewards, 0 for -1/1 rewards)"
+        )
+    if given and not reads:
+        raise ValueError(
+            "ebpo_correctness_reward / ebpo_correctness_threshold say where a weighting's correctness comes from, "
+            f"but ebpo_weighting={weighting!r} does not read it (ha_dw does): it would be ignored; drop it"
+        )
+
+
 @dataclass
 class EBPOGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus ebpo's estimator, weighting (see ``ebpo.build_estimator``) and divergence."""
@@ -169,6 +216,20 @@ class EBPOGRPOConfig(GRPOConfig):
     )
     ebpo_weighting: str | None = field(default=None, metadata={"help": "advantage weighting, e.g. ha_dw"})
     ebpo_weighting_options: dict = field(default_factory=dict, metadata={"help": "options of the weighting"})
+    ebpo_correctness_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "the reward function whose output is each completion's correctness, in [0, 1], for a weighting "
+            "that weights by it (ha_dw); its name as TRL logs it (rewards/NAME/mean: the function's __name__)"
+        },
+    )
+    ebpo_correctness_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "a completion is correct (1, else 0) when its reward is >= this: the output of "
+            "ebpo_correctness_reward if set, else TRL's reward (the weighted sum of the reward functions); for ha_dw"
+        },
+    )
     ebpo_topic_column: str | None = field(
         default=None,
         metadata={
@@ -203,6 +264,17 @@ class EBPOGRPOTrainer(GRPOTrainer):
         )
         if self.num_generations < self.ebpo_estimator.min_group_size:
             raise ValueError(f"{cfg.ebpo_estimator} needs num_generations >= {self.ebpo_estimator.min_group_size}")
+        self._ebpo_correctness_index: int | None = None  # the column of _calculate_rewards' output
+        if cfg.ebpo_correctness_reward is not None:
+            names = list(self.reward_func_names)
+            found = [i for i, name in enumerate(names) if name == cfg.ebpo_correctness_reward]
+            if len(found) != 1:
+                raise ValueError(
+                    f"ebpo_correctness_reward={cfg.ebpo_correctness_reward!r} must name exactly one of the reward "
+                    f"functions {names} (as TRL names them: a function's __name__, a reward model's name); "
+                    f"it names {len(found)}"
+                )
+            self._ebpo_correctness_index = found[0]
         self._ebpo_rewards: torch.Tensor | None = None
         self.ebpo_divergence = None
         self._ebpo_logps: torch.Tensor | None = None
@@ -237,10 +309,12 @@ class EBPOGRPOTrainer(GRPOTrainer):
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // generations  # TRL's consecutive groups
         advantages = torch.zeros_like(rewards)
         topic_ids = self._ebpo_topic_ids(inputs)  # (N_global,) or None
+        correctness = self._ebpo_correctness(per_func, rewards, scorable)  # (N_global,) or None
         est_adv, metrics = self.ebpo_estimator(
             rewards[scorable].cpu(),
             group_ids[scorable].cpu(),
             topic_ids=None if topic_ids is None else topic_ids[scorable.cpu()],
+            correctness=None if correctness is None else correctness[scorable].cpu(),
             training=mode == "train",
         )
         advantages[scorable] = est_adv.to(advantages)
@@ -254,6 +328,42 @@ class EBPOGRPOTrainer(GRPOTrainer):
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         return output
+
+    def _ebpo_correctness(
+        self, per_func: torch.Tensor, rewards: torch.Tensor, scorable: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Each completion's correctness (N_global,) float64 from ``ebpo_correctness_reward`` / ``_threshold``.
+
+        ``per_func`` (N_global, num_funcs) the reward functions' outputs (NaN: skipped), ``rewards`` (N_global,)
+        their weighted sum, ``scorable`` (N_global,) bool: some function scored the completion.
+        """
+        cfg = self.args
+        name, threshold = cfg.ebpo_correctness_reward, cfg.ebpo_correctness_threshold
+        if name is None and threshold is None:
+            return None
+        if name is None:
+            source = rewards
+        else:
+            source = per_func[:, self._ebpo_correctness_index]  # (N_global,) unweighted
+            skipped = int((torch.isnan(source) & scorable).sum())
+            if skipped:
+                raise ValueError(
+                    f"ebpo_correctness_reward={name!r} returned None for {skipped} completions that other reward "
+                    f"functions scored; the weighting needs every scored completion's correctness: make {name!r} "
+                    "score every completion, or drop ebpo_correctness_reward and set ebpo_correctness_threshold "
+                    "alone (correct when TRL's summed reward is >= it)"
+                )
+        source = source.to(torch.float64)
+        if threshold is not None:
+            return (source >= threshold).to(torch.float64)
+        low, high = (v.item() for v in source[scorable].aminmax()) if bool(scorable.any()) else (0.0, 0.0)
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"ebpo_correctness_reward={name!r} is taken as each completion's correctness, a success in [0, 1], "
+                f"but it returned values in [{low}, {high}]; set ebpo_correctness_threshold=T to count a completion "
+                f"as correct when {name!r} returns >= T"
+            )
+        return source
 
     def _ebpo_topic_ids(self, inputs: list[dict]) -> torch.Tensor | None:
         """Topic ids of every process's completions (N_global,), hashed from ``ebpo_topic_column`` (stable across ranks)."""
