@@ -1,1 +1,1 @@
-"""Adapters that bring ebpo's estimators into existing training stacks (TRL; verl is planned)."""
+"""Adapters that bring ebpo's estimators, weightings and divergences into existing training stacks: TRL and verl."""
