@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,6 +329,7 @@ def generate(
     batch_size: int,
     share_prompt_cache: bool = True,
     autocast: Any = None,
+    sync: Callable[[int], int] | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions per problem with batched ``generate`` (KV cache on).
 
@@ -340,15 +341,34 @@ def generate(
     own generation config, only its end-of-turn ids are read:
     :func:`end_of_turn_ids`). ``autocast``: a context manager factory
     for the forward passes (mixed precision), none = run as stored.
+
+    ``sync``: when the model's forward is a collective (FSDP: every layer
+    gathers its shards), every process must make the same model calls. The
+    function maps this process's number of ``generate`` calls to the number
+    every process makes (the maximum over processes, e.g. ``Dist.max``);
+    each call runs with ``synced_gpus`` (a process that has finished keeps
+    stepping until all have), a process with fewer calls makes idle ones on a
+    one-token prompt, and prompts are not prefilled apart (the prefill is one
+    more model call, which a process whose prompts are one token long would
+    not make). ``problems`` may then be empty.
     """
     device = next(model.parameters()).device
     repeated = [p for p in problems for _ in range(group_size)]
-    encoded = encode_prompts(problems, tokenizer, chat_template, device)  # (n, P), one row per problem
-    prompt_length = encoded["input_ids"].shape[1]
     eos = end_of_turn_ids(model, tokenizer)  # read before _NeutralDefaults swaps the generation config out
+    if problems:
+        encoded = encode_prompts(problems, tokenizer, chat_template, device)  # (n, P), one row per problem
+    else:  # (only under sync: this process makes idle calls)
+        empty = torch.empty((0, 0), dtype=torch.long, device=device)
+        encoded = {"input_ids": empty, "attention_mask": empty}
+    prompt_length = encoded["input_ids"].shape[1]
     chunks = []
     per_call = max(1, batch_size // group_size) if batch_size > 0 else max(len(problems), 1)
-    share = share_prompt_cache and group_size > 1 and prompt_length > 1
+    local_calls = -(-len(problems) // per_call)
+    calls = local_calls if sync is None else int(sync(local_calls))
+    if not problems and sync is None:
+        raise ValueError("generate: no problems to sample")
+    share = share_prompt_cache and group_size > 1 and prompt_length > 1 and sync is None
+    synced = {"synced_gpus": True} if sync is not None else {}
     was_training = model.training
     model.eval()
     config = sampling_config(
@@ -361,7 +381,12 @@ def generate(
     )
     cache_name = cache_kwarg(model)
     with _NeutralDefaults(model, config), (autocast or contextlib.nullcontext)():
-        for start in range(0, len(problems), per_call):  # one generate call per chunk of whole groups
+        for call in range(calls):  # one generate call per chunk of whole groups
+            if call >= local_calls:  # idle: keeps the collectives of the other processes' calls in step
+                idle = torch.full((1, 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
+                model.generate(input_ids=idle, attention_mask=torch.ones_like(idle), generation_config=config, **synced)
+                continue
+            start = call * per_call
             ids = encoded["input_ids"][start : start + per_call]
             mask = encoded["attention_mask"][start : start + per_call]
             cache = {cache_name: _shared_prompt_cache(model, ids, mask, group_size)} if share else {}
@@ -370,12 +395,14 @@ def generate(
                 attention_mask=mask.repeat_interleave(group_size, dim=0),
                 generation_config=config,
                 **cache,
+                **synced,
             )
             chunks.append(out[:, prompt_length:])
     model.train(was_training)
-    width = max(c.shape[1] for c in chunks)
+    width = max((c.shape[1] for c in chunks), default=0)
     completion_ids = torch.cat(
         [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
+        or [torch.empty((0, 0), dtype=torch.long, device=device)]
     )
     mask = completion_mask(completion_ids, eos)  # (B, T)
     completion_ids = torch.where(mask.bool(), completion_ids, torch.full_like(completion_ids, tokenizer.pad_token_id))
@@ -407,11 +434,13 @@ def sample_correctness(
     chat_template: str,
     generation_batch_size: int,
     seed: int,
+    sync: Callable[[int], int] | None = None,
 ) -> tuple[Tensor, list[list[str]]]:
     """Rewards (P, k) (NaN where the verifier skipped) and completions of ``samples`` per problem.
 
     ``samples = 0`` means one greedy completion. Sampling runs under its own
     seed inside ``fork_rng``, so it neither moves nor depends on the caller's RNG.
+    ``sync``: as :func:`generate`'s; processes may hold different numbers of problems.
     """
     k = max(samples, 1)
     device = next(model.parameters()).device
@@ -420,8 +449,10 @@ def sample_correctness(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         batch = max(1, (generation_batch_size or 512) // k)
-        for start in range(0, len(problems), batch):
-            chunk = list(problems[start : start + batch])
+        local_chunks = -(-len(problems) // batch)
+        for index in range(local_chunks if sync is None else int(sync(local_chunks))):
+            start = index * batch
+            chunk = list(problems[start : start + batch])  # empty for this process's idle chunks (sync)
             rollout = generate(
                 model,
                 tokenizer,
@@ -434,6 +465,7 @@ def sample_correctness(
                 do_sample=samples > 0,
                 chat_template=chat_template,
                 batch_size=0,
+                sync=sync,
             )
             for row, (text, problem) in enumerate(zip(rollout.texts, (p for p in chunk for _ in range(k)))):
                 result = verifier(text, problem.answer)  # strings: one verifier call per completion

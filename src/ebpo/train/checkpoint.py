@@ -125,9 +125,20 @@ def _name(step: int) -> str:
 
 
 def save_checkpoint(
-    run_dir: str, step: int, *, model: Any, tokenizer: Any, trainer_state: dict[str, Any], dist: Dist, keep: int
+    run_dir: str,
+    step: int,
+    *,
+    model: Any,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    dist: Dist,
+    keep: int,
+    model_state: dict[str, Any] | None = None,
 ) -> str:
     """Write checkpoint ``step`` atomically (every rank calls this); returns its path.
+
+    ``model_state``: the policy's whole state dict when ``model``'s own is not whole (FSDP shards it;
+    :meth:`Dist.full_state_dict` gathers it), ``None`` to save ``model`` as it is.
 
     Raises :class:`CheckpointWriteError` on every rank when any rank's write fails; the temporary folder
     is removed and the checkpoints already on disk are untouched.
@@ -156,7 +167,7 @@ def save_checkpoint(
     if dist.is_main:
         try:
             where = os.path.join(tmp, "model")
-            model.save_pretrained(where)
+            _save_model(model, where, model_state)
             tokenizer.save_pretrained(where)
             where = os.path.join(tmp, "trainer_state.pt")
             torch.save({**trainer_state, "world": dist.world, "format": FORMAT}, where)
@@ -171,6 +182,37 @@ def save_checkpoint(
             error = exc
     _raise_if_any_failed(error, where, root, tmp, dist)
     return final
+
+
+def _save_model(model: Any, where: str, model_state: dict[str, Any] | None) -> None:
+    """``save_pretrained``, from ``model_state`` when given (FSDP: the gathered weights).
+
+    A LoRA policy under FSDP writes its adapter here rather than through peft: peft picks a state dict's
+    adapter entries by the names of the model's modules, which FSDP's wrappers have changed
+    (``..._fsdp_wrapped_module...``), so the gathered state dict (whose keys FSDP has cleaned) matches none
+    and peft writes an empty adapter. The file is peft's own format: the adapter's config, and its weights
+    under their state-dict names without the adapter's name (as ``PeftModel.from_pretrained`` reads them).
+    """
+    if model_state is None:
+        model.save_pretrained(where)
+    elif hasattr(model, "peft_config"):
+        from safetensors.torch import save_file
+
+        name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+        marker = f".{name}."
+        adapter = {
+            key.replace(marker, ".", 1): value.detach().cpu().contiguous()
+            for key, value in model_state.items()
+            if marker in key or key.endswith(f".{name}")
+        }
+        adapter = {key.removesuffix(f".{name}"): value for key, value in adapter.items()}
+        if not adapter:
+            raise ValueError(f"the gathered state dict holds no weights of the LoRA adapter {name!r}")
+        os.makedirs(where, exist_ok=True)
+        model.peft_config[name].save_pretrained(where)
+        save_file(adapter, os.path.join(where, "adapter_model.safetensors"), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(where, state_dict=model_state)
 
 
 def _move_into_place(tmp: str, final: str, root: str) -> None:

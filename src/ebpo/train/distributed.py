@@ -136,10 +136,19 @@ class Dist:
         else:
             self.accelerator.backward(loss)  # scales the loss under fp16
 
-    def clip_grad_norm_(self, parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-        """Global gradient norm before clipping (unscaled under fp16; FSDP-aware)."""
+    def clip_grad_norm_(self, parameters: list[torch.nn.Parameter], max_norm: float, model: Any = None) -> float:
+        """Global gradient norm before clipping (unscaled under fp16; FSDP-aware).
+
+        Under FSDP the norm is the sharded wrapper's own (``model``, the prepared policy): accelerate hands
+        the clipping to it only when given *all* of its parameters, and otherwise clips each rank's shard by
+        that shard's norm. With LoRA ``parameters`` is only the adapters, so a rank would clip by a norm
+        that is neither the global one nor its neighbour's. The frozen parameters have no gradients and add
+        nothing to the wrapper's norm.
+        """
         if self.accelerator is None:
             return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        if self.shards_parameters and model is not None:
+            parameters = list(model.parameters())
         norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
         return float(norm) if norm is not None else float("nan")
 
@@ -152,6 +161,55 @@ class Dist:
 
         return self.accelerator.distributed_type == DistributedType.FSDP
 
+    @property
+    def sync_calls(self) -> Any:
+        """For :func:`ebpo.sampling.generate`'s ``sync``: under FSDP every model call is a collective, so all
+        processes make the maximum number of calls; ``None`` otherwise (each process samples on its own)."""
+        return (lambda calls: int(self.max(calls))) if self.shards_parameters else None
+
+    # ---------------------------------------------------------------- checkpoint state
+    def _state_dict_options(self, **extra: Any) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # cpu_offload only from a GPU: offloading CPU tensors to the CPU crashes FSDP's gather (torch 2.13).
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.device.type == "cuda", **extra)
+
+    def full_state_dict(self, model: Any) -> dict[str, Tensor] | None:
+        """The whole policy's state dict, gathered from the shards under FSDP (every rank must call this: a
+        collective); ``None`` when the plain module's own ``state_dict`` is already whole (no sharding)."""
+        if not self.shards_parameters:
+            return None
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=self._state_dict_options())
+
+    def optimizer_state_dict(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        """The optimiser's whole state keyed by parameter name (gathered under FSDP; every rank calls this).
+
+        Keyed by name rather than by position, the layout of ``torch.distributed.checkpoint``, which reads
+        the same under DDP, FSDP and one process.
+        """
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=self._state_dict_options())
+
+    def load_optimizer_state_dict(self, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+        """Load :meth:`optimizer_state_dict`'s output (each rank takes its shard under FSDP); a state keyed by
+        position (``optimizer.state_dict()``, checkpoints of earlier ebpo versions) is loaded as it is."""
+        if all(isinstance(key, int) for key in state.get("state", {})) and not any(
+            isinstance(p, str) for group in state.get("param_groups", []) for p in group.get("params", [])
+        ):
+            if self.shards_parameters:
+                raise ValueError(
+                    "this checkpoint's optimiser state is keyed by position (written by an earlier ebpo version), "
+                    "which FSDP cannot shard: resume it without FSDP, or start a new run from its model/ (--model)"
+                )
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, _torch_optimizer(optimizer), state, options=self._state_dict_options())
+
     @contextlib.contextmanager
     def full_parameters(self, model: Any) -> Iterator[None]:
         """Generation outside the training wrapper: FSDP gathers the root's sharded parameters, others need nothing."""
@@ -162,6 +220,11 @@ class Dist:
                 yield
         else:
             yield
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim`` optimiser under accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def mixed_precision_for(dtype: str, device_type: str) -> str:

@@ -332,7 +332,7 @@ class Trainer:
         self.share_update_prompts = config.share_prompt_cache and not self.dist.shards_parameters
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if resume:
-            self.optimizer.load_state_dict(self._resume_state["optimizer"])
+            self.dist.load_optimizer_state_dict(self.train_model, self.optimizer, self._resume_state["optimizer"])
             self.scheduler.load_state_dict(self._resume_state["scheduler"])
             ckpt.set_rng_state(self._resume_rng)
         from dataclasses import asdict
@@ -612,6 +612,7 @@ class Trainer:
                 batch_size=cfg.generation_batch_size,
                 share_prompt_cache=cfg.share_prompt_cache,
                 autocast=self._generation_context,
+                sync=dist.sync_calls,
             )
             correctness, keep, info = score(rollout, self.c.verifier)  # (B,) the verifier's reward, unshaped
             if round_ == 0:
@@ -797,7 +798,11 @@ class Trainer:
                         dist.backward(loss * dist.world)
                 lrs.append(self.scheduler.get_last_lr()[0])  # the rate this optimiser step uses
                 grad_norms.append(
-                    dist.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                    dist.clip_grad_norm_(
+                        self.params,
+                        cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
+                        model=self.train_model,
+                    )
                 )
                 self.optimizer.step()
                 self.scheduler.step()
@@ -849,18 +854,29 @@ class Trainer:
 
         (The flag, not ``model is self.ref_model``: with LoRA both are the same object, and the old
         log-probs of PPO epochs must keep the adapters on.)
+
+        Under FSDP the policy's parameters are whole only inside its wrapper's forward, so the policy (and
+        the LoRA reference, the same module) runs through ``train_model``, and every rank makes the same
+        number of forwards (each gathers shards: a collective), padding with idle ones as the update does.
+        A full-copy reference is a plain module on every rank and runs as it is.
         """
         lengths = rollout.row_lengths() if lengths is None else lengths
         out = torch.zeros(rollout.completion_mask.shape, dtype=torch.float32, device=self.device)
+        sharded = self.dist.shards_parameters and model is self.model
+        forward = self.train_model if sharded else model
         with model.disable_adapter() if self.lora and reference else contextlib.nullcontext(), self.dist.autocast():
             share = self.share_update_prompts
-            for micro in length_chunks(
+            micros = length_chunks(
                 rollout, rows, self.config.micro_batch_size, self.config.length_buckets, lengths, whole_groups=share
-            ):
-                if micro.numel() > 0:
-                    out[micro] = rows_logprobs(
-                        model, rollout, micro, self.config.temperature, lengths=lengths, share_prompts=share
-                    ).float()
+            )
+            micros = [micro for micro in micros if micro.numel() > 0]
+            for index in range(int(self.dist.max(len(micros))) if sharded else len(micros)):
+                if index >= len(micros):
+                    self._padding_loss()  # an idle forward: the other ranks' forwards gather shards from this one
+                    continue
+                out[micros[index]] = rows_logprobs(
+                    forward, rollout, micros[index], self.config.temperature, lengths=lengths, share_prompts=share
+                ).float()
         return out[rows]
 
     @torch.no_grad()
@@ -887,6 +903,7 @@ class Trainer:
                 chat_template=cfg.chat_template,
                 generation_batch_size=cfg.generation_batch_size,
                 seed=cfg.seed + EVAL_SEED_OFFSET * (dist.rank + 1),
+                sync=dist.sync_calls,
             )
         scored = ~torch.isnan(rewards)
         # (P,) per-problem mean reward (NaN where every sample was skipped), gathered in rank order.
@@ -918,9 +935,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoint and summary
     def save(self) -> None:
+        # Both gathers are collectives under FSDP (every rank calls save); elsewhere they read the local state.
+        model_state = self.dist.full_state_dict(self.train_model)
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.dist.optimizer_state_dict(self.train_model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "estimator": self.c.estimator.state_dict(),
             "stream": self.stream.state_dict(),
@@ -936,6 +955,7 @@ class Trainer:
             trainer_state=state,
             dist=self.dist,
             keep=self.config.keep_checkpoints,
+            model_state=model_state,
         )
 
     def finish(self, accuracy_after: float) -> dict[str, Any]:
