@@ -93,3 +93,32 @@ def test_resuming_a_checkpoint_without_the_state_is_refused(report):
 
 def test_ha_dw_honours_norm_adv_by_std_in_grpo(report):
     assert report["ha_dw_std_off_max_abs_diff"] <= 1e-6  # verl's DictConfig, verl's compute_advantage
+
+
+@pytest.mark.parametrize("key", ["ebpo_hier_running", "ha_dw", "ebpo_ha_dw"])
+def test_v1_trainers_advantage_step_gives_ebpo_the_batchs_topics_and_acc(report, key):
+    """verl's v1 PPOTrainer._compute_advantage reads only uid, masks and scores: ebpo reads the topic (hierarchical
+    names) or the reward extra info's acc (HA-DW, with a -1/1 scorer) of the same samples; 3 steps equal the core."""
+    case = report["v1"][key]
+    assert case["max_abs_diff"] <= 1e-6 and case["state_equal"]
+    assert case["reads"] == ["uid", "data_source" if key.startswith("ebpo_hier") else "extra_fields"]
+    assert "PPOTrainer._compute_advantage" in report["v1"]["hooked"] and report["v1"]["v1_utils_wrapped"]
+
+
+def test_v1_trainer_alone_gives_a_hierarchical_name_no_topic_and_it_refuses(report):
+    """What verl's own step hands ebpo_hier (no data_source): an error naming the fix, never flat EBPO."""
+    assert "no 'data_source' field" in report["v1"]["unhooked_hier_error"]
+
+
+def test_hadw_without_acc_or_threshold_refuses_at_the_first_step(report):
+    assert "correctness_threshold=T" in report["v1"]["no_acc_error"]
+
+
+@pytest.mark.parametrize("key", ["ebpo_ema", "ha_dw"])
+def test_options_on_verls_command_line_reach_the_estimator(report, key):
+    """+algorithm.ebpo.* through hydra (verl's launcher) and verl's compute_advantage: decay, lam, threshold."""
+    assert report["options"][key]["max_abs_diff"] <= 1e-6
+
+
+def test_an_unknown_option_is_named(report):
+    assert "decayy" in report["options"]["typo_error"]

@@ -18,6 +18,7 @@ import verl  # noqa: F401  (imports the external modules: our plugin registers a
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 from torchdata.stateful_dataloader import StatefulDataLoader
+from transfer_queue import KVBatchMeta
 from verl import DataProto
 from verl.trainer.ppo import core_algos
 from verl.trainer.ppo.checkpoint_callback import build_checkpoint_callback
@@ -25,12 +26,14 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer, compute_advantage
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.utils import tensordict_utils as tu
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from verl.workers.config import FSDPActorConfig
 from verl.workers.utils import losses
 from verl.workers.utils.padding import no_padding_2_padding
 
 from ebpo import build_estimator
 from ebpo.divergences import NeuralMirror, build_divergence
+from ebpo.grouping import stable_topic_ids
 from ebpo.integrations import verl as adapter
 from ebpo.integrations import verl_plugin
 
@@ -174,6 +177,7 @@ def checkpoint_batch(step: int) -> DataProto:
         non_tensors={
             "uid": np.array([f"s{step}-p{i // 4}" for i in range(bs)], dtype=object),
             "data_source": np.array(["gsm8k" if i < 8 else "math" for i in range(bs)], dtype=object),
+            "acc": (token_rewards.sum(-1) > 0).numpy(),  # the reward extra info HA-DW reads
         },
     )
 
@@ -290,6 +294,193 @@ def norm_flag_through_verls_driver() -> float:
     return worst
 
 
+# ------------------------------------------------------------------ the batch's fields under the v1 trainer
+class TransferQueueInMemory:
+    """verl's TransferQueue (a Ray service) in memory, for the calls the v1 trainer's advantage step makes.
+
+    Each sample's fields are kept as verl's agent loop puts them; ``kv_batch_get`` assembles the selected fields
+    with ``list_of_dict_to_tensordict`` (verl's own, what the agent loop uses to put them) and, as
+    TransferQueue's ``select_fields`` does, leaves out a field the samples do not have.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.reads: list[list[str]] = []
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        if fields is not None:
+            for name in fields.keys():
+                values = fields[name].unbind() if isinstance(fields[name], torch.Tensor) else list(fields[name])
+                for key, value in zip(keys, values, strict=True):
+                    self.rows.setdefault(key, {})[name] = value
+        return KVBatchMeta(keys=list(keys), tags=tags or [{} for _ in keys], partition_id=partition_id)
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        names = [name for name in select_fields if name in self.rows[keys[0]]]
+        self.reads.append(list(select_fields))
+        return list_of_dict_to_tensordict([{name: self.rows[key][name] for name in names} for key in keys])
+
+
+def put_rollout(store: TransferQueueInMemory, step: int, signed: bool, with_acc: bool = True) -> KVBatchMeta:
+    """One step's 16 samples (4 prompts x 4) as verl's agent loop leaves them in TransferQueue: the dataset's fields
+    (uid, data_source), the reward step's rm_scores (the score on the last response token) and extra_fields
+    with the reward extra info. Scores 0/1, or -1/1 (verl's DAPO math scorer) when ``signed``."""
+    gen = torch.Generator().manual_seed(2000 + step)
+    bs, length = 16, 5
+    lengths = torch.randint(1, length + 1, (bs,), generator=gen).tolist()
+    correct = (torch.rand(bs, generator=gen) < 0.3 + 0.1 * step).tolist()
+    keys, rows = [], []
+    for i in range(bs):
+        score = (1.0 if correct[i] else -1.0) if signed else float(correct[i])
+        rm_scores = torch.zeros(lengths[i])
+        rm_scores[-1] = score
+        keys.append(f"s{step}-p{i // 4}_{i % 4}_0")  # verl's {uid}_{session}_{index}
+        info = {"acc": bool(correct[i])} if with_acc else {}
+        rows.append(
+            {
+                "uid": f"s{step}-p{i // 4}",
+                "data_source": "gsm8k" if i < 8 else "math",
+                "extra_fields": {"reward_extra_info": info, "min_global_steps": step},
+                "response_mask": torch.ones(lengths[i], dtype=torch.int64),
+                "rm_scores": rm_scores,
+            }
+        )
+    store.kv_batch_put(keys, "train", fields=list_of_dict_to_tensordict(rows), tags=[{} for _ in keys])
+    return KVBatchMeta(keys=keys, tags=[{} for _ in keys], partition_id="train")
+
+
+def v1_advantages(store, meta) -> tuple[torch.Tensor, torch.Tensor, list, list, list]:
+    """What verl's v1 step wrote back: advantages (bs, T) padded, and the inputs a reference needs, by key."""
+    rows = [store.rows[key] for key in meta.keys]
+    length = max(len(row["response_mask"]) for row in rows)
+    advantages = torch.zeros(len(rows), length)
+    mask = torch.zeros(len(rows), length)
+    for i, row in enumerate(rows):
+        advantages[i, : len(row["advantages"])] = row["advantages"]
+        mask[i, : len(row["response_mask"])] = 1.0
+    scores = [float(row["rm_scores"].sum()) for row in rows]
+    acc = [row["extra_fields"]["reward_extra_info"].get("acc") for row in rows]
+    return advantages, mask, scores, [row["data_source"] for row in rows], acc
+
+
+def v1_report() -> dict:
+    """verl's v1 PPOTrainer._compute_advantage (its own code; TransferQueue in memory) with ebpo's names."""
+    import transfer_queue
+
+    store = TransferQueueInMemory()
+    saved = transfer_queue.kv_batch_get, transfer_queue.kv_batch_put
+    transfer_queue.kv_batch_get, transfer_queue.kv_batch_put = store.kv_batch_get, store.kv_batch_put
+    from verl.trainer.ppo.v1 import utils as v1_utils
+
+    # the v1 step's compute_advantage_for_multi_trajectories calls the name v1's utils bound at import
+    report: dict = {
+        "hooked": verl_plugin.FORWARDING,
+        "v1_utils_wrapped": compute_advantage is v1_utils.compute_advantage,
+    }
+    try:
+        for key, signed, reference in (
+            ("ebpo_hier_running", False, build_estimator("ebpo", prior="running", hierarchical=True)),
+            ("ha_dw", True, build_estimator("grpo", weighting="ha_dw")),
+            ("ebpo_ha_dw", True, build_estimator("ebpo", weighting="ha_dw")),
+        ):
+            adapter.ESTIMATORS.clear()
+            trainer = trainer_on_cpu(PPOTrainerSync, tempfile.mkdtemp(), key, "disable", True)
+            worst = 0.0
+            for step in range(1, 4):
+                meta = put_rollout(store, step, signed)
+                trainer._compute_advantage(meta, metrics={})
+                advantages, mask, scores, sources, acc = v1_advantages(store, meta)
+                expected, metrics = reference(
+                    torch.tensor(scores),
+                    torch.arange(16) // 4,
+                    topic_ids=stable_topic_ids(sources),
+                    correctness=torch.tensor(acc, dtype=torch.float64),
+                )
+                worst = max(worst, float((advantages - expected.float()[:, None] * mask).abs().max()))
+            report[key] = {
+                "max_abs_diff": worst,
+                "reads": store.reads[-2],
+                "state_equal": same_state(adapter.ESTIMATORS[key].state_dict(), reference.state_dict()),
+            }
+        # verl's own method without ebpo's hook: what a hierarchical name got before (no topic reaches it)
+        adapter.ESTIMATORS.clear()
+        trainer = trainer_on_cpu(PPOTrainerSync, tempfile.mkdtemp(), "ebpo_hier", "disable", True)
+        unhooked = PPOTrainerSync._compute_advantage._ebpo_wrapped
+        report["unhooked_hier_error"] = error_of(lambda: unhooked(trainer, put_rollout(store, 7, False), {}))
+        # a -1/1 scorer without acc, under HA-DW: refused at the first step
+        adapter.ESTIMATORS.clear()
+        trainer = trainer_on_cpu(PPOTrainerSync, tempfile.mkdtemp(), "ha_dw", "disable", True)
+        report["no_acc_error"] = error_of(
+            lambda: trainer._compute_advantage(put_rollout(store, 8, True, with_acc=False), {})
+        )
+    finally:
+        transfer_queue.kv_batch_get, transfer_queue.kv_batch_put = saved
+    return report
+
+
+def error_of(call) -> str | None:
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# ------------------------------------------------------------------ options through hydra
+def hydra_config(overrides: list[str]):
+    """verl's ppo_trainer config as its launcher composes it, with command-line overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.dirname(VERL_CONFIG), version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+def signed_batch(step: int) -> DataProto:
+    """checkpoint_batch's samples scored by a -1/1 scorer that returns no acc (HA-DW then needs a threshold)."""
+    data = checkpoint_batch(step)
+    mask = data.batch["response_mask"]
+    last = torch.nn.functional.one_hot(mask.sum(-1).long() - 1, mask.shape[1]).float()  # (bs, T) last response token
+    data.batch["token_level_rewards"] = 2 * data.batch["token_level_rewards"] - last  # 0/1 -> -1/1
+    data.non_tensor_batch.pop("acc")
+    return data
+
+
+def options_report() -> dict:
+    """+algorithm.ebpo.* on verl's command line reach the estimator through verl's compute_advantage."""
+    report = {}
+    for key, overrides, reference, signed in (
+        (
+            "ebpo_ema",
+            ["+algorithm.ebpo.estimator_options.decay=0.5"],
+            build_estimator("ebpo", prior="ema", decay=0.5),
+            False,
+        ),
+        (
+            "ha_dw",
+            ["+algorithm.ebpo.weighting_options.lam=1.5", "+algorithm.ebpo.correctness_threshold=0.0"],
+            build_estimator("grpo", weighting="ha_dw", weighting_options={"lam": 1.5}),
+            True,
+        ),
+    ):
+        config = hydra_config([f"algorithm.adv_estimator={key}", *overrides])
+        adapter.ESTIMATORS.clear()
+        worst = 0.0
+        for step in range(1, 4):
+            data = signed_batch(step) if signed else checkpoint_batch(step)
+            out = compute_advantage(data, adv_estimator=key, num_repeat=4, config=config.algorithm)
+            scores = data.batch["token_level_rewards"].sum(-1)
+            expected, _ = reference(scores.double(), torch.arange(16) // 4, correctness=(scores >= 0).double())
+            mask = data.batch["response_mask"]
+            worst = max(worst, float((out.batch["advantages"] - expected.float()[:, None] * mask).abs().max()))
+        report[key] = {"max_abs_diff": worst, "options": OmegaConf.to_container(config.algorithm.ebpo)}
+    config = hydra_config(["algorithm.adv_estimator=ebpo_ema", "+algorithm.ebpo.estimator_options.decayy=0.5"])
+    adapter.ESTIMATORS.clear()
+    report["typo_error"] = error_of(
+        lambda: compute_advantage(checkpoint_batch(1), adv_estimator="ebpo_ema", num_repeat=4, config=config.algorithm)
+    )
+    return report
+
+
 def main(out_path: str, mirror_path: str) -> None:
     report: dict = {"registered": sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if "ebpo" in k or "ha_dw" in k)}
     report["losses_module_sees_wrapper"] = hasattr(losses.kl_penalty, "_ebpo_wrapped")
@@ -319,6 +510,8 @@ def main(out_path: str, mirror_path: str) -> None:
         report["bad_spec_error"] = str(exc)
     report["checkpoints"] = checkpoint_report()
     report["ha_dw_std_off_max_abs_diff"] = norm_flag_through_verls_driver()
+    report["v1"] = v1_report()
+    report["options"] = options_report()
     with open(out_path, "w") as handle:
         json.dump(report, handle)
 

@@ -404,7 +404,7 @@ def compute_advantage(
         raise ValueError(
             f"algorithm.adv_estimator={key} keeps a prior per topic and needs each sample's topic, but verl's batch "
             f"has no '{options.topic_key}' field. Put each prompt's topic in your dataset's '{options.topic_key}' "
-            f"column (verl's data_source by default) or name another column with "
+            f"column or name another column with "
             f"+algorithm.{OPTIONS_KEY}.topic_key=COLUMN, and load ebpo's plugin "
             "(VERL_USE_EXTERNAL_MODULES=ebpo.integrations.verl_plugin), which hands the batch's fields to the "
             "estimator. For one prior over all prompts use ebpo or ebpo_running"
@@ -774,20 +774,21 @@ def _v1_advantage_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         wanted = [options.topic_key] * needs_topics + ["extra_fields"] * needs_info
         if not wanted:
             return original(self, batch, *args, **kwargs)
-        try:
-            data = _tq_get(list(batch.keys), batch.partition_id, ["uid", *wanted])
-        except Exception as exc:  # re-raised with what it was for; TransferQueue names a missing field its own way
+        data = _tq_get(list(batch.keys), batch.partition_id, ["uid", *wanted])
+        present = set(data.keys())  # TransferQueue leaves out a field its samples do not have, silently
+        if needs_topics and options.topic_key not in present:
             raise ValueError(
-                f"algorithm.adv_estimator={key} reads {wanted} of each sample from verl's TransferQueue, which failed "
-                f"({type(exc).__name__}: {exc}). The topic comes from your dataset's '{options.topic_key}' column: "
-                f"name another with +algorithm.{OPTIONS_KEY}.topic_key=COLUMN"
-            ) from exc
+                f"algorithm.adv_estimator={key} keeps a prior per topic, but the samples in verl's TransferQueue have "
+                f"no '{options.topic_key}' field. Put each prompt's topic in your dataset's '{options.topic_key}' "
+                f"column or name another column with "
+                f"+algorithm.{OPTIONS_KEY}.topic_key=COLUMN"
+            )
         values: dict[str, Any] = {}
         if needs_topics:
             values[options.topic_key] = _column(data[options.topic_key])
         if needs_info:
             field = options.correctness_key or CORRECTNESS_KEY
-            info = _reward_extra_info(data["extra_fields"], field)
+            info = _reward_extra_info(data["extra_fields"], field) if "extra_fields" in present else None
             if info is not None:
                 values[field] = info
         token = _BATCH_FIELDS.set(_BatchFields(uids=_column(data["uid"]), values=values, scores=None))
