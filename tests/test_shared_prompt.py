@@ -173,3 +173,50 @@ def test_fsdp_runs_do_not_share_prompts_in_the_update():
     assert Dist(accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP)).shards_parameters
     assert not Dist(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)).shards_parameters
     assert not Dist().shards_parameters
+
+
+def test_synced_sampling_makes_every_ranks_number_of_calls_and_is_otherwise_the_same(tiny, monkeypatch):
+    """Under FSDP (``sync``) each model call is a collective: a process makes the maximum number of
+    ``generate`` calls over processes (idle ones on a one-token prompt), all with ``synced_gpus``, and no
+    separate prompt prefill; its own samples are those of an unsynced run without the prefill."""
+    model, tokenizer = tiny
+    problems = ArithmeticTask(num_train=8, num_eval=2, max_terms=1, max_digits=2, seed=0).train_problems()[:3]
+    calls = []
+    real = type(model).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].shape, kwargs.get("synced_gpus")))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", counting)
+    import socket
+
+    import torch.distributed as torch_dist
+
+    with socket.socket() as sock:  # synced_gpus all-reduces a flag each token: a (one-process) group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        _check_synced_sampling(model, tokenizer, problems, calls)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _check_synced_sampling(model, tokenizer, problems, calls) -> None:
+    common = dict(group_size=2, max_new_tokens=4, temperature=1.0, top_p=1.0, do_sample=False, chat_template="auto")
+    plain = generate(model, tokenizer, problems, torch.arange(3), batch_size=4, share_prompt_cache=False, **common)
+    assert [synced for _, synced in calls] == [None, None]  # 3 problems, 2 a call
+    calls.clear()
+    asked = []
+    synced = generate(
+        model, tokenizer, problems, torch.arange(3), batch_size=4, sync=lambda n: asked.append(n) or 5, **common
+    )
+    assert asked == [2] and len(calls) == 5 and all(flag is True for _, flag in calls)
+    assert [tuple(shape) for shape, _ in calls[2:]] == [(1, 1)] * 3  # the idle calls
+    assert torch.equal(synced.input_ids, plain.input_ids) and synced.texts == plain.texts
+    calls.clear()
+    idle = generate(model, tokenizer, [], torch.arange(0), batch_size=4, sync=lambda n: 2, **common)
+    assert len(calls) == 2 and idle.input_ids.shape[0] == 0 and idle.texts == []
+    with pytest.raises(ValueError, match="no problems"):
+        generate(model, tokenizer, [], torch.arange(0), batch_size=4, **common)

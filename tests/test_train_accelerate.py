@@ -184,6 +184,7 @@ def _fsdp_train(*args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow  # two 2-process runs, about 2 minutes; the default suite has the worker runs and the sync unit test
 def test_fsdp_train_samples_evaluates_saves_and_resumes_to_the_uninterrupted_run(tmp_path):
     """``ebpo train`` end to end under FSDP on 2 CPU processes: sampling and evaluation with ranks holding
     different numbers of prompts (every model call gathers shards, so both ranks make the same calls),
