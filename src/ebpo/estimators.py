@@ -132,14 +132,19 @@ class Estimator(Protocol):
     """What a registered advantage estimator implements."""
 
     min_group_size: int
+    """The smallest group it accepts (2 for GRPO's std and RLOO's leave-one-out); the pipeline refuses smaller."""
 
     def compute(self, batch: PromptedBatch, *, training: bool) -> tuple[Tensor, dict[str, float]]:
         """Return float64 advantages (N,) and metrics. Must not change state when ``training`` is False."""
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Its state across steps (EBPO's running prior), saved with the run's checkpoints; {} when stateless."""
+        ...
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, so a resumed run continues where it stopped."""
+        ...
 
 
 ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
