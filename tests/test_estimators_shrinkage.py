@@ -455,11 +455,6 @@ def test_ebpo_train_runs_with_the_estimator(tmp_path, estimator):
     assert len(rows) == 2 and all(math.isfinite(v) for row in rows for v in row.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="the trainer does not pass prompt_ids to the estimator yet (compute_advantages and _probe_estimator)",
-)
 def test_ebpo_train_runs_with_spo(tmp_path, capsys):
     from runs import MINI
 
@@ -468,10 +463,7 @@ def test_ebpo_train_runs_with_spo(tmp_path, capsys):
 
     out = tmp_path / "run"
     code = main(["train", "--estimator", "spo", "--steps", "2", "--out", str(out), "--log-every", "1", *MINI])
-    error = capsys.readouterr().err
-    if code != 0 and "needs prompt_ids=" in error:
-        raise NotImplementedError(error)  # the known gap, and only it, is the expected failure
-    assert code == 0, error
+    assert code == 0, capsys.readouterr().err
     rows = [r for r in read_metrics(str(out / "metrics.jsonl")) if "spo/baseline_mean" in r]
     assert len(rows) == 2 and rows[1]["spo/tracked_prompts"] >= 2
 

@@ -100,8 +100,10 @@ def test_compute_advantages_passes_correctness_and_stable_topic_ids(monkeypatch)
     trainer = _trainer(monkeypatch, prompts_per_step=3, overlong_buffer=1)
     seen = {}
 
-    def estimator(rewards, group_ids, *, topic_ids=None, correctness=None, training=True):
-        seen.update(rewards=rewards, group_ids=group_ids, topic_ids=topic_ids, correctness=correctness)
+    def estimator(rewards, group_ids, *, topic_ids=None, correctness=None, prompt_ids=None, training=True):
+        seen.update(
+            rewards=rewards, group_ids=group_ids, topic_ids=topic_ids, correctness=correctness, prompt_ids=prompt_ids
+        )
         return rewards.clone(), {}
 
     trainer.c.estimator = estimator
@@ -113,6 +115,10 @@ def test_compute_advantages_passes_correctness_and_stable_topic_ids(monkeypatch)
     # same label -> same id, different labels -> different ids, None is a topic of its own
     ids = seen["topic_ids"].tolist()
     assert ids[0] == ids[2] and ids[0] != ids[4] and len(set(ids)) == 2
+    # the prompt's key across steps (per-prompt trackers: spo, krpo carry=True): its problem id, hashed
+    from ebpo.estimators import stable_prompt_ids
+
+    assert torch.equal(seen["prompt_ids"], stable_prompt_ids([p.id for p in rollout.problems]))
 
 
 def test_stable_topic_ids_do_not_depend_on_the_process_or_order():

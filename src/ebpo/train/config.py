@@ -97,7 +97,7 @@ class TrainConfig:
 
     # --- advantages ---
     estimator: str = "ebpo"
-    """Advantage estimator: grpo, dr_grpo, rloo, ebpo, or 'module:attr'."""
+    """Advantage estimator: grpo, dr_grpo, rloo, ebpo, jspo, spo, krpo, or 'module:attr'."""
     estimator_options: dict = field(default_factory=dict)
     """Estimator options as YAML ('{prior: running}' for ebpo, '{scale: batch}' for grpo)."""
     weighting: str | None = None

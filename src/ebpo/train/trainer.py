@@ -249,7 +249,12 @@ def _probe_estimator(estimator: Any, config: TrainConfig) -> None:
     group_ids = torch.arange(3).repeat_interleave(g)
     try:
         estimator(
-            correctness + shaping, group_ids, topic_ids=(group_ids > 0).long(), correctness=correctness, training=False
+            correctness + shaping,
+            group_ids,
+            topic_ids=(group_ids > 0).long(),
+            correctness=correctness,
+            prompt_ids=group_ids,
+            training=False,
         )
     except ValueError as exc:
         raise ValueError(
@@ -692,6 +697,7 @@ class Trainer:
         its own slice. Topic ids hash ``Problem.topic`` (stable across ranks
         and resumes; see :func:`ebpo.grouping.stable_topic_ids`).
         """
+        from ebpo.estimators import stable_prompt_ids
         from ebpo.grouping import stable_topic_ids
 
         dist = self.dist
@@ -699,8 +705,11 @@ class Trainer:
         all_correct = dist.all_gather_cat(correctness)  # (N_global,)
         all_ids = dist.all_gather_cat(rollout.group_ids.cpu())
         all_topics = dist.all_gather_cat(stable_topic_ids([p.topic for p in rollout.problems]))
+        # A prompt's key across steps (group ids name a group within one step): per-prompt trackers (spo,
+        # krpo carry=True) keep their state under it.
+        all_prompts = dist.all_gather_cat(stable_prompt_ids([p.id for p in rollout.problems]))
         advantages, metrics = self.c.estimator(
-            all_rewards, all_ids, topic_ids=all_topics, correctness=all_correct, training=True
+            all_rewards, all_ids, topic_ids=all_topics, correctness=all_correct, prompt_ids=all_prompts, training=True
         )
         offset = dist.local_offset(len(rewards))
         return advantages[offset : offset + len(rewards)].float().to(self.device), metrics
