@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LOCK=requirements/lock.txt
 NUMERICS="torch transformers numpy accelerate"
-EXTRAS="test,data,math,trl,gym,lora,track"
+EXTRAS="test,data,math,trl,gym,lora,track,docs"
 upgrade=0
 [ "${1:-}" = "--upgrade-numerics" ] && upgrade=1
 
@@ -63,7 +63,7 @@ if [ -f "$LOCK" ]; then
         echo "Packages the figures depend on moved:$moved. Re-measure, with the commands the docs give:"
         echo "  - README 'Quick start': ebpo train for seeds 0, 1, 2 (and the wall time of the plain command)"
         echo "  - README 'Results' and docs/compare-stepwise.md: the ebpo compare grid and its probes"
-        echo "  - docs/testbed.md, docs/hierarchical-prior.md, docs/gbmpo-report.md, docs/trainer.md (throughput)"
+        echo "  - docs/testbed.md, docs/hierarchical-prior.md, docs/gbmpo.md, docs/trainer.md (throughput)"
         echo "  - the shipped warm start (src/ebpo/train/warmstart_data): python -m ebpo.train.warmstart --ship"
     fi
 fi
