@@ -15,9 +15,10 @@ GRPOTrainer, train). The only ebpo line is the import below. What that import ch
   ("batch", "none", False) is refused when the config is built (it would be ignored). With
   `ebpo_estimator="grpo"` it applies again and ebpo reproduces TRL's own advantages;
 * the config gains `ebpo_*` fields (all optional): `ebpo_estimator`, `ebpo_estimator_options`
-  (`{"prior": "running"}`, `{"hierarchical": True}`, ...), `ebpo_weighting="ha_dw"`, `ebpo_divergence`
-  (GBMPO, weighted by `beta`), and `ebpo_topic_column`, a dataset column whose labels reach the estimator as
-  topics (used by the hierarchical prior; this script's data has a "topic" column);
+  (`{"prior": "running"}`, `{"hierarchical": True}`, ...), `ebpo_weighting="ha_dw"` with the reward function
+  that says whether a completion is correct (`ebpo_correctness_reward`, or `ebpo_correctness_threshold`),
+  `ebpo_divergence` (GBMPO, weighted by `beta`), and `ebpo_topic_column`, a dataset column whose labels reach
+  the estimator as topics (used by the hierarchical prior; this script's data has a "topic" column);
 * ebpo's metrics join TRL's logs (`adv/all_equal_group_frac`, `ebpo/shrinkage`, ...) and the estimator's
   state is saved in each TRL checkpoint and restored by `resume_from_checkpoint`.
 
@@ -103,7 +104,7 @@ def main() -> None:
         # Optional ebpo fields (the defaults are EBPO with the per-batch prior):
         #   ebpo_estimator_options={"prior": "running"},                      # the paper's Algorithm 1
         #   ebpo_estimator_options={"hierarchical": True}, ebpo_topic_column="topic",
-        #   ebpo_weighting="ha_dw",                                           # needs rewards in [0, 1]
+        #   ebpo_weighting="ha_dw", ebpo_correctness_reward="correct_answer",  # HA-DW reads a 0/1 correctness
         **sizes,
     )
     trainer = GRPOTrainer(

@@ -14,8 +14,13 @@ it composes verl's `ppo_trainer` config with the overrides, then makes the drive
     algorithm.adv_estimator             ebpo, ebpo_running, ebpo_ema, ebpo_hier, ebpo_hier_running, ha_dw, ebpo_ha_dw
     actor_rollout_ref.actor.kl_loss_type  ebpo:prob_l2, ebpo:log_l2, ebpo:kl_k1 / _k2 / _k3, ebpo:neural_mirror[=PATH]
 
-Topics for the hierarchical prior (`ebpo_hier*`) come from each sample's `data_source` (verl's dataset-name
-field); `EBPO_VERL_TOPIC_KEY=other_key` reads another non-tensor field. More: the README's verl section.
+Each name fixes the estimator; `+algorithm.ebpo.*` sets its other options (`+` because verl's config does not
+declare the key), e.g. `+algorithm.ebpo.estimator_options.decay=0.95` (ebpo_ema),
+`+algorithm.ebpo.weighting_options.lam=1.5` (HA-DW). The hierarchical prior (`ebpo_hier*`) reads each sample's
+topic from `data_source` (verl's dataset-name field; `+algorithm.ebpo.topic_key=COLUMN` names another). HA-DW
+(`ha_dw`, `ebpo_ha_dw`) weights by correctness, a success in [0, 1]: each response's `acc` from the reward extra
+info (a reward function returning `{"score": s, "acc": 0 or 1}`), or `+algorithm.ebpo.correctness_threshold=T`
+(correct when the score is >= T). More: the README's verl section and `ebpo.integrations.verl`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ except ImportError:
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from verl import DataProto
 from verl.trainer.ppo import core_algos
 from verl.trainer.ppo.ray_trainer import compute_advantage
@@ -57,7 +63,12 @@ def load_config(overrides: list[str]):
 
 
 def rollout_batch(n: int) -> DataProto:
-    """Three prompts x n responses, a 0/1 score on each response's last token, as verl's reward step leaves them."""
+    """Three prompts x n responses, a 0/1 score on each response's last token, as verl's reward step leaves them.
+
+    The non-tensor fields are the ones verl's (legacy) trainer carries: the prompt's uid and dataset field
+    ``data_source``, and the reward function's extra info (``acc``: a reward function that returns
+    ``{"score": s, "acc": 0 or 1}``).
+    """
     scores = torch.tensor([[0.0] * n, [1.0, 0.0] * (n // 2), [1.0] * n]).reshape(-1)  # all fail, mixed, all pass
     bs, length = scores.numel(), 5
     lengths = torch.arange(bs) % length + 1  # (bs,) response lengths 1..5
@@ -69,6 +80,7 @@ def rollout_batch(n: int) -> DataProto:
         non_tensors={
             "uid": np.array([f"prompt-{i // n}" for i in range(bs)], dtype=object),  # verl's group id
             TOPIC_KEY: np.array(["gsm8k"] * (2 * n) + ["math"] * n, dtype=object),  # the topic of each sample
+            "acc": scores.numpy(),  # HA-DW's correctness, from the reward function's extra info
         },
     )
 
@@ -96,6 +108,8 @@ def main() -> None:
         f"config: adv_estimator={estimator}, rollout.n={n}, kl_loss_type={actor.kl_loss_type}, "
         f"kl_loss_coef={actor.kl_loss_coef}, loss_agg_mode={actor.loss_agg_mode}"
     )
+    if config.algorithm.get("ebpo") is not None:
+        print(f"ebpo options (+algorithm.ebpo): {OmegaConf.to_container(config.algorithm.ebpo)}")
     if registered != sorted(SPECS):
         sys.exit(
             f"the plugin did not register {sorted(set(SPECS) - set(registered))}: is VERL_USE_EXTERNAL_MODULES set?"
@@ -115,9 +129,10 @@ def main() -> None:
     penalty = core_algos.kl_penalty(logprob, ref_logprob, actor.kl_loss_type)  # (bs, T)
     print(f"{actor.kl_loss_type} per token: {[round(v, 4) for v in penalty[0].tolist()]}")
 
-    print("every name, same batch (first response of each prompt):")
+    print("every name, same batch, default options (first response of each prompt):")
+    defaults = load_config(OVERRIDES)  # your +algorithm.ebpo options may not apply to every name
     for name in registered:
-        first = advantages(config, name, n).reshape(-1, n)[:, 0]
+        first = advantages(defaults, name, n).reshape(-1, n)[:, 0]
         print(f"    {name:<18} " + " ".join(f"{a:+.3f}" for a in first.tolist()))
     print("ok")
 
