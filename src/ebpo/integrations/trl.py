@@ -21,6 +21,14 @@ With ``ebpo_topic_column="source"`` each completion's topic label (that
 dataset column, gathered from every process) reaches the estimator as
 ``topic_ids`` (a stable hash, :func:`ebpo.grouping.stable_topic_ids`), which
 the hierarchical prior (``ebpo_estimator_options={"hierarchical": True}``) uses.
+Each completion's prompt key, the dataset column ``ebpo_prompt_column``
+(default ``"prompt"``, the prompt itself; a chat prompt, a list of messages, is
+keyed by its canonical JSON), gathered the same way, reaches the estimator as
+``prompt_ids`` (:func:`ebpo.estimators.stable_prompt_ids`): ``spo`` and
+``krpo`` with ``carry=True`` keep state per prompt across steps under that key,
+the other estimators only check it (one prompt per group). Name a column of
+problem ids (``ebpo_prompt_column="problem_id"``) when two rows can share a
+prompt's text but not its problem, or one problem is asked in several wordings.
 
 HA-DW's correctness (``ebpo_weighting="ha_dw"``, or any weighting whose
 ``reads_correctness`` is set): HA-DW weights by accuracy, and its batch
@@ -84,6 +92,7 @@ Supported TRL versions: :data:`SUPPORTED_TRL`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -93,7 +102,7 @@ import torch
 from packaging.version import Version
 
 from ebpo.divergences import build_divergence
-from ebpo.estimators import build_estimator
+from ebpo.estimators import build_estimator, stable_prompt_ids
 from ebpo.grouping import stable_topic_ids
 from ebpo.weighting import WEIGHTINGS
 
@@ -204,12 +213,21 @@ def _check_correctness_source(args: Any) -> None:
         )
 
 
+def _prompt_key(value: Any) -> Any:
+    """A prompt column's value as a key whose text is the same in every process: strings and numbers as they are,
+    anything else (a chat: a list of {"role", "content"} messages) as JSON with sorted keys."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
+
+
 @dataclass
 class EBPOGRPOConfig(GRPOConfig):
     """``GRPOConfig`` plus ebpo's estimator, weighting (see ``ebpo.build_estimator``) and divergence."""
 
     ebpo_estimator: str = field(
-        default="ebpo", metadata={"help": "ebpo advantage estimator: grpo, dr_grpo, rloo, ebpo, or module:attr"}
+        default="ebpo",
+        metadata={"help": "ebpo advantage estimator: grpo, dr_grpo, rloo, ebpo, jspo, spo, krpo, or module:attr"},
     )
     ebpo_estimator_options: dict = field(
         default_factory=dict, metadata={"help": "options of the estimator, e.g. {'prior': 'running'}"}
@@ -235,6 +253,14 @@ class EBPOGRPOConfig(GRPOConfig):
         metadata={
             "help": "dataset column with each prompt's topic (any labels), passed to the estimator as topic ids; "
             "used by ebpo_estimator_options={'hierarchical': True}, ignored by the other estimators"
+        },
+    )
+    ebpo_prompt_column: str = field(
+        default="prompt",
+        metadata={
+            "help": "dataset column naming each prompt the same way at every step (the prompt itself by default; a "
+            "problem id column is safer), hashed to the estimator's prompt ids; spo and krpo carry=True keep state "
+            "per prompt under it, the other estimators check it"
         },
     )
     ebpo_divergence: str | None = field(
@@ -309,12 +335,14 @@ class EBPOGRPOTrainer(GRPOTrainer):
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // generations  # TRL's consecutive groups
         advantages = torch.zeros_like(rewards)
         topic_ids = self._ebpo_topic_ids(inputs)  # (N_global,) or None
+        prompt_ids = self._ebpo_prompt_ids(inputs)  # (N_global,)
         correctness = self._ebpo_correctness(per_func, rewards, scorable)  # (N_global,) or None
         est_adv, metrics = self.ebpo_estimator(
             rewards[scorable].cpu(),
             group_ids[scorable].cpu(),
             topic_ids=None if topic_ids is None else topic_ids[scorable.cpu()],
             correctness=None if correctness is None else correctness[scorable].cpu(),
+            prompt_ids=prompt_ids[scorable.cpu()],
             training=mode == "train",
         )
         advantages[scorable] = est_adv.to(advantages)
@@ -379,6 +407,19 @@ class EBPOGRPOTrainer(GRPOTrainer):
             [row[column] for row in inputs]
         )  # every process's rows, in process order like the rewards
         return stable_topic_ids(labels)
+
+    def _ebpo_prompt_ids(self, inputs: list[dict]) -> torch.Tensor:
+        """Prompt ids of every process's completions (N_global,), hashed from ``ebpo_prompt_column`` (stable across
+        ranks and steps); a chat prompt (a list of messages) by its canonical JSON."""
+        column = self.args.ebpo_prompt_column
+        missing = [i for i, row in enumerate(inputs) if column not in row]
+        if missing:
+            raise ValueError(
+                f"ebpo_prompt_column={column!r} is not a column of the training data (row {missing[0]} has "
+                f"{sorted(inputs[missing[0]])}); name the column that identifies each prompt across steps"
+            )
+        keys = gather_object([_prompt_key(row[column]) for row in inputs])  # every process's rows, in process order
+        return stable_prompt_ids(keys)
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
         super()._save_checkpoint(model, trial)
