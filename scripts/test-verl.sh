@@ -15,5 +15,5 @@ fi
 # run that trainer's own _save_checkpoint / _load_checkpoint.
 "$VENV/bin/pip" install -q "verl==0.9.1" cachetools fastapi uvicorn pytest "TransferQueue>=0.1.10" pyzmq msgspec
 "$VENV/bin/pip" install -q -e . --no-deps
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integration_verl_runtime.py tests/test_integration_verl.py tests/test_verl_options.py tests/test_verl_checkpoint.py -o addopts=""
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integration_verl_runtime.py tests/test_integration_verl.py tests/test_verl_options.py tests/test_verl_checkpoint.py tests/test_verl_new_estimators.py -o addopts=""
 "$VENV/bin/python" examples/from_verl.py  # the README's verl example, in verl's own environment

@@ -14,6 +14,10 @@ numpy array of prompt uids. :func:`register` adds, under new names:
 ``ebpo_ha_dw``     EBPO (per-batch prior) + HA-DW
 ``ebpo_hier``      hierarchical EBPO (per-topic prior), per-batch
 ``ebpo_hier_running``  hierarchical EBPO, Welford prior across steps
+``jspo``           JSPO, James-Stein shrinkage baseline (stateless)
+``spo``            SPO, a Beta success tracker per prompt across steps (needs the prompt key)
+``krpo``           KRPO, a fresh Kalman filter per group (the released code; stateless)
+``krpo_carry``     KRPO, each prompt's filter carried across steps (``carry=True``; needs the prompt key)
 =================  =====================================================
 
 Options (``algorithm.ebpo``, a mapping in verl's algorithm config; :class:`VerlOptions`): each name above is
@@ -23,6 +27,7 @@ a fixed estimator, and ``algorithm.ebpo`` sets the rest of its options, e.g. on 
     +algorithm.ebpo.weighting_options.lam=1.5          # HA-DW's lambda (ha_dw, ebpo_ha_dw)
     +algorithm.ebpo.correctness_threshold=0.5          # HA-DW's correctness: score >= 0.5
     +algorithm.ebpo.topic_key=subject                  # the hierarchical prior's topics
+    +algorithm.ebpo.prompt_key=problem_id              # the prompt key of spo / krpo_carry
 
 (``+`` because verl's config does not declare the key; verl 0.9.1 passes ``config.algorithm`` to the
 estimator as it is, never through its ``AlgoConfig`` dataclass.) Unknown options, and options the name
@@ -38,6 +43,13 @@ response's ``acc`` (or ``correctness_key``) from verl's reward extra info (a rew
 the score being verl's sequence score before ``use_kl_in_reward``'s penalty (or the ``correctness_key``
 value, when that is set too). A hierarchical name without topics, or HA-DW without a correctness, raises
 at the first advantage call, naming what to set: never a silent flat prior or a crash hours later.
+
+Prompt keys (for ``spo`` and ``krpo_carry``, which keep state per prompt across steps): verl's ``uid`` is
+drawn afresh for every prompt at every step, so it cannot name a prompt across steps and is never used as
+one. Each sample's key is the non-tensor field ``prompt_key`` (default ``index``, which verl's dataset copies
+from each row's ``extra_info["index"]``), or else that entry of the sample's ``extra_info``, hashed with
+:func:`ebpo.estimators.stable_prompt_ids`. verl's dataset gives a row without ``extra_info["index"]`` the
+index 0, so a batch whose distinct uids all carry one key is refused, as is a batch with no key at all.
 
 verl's ``compute_advantage`` passes an estimator only ``index`` (the uids) and ``config``; the batch's
 other fields reach ebpo's functions through :func:`install_batch_forwarding` (run by the plugin), for the
@@ -102,7 +114,7 @@ import torch
 from torch import Tensor
 
 from ebpo.divergences import Divergence, build_divergence
-from ebpo.estimators import AdvantagePipeline, build_estimator
+from ebpo.estimators import AdvantagePipeline, build_estimator, stable_prompt_ids
 from ebpo.grouping import stable_topic_ids
 
 __all__ = [
@@ -123,6 +135,7 @@ __all__ = [
     "DIVERGENCE_PREFIX",
     "install_batch_forwarding",
     "TOPIC_KEY",
+    "PROMPT_KEY",
     "CORRECTNESS_KEY",
 ]
 
@@ -134,16 +147,28 @@ SPECS: dict[str, dict[str, Any]] = {
     "ebpo_ha_dw": {"name": "ebpo", "weighting": "ha_dw"},
     "ebpo_hier": {"name": "ebpo", "prior": "batch", "hierarchical": True},
     "ebpo_hier_running": {"name": "ebpo", "prior": "running", "hierarchical": True},
+    "jspo": {"name": "jspo"},
+    "spo": {"name": "spo"},
+    "krpo": {"name": "krpo"},
+    "krpo_carry": {"name": "krpo", "carry": True},
 }
 # What the names fix (and so algorithm.ebpo.estimator_options may not set): the prior, the topics, the weighting.
 _NAMED_OPTIONS = frozenset(option for spec in SPECS.values() for option in spec) | {"weighting_options"}
 TOPIC_KEY = os.environ.get("EBPO_VERL_TOPIC_KEY", "data_source")  # the default of algorithm.ebpo.topic_key
+PROMPT_KEY = "index"  # the default of algorithm.ebpo.prompt_key: verl's dataset copies extra_info["index"] there
 CORRECTNESS_KEY = "acc"  # the default of algorithm.ebpo.correctness_key: verl's DAPO-style scorers return it
 OPTIONS_KEY = "ebpo"  # algorithm.ebpo
 ESTIMATORS: dict[str, AdvantagePipeline] = {}
 STATE_FILE = "ebpo_estimator_states.pt"
 # The option that removes each base estimator's std division (verl's norm_adv_by_std_in_grpo=False).
-_STD_OFF: dict[str, dict[str, Any]] = {"grpo": {"scale": "none"}, "ebpo": {"std_normalize": False}}
+# jspo (no std division, as its code) and krpo (its scale is the filter's 1/sqrt(P), not a std) have none.
+_STD_OFF: dict[str, dict[str, Any]] = {
+    "grpo": {"scale": "none"},
+    "ebpo": {"std_normalize": False},
+    "spo": {"std_normalize": False},
+    "jspo": {},
+    "krpo": {},
+}
 _BUILT_WITH: dict[str, str] = {}  # the full spec (JSON) each of ESTIMATORS was built with
 
 
@@ -167,6 +192,9 @@ class VerlOptions:
     topic_key: str = TOPIC_KEY
     """The non-tensor field with each sample's topic, for ``ebpo_hier*`` (default ``data_source``, or
     ``$EBPO_VERL_TOPIC_KEY``)."""
+    prompt_key: str = PROMPT_KEY
+    """The non-tensor field (or else the ``extra_info`` entry) naming each sample's prompt the same way at every
+    step, for ``spo`` and ``krpo_carry`` (default ``index``, verl's copy of ``extra_info["index"]``); never the uid."""
 
 
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(VerlOptions))
@@ -192,7 +220,7 @@ def verl_options(config: Any) -> VerlOptions:
     >>> verl_options({"ebpo": {"lamda": 1.5}})
     Traceback (most recent call last):
     ...
-    ValueError: algorithm.ebpo.lamda is not an ebpo option; the options are estimator_options, weighting_options, correctness_threshold, correctness_key, topic_key
+    ValueError: algorithm.ebpo.lamda is not an ebpo option; the options are estimator_options, weighting_options, correctness_threshold, correctness_key, topic_key, prompt_key
     """
     raw = _plain(_config_value(config, OPTIONS_KEY, None))
     if raw is None:
@@ -206,7 +234,7 @@ def verl_options(config: Any) -> VerlOptions:
     for name in ("estimator_options", "weighting_options"):
         if not isinstance(raw.get(name, {}), dict):
             raise ValueError(f"{where}.{name} must be a mapping of option names to values, got {raw[name]!r}")
-    for name in ("correctness_key", "topic_key"):
+    for name in ("correctness_key", "topic_key", "prompt_key"):
         if name in raw and not (isinstance(raw[name], str) and raw[name]):
             raise ValueError(f"{where}.{name} must name a field of verl's batch, got {raw[name]!r}")
     threshold = raw.get("correctness_threshold")
@@ -320,6 +348,63 @@ def _reads_correctness(pipeline: AdvantagePipeline) -> bool:
     return bool(getattr(pipeline.weighting, "reads_correctness", False))
 
 
+def _reads_prompts(key: str) -> bool:
+    """Whether the estimator of ``key`` keeps state per prompt across steps and so needs each sample's prompt key."""
+    spec = SPECS[key]
+    return spec["name"] == "spo" or bool(spec.get("carry", False))
+
+
+def _prompt_labels(values: Mapping[str, Any], prompt_key: str) -> np.ndarray | None:
+    """(bs,) each sample's prompt key: the field ``prompt_key``, or else ``extra_info[prompt_key]``; None if neither.
+
+    Tensor and numpy scalars become Python values, so a key's text (what is hashed) is the same whatever container
+    verl's batch or TransferQueue hands over."""
+    if prompt_key in values:
+        items = list(np.asarray(_column(values[prompt_key]), dtype=object).reshape(-1))
+    elif "extra_info" in values:
+        items = [
+            info.get(prompt_key) if isinstance(info, Mapping) else None
+            for info in np.asarray(_column(values["extra_info"]), dtype=object).reshape(-1)
+        ]
+        if all(v is None for v in items):
+            return None
+    else:
+        return None
+    out = np.empty(len(items), dtype=object)
+    out[:] = [v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v for v in items]
+    return out
+
+
+def _prompt_ids(key: str, options: VerlOptions, labels: Any, index: Any) -> Tensor:
+    """Stable prompt ids (bs,) from each sample's prompt key, refusing keys that cannot name prompts across steps."""
+    where = f"+algorithm.{OPTIONS_KEY}.prompt_key"
+    field = options.prompt_key
+    how = (
+        f"verl's dataset copies each row's extra_info['{PROMPT_KEY}'] into '{PROMPT_KEY}' (0 when a row has none): "
+        f"give every row a distinct extra_info['{PROMPT_KEY}'] (verl's data preprocessing scripts do), or name "
+        f"another non-tensor field that identifies the prompt with {where}=FIELD. verl's uid is drawn afresh at "
+        "every step and cannot stand in"
+    )
+    needs = f"algorithm.adv_estimator={key} keeps state per prompt across steps and needs each sample's prompt key"
+    if labels is None:
+        raise ValueError(
+            f"{needs}, but verl's batch has no '{field}' field (nor extra_info['{field}']); {how}. Load ebpo's plugin "
+            "(VERL_USE_EXTERNAL_MODULES=ebpo.integrations.verl_plugin), which hands the batch's fields to the estimator"
+        )
+    items = list(np.asarray(labels, dtype=object).reshape(-1))
+    missing = sum(v is None for v in items)
+    if missing:
+        raise ValueError(f"{needs}, but {missing} of {len(items)} samples have no '{field}'; {how}")
+    uids = np.unique(np.asarray(index, dtype=object).astype(str))
+    keys = np.unique(np.asarray(items, dtype=object).astype(str))
+    if uids.size > 1 and keys.size == 1:
+        raise ValueError(
+            f"{needs}, but all {uids.size} prompts (distinct uids) of this batch have the same '{field}', "
+            f"{items[0]!r}: they would share one prompt's state; {how}"
+        )
+    return stable_prompt_ids(items)
+
+
 def _needs_fields(key: str, norm_adv_by_std_in_grpo: bool, options: VerlOptions) -> tuple[bool, bool]:
     """(needs topics, needs correctness) of the estimator ``key`` built with these settings."""
     pipeline = _estimator(key, norm_adv_by_std_in_grpo, options)
@@ -386,12 +471,15 @@ def compute_advantage(
     norm_adv_by_std_in_grpo: bool = True,
     correctness: Tensor | None = None,
     options: VerlOptions | None = None,
+    prompt_labels: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """Advantages (bs, T) and returns (bs, T) with verl's conventions; ``topic_labels`` (bs,) any labels.
 
     ``norm_adv_by_std_in_grpo``: verl's flag; False removes the estimator's std division (:func:`estimator_spec`).
     ``correctness``: (bs,) each response's success in [0, 1], required by the HA-DW names; ``topic_labels``:
     required by the hierarchical names. ``options``: ``algorithm.ebpo`` (:class:`VerlOptions`).
+    ``prompt_labels``: (bs,) each sample's prompt key (any labels naming a prompt across steps), required by
+    ``spo`` and ``krpo_carry`` and ignored by the others.
     """
     if token_level_rewards.shape != response_mask.shape:
         raise ValueError(
@@ -426,11 +514,13 @@ def compute_advantage(
     topic_ids = (
         None if topic_labels is None else stable_topic_ids(list(np.asarray(topic_labels, dtype=object).reshape(-1)))
     )
+    prompt_ids = _prompt_ids(key, options, prompt_labels, index) if _reads_prompts(key) else None
     advantages, _ = pipeline(
         scores.detach().float().cpu(),
         _group_ids(index),
         topic_ids=topic_ids,
         correctness=correctness,
+        prompt_ids=prompt_ids,
         training=training,
     )
     advantages = advantages.to(token_level_rewards.device, token_level_rewards.dtype).unsqueeze(-1) * response_mask
@@ -474,6 +564,9 @@ def _make(key: str):
             _same_rows(fields.uids, index, "install_batch_forwarding")
         values = ChainMap(kwargs, fields.values if fields is not None else {})
         labels = kwargs.get("topic_labels", values.get(options.topic_key))
+        prompts = kwargs.get("prompt_labels")
+        if prompts is None and _reads_prompts(key):
+            prompts = _prompt_labels(values, options.prompt_key)
         correctness = None
         if _needs_fields(key, norm, options)[1]:
             scores = fields.scores if fields is not None and fields.scores is not None else None
@@ -492,6 +585,7 @@ def _make(key: str):
             norm_adv_by_std_in_grpo=norm,
             correctness=correctness,
             options=options,
+            prompt_labels=prompts,
         )
 
     fn.__name__ = f"ebpo_{key}_advantage"
@@ -583,9 +677,10 @@ def _resume_folder(trainer_config: Any) -> str | None:
 
 
 def _is_stateful(key: str) -> bool:
-    """Whether anything of the estimator outlives a step (a running/EMA prior, HA-DW's anchor and history)."""
+    """Whether anything of the estimator outlives a step (a running/EMA prior, HA-DW's anchor and history, SPO's
+    tracker, KRPO's carried filters)."""
     spec = SPECS[key]
-    return spec.get("prior", "batch") != "batch" or "weighting" in spec
+    return spec.get("prior", "batch") != "batch" or "weighting" in spec or _reads_prompts(key)
 
 
 def _adv_estimator(trainer: Any) -> str:
@@ -630,8 +725,8 @@ def _load_hook(original: Callable[..., Any]) -> Callable[..., Any]:
                 else f"it has no {STATE_FILE}: it was saved without ebpo's verl plugin"
             )
             raise ValueError(
-                f"verl is resuming {folder}, but {why}, so the {key} estimator's state (its running prior or "
-                f"HA-DW anchor) would restart from nothing. Resume a checkpoint saved by this estimator with the "
+                f"verl is resuming {folder}, but {why}, so the {key} estimator's state (its running prior, "
+                f"HA-DW anchor or per-prompt tracker) would restart from nothing. Resume a checkpoint saved by this estimator with the "
                 f"plugin loaded, or set {FRESH_STATE_ENV}=1 to start that state afresh on purpose"
             )
         return result
@@ -771,7 +866,9 @@ def _v1_advantage_hook(original: Callable[..., Any]) -> Callable[..., Any]:
         needs_info = needs_correctness and (
             options.correctness_threshold is None or options.correctness_key is not None
         )
+        needs_prompts = _reads_prompts(key)
         wanted = [options.topic_key] * needs_topics + ["extra_fields"] * needs_info
+        wanted += [options.prompt_key, "extra_info"] * needs_prompts
         if not wanted:
             return original(self, batch, *args, **kwargs)
         data = _tq_get(list(batch.keys), batch.partition_id, ["uid", *wanted])
@@ -791,6 +888,10 @@ def _v1_advantage_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             info = _reward_extra_info(data["extra_fields"], field) if "extra_fields" in present else None
             if info is not None:
                 values[field] = info
+        if needs_prompts:  # what is absent is refused, naming the key, by the estimator function
+            for field in (options.prompt_key, "extra_info"):
+                if field in present:
+                    values[field] = _column(data[field])
         token = _BATCH_FIELDS.set(_BatchFields(uids=_column(data["uid"]), values=values, scores=None))
         try:
             return original(self, batch, *args, **kwargs)
@@ -809,7 +910,7 @@ def install_batch_forwarding(ray_trainer: Any = None, v1_trainers: tuple[type, .
     ``data.non_tensor_batch`` and ``data.batch["token_level_scores"]`` for that one call, and the v1 trainer's
     ``PPOTrainer._compute_advantage(batch, metrics)``, whose batch holds only TransferQueue keys: for a
     hierarchical name it reads each sample's topic, for an HA-DW name ``extra_fields`` (the reward extra
-    info), of the same keys. Other estimators go to verl's code unchanged; ebpo's names read nothing they
+    info), for ``spo`` / ``krpo_carry`` the prompt key (``prompt_key`` and ``extra_info``), of the same keys. Other estimators go to verl's code unchanged; ebpo's names read nothing they
     do not use. Returns what was hooked.
 
     ``ray_trainer``: the module to patch (default: verl's); ``v1_trainers``: the v1 trainer classes (default:

@@ -4,7 +4,8 @@ Every verl process (driver and Ray workers) imports this module at the end of
 ``import verl``. It registers ebpo's advantage estimators in verl's registry
 (``algorithm.adv_estimator=ebpo_running`` ...) and routes ``ebpo:...`` KL loss
 types to ebpo's divergences (``actor_rollout_ref.actor.kl_loss_type=ebpo:prob_l2``),
-hands each batch's topics (``data_source``) and reward extra info (``acc``) to the estimators,
+hands each batch's topics (``data_source``), prompt keys (``index``, for ``spo`` / ``krpo_carry``) and reward
+extra info (``acc``) to the estimators,
 under both of verl's trainers, and saves the estimators' state with verl's checkpoints and
 restores it when verl resumes. See :mod:`ebpo.integrations.verl`.
 """
