@@ -56,9 +56,9 @@ other fields reach ebpo's functions through :func:`install_batch_forwarding` (ru
 duration of one call: the legacy trainer's ``non_tensor_batch`` holds the dataset's fields and the reward
 extra info; verl's v1 trainer (the default) hands its advantage step only the uids, response masks and
 scores, so the wrapper reads the topic and ``extra_fields["reward_extra_info"]`` of the same samples from
-verl's TransferQueue. The rows are matched by uid, and a mismatch raises. A ``topic_labels=`` keyword, or
-keywords named ``topic_key`` / ``correctness_key`` (verl variants that forward the fields), are used as
-they are.
+verl's TransferQueue. The rows are matched by uid, and a mismatch raises. A ``topic_labels=`` or ``prompt_labels=``
+keyword, or keywords named ``topic_key`` / ``correctness_key`` / ``prompt_key`` (verl variants that forward
+the fields; not ``index``, which is verl's uid argument), are used as they are.
 
 The sequence reward is ``token_level_rewards.sum(-1)``; the advantage is
 broadcast over the response mask; returns equal advantages (as verl's GRPO).
