@@ -134,7 +134,8 @@ def test_names_match_the_core_over_steps_keyed_by_the_dataset_index(key):
     reference = reference_of(key)
     for step in range(3):
         token_rewards, mask, uids, scores, index = verl_step(step)
-        advantages = legacy_call(module, key, token_rewards, mask, {"uid": uids, "index": index})
+        non_tensor = {"uid": uids, "index": index.astype(np.int64)}  # numpy ints, as verl's collate gives
+        advantages = legacy_call(module, key, token_rewards, mask, non_tensor)
         prompt_ids = stable_prompt_ids(list(index))
         expected, _ = reference(scores, group_ids(uids), prompt_ids=prompt_ids)
         assert torch.allclose(advantages, expected.float().unsqueeze(-1) * mask, atol=1e-6)
@@ -296,3 +297,38 @@ def test_v1_trainer_jspo_reads_nothing_more(v1):
     meta, _ = v1.put(0, with_index=False)
     v1.cls(adapter._tq_get, v1.module, {"adv_estimator": "jspo"})._compute_advantage(meta, {})
     assert v1.reads == [["uid", "response_mask", "rm_scores"]]
+
+
+# ------------------------------------------------------------------ verl's own code (scripts/test-verl.sh)
+
+
+def test_spo_through_verls_own_compute_advantage():
+    """verl 0.9.1's ray_trainer.compute_advantage on a DataProto with verl's dataset ``index`` field: 3 steps of spo
+    keyed by the index, fresh uids every step; the batch with every index 0 (a dataset without extra_info.index)
+    is refused. Runs where verl is installed."""
+    pytest.importorskip("verl")
+    from verl import DataProto
+    from verl.trainer.ppo import ray_trainer
+
+    adapter.register()
+    adapter.install_batch_forwarding()  # what the plugin does in each verl process
+    reference = reference_of("spo")
+    for step in range(3):
+        token_rewards, mask, uids, scores, index = verl_step(step)
+        data = DataProto.from_dict(
+            tensors={"token_level_rewards": token_rewards, "response_mask": mask, "responses": torch.zeros_like(mask)},
+            non_tensors={"uid": uids, "index": index.astype(np.int64)},  # verl's dataset: an int per row
+        )
+        out = ray_trainer.compute_advantage(data, adv_estimator="spo", num_repeat=4)
+        expected, _ = reference(scores, group_ids(uids), prompt_ids=stable_prompt_ids(list(index)))
+        assert torch.allclose(out.batch["advantages"], expected.float().unsqueeze(-1) * mask, atol=1e-6)
+    assert torch.equal(
+        adapter.ESTIMATORS["spo"].state_dict()["estimator_state"]["keys"],
+        reference.state_dict()["estimator_state"]["keys"],
+    )
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": token_rewards, "response_mask": mask, "responses": torch.zeros_like(mask)},
+        non_tensors={"uid": uids, "index": np.zeros(len(uids), dtype=np.int64)},
+    )
+    with pytest.raises(ValueError, match=r"have the same 'index', 0"):
+        ray_trainer.compute_advantage(data, adv_estimator="spo", num_repeat=4)

@@ -795,9 +795,16 @@ def _tq_get(keys: list[str], partition_id: str, fields: list[str]) -> Any:
     return tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=fields)
 
 
+def _unwrap(value: Any) -> Any:
+    """A value TransferQueue or verl's batch hands over, out of tensordict's NonTensorData (``.data``), as verl
+    unwraps it; a numpy scalar's ``.data`` is its buffer (a memoryview), so numpy scalars stay as they are."""
+    inner = getattr(value, "data", value)
+    return value if isinstance(inner, memoryview) else inner
+
+
 def _column(values: Any) -> np.ndarray:
     """A non-tensor field as TransferQueue returns it (a list, NonTensorStack, numpy array) -> (bs,) object array."""
-    items = [getattr(v, "data", v) for v in list(values)]  # NonTensorData wraps each value, as verl unwraps it
+    items = [_unwrap(v) for v in list(values)]
     out = np.empty(len(items), dtype=object)
     out[:] = items
     return out
