@@ -484,3 +484,14 @@ def test_registry_names_and_import_paths():
     assert built.max_group_size == 8
     with pytest.raises(ValueError, match="unknown rollout allocation"):
         build_allocator("greso")
+
+
+def test_history_decays_old_outcomes_and_sums_groups_of_one_prompt():
+    eb = build_allocator("eb", decay=0.5)
+    eb.observe(torch.tensor([7, 3]), torch.tensor([4.0, 0.0]), torch.tensor([4.0, 4.0]))
+    eb.observe(torch.tensor([7, 7]), torch.tensor([1.0, 3.0]), torch.tensor([4.0, 4.0]))  # two groups of prompt 7
+    history = eb.state_dict()["history"]
+    assert history["keys"].tolist() == [3, 7]
+    assert history["successes"].tolist() == [0.0, 0.5 * 4 + 1 + 3]
+    assert history["trials"].tolist() == [0.5 * 4, 0.5 * 4 + 8]
+    assert history["streak"].tolist() == [1, 0]  # prompt 3 unobserved keeps its streak; 7 had a mixed group

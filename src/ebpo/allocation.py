@@ -262,18 +262,25 @@ def max_plus_allocate(values: Tensor, budget: int) -> Tensor:
         left, right = curves[0::2], curves[1::2]  # (K, S) each
         size = left.shape[1] - 1
         out = min(2 * size, budget)
-        t = torch.arange(size + 1).reshape(1, -1)  # (1, S + 1) samples of the left child
-        # Parent budgets in chunks, so that the (K, chunk, S + 1) candidates stay near 2^22 numbers.
-        chunk = max(1, _CHUNK_ELEMENTS // (left.shape[0] * (size + 1)))
+        # right[s - t] for parent budget s and left budget t, as a strided view: the right curve reversed
+        # and padded with -inf (an impossible split), unfolded into windows of S + 1.
+        padded = torch.cat(
+            [
+                left.new_full((left.shape[0], out), _NEG_INF),
+                right.flip(1),
+                left.new_full((left.shape[0], size), _NEG_INF),
+            ],
+            dim=1,
+        )  # (K, out + 2S + 1)
+        windows = padded.unfold(1, size + 1, 1)[:, size : size + out + 1].flip(1)  # (K, out + 1, S + 1)
         # The root is only asked for the whole budget; every other level for each budget up to it.
         first = min(budget, out) if left.shape[0] == 1 else 0
-        best = [torch.full((left.shape[0], first), _NEG_INF, dtype=torch.float64)]
+        best = [left.new_full((left.shape[0], first), _NEG_INF)]
         split = [torch.zeros((left.shape[0], first), dtype=torch.long)]
+        # Parent budgets in chunks, so that the (K, chunk, S + 1) candidates stay near 2^22 numbers.
+        chunk = max(1, _CHUNK_ELEMENTS // (left.shape[0] * (size + 1)))
         for start in range(first, out + 1, chunk):
-            s = torch.arange(start, min(out + 1, start + chunk)).reshape(-1, 1)  # (c, 1) samples of the parent
-            rest = s - t  # (c, S + 1) samples of the right child
-            total = left[:, None, :] + right[:, rest.clamp(0, size)]  # (K, c, S + 1)
-            total = total.masked_fill(~((rest >= 0) & (rest <= size)), _NEG_INF)
+            total = left[:, None, :] + windows[:, start : start + chunk]  # (K, c, S + 1) value of each split
             chunk_best, chunk_split = total.max(dim=2)  # (K, c)
             best.append(chunk_best)
             split.append(chunk_split)
