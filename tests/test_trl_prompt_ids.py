@@ -52,16 +52,18 @@ def _parts(tmp_path, monkeypatch, **extra):
     return trainer, dataset
 
 
-def test_spo_trains_with_the_prompt_column_as_its_keys(tmp_path, monkeypatch):
-    """2 steps of SPO through TRL: its tracker holds exactly the hashed prompts the batches carried."""
-    trainer, dataset = _parts(tmp_path, monkeypatch)
+@pytest.mark.parametrize(("estimator", "options"), [("spo", {}), ("krpo", {"carry": True})])
+def test_per_prompt_state_is_keyed_by_the_prompt_column(tmp_path, monkeypatch, estimator, options):
+    """2 steps through TRL: SPO's tracker (KRPO's carried filters) holds exactly the hashed prompts the batches
+    carried."""
+    trainer, dataset = _parts(tmp_path, monkeypatch, ebpo_estimator=estimator, ebpo_estimator_options=options)
     trainer.train()
     tracked = trainer.ebpo_estimator.estimator.table.keys
     assert len(trainer.seen_prompts) == 2 * 8  # 2 steps x 8 completions (2 prompts x 4 generations)
     expected = torch.unique(stable_prompt_ids(trainer.seen_prompts))
     assert torch.equal(tracked, expected)  # the table's keys are sorted and unique
     assert set(tracked.tolist()) <= set(stable_prompt_ids(list(dataset["prompt"])).tolist())
-    assert any(key.startswith("spo/") for key in trainer.state.log_history[0])
+    assert any(key.startswith(f"{estimator}/") for key in trainer.state.log_history[0])
 
 
 def test_a_missing_prompt_column_is_refused_with_its_name(tmp_path, monkeypatch):
