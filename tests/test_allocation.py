@@ -495,3 +495,22 @@ def test_history_decays_old_outcomes_and_sums_groups_of_one_prompt():
     assert history["successes"].tolist() == [0.0, 0.5 * 4 + 1 + 3]
     assert history["trials"].tolist() == [0.5 * 4, 0.5 * 4 + 8]
     assert history["streak"].tolist() == [1, 0]  # prompt 3 unobserved keeps its streak; 7 had a mixed group
+
+
+@pytest.mark.parametrize(("num_prompts", "budget"), [(5, 17), (5, 40), (3, 7), (128, 1000)])
+def test_prompts_the_values_cannot_tell_apart_share_the_budget_evenly(num_prompts, budget):
+    """Every prompt solved every time: knapsack's values are all 0, and the exact tie goes to the even split."""
+    knapsack = build_allocator("knapsack")
+    ids = torch.arange(num_prompts)
+    knapsack.observe(ids, torch.full((num_prompts,), 4.0), torch.full((num_prompts,), 4.0))
+    sizes, _ = knapsack.allocate(AllocationRequest(ids, budget))
+    assert int(sizes.sum()) == budget and int(sizes.max() - sizes.min()) <= 1, sizes.tolist()
+
+
+def test_docstring_examples():
+    import doctest
+
+    import ebpo.allocation
+
+    result = doctest.testmod(ebpo.allocation, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0

@@ -247,8 +247,9 @@ def max_plus_allocate(values: Tensor, budget: int) -> Tensor:
     concavity needed): the prompts are paired up in a binary tree and each level takes the max-plus
     convolution of two children's best-value-per-budget curves, keeping the argmax split; the
     splits are then followed back from the root. log2(P) vectorised levels, O(P S B) work in all;
-    ties go to the split that gives the left child the fewest samples (torch.argmax takes the first),
-    so the result is a deterministic function of ``values``.
+    exact ties go to the split of each node's budget closest to even per prompt (then the
+    fewest samples to the left), so the result is a deterministic function of ``values`` and a set of
+    prompts that the values cannot tell apart shares the budget evenly.
 
     Raises ValueError when no choice of allowed sizes sums to ``budget``.
     """
@@ -258,6 +259,7 @@ def max_plus_allocate(values: Tensor, budget: int) -> Tensor:
     pad[:, 0] = 0.0  # padding prompts may only take 0 samples
     curves = torch.cat([values.to(torch.float64), pad])  # (L, S + 1) best value of a subtree per budget
     splits: list[Tensor] = []  # per level (L / 2^k, budget + 1): samples the left child gets
+    real = (torch.arange(leaves) < num_prompts).double()  # (L,) prompts under each node (padding: 0)
     while curves.shape[0] > 1:
         left, right = curves[0::2], curves[1::2]  # (K, S) each
         size = left.shape[1] - 1
@@ -273,6 +275,9 @@ def max_plus_allocate(values: Tensor, budget: int) -> Tensor:
             dim=1,
         )  # (K, out + 2S + 1)
         windows = padded.unfold(1, size + 1, 1)[:, size : size + out + 1].flip(1)  # (K, out + 1, S + 1)
+        t = torch.arange(size + 1, dtype=torch.float64)  # (S + 1,) samples of the left child
+        share = (real[0::2] / (real[0::2] + real[1::2]).clamp_min(1.0)).reshape(-1, 1, 1)  # (K, 1, 1) left's even share
+        real = real[0::2] + real[1::2]
         # The root is only asked for the whole budget; every other level for each budget up to it.
         first = min(budget, out) if left.shape[0] == 1 else 0
         best = [left.new_full((left.shape[0], first), _NEG_INF)]
@@ -281,7 +286,12 @@ def max_plus_allocate(values: Tensor, budget: int) -> Tensor:
         chunk = max(1, _CHUNK_ELEMENTS // (left.shape[0] * (size + 1)))
         for start in range(first, out + 1, chunk):
             total = left[:, None, :] + windows[:, start : start + chunk]  # (K, c, S + 1) value of each split
-            chunk_best, chunk_split = total.max(dim=2)  # (K, c)
+            chunk_best = total.amax(dim=2)  # (K, c)
+            # Among exactly equal splits (prompts whose values tie, e.g. all 0), the most even one, so that
+            # indifference spreads samples instead of piling them on the last prompts; then the fewest to the left.
+            parent = torch.arange(start, start + total.shape[1], dtype=torch.float64).reshape(-1, 1)  # (c, 1)
+            unevenness = (t - parent * share).abs()  # (K, c, S + 1)
+            chunk_split = torch.where(total == chunk_best[..., None], unevenness, math.inf).argmin(dim=2)  # (K, c)
             best.append(chunk_best)
             split.append(chunk_split)
         curves = torch.cat(best, dim=1)  # (K, out + 1)
