@@ -180,20 +180,20 @@ def _history_instance(seed: int, num_prompts: int):
 
 
 @settings(max_examples=40, deadline=None)
-@given(num_prompts=st.integers(1, 4), budget=st.integers(2, 18), seed=st.integers(0, 10_000))
-def test_knapsack_is_the_brute_force_optimum(num_prompts, budget, seed):
+@given(num_prompts=st.integers(1, 4), budget=st.integers(2, 18), seed=st.integers(0, 10_000), info_gain=st.booleans())
+def test_knapsack_is_the_brute_force_optimum(num_prompts, budget, seed, info_gain):
     min_size, max_size = 2, 6
     if not feasible(num_prompts, budget, min_size, max_size):
         return
     ids, successes, trials = _history_instance(seed, num_prompts)
-    knapsack = build_allocator("knapsack", min_group_size=min_size, max_group_size=max_size)
+    knapsack = build_allocator("knapsack", min_group_size=min_size, max_group_size=max_size, info_gain=info_gain)
     seen = trials > 0
     knapsack.observe(ids[seen], successes[seen], trials[seen])
     prior_mean = 0.35
     rate = [float(s / t) if t > 0 else prior_mean for s, t in zip(successes, trials, strict=True)]
 
-    def value(i, n):
-        return informative_binomial(rate[i], n)
+    def value(i, n):  # the paper's InfoGain(p) = p (1 - p)^2 as a weight when asked
+        return informative_binomial(rate[i], n) * (rate[i] * (1 - rate[i]) ** 2 if info_gain else 1.0)
 
     best, _ = brute_force(value, num_prompts, budget, min_size, max_size)
     sizes, metrics = knapsack.allocate(AllocationRequest(ids, budget, prior_mean=prior_mean))

@@ -602,20 +602,35 @@ class Knapsack(_ValueAllocator):
     has both a success and a failure, with p_i the prompt's observed success rate
     (successes / trials of its history) or the prior mean for a prompt never seen.
 
-    Departures: the paper's value also weighs each group by the gradient size it expects
-    (p (1 - p)) and gives unsolved prompts a fallback budget; here the value is the
-    informative-group count the objective names, solved exactly instead of greedily.
-    A prompt whose every observed completion agreed has value 0 at every size: it is sampled
-    only when the budget needs it.
+    Departures: the paper multiplies this probability by an information gain, about
+    p (1 - p)^2 (``info_gain=True`` restores it), and adds a fallback that sends spare budget
+    to unsolved prompts (not implemented); here the problem is solved exactly
+    (:func:`max_plus_allocate`), as the paper's dynamic programme does. A prompt whose every
+    observed completion agreed has value 0 at every size: it is sampled only when the budget
+    needs it.
+
+    Args:
+        info_gain: weigh each prompt's value by p (1 - p)^2, the paper's approximate information gain.
     """
 
     name = "knapsack"
+
+    def __init__(
+        self, min_group_size: int = 2, max_group_size: int = 32, decay: float = 1.0, info_gain: bool = False
+    ) -> None:
+        super().__init__(min_group_size, max_group_size, decay)
+        if not isinstance(info_gain, bool):
+            raise ValueError(f"info_gain must be True or False, got {info_gain!r}")
+        self.info_gain = info_gain
 
     def values(self, prompt_ids: Tensor, request: AllocationRequest) -> Tensor:
         prior_mean, _ = _prior(request, prompt_ids.numel())
         successes, trials, _ = self.history.lookup(prompt_ids)
         rate = torch.where(trials > 0, successes / trials.clamp_min(1e-300), prior_mean)  # (P,)
-        return informative_prob(rate, self.max_group_size)
+        values = informative_prob(rate, self.max_group_size)  # (P, S + 1)
+        if self.info_gain:
+            values = values * (rate * (1.0 - rate) ** 2).reshape(-1, 1)
+        return values
 
 
 @ALLOCATORS.register("eb")
