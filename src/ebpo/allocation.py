@@ -117,7 +117,7 @@ class Allocator(Protocol):
     def allocate(self, request: AllocationRequest) -> tuple[Tensor, dict[str, float]]:
         """Group sizes (P,) int64, each 0 or in [min_group_size, max_group_size], summing to ``budget``; and metrics.
 
-        Does not read the history's future: it may advance its own random state (``skip``), never the history.
+        Never changes the history (only :meth:`observe` does); ``skip`` advances its own seeded generator.
         """
         ...
 
@@ -360,7 +360,7 @@ class PromptHistory:
         )
 
     def merged(self, prompt_ids: Tensor, successes: Tensor, trials: Tensor, decay: float) -> PromptHistory:
-        """A new history with the groups (Q,) added; several groups of one prompt count in order-free sum."""
+        """A new history with the groups (Q,) added; several groups of one prompt in one call are summed."""
         keys, index = torch.unique(torch.cat([self.keys, prompt_ids]), sorted=True, return_inverse=True)
         old, new = index[: self.keys.numel()], index[self.keys.numel() :]
         h = keys.numel()
@@ -443,7 +443,16 @@ def _size_metrics(sizes: Tensor, budget: int) -> dict[str, float]:
 
 
 class _HistoryAllocator:
-    """Shared machinery: validated sizes, the prompt history, its checkpoint."""
+    """Shared machinery: validated sizes, the prompt history, its checkpoint.
+
+    Args (every allocator):
+        min_group_size: the smallest non-empty group (default 2: GRPO's std and RLOO's
+            leave-one-out need two completions).
+        max_group_size: the largest group one prompt gets in one step (default 32; the exact
+            solvers' work grows with it).
+        decay: each observe first multiplies every stored success and trial count by this
+            (default 1: keep the whole history; below 1 forgets outcomes of an older policy).
+    """
 
     name = ""
 
@@ -508,7 +517,7 @@ class Uniform(_HistoryAllocator):
 
 @ALLOCATORS.register("skip")
 class Skip(_HistoryAllocator):
-    """GRESO-style pre-rollout filtering (arXiv 2506.02177, Section 4).
+    """GRESO-style pre-rollout filtering (arXiv 2506.02177).
 
     A prompt whose ``skip_after`` most recent observed groups were all all-equal is skipped,
     unless a draw from the allocator's own seeded generator (probability ``explore_prob``)
