@@ -102,7 +102,9 @@ def _weights_at_start(flags: list[str]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- FSDP on CPU (tests/fsdp_cpu.py)
 @pytest.mark.parametrize(
     "shards, flags",
-    [("10,6", []), ("14,2", ["--lora-rank", "4"])],
+    # full parameters: slow-marked (40 s); the LoRA run exercises every FSDP path but the whole-weight save,
+    # which the slow end-to-end run below also checks
+    [pytest.param("10,6", [], marks=pytest.mark.slow), ("14,2", ["--lora-rank", "4"])],
     ids=["full-params", "lora"],
 )
 def test_fsdp_two_processes_equal_one_process_and_its_checkpoint_holds_the_whole_weights(tmp_path, shards, flags):
