@@ -66,8 +66,9 @@ def rollout_batch(n: int) -> DataProto:
     """Three prompts x n responses, a 0/1 score on each response's last token, as verl's reward step leaves them.
 
     The non-tensor fields are the ones verl's (legacy) trainer carries: the prompt's uid and dataset field
-    ``data_source``, and the reward function's extra info (``acc``: a reward function that returns
-    ``{"score": s, "acc": 0 or 1}``).
+    ``data_source``, the dataset's ``index`` (copied from each row's ``extra_info["index"]``: the prompt's key across
+    steps, which ``spo`` and ``krpo_carry`` read; the uid is drawn afresh every step), and the reward function's
+    extra info (``acc``: a reward function that returns ``{"score": s, "acc": 0 or 1}``).
     """
     scores = torch.tensor([[0.0] * n, [1.0, 0.0] * (n // 2), [1.0] * n]).reshape(-1)  # all fail, mixed, all pass
     bs, length = scores.numel(), 5
@@ -80,6 +81,7 @@ def rollout_batch(n: int) -> DataProto:
         non_tensors={
             "uid": np.array([f"prompt-{i // n}" for i in range(bs)], dtype=object),  # verl's group id
             TOPIC_KEY: np.array(["gsm8k"] * (2 * n) + ["math"] * n, dtype=object),  # the topic of each sample
+            "index": np.array([i // n for i in range(bs)], dtype=object),  # the dataset row: the prompt's key
             "acc": scores.numpy(),  # HA-DW's correctness, from the reward function's extra info
         },
     )
