@@ -26,6 +26,7 @@ from pathlib import Path
 import datasets
 import torch
 from packaging.version import Version
+from runs import trl_args  # tests/ is this script's directory, first on sys.path
 
 from ebpo.integrations.trl import TRL_VERSION, EBPOGRPOConfig, EBPOGRPOTrainer
 from ebpo.models.loading import TinyLlamaSpec, build_tiny_llama
@@ -192,26 +193,8 @@ def estimator_state_run(out: str) -> None:
     """3 steps of the ebpo estimator; each rank writes its estimator state (they must be identical)."""
     tok = tiny_tokenizer()
     model = build_tiny_llama(TinyLlamaSpec(), tok, seed=0)
-    args = EBPOGRPOConfig(
-        output_dir=out,
-        max_steps=3,
-        learning_rate=1e-3,
-        beta=0.0,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-        ebpo_estimator="ebpo",
-        ebpo_estimator_options={"prior": "running"},
-        ebpo_weighting="ha_dw",
-        ebpo_correctness_reward="reward",  # its output, 0, 0.5 or 1, is the correctness HA-DW weights by
-    )
+    # the tests' TRL config (running prior + HA-DW); the reward's output, 0, 0.5 or 1, is HA-DW's correctness
+    args = trl_args(out, max_steps=3, ebpo_correctness_reward="reward")
     t = EBPOGRPOTrainer(
         model=model, reward_funcs=[reward], args=args, train_dataset=prompt_dataset(), processing_class=tok
     )
