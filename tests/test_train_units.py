@@ -18,7 +18,7 @@ from ebpo.train.data import PromptStream
 from ebpo.train.distributed import Dist
 from ebpo.train.presets import PRESETS, list_methods
 from ebpo.train.rollout import length_chunks, overlong_penalty, rows_logprobs, sequence_logprobs
-from ebpo.train.trainer import _mixed_groups
+from ebpo.train.trainer import group_outcomes
 
 
 # ---------------------------------------------------------------- config
@@ -117,10 +117,18 @@ def test_overlong_penalty_formula():
     assert torch.allclose(got, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0], dtype=torch.float64))
 
 
-def test_mixed_groups():
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5], dtype=torch.float64)
-    ids = torch.tensor([5, 5, 9, 9, 2, 2, 7])
-    assert _mixed_groups(rewards, ids).tolist() == [9]
+def test_group_outcomes_against_a_loop():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 1.0, 1.0], dtype=torch.float64)
+    ids = torch.tensor([5, 5, 9, 9, 2, 2, 7, 3, 3, 3])
+    got_ids, successes, trials, mixed = group_outcomes(rewards, ids)
+    for k, g in enumerate(got_ids.tolist()):
+        values = [r for r, i in zip(rewards.tolist(), ids.tolist()) if i == g]
+        assert (successes[k].item(), trials[k].item(), bool(mixed[k])) == (
+            sum(values),
+            len(values),
+            len(set(values)) > 1,
+        )
+    assert got_ids.tolist() == [2, 3, 5, 7, 9]
 
 
 @pytest.fixture(scope="module")

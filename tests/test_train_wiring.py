@@ -12,12 +12,13 @@ import types
 import torch
 
 import ebpo.train.trainer as trainer_mod
+from ebpo.allocation import build_allocator
 from ebpo.grouping import stable_topic_ids
 from ebpo.sampling import Rollout
 from ebpo.tasks.base import Problem
 from ebpo.train.config import TrainConfig
 from ebpo.train.distributed import Dist
-from ebpo.train.trainer import Trainer, _mixed_groups
+from ebpo.train.trainer import Trainer, group_outcomes
 
 G = 2
 # correctness of each problem's G responses and the overlong penalty of each
@@ -69,7 +70,8 @@ def _trainer(monkeypatch, **config) -> Trainer:
     trainer.config = TrainConfig(group_size=G, **config)
     trainer.dist, trainer.stream, trainer.model, trainer.tokenizer = Dist(), _Stream(), None, None
     trainer.device = torch.device("cpu")
-    trainer.c = types.SimpleNamespace(verifier=None, estimator=None)
+    trainer.c = types.SimpleNamespace(verifier=None, estimator=None, allocator=build_allocator("uniform"))
+    trainer.samples_total, trainer.mean_group_size = 0, float(G)
     trainer._overlong = lambda rollout: torch.tensor(
         [OVERLONG[p.id][i % G] for i, p in enumerate(rollout.problems)], dtype=torch.float64
     )
@@ -93,7 +95,8 @@ def test_dynamic_sampling_filters_on_correctness_not_on_the_overlong_penalty(mon
 
 def test_mixed_groups_reads_correctness():
     correctness = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-    assert _mixed_groups(correctness, torch.tensor([5, 5, 9, 9, 2, 2])).tolist() == [9]
+    ids, _, _, mixed = group_outcomes(correctness, torch.tensor([5, 5, 9, 9, 2, 2]))
+    assert ids[mixed].tolist() == [9]
 
 
 def test_compute_advantages_passes_correctness_and_stable_topic_ids(monkeypatch):

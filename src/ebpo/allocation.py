@@ -113,6 +113,8 @@ class Allocator(Protocol):
     """Smallest non-empty group (2: a group of 1 has no within-group baseline)."""
     max_group_size: int
     """Largest group one prompt may get in one step."""
+    reads_history: bool
+    """Whether :meth:`allocate` depends on what :meth:`observe` recorded (the trainer skips observing when not)."""
 
     def allocate(self, request: AllocationRequest) -> tuple[Tensor, dict[str, float]]:
         """Group sizes (P,) int64, each 0 or in [min_group_size, max_group_size], summing to ``budget``; and metrics.
@@ -455,6 +457,7 @@ class _HistoryAllocator:
     """
 
     name = ""
+    reads_history = True
 
     def __init__(self, min_group_size: int = 2, max_group_size: int = 32, decay: float = 1.0) -> None:
         for label, size in (("min_group_size", min_group_size), ("max_group_size", max_group_size)):
@@ -503,11 +506,13 @@ class Uniform(_HistoryAllocator):
     """Every candidate prompt gets budget // P samples, the first budget % P one more (today's fixed G).
 
     When the budget cannot give every prompt ``min_group_size``, only the first budget //
-    min_group_size prompts are sampled. Keeps a history like the others (unused), so switching
-    strategy on resume keeps what was observed.
+    min_group_size prompts are sampled. It reads no history (``reads_history`` False: the trainer
+    does not feed it, so a verifier whose rewards are not success counts works with it); a history
+    given to it by ``observe`` is kept and saved all the same.
     """
 
     name = "uniform"
+    reads_history = False
 
     def allocate(self, request: AllocationRequest) -> tuple[Tensor, dict[str, float]]:
         prompt_ids, budget = self._request(request)

@@ -407,6 +407,17 @@ class EBPO:
         }
         return topic_rewards, topic_groups, (sigma2_pooled[slot], tau2_pooled[slot], topic_mean[slot]), metrics
 
+    def population_prior(self) -> tuple[float, float] | None:
+        """(mu_glob, tau^2) of the statistics as they stand (after the last training batch); None before any.
+
+        What a rollout allocator starts a prompt it knows nothing about from (``ebpo train
+        --allocation eb``): the mean and variance of observed group means, over the batch
+        (``prior='batch'``) or every step (``'running'``, ``'ema'``).
+        """
+        if self.group_stats.count <= 0:
+            return None
+        return float(self.group_stats.mean), float(self.group_stats.var)
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "prior": self.prior,
@@ -460,6 +471,11 @@ class AdvantagePipeline:
     @property
     def min_group_size(self) -> int:
         return int(self.estimator.min_group_size)
+
+    def population_prior(self) -> tuple[float, float] | None:
+        """The estimator's (mean, variance) of group mean rewards when it keeps a population prior (EBPO), else None."""
+        prior = getattr(self.estimator, "population_prior", None)
+        return prior() if prior is not None else None
 
     def __call__(
         self,

@@ -95,6 +95,19 @@ class TrainConfig:
     update's log-prob passes (prompt KV cache indexed out to the group's rows; not under FSDP); turn off for models
     whose cache cannot be repeated or indexed."""
 
+    # --- rollout allocation ---
+    allocation: str = "uniform"
+    """Rollout allocation, how many completions each candidate prompt gets (ebpo.allocation): uniform (every prompt
+    group_size), skip (GRESO-style), knapsack (Knapsack-RL-style), eb (Empirical-Bayes posterior), or 'module:attr'.
+    The step's budget is prompts_per_step x group_size completions whatever the allocation."""
+    allocation_options: dict = field(default_factory=dict)
+    """Allocation options as YAML ('{min_group_size: 2, max_group_size: 16}', skip's '{explore_prob: 0.25}')."""
+    candidates_per_step: int = 0
+    """Candidate prompts drawn per step, among which the allocation spreads the budget (0 = prompts_per_step)."""
+    max_samples: int = 0
+    """Stop after the first step at which the run's sampled completions reach this many (0 = no cap; --steps still
+    bounds the run): runs that sample differently per step (DAPO's resampling) compared at equal samples."""
+
     # --- advantages ---
     estimator: str = "ebpo"
     """Advantage estimator: grpo, dr_grpo, rloo, ebpo, jspo, spo, krpo, or 'module:attr'."""
@@ -347,6 +360,8 @@ _NON_NEGATIVE = (
     "max_eval_problems",
     "save_every",
     "max_resample_rounds",
+    "candidates_per_step",
+    "max_samples",
     "overlong_buffer",
     "lr_warmup_steps",
     "weight_decay",
@@ -426,6 +441,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(
             f"mini_batches ({config.mini_batches}) exceeds the responses per step "
             f"({config.prompts_per_step} prompts x {config.group_size}); lower --mini-batches"
+        )
+    if config.dynamic_sampling and (config.allocation != "uniform" or config.candidates_per_step):
+        raise ValueError(
+            f"dynamic_sampling (DAPO) re-draws whole steps of group_size and cannot be combined with allocation "
+            f"{short(config.allocation)} or candidates_per_step {config.candidates_per_step}; choose one of the two"
         )
     if config.div_coef > 0 and config.divergence is None:
         raise ValueError(

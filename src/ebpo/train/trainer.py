@@ -66,6 +66,7 @@ class Components:
     estimator: Any
     loss_fn: Any
     divergence: Any | None
+    allocator: Any = None  # ebpo.allocation: the group size of each candidate prompt (None: build_allocator("uniform"))
 
 
 def build_components(config: TrainConfig) -> Components:
@@ -119,7 +120,50 @@ def build_components(config: TrainConfig) -> Components:
     CURRICULA.get(config.curriculum)  # unknown curriculum -> ValueError now, not at the first step
     task = build_task(config.task, config.task_options)
     verifier = build_verifier_for(task, config.verifier)
-    return Components(task, verifier, estimator, loss_fn, divergence)
+    return Components(task, verifier, estimator, loss_fn, divergence, build_step_allocator(config, estimator))
+
+
+def build_step_allocator(config: TrainConfig, estimator: Any) -> Any:
+    """The rollout allocator of ``config``, checked against the estimator and the step's budget.
+
+    Defaults: groups of at least ``min(2, group_size)`` completions (never below what the estimator
+    needs) and at most ``max(32, group_size)``, so that ``uniform`` gives every prompt exactly
+    ``group_size``, as a run without allocation does.
+    """
+    from ebpo.allocation import build_allocator
+
+    options = {
+        "min_group_size": max(min(2, config.group_size), estimator.min_group_size),
+        "max_group_size": max(32, config.group_size),
+        **config.allocation_options,
+    }
+    try:
+        allocator = build_allocator(config.allocation, **options)
+    except TypeError as exc:
+        raise ValueError(
+            f"allocation {short(config.allocation)} cannot take options {short(config.allocation_options, 160)}: "
+            f"{str(exc)[:200]}"
+        ) from None
+    if allocator.min_group_size < estimator.min_group_size:
+        raise ValueError(
+            f"allocation min_group_size {allocator.min_group_size} is below the {estimator.min_group_size} completions "
+            f"estimator {config.estimator!r} needs per group; raise it in --allocation-options"
+        )
+    budget, candidates = config.prompts_per_step * config.group_size, step_candidates(config)
+    fewest = -(-budget // allocator.max_group_size)
+    most = min(candidates, budget // allocator.min_group_size)
+    if fewest > most:
+        raise ValueError(
+            f"the step's budget of {budget} completions ({config.prompts_per_step} prompts x {config.group_size}) cannot "
+            f"be spread over {candidates} candidate prompts in groups of {allocator.min_group_size}.."
+            f"{allocator.max_group_size}; change --candidates-per-step or the allocation's group sizes"
+        )
+    return allocator
+
+
+def step_candidates(config: TrainConfig) -> int:
+    """Candidate prompts drawn per step (``candidates_per_step``, 0 = ``prompts_per_step``)."""
+    return config.candidates_per_step or config.prompts_per_step
 
 
 class _FittingTask:
@@ -319,6 +363,9 @@ class Trainer:
         else:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
+        self.samples_total = 0  # completions sampled so far, every rank and resampling round (max_samples reads it)
+        self.mean_group_size = float(config.group_size)  # of the groups the estimator saw last step (the prior's noise)
+        self._round_keys = torch.empty(0, dtype=torch.long)
         self.scores_before: Tensor | None = None  # per-problem held-out scores before RL (not kept across --resume)
         self.last_eval_scores: Tensor | None = None
         pass_rates = self._starting_pass_rates() if config.curriculum == "difficulty" else None
@@ -502,6 +549,14 @@ class Trainer:
             self.model = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), dtype=dtype).to(self.device)
         self.c.estimator.load_state_dict(state["estimator"])
         self.stream.load_state_dict(state["stream"])
+        cfg = self.config
+        # Checkpoints from before allocation: every step sampled prompts_per_step x group_size (no DAPO resampling
+        # counted), and the allocator starts empty (uniform keeps no history).
+        allocation = state.get("allocation", {})
+        if "allocator" in allocation:
+            self.c.allocator.load_state_dict(allocation["allocator"])
+        self.samples_total = int(allocation.get("samples_total", state["step"] * cfg.prompts_per_step * cfg.group_size))
+        self.mean_group_size = float(allocation.get("mean_group_size", cfg.group_size))
         self.step, self.accuracy_before, self.elapsed_before = (
             state["step"],
             state["accuracy_before"],
@@ -535,23 +590,22 @@ class Trainer:
             self.scores_before = self.last_eval_scores  # per problem, for the paired standard error of the change
             self.echo(f"held-out accuracy before RL: {self.accuracy_before:.3f}")
         bar = _progress(cfg.steps, self.step, enabled=cfg.progress and self.dist.is_main)
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not (cfg.max_samples and self.samples_total >= cfg.max_samples):
             started = time.time()
             rollout, rewards, correctness, metrics = self.rollout_and_score()
             advantages, adv_metrics = self.compute_advantages(rollout, rewards, correctness)
             rollout_seconds = time.time() - started
             update_metrics = self.update(rollout, advantages)
             self.step += 1
+            last = self.step >= cfg.steps or bool(cfg.max_samples and self.samples_total >= cfg.max_samples)
             metrics.update(adv_metrics, **update_metrics)
             metrics.update({"time/rollout_seconds": rollout_seconds, "time/step_seconds": time.time() - started})
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                 metrics["eval/accuracy"] = self.evaluate()
             self.tracker.log(self.step, metrics)
-            if (
-                self.step % cfg.log_every == 0 or self.step == 1 or self.step == cfg.steps
-            ):  # first, every log_every, last
+            if self.step % cfg.log_every == 0 or self.step == 1 or last:  # first, every log_every, last
                 _write(bar, format_line(self.step, cfg.steps, metrics), self.echo if self.dist.is_main else None)
-            saved = bool(cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps)
+            saved = bool(cfg.save_every and self.step % cfg.save_every == 0 and not last)
             if saved:
                 self.save()
             if bar is not None:
@@ -587,58 +641,47 @@ class Trainer:
     def rollout_and_score(self) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
         """Sample and score one step's responses (this rank's share); DAPO dynamic sampling resamples.
 
-        Each round draws ``prompts_per_step`` prompts from the stream (the same on
-        every rank) and rank r rolls out prompts r, r + world, ... Group ids
-        are global, so the estimator can pool groups from every rank.
+        Each round draws ``candidates_per_step`` prompts from the stream (the same on every rank),
+        the allocator gives each a group size (``prompts_per_step x group_size`` completions in all;
+        ``uniform``: ``group_size`` each), and the sampled prompts are dealt to the ranks by
+        :func:`rank_prompts`. Every rank holds the same allocator and calls it with the same
+        candidates, prior and observations, so the sizes agree without a collective. Group ids are
+        global, so the estimator can pool groups from every rank.
 
         Returns the rollout, the rewards it is trained on (the verifier's
         correctness plus DAPO's overlong shaping), the correctness itself
-        (what dynamic sampling and HA-DW read) and metrics.
+        (what dynamic sampling, HA-DW and the allocator read) and metrics.
         """
         cfg, dist = self.config, self.dist
         rounds = 1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)
         rollouts, rewards_list, correct_list, metrics = [], [], [], {}
         kept_ids = torch.empty(0, dtype=torch.long)
+        samples = all_equal_samples = allocation_seconds = 0.0
         for round_ in range(rounds):
-            problems = self.stream.take(cfg.prompts_per_step)
-            global_ids = torch.arange(cfg.prompts_per_step) + round_ * cfg.prompts_per_step
-            mine = list(range(dist.rank, cfg.prompts_per_step, dist.world))
-            rollout = generate(
-                self.model,
-                self.tokenizer,
-                [problems[i] for i in mine],
-                global_ids[mine],
-                group_size=cfg.group_size,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                do_sample=True,
-                chat_template=cfg.chat_template,
-                batch_size=cfg.generation_batch_size,
-                share_prompt_cache=cfg.share_prompt_cache,
-                autocast=self._generation_context,
-                sync=dist.sync_calls,
-            )
+            rollout, alloc_metrics, seconds = self._sample_round(round_)
+            allocation_seconds += seconds
             correctness, keep, info = score(rollout, self.c.verifier)  # (B,) the verifier's reward, unshaped
             if round_ == 0:
                 metrics.update(self._rollout_metrics(rollout, correctness, keep, info))
+                metrics.update(alloc_metrics)
+            samples += dist.sum(float(len(rollout.texts)))
             rewards = correctness + self._overlong(rollout)
             rows = torch.nonzero(keep).squeeze(1)
             rollout, rewards, correctness = rollout.select(rows), rewards[keep], correctness[keep]
             rollouts.append(rollout)
             rewards_list.append(rewards)
             correct_list.append(correctness)
+            # Every rank's scored groups: what the allocator observes and what dynamic sampling keeps.
+            all_correct = dist.all_gather_cat(correctness)
+            ids, successes, trials, mixed = group_outcomes(all_correct, dist.all_gather_cat(rollout.group_ids.cpu()))
+            all_equal_samples += float(trials[~mixed].sum())
+            self._observe(ids - round_ * step_candidates(cfg), successes, trials)
             if not cfg.dynamic_sampling:
                 break
             # DAPO keeps a group when 0 < #correct < G: on correctness, so that a group whose answers
             # are all right (or all wrong) and differ only by the overlong penalty is dropped
             # (the penalty is shaping, not signal about the answer).
-            kept_ids = torch.cat(
-                [
-                    kept_ids,
-                    _mixed_groups(dist.all_gather_cat(correctness), dist.all_gather_cat(rollout.group_ids.cpu())),
-                ]
-            )
+            kept_ids = torch.cat([kept_ids, ids[mixed]])
             if kept_ids.numel() >= cfg.prompts_per_step:
                 break
         rollout, rewards, correctness = Rollout.concat(rollouts), torch.cat(rewards_list), torch.cat(correct_list)
@@ -653,7 +696,113 @@ class Trainer:
                 selected = torch.isin(rollout.group_ids.cpu(), kept_ids[: cfg.prompts_per_step])
                 rows = torch.nonzero(selected).squeeze(1)
                 rollout, rewards, correctness = rollout.select(rows), rewards[selected], correctness[selected]
+        self.samples_total += int(samples)
+        trained = dist.sum(float(len(rewards)))
+        groups = float(torch.unique(dist.all_gather_cat(rollout.group_ids.cpu())).numel())
+        self.mean_group_size = trained / groups if groups else self.mean_group_size  # of the groups the estimator saw
+        metrics.update(
+            {
+                "rollout/samples": samples,
+                "rollout/samples_total": float(self.samples_total),
+                "rollout/all_equal_samples": all_equal_samples,
+                "time/allocation_seconds": allocation_seconds,
+            }
+        )
         return rollout, rewards, correctness, metrics
+
+    def _sample_round(self, round_: int) -> tuple[Rollout, dict[str, float], float]:
+        """Draw the round's candidates, allocate the budget over them and sample this rank's prompts.
+
+        Prompts are sampled in one :func:`generate` call sequence per distinct group size, in
+        increasing size, the same sequence on every rank (under FSDP each call is a collective;
+        a rank with no prompt of a size makes idle calls). With one size (``uniform``) this is
+        exactly one sequence of calls over this rank's prompts, as without allocation.
+        Returns the rollout, the allocator's metrics and the seconds the allocation took.
+        """
+        from ebpo.allocation import AllocationRequest
+        from ebpo.estimators import stable_prompt_ids
+
+        cfg, dist = self.config, self.dist
+        count = step_candidates(cfg)
+        problems = self.stream.take(count)
+        started = time.time()
+        mean, var = self._allocation_prior()
+        request = AllocationRequest(
+            stable_prompt_ids([p.id for p in problems]), cfg.prompts_per_step * cfg.group_size, mean, var
+        )
+        sizes, alloc_metrics = self.c.allocator.allocate(request)  # (count,) int64, the same on every rank
+        if dist.world > 1:  # one small gather: a rank whose allocator drifted would sample another batch silently
+            every = dist.all_gather_cat(sizes).reshape(dist.world, -1)
+            if not bool((every == sizes).all()):
+                raise RuntimeError(
+                    f"allocation {cfg.allocation!r} gave different group sizes on different ranks at step {self.step + 1}; "
+                    "an allocator must be a deterministic function of its calls (seed its randomness, no rank-local state)"
+                )
+        self._round_keys = request.prompt_ids  # (count,) what _observe records the groups under
+        seconds = time.time() - started
+        global_ids = torch.arange(count) + round_ * count
+        mine = rank_prompts(sizes, dist.rank, dist.world)
+        parts = []
+        for size in torch.unique(sizes[sizes > 0]).tolist():  # sorted: the same call sequence on every rank
+            chosen = mine[sizes[mine] == size]
+            if chosen.numel() == 0 and dist.sync_calls is None:
+                continue
+            parts.append(self._generate([problems[i] for i in chosen.tolist()], global_ids[chosen], size))
+        if not parts:  # this rank got no prompt: an empty rollout (zero generate calls)
+            parts.append(self._generate([], global_ids[:0], 1, sync=lambda calls: calls))
+        return Rollout.concat(parts), alloc_metrics, seconds
+
+    def _generate(self, problems: list[Any], group_ids: Tensor, group_size: int, sync: Any = None) -> Rollout:
+        cfg = self.config
+        return generate(
+            self.model,
+            self.tokenizer,
+            problems,
+            group_ids,
+            group_size=group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            do_sample=True,
+            chat_template=cfg.chat_template,
+            batch_size=cfg.generation_batch_size,
+            share_prompt_cache=cfg.share_prompt_cache,
+            autocast=self._generation_context,
+            sync=sync or self.dist.sync_calls,
+        )
+
+    def _allocation_prior(self) -> tuple[float | None, float | None]:
+        """The population prior the allocator starts each prompt from: the estimator's, when it keeps one.
+
+        EBPO's (mu_glob, tau^2) are statistics of observed group means; tau^2 contains the binomial
+        noise of the groups they came from (last step's mean size), which
+        :func:`~ebpo.allocation.between_prompt_variance` removes. Estimators without a prior give
+        (None, None): the allocator then fits one from its own history (``eb``) or uses its default.
+        """
+        from ebpo.allocation import between_prompt_variance
+
+        source = getattr(self.c.estimator, "population_prior", None)
+        prior = source() if source is not None else None
+        if prior is None:
+            return None, None
+        mean, tau2 = prior
+        mean = min(max(mean, 0.0), 1.0)
+        if not self.mean_group_size > 1:
+            return mean, None
+        return mean, between_prompt_variance(tau2, mean, self.mean_group_size)
+
+    def _observe(self, groups: Tensor, successes: Tensor, trials: Tensor) -> None:
+        """Tell the allocator what each candidate's group got (``groups``: indices into the round's candidates)."""
+        allocator = self.c.allocator
+        if not allocator.reads_history or groups.numel() == 0:
+            return
+        if bool(((successes < 0) | (successes > trials)).any()):
+            raise ValueError(
+                f"allocation {self.config.allocation!r} counts successes and needs the verifier's rewards in [0, 1]; "
+                f"verifier {self.config.verifier!r} returned rewards outside it"
+            )
+        keys = self._round_keys[groups]
+        allocator.observe(keys, successes, trials)
 
     def _overlong(self, rollout: Rollout) -> Tensor:
         cfg = self.config
@@ -952,6 +1101,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "estimator": self.c.estimator.state_dict(),
             "stream": self.stream.state_dict(),
+            "allocation": {
+                "allocator": self.c.allocator.state_dict(),
+                "samples_total": self.samples_total,
+                "mean_group_size": self.mean_group_size,
+            },
             "accuracy_before": self.accuracy_before,
             "elapsed_seconds": self.elapsed_before + time.time() - self.start_time,
             "init_model": self.init_path,
@@ -986,6 +1140,7 @@ class Trainer:
             "task": self.config.task,
             "seed": self.config.seed,
             "steps": self.step,
+            "samples": self.samples_total,
             "accuracy_before": self.accuracy_before,
             "accuracy_after": accuracy_after,
             "accuracy_gain": accuracy_after - (self.accuracy_before or 0.0),
@@ -1037,16 +1192,34 @@ def _read_back(values: dict[str, Any]) -> dict[str, float]:
     return {k: next(read) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
 
 
-def _mixed_groups(correctness: Tensor, group_ids: Tensor) -> Tensor:
-    """Sorted ids of the groups whose correctness is not all equal (DAPO dynamic sampling), int64.
+def group_outcomes(correctness: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per group (sorted ids): the id, the summed correctness, the number of rows, and whether the correctness differs.
 
-    With 0/1 correctness that is 0 < #correct < G (DAPO, arXiv 2503.14476 eq. 11); pass the
+    Four (K,) tensors: ids int64, successes and trials float64, mixed bool. A group is mixed when its
+    correctness is not all equal; with 0/1 correctness that is DAPO's keep rule 0 < #correct < G
+    (arXiv 2503.14476 eq. 11) and the complement of an all-equal (zero-signal) group. Pass the
     verifier's score, not the shaped reward.
     """
     ids, inverse = torch.unique(group_ids, return_inverse=True)
-    low = torch.full((len(ids),), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, correctness, "amin")
-    high = torch.full((len(ids),), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, correctness, "amax")
-    return ids[high > low]
+    k = len(ids)
+    values = correctness.to(torch.float64)
+    low = torch.full((k,), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, values, "amin")
+    high = torch.full((k,), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, values, "amax")
+    successes = torch.zeros(k, dtype=torch.float64).index_add_(0, inverse, values)
+    trials = torch.zeros(k, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
+    return ids, successes, trials, high > low
+
+
+def rank_prompts(sizes: Tensor, rank: int, world: int) -> Tensor:
+    """Indices of the prompts rank ``rank`` samples: the non-empty ones dealt round-robin in decreasing size.
+
+    Ties keep their order, so with equal sizes rank r gets prompts r, r + world, ...; larger groups
+    are spread first, which keeps the ranks' completion counts within one largest group of each
+    other. Sorted ascending.
+    """
+    order = torch.argsort(-sizes, stable=True)
+    order = order[sizes[order] > 0]
+    return order[rank::world].sort().values
 
 
 def _plain(value: Any) -> Any:

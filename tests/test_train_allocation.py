@@ -1,0 +1,261 @@
+"""``ebpo train --allocation``: the step's budget spent exactly, unequal groups sampled and trained on, ranks that
+agree, a resume that reproduces the uninterrupted run, ``--max-samples``, and clear errors.
+
+The fast tests drive :meth:`Trainer.rollout_and_score` with a fake ``generate`` and verifier (as
+tests/test_train_wiring.py does); the end-to-end ones run the tiny model (tests/runs.py's TINY).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from runs import TINY, saved_weights, timeless
+
+import ebpo.train.trainer as trainer_mod
+from ebpo.allocation import ALLOCATORS
+from ebpo.cli import main
+from ebpo.sampling import Rollout
+from ebpo.tasks.base import Problem
+from ebpo.train.config import TrainConfig
+from ebpo.train.distributed import Dist
+from ebpo.train.tracking import read_metrics
+from ebpo.train.trainer import Trainer, build_step_allocator, rank_prompts
+
+POOL = 6  # the fake stream cycles through 6 prompts, so the history-reading allocators see prompts again
+RATE = {f"p{i}": r for i, r in enumerate([0.0, 1.0, 0.5, 0.25, 0.0, 0.75])}  # p0, p4 never solved, p1 always
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.problems = [Problem(id=f"p{i}", prompt="q", answer="a") for i in range(POOL)]
+        self.position = 0
+
+    def take(self, count: int) -> list[Problem]:
+        out = [self.problems[(self.position + i) % POOL] for i in range(count)]
+        self.position += count
+        return out
+
+
+def _fake_generate(model, tokenizer, problems, global_ids, *, group_size, **_):
+    rows = len(problems) * group_size
+    return Rollout(
+        input_ids=torch.zeros(rows, 4, dtype=torch.long),
+        attention_mask=torch.ones(rows, 4, dtype=torch.long),
+        completion_mask=torch.ones(rows, 3),
+        prompt_length=1,
+        group_ids=torch.as_tensor(global_ids).repeat_interleave(group_size),
+        texts=["x"] * rows,
+        problems=[p for p in problems for _ in range(group_size)],
+    )
+
+
+def _fake_score(rollout, verifier):
+    """Row k of a group of n is correct when k < round(rate x n): deterministic, mixed where 0 < rate < 1."""
+    correct, seen = [], {}
+    for p, g in zip(rollout.problems, rollout.group_ids.tolist()):
+        n = int((rollout.group_ids == g).sum())
+        k = seen[g] = seen.get(g, -1) + 1
+        correct.append(float(k < round(RATE[p.id] * n)))
+    rewards = torch.tensor(correct, dtype=torch.float64)
+    return rewards, torch.ones(len(rewards), dtype=torch.bool), {}
+
+
+def _trainer(monkeypatch, allocation: str, calls: list | None = None, **config) -> Trainer:
+    def generate(*args, **kwargs):
+        if calls is not None:
+            calls.append((kwargs["group_size"], [p.id for p in args[2]]))
+        return _fake_generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "generate", generate)
+    monkeypatch.setattr(trainer_mod, "score", _fake_score)
+    trainer = object.__new__(Trainer)
+    trainer.config = TrainConfig(allocation=allocation, **{"group_size": 4, "prompts_per_step": 3, **config})
+    estimator = types.SimpleNamespace(min_group_size=2, population_prior=lambda: (0.4, 0.1))
+    trainer.dist, trainer.stream, trainer.model, trainer.tokenizer = Dist(), _Stream(), None, None
+    trainer.device = torch.device("cpu")
+    trainer.c = types.SimpleNamespace(
+        verifier=None, estimator=estimator, allocator=build_step_allocator(trainer.config, estimator)
+    )
+    trainer.samples_total, trainer.mean_group_size, trainer.step = 0, 4.0, 0
+    trainer._overlong = lambda rollout: torch.zeros(len(rollout.texts), dtype=torch.float64)
+    return trainer
+
+
+@pytest.mark.parametrize("allocation", sorted(ALLOCATORS.names()))
+def test_every_allocation_spends_exactly_the_budget_in_groups_of_the_allocated_sizes(monkeypatch, allocation):
+    calls: list = []
+    trainer = _trainer(monkeypatch, allocation, calls, candidates_per_step=5)
+    for step in range(1, 7):
+        calls.clear()
+        rollout, rewards, correctness, metrics = trainer.rollout_and_score()
+        assert len(rollout.texts) == len(rewards) == 12  # 3 prompts x 4, every step
+        assert metrics["rollout/samples"] == metrics["alloc/samples"] == 12.0
+        assert metrics["rollout/samples_total"] == 12.0 * step
+        sizes = torch.bincount(rollout.group_ids)
+        sizes = sizes[sizes > 0]
+        assert bool((sizes >= 2).all()) and int(sizes.sum()) == 12
+        assert [c[0] for c in calls] == sorted({c[0] for c in calls})  # one call per size, increasing
+        _, _, _, mixed = trainer_mod.group_outcomes(correctness, rollout.group_ids)
+        equal_rows = sum(int((rollout.group_ids == g).sum()) for g in torch.unique(rollout.group_ids)[~mixed].tolist())
+        assert metrics["rollout/all_equal_samples"] == float(equal_rows)
+    if allocation != "uniform":
+        assert trainer.c.allocator.history.keys.numel() == POOL  # every prompt observed under its stable key
+    else:
+        assert trainer.c.allocator.history.keys.numel() == 0  # uniform reads no history and is not fed one
+
+
+def test_uniform_allocation_makes_the_calls_a_run_without_allocation_made(monkeypatch):
+    """One generate call of group_size over this rank's prompts r, r + world, ...: the pre-allocation sampling."""
+    calls: list = []
+    trainer = _trainer(monkeypatch, "uniform", calls, prompts_per_step=5)
+    trainer.rollout_and_score()
+    assert calls == [(4, ["p0", "p1", "p2", "p3", "p4"])]
+    for world in (2, 3):
+        equal = torch.full((7,), 4)
+        assert [rank_prompts(equal, r, world).tolist() for r in range(world)] == [
+            list(range(r, 7, world)) for r in range(world)
+        ]
+
+
+def test_eb_moves_samples_from_prompts_it_has_seen_settled_to_the_uncertain_ones(monkeypatch):
+    """Pool of 6 seen again each step: p0/p4 (never solved) and p1 (always) lose samples, the mixed ones gain."""
+    trainer = _trainer(monkeypatch, "eb", prompts_per_step=6, candidates_per_step=6)
+    for _ in range(6):
+        rollout, *_ = trainer.rollout_and_score()
+    per_prompt = {}
+    for p in rollout.problems:
+        per_prompt[p.id] = per_prompt.get(p.id, 0) + 1
+    settled = sum(per_prompt.get(k, 0) for k in ("p0", "p1", "p4"))
+    assert settled < sum(per_prompt.get(k, 0) for k in ("p2", "p3", "p5"))
+
+
+def test_rank_prompts_deals_every_sampled_prompt_once_and_balances_the_ranks():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        sizes = torch.randint(0, 9, (23,), generator=generator)
+        sizes[sizes == 1] = 0
+        for world in (1, 2, 3, 4):
+            dealt = [rank_prompts(sizes, r, world) for r in range(world)]
+            together = torch.cat(dealt).sort().values
+            assert together.tolist() == torch.nonzero(sizes).squeeze(1).tolist()
+            loads = [int(sizes[d].sum()) for d in dealt]
+            assert max(loads) - min(loads) <= int(sizes.max())
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "config,needle",
+    [
+        ({"allocation": "eb", "dynamic_sampling": True}, "cannot be combined with allocation"),
+        ({"allocation": "nope"}, "nope"),
+        (
+            {"allocation": "eb", "allocation_options": {"max_group_size": 2}, "candidates_per_step": 3},
+            "cannot be spread",
+        ),
+        ({"allocation": "eb", "allocation_options": {"min_group_size": 1}}, "below the 2 completions"),
+        ({"allocation": "eb", "allocation_options": {"bogus": 1}}, "bad options for rollout allocation"),
+    ],
+)
+def test_bad_allocation_settings_fail_before_training(config, needle):
+    from ebpo.train.trainer import build_components
+
+    with pytest.raises(ValueError, match=needle):
+        build_components(TrainConfig(estimator="grpo", task="arithmetic", prompts_per_step=4, group_size=4, **config))
+
+
+def test_rewards_that_are_not_success_counts_stop_a_history_reading_allocation(monkeypatch):
+    trainer = _trainer(monkeypatch, "eb")
+    monkeypatch.setattr(
+        trainer_mod,
+        "score",
+        lambda rollout, v: (
+            torch.full((len(rollout.texts),), 2.0),
+            torch.ones(len(rollout.texts), dtype=torch.bool),
+            {},
+        ),
+    )
+    with pytest.raises(ValueError, match=r"rewards in \[0, 1\]"):
+        trainer.rollout_and_score()
+    uniform = _trainer(monkeypatch, "uniform")
+    monkeypatch.setattr(
+        trainer_mod,
+        "score",
+        lambda rollout, v: (
+            torch.full((len(rollout.texts),), 2.0),
+            torch.ones(len(rollout.texts), dtype=torch.bool),
+            {},
+        ),
+    )
+    uniform.rollout_and_score()  # uniform reads no history: any reward scale trains as before
+
+
+# ------------------------------------------------------------------ end to end (tiny model)
+RUN = [*TINY, "--task-options", "{num_train: 12, num_eval: 8, max_terms: 1, max_digits: 2}", "--seed", "3"]
+EB = ["--allocation", "eb", "--candidates-per-step", "6", "--allocation-options", "{max_group_size: 8}"]
+
+
+def test_eb_run_resumes_to_the_uninterrupted_run_and_max_samples_stops_it(tmp_path):
+    """4 steps of eb on a 12-prompt pool (prompts seen again), checkpoints at 2 and 4; the copy without step 4
+    resumes from step 2 and reproduces steps 3 and 4: metrics, the allocator's history, the weights."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--steps", "4", "--save-every", "2", "--keep-checkpoints", "2", *RUN, *EB]
+    assert main(["train", "--out", str(full), *args]) == 0
+    rows = [timeless(r) for r in read_metrics(str(full / "metrics.jsonl"))]
+    steps = [r for r in rows if "alloc/samples" in r]
+    assert [r["rollout/samples"] for r in steps] == [16.0] * 4
+    assert [r["rollout/samples_total"] for r in steps] == [16.0, 32.0, 48.0, 64.0]
+    assert any(r["alloc/prompts_skipped"] > 0 for r in steps)  # eb used its freedom at least once
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    assert main(["train", "--resume", str(resumed), "--no-progress"]) == 0
+    assert [timeless(r) for r in read_metrics(str(resumed / "metrics.jsonl"))] == rows
+    a, b = (
+        torch.load(run / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True)
+        for run in (full, resumed)
+    )
+    history = a["allocation"]["allocator"]["history"]
+    assert history["keys"].numel() == 12 and a["allocation"]["samples_total"] == 64
+    assert all(torch.equal(history[k], b["allocation"]["allocator"]["history"][k]) for k in history)
+    wa, wb = (saved_weights(str(run / "checkpoints" / "step-000004" / "model")) for run in (full, resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    capped = tmp_path / "capped"  # 40 samples: steps of 16 reach it after the third
+    assert main(["train", "--out", str(capped), "--steps", "10", "--max-samples", "40", *RUN, *EB]) == 0
+    summary = __import__("json").loads((capped / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples"] == 48
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_allocate_alike_and_train_on_unequal_groups(tmp_path):
+    """2 gloo processes with eb: the trainer checks every step that both ranks allocated the same sizes
+    (a RuntimeError otherwise), ranks hold different numbers of completions, and the run finishes."""
+    out = tmp_path / "dp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    args = ["-m", "ebpo", "train", "--out", str(out), "--steps", "3", "--device", "cpu", *RUN, *EB]
+    result = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in read_metrics(str(out / "metrics.jsonl")) if "alloc/samples" in r]
+    assert [r["rollout/samples"] for r in rows] == [16.0] * 3
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
