@@ -150,21 +150,22 @@ def test_samples_to_the_baselines_final_accuracy_per_topic_and_length_curves(tmp
     }
     result = aggregate_runs(runs, target=0.9, baseline="grpo")
     ebpo, grpo = result["rows"]["ebpo|G=2"], result["rows"]["grpo|G=2"]
-    # grpo's mean final is 0.40; the first evaluation at or above it: seed 0 at 32 samples (0.3 at 16, 0.5 at 32), seed 1 at 16
-    assert ebpo["to_baseline_final"]["accuracy"] == pytest.approx(0.40)
-    assert ebpo["to_baseline_final"]["samples"] == pytest.approx(24.0) and ebpo["to_baseline_final"]["reached"] == "2/2"
-    assert ebpo["to_baseline_final"]["fraction_of_budget"] == pytest.approx(0.5)
-    assert grpo["to_baseline_final"]["reached"] == "1/2"  # seed 0 ends at 0.35, below the mean
+    # paired by seed: seed 0 aims at grpo seed 0's 0.35 (ebpo: 0.3 at 16 samples, 0.5 at 32), seed 1 at grpo seed 1's
+    # 0.45 (ebpo: 0.4 at 16, 0.6 at 32): both reached at 32 of grpo's 48 samples (the mean goal would give 24)
+    assert ebpo["to_baseline_final"]["accuracy"] == pytest.approx(0.40) and ebpo["to_baseline_final"]["paired"]
+    assert ebpo["to_baseline_final"]["samples"] == pytest.approx(32.0) and ebpo["to_baseline_final"]["reached"] == "2/2"
+    assert ebpo["to_baseline_final"]["fraction_of_budget"] == pytest.approx(2 / 3)
+    assert grpo["to_baseline_final"]["reached"] == "2/2"  # each seed reaches its own end (the mean goal: 1/2)
     assert ebpo["by_topic"]["a"]["mean"] == pytest.approx(0.85) and grpo["by_topic"]["b"]["mean"] == pytest.approx(0.2)
     assert [p["mean"] for p in ebpo["length_curve"]] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert [p["samples"] for p in ebpo["length_curve"]] == [8.0, 16.0, 24.0, 32.0, 40.0, 48.0]
     assert result["runs"] == 4 and result["run_seconds"] == pytest.approx(40.0)
     text = write_report(result, tmp_path, "ebpo compare")
-    assert "| 2 | ebpo | +0.200 ± " in text and "| 24 (2/2) | 0.50 |" in text
+    assert "| 2 | ebpo | +0.200 ± " in text and "| 32 (2/2) | 0.67 |" in text
     assert "| G | method | a | b |" in text and "| 2 | ebpo | 0.850 | 0.300 |" in text
 
 
-def test_default_budget_is_the_stepwise_testbed_and_quick_the_small_arithmetic_one(tmp_path):
+def test_default_budget_is_the_stepwise_testbed_and_quick_its_g2_grpo_against_ebpo(tmp_path):
     args = _resolve(build_parser().parse_args([]))
     assert (args.task, args.steps, args.prompts_per_step, args.eval_every, args.seeds, args.group_sizes) == (
         "stepwise",
@@ -180,13 +181,15 @@ def test_default_budget_is_the_stepwise_testbed_and_quick_the_small_arithmetic_o
     hier = _command(RunSpec("ebpo-hier", 4, 0), args, tmp_path)
     assert hier[hier.index("train") + 1 :][:4] == ["--method", "ebpo", "--estimator-options", "{hierarchical: true}"]
     quick = _resolve(build_parser().parse_args(["--quick"]))
-    assert (quick.task, quick.steps, quick.prompts_per_step, quick.seeds, quick.methods) == (
-        "arithmetic",
-        15,
-        16,
-        2,
+    # where EBPO's effect is known to show: G = 2 on the testbed's own settings, GRPO paired against EBPO
+    assert (quick.task, quick.group_sizes, quick.prompts_per_step, quick.methods, quick.baseline) == (
+        "stepwise",
+        [2],
+        128,
         ["grpo", "ebpo"],
+        "grpo",
     )
+    assert quick.seeds >= 5 and quick.steps >= 10  # fewer seeds give no usable CI; fewer steps no effect yet
     one = _resolve(build_parser().parse_args(["--methods", "grpo", "ebpo-running", "--steps", "7"]))
     assert one.methods == ["grpo", "ebpo-running"] and one.steps == 7 and "ebpo-running" in one.variants
 
@@ -318,14 +321,16 @@ def test_the_final_accuracy_comes_from_the_final_evaluation_and_the_curves_stay_
     )  # the curve ends at the in-training value
     # samples-to-reach aims at grpo's last in-training accuracy (0.45), and the report says so, not at its avg@32 (0.445)
     assert result["rows"]["ebpo|G=2"]["to_baseline_final"]["accuracy"] == pytest.approx(0.45)
-    assert "last in-training accuracy, mean over seeds (G = 2: 0.450)" in write_report(result, tmp_path, "x")
+    assert "last in-training accuracy, paired by seed" in write_report(result, tmp_path, "x")
+    assert "mean of those goals: G = 2: 0.450" in (tmp_path / "report.md").read_text()
     assert result["run_seconds"] == pytest.approx(4 * (10.0 + 2.0))  # training and final evaluation
     with pytest.raises(ValueError, match="no final evaluation with 16 samples"):
         _read_run(tmp_path / "grpo0", 4, 2, final_samples=16)
 
 
 def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
-    """End to end with real runs: a tiny arithmetic grid, each run evaluated once more after training."""
+    """End to end with real runs: a tiny arithmetic grid at a sample budget in a pool of prompts, each run evaluated
+    once more after training."""
     monkeypatch.setenv("EBPO_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "cmp"
     train = "--warmstart-steps 20 --warmstart-batch-size 16 --no-tensorboard --eval-samples 2"
@@ -338,8 +343,10 @@ def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
         "2",
         "--seeds",
         "1",
-        "--steps",
-        "2",
+        "--sample-budget",
+        "12",  # 2 steps of 4 prompts x 2 (ceil(12 / 8)); the second ends past the budget, at 16
+        "--pool",
+        "40",
         "--prompts-per-step",
         "4",
         "--eval-every",
@@ -362,6 +369,13 @@ def test_compare_runs_the_final_evaluation_once_per_run(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["rows"]["grpo|G=2"]["final_accuracy"]["mean"] == metrics["avg@6"] and report["final_samples"] == 6
     assert "avg@6 on the held-out set after the last step" in (out / "report.md").read_text()
+    row = report["rows"]["grpo|G=2"]
+    assert row["samples"]["mean"] == 16.0 and row["samples_logged"]  # what the run logged it sampled
+    assert row["curve"][-1]["samples"] == 16.0 and row["accuracy_at_budget"] is not None
+    assert 0.0 <= row["all_equal_share"]["mean"] <= 1.0 and row["allocation_seconds"] is not None
+    assert (report["sample_budget"], report["pool"]) == (12, 40)
+    config = (out / "runs" / "grpo-G2-s0" / "config.yaml").read_text()
+    assert "max_samples: 12" in config and "num_train: 40" in config and "steps: 2" in config
     assert shlex.split(report["command"]) == [
         "ebpo",
         "compare",

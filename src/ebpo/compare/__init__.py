@@ -76,7 +76,7 @@ DEFAULT_VARIANTS = {
 EBPO with the hierarchical (per-topic, partially pooled) prior of docs/hierarchical-prior.md."""
 
 # The default budget: the stepwise testbed with its recommended RL settings (docs/testbed.md), equal for every
-# method at a given G; ``--quick`` keeps the small arithmetic comparison that fits in about 5 minutes.
+# method at a given G.
 DEFAULT_BUDGET: dict[str, Any] = {
     "task": "stepwise",
     "group_sizes": [2, 4, 8],
@@ -87,14 +87,18 @@ DEFAULT_BUDGET: dict[str, Any] = {
     "max_eval_problems": 0,
     "final_samples": 32,
 }
+# ``--quick``: GRPO against EBPO on the same testbed at G = 2, where EBPO's effect is known to show (73% of
+# GRPO's groups are all-equal there; 10 seeds of the default grid: EBPO ahead by 1.7 points after 10 steps,
+# standard deviation 1.0 over seeds, every seed better; by 5.5 after 60). Ten steps and six seeds keep it at
+# about five minutes on 2 cores, the shared warm start included; the 95% CI of six paired seeds says how sure.
 QUICK_BUDGET: dict[str, Any] = {
-    "task": "arithmetic",
-    "group_sizes": [2, 4],
-    "seeds": 2,
-    "steps": 15,
-    "prompts_per_step": 16,
-    "eval_every": 5,
-    "max_eval_problems": 128,
+    "task": "stepwise",
+    "group_sizes": [2],
+    "seeds": 6,
+    "steps": 10,
+    "prompts_per_step": 128,
+    "eval_every": 10,
+    "max_eval_problems": 0,
     "final_samples": 0,
 }
 
@@ -124,7 +128,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seeds", type=int, default=None, help="seeds per method and group size: 0 .. N-1 (default: 10)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: 60)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="RL steps per run (default: 60; with --sample-budget: derived from it)"
+    )
+    parser.add_argument(
+        "--sample-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compare at equal samples: every run stops once it has sampled N completions (ebpo train --max-samples N; "
+        "DAPO's resampling rounds count), with --steps = ceil(N / (prompts per step x G)) as the bound for methods "
+        "that sample prompts x G per step",
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training pool of N prompts that the stream cycles through (every run gets --task-options "
+        "'{num_train: N}'; a variant or --train-args may not set --task-options then); default: the task's own",
+    )
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        default=[],
+        metavar="ALLOC",
+        help="for each method M and each rollout allocation A listed, add the method M@A: M with --allocation A",
+    )
     parser.add_argument(
         "--prompts-per-step", type=int, default=None, help="prompts per RL step, the same for every G (default: 128)"
     )
@@ -195,22 +225,72 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if label in DEFAULT_VARIANTS and label not in args.variants:
             args.variants[label] = list(DEFAULT_VARIANTS[label])
     args.methods = list(dict.fromkeys(list(args.methods) + list(args.variants)))
+    for alloc in args.allocations:  # METHOD@ALLOC: the method's own flags and the allocation
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]+", alloc):
+            raise SystemExit(f"ebpo compare: --allocations takes allocation names, got {alloc!r}")
+        for method in list(args.methods):
+            if "@" in method:
+                continue
+            label = f"{method}@{alloc}"
+            if label in args.methods:
+                raise SystemExit(f"ebpo compare: method label {label!r} given twice")
+            base = args.variants.get(method) or ["--method", method]
+            if any(flag == "--allocation" or flag.startswith("--allocation=") for flag in base):
+                raise SystemExit(f"ebpo compare: --allocations on {method!r}, whose flags set --allocation already")
+            args.variants[label] = [*base, "--allocation", alloc]
+            args.methods.append(label)
+    if args.sample_budget is not None:
+        if args.steps is not None:
+            raise SystemExit(
+                "ebpo compare: --sample-budget sets each run's --steps (ceil(N / (prompts per step x G))); drop --steps"
+            )
+        if args.sample_budget < 1:
+            raise SystemExit(f"ebpo compare: --sample-budget must be >= 1, got {args.sample_budget}")
+    if args.pool is not None and args.pool < 1:
+        raise SystemExit(f"ebpo compare: --pool must be >= 1, got {args.pool}")
     budget = QUICK_BUDGET if quick else DEFAULT_BUDGET
     for key, value in budget.items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "steps" and args.sample_budget is not None):
             setattr(args, key, value)
-    if args.steps < 1 or args.prompts_per_step < 1 or args.eval_every < 1 or args.seeds < 1:
+    if (
+        (args.steps is not None and args.steps < 1)
+        or args.prompts_per_step < 1
+        or args.eval_every < 1
+        or args.seeds < 1
+    ):
         raise SystemExit("ebpo compare: --steps, --prompts-per-step, --eval-every and --seeds must be >= 1")
     if args.final_samples < 0:
         raise SystemExit(f"ebpo compare: --final-samples must be >= 0, got {args.final_samples}")
     return args
 
 
+def steps_for_budget(sample_budget: int, prompts_per_step: int, group_size: int) -> int:
+    """RL steps in which a method that samples ``prompts_per_step x group_size`` completions a step spends
+    ``sample_budget``: the last step may go past it (``ebpo train --max-samples`` stops after that step).
+
+    >>> steps_for_budget(15360, 128, 2), steps_for_budget(15361, 128, 2), steps_for_budget(100, 128, 8)
+    (60, 61, 1)
+    """
+    return -(-sample_budget // (prompts_per_step * group_size))
+
+
+def run_steps(args: argparse.Namespace, group_size: int) -> int:
+    """``--steps`` of a run at ``group_size``: the given steps, or those of the sample budget."""
+    if args.sample_budget is None:
+        return args.steps
+    return steps_for_budget(args.sample_budget, args.prompts_per_step, group_size)
+
+
 def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What every run of the comparison shares; slices (other methods, G or seeds) must agree on it."""
+    """What every run of the comparison shares; slices (other methods, G or seeds) must agree on it.
+
+    ``sample_budget`` and ``pool`` are None when not given, which is also how a ``compare.json`` written before
+    they existed reads, so older comparisons still take slices made without them."""
     return {
         "task": args.task,
         "steps": args.steps,
+        "sample_budget": args.sample_budget,
+        "pool": args.pool,
         "prompts_per_step": args.prompts_per_step,
         "eval_every": args.eval_every,
         "max_eval_problems": args.max_eval_problems,
@@ -260,6 +340,8 @@ def _own_flags(spec: RunSpec, args: argparse.Namespace, run_dir: Path, *, method
     """The ``ebpo train`` flags compare sets for ``spec`` (``--train-args`` may not set them again); ``method``:
     with the method's flags (a variant's own flags may not set the others either)."""
     method_flags = (args.variants.get(spec.method) or ["--method", spec.method]) if method else []
+    budget = ["--max-samples", str(args.sample_budget)] if args.sample_budget is not None else []
+    pool = ["--task-options", f"{{num_train: {args.pool}}}"] if args.pool is not None else []
     return [
         *method_flags,
         "--group-size",
@@ -267,7 +349,9 @@ def _own_flags(spec: RunSpec, args: argparse.Namespace, run_dir: Path, *, method
         "--seed",
         str(spec.seed),
         "--steps",
-        str(args.steps),
+        str(run_steps(args, spec.group_size)),
+        *budget,
+        *pool,
         "--task",
         args.task,
         "--prompts-per-step",
@@ -363,22 +447,49 @@ def evaluate_finals(dirs: dict[RunSpec, Path], samples: int, workers: int) -> No
 
 
 def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_samples: int = 0) -> dict[str, Any]:
-    """A run's curves and final accuracy; the final one from its ``final_samples`` evaluation when that is given."""
+    """A run's curves and final accuracy; the final one from its ``final_samples`` evaluation when that is given.
+
+    The sample axis is what the run logged it sampled (``rollout/samples_total``, cumulative over every rank and
+    resampling round, or the sum of the per-step ``rollout/samples``); a run that logged neither (made before
+    they existed) counts ``prompts_per_step x group_size`` per step, times DAPO's ``dapo/rounds``. The share of
+    samples in all-equal groups and the allocation time are None for such runs.
+    """
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_metrics(str(run_dir / "metrics.jsonl"))  # file and line named if a row is broken
     samples, curve, step_times, lengths = 0.0, [(0.0, summary["accuracy_before"])], [], []
     length_curve: list[tuple[float, float]] = []
     seen_steps: set[int] = set()
+    logged: dict[str, list[float]] = {"samples": [], "all_equal": [], "allocation": []}
     for row in rows:
         if row["step"] not in seen_steps and "time/step_seconds" in row:
-            seen_steps.add(row["step"])
-            samples += prompts_per_step * group_size * row.get("dapo/rounds", 1.0)
+            seen_steps.add(row["step"])  # a resumed run logs the steps after its checkpoint again: first one counts
+            if "rollout/samples_total" in row:
+                samples = float(row["rollout/samples_total"])
+            elif "rollout/samples" in row:
+                samples += row["rollout/samples"]
+            else:
+                samples += prompts_per_step * group_size * row.get("dapo/rounds", 1.0)
+            for key, name in (
+                ("samples", "rollout/samples"),
+                ("all_equal", "rollout/all_equal_samples"),
+                ("allocation", "time/allocation_seconds"),
+            ):
+                if name in row:
+                    logged[key].append(float(row[name]))
             step_times.append(row["time/step_seconds"])
             if "rollout/completion_length" in row:
                 lengths.append(row["rollout/completion_length"])
                 length_curve.append((samples, row["rollout/completion_length"]))
         if "eval/accuracy" in row:
             curve.append((samples, row["eval/accuracy"]))
+    steps = len(step_times)
+    # only when every step logged it: a share over part of the run would read as the run's
+    complete = {key: len(values) == steps and steps > 0 for key, values in logged.items()}
+    all_equal_share = (
+        sum(logged["all_equal"]) / sum(logged["samples"])
+        if complete["all_equal"] and complete["samples"] and sum(logged["samples"]) > 0
+        else None
+    )
     final, by_topic = (
         summary["accuracy_after"],
         {topic: row["after"] for topic, row in summary.get("accuracy_by_topic", {}).items()},
@@ -398,6 +509,11 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_sampl
         "final": final,
         "curve": curve,
         "length_curve": length_curve,
+        "samples": samples,
+        "samples_logged": complete["samples"],
+        "all_equal_share": all_equal_share,
+        "allocation_seconds": sum(logged["allocation"]) if complete["allocation"] else None,
+        "wall_seconds": summary.get("wall_seconds"),
         "step_seconds": sum(step_times) / max(len(step_times), 1),
         "completion_length": sum(lengths) / len(lengths) if lengths else float("nan"),
         "by_topic": by_topic,
@@ -413,11 +529,27 @@ def _accuracy_within(curve: list[tuple[float, float]], budget: float) -> float:
     return curve[-1][1]
 
 
-def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> dict[str, Any]:
+def _budget_of(run: dict[str, Any], sample_budget: int | None) -> float:
+    """The samples a run is compared at: the comparison's budget, else what the run itself sampled."""
+    return float(sample_budget) if sample_budget is not None else run["curve"][-1][0]
+
+
+def _baseline_accuracy(run: dict[str, Any], sample_budget: int | None) -> float:
+    """A baseline run's in-training accuracy at the comparison's budget (its last evaluation when none is set)."""
+    if sample_budget is None:
+        return run["curve"][-1][1]
+    return _accuracy_within(run["curve"], sample_budget)
+
+
+def paired_differences(
+    runs: dict[RunSpec, dict[str, Any]], baseline: str, sample_budget: int | None = None
+) -> dict[str, Any]:
     """Final accuracy minus ``baseline``'s, seed by seed (same seed: same start and prompt stream), per (method, G).
 
-    ``at_budget``: the same at the baseline's sample budget (the method's accuracy interpolated at the samples the
-    baseline's run consumed): different from the final difference only for methods that sample more (DAPO).
+    ``at_budget``: the same on the in-training curves at a common number of samples: ``sample_budget`` for both
+    runs when the comparison has one (each curve interpolated there), else the samples the baseline's run consumed
+    (the method's accuracy interpolated there, minus the baseline's last): different from the final difference
+    only for methods that sample more (DAPO).
     """
     out: dict[str, Any] = {}
     final = {s: r["final"] for s, r in runs.items()}
@@ -431,9 +563,10 @@ def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> di
         ]
         if pairs:
             diffs = [final[s] - final[b] for s, b in pairs]
-            # on the in-training evaluations (the curves): the method's, interpolated, minus the baseline's last
             at_budget = [
-                _accuracy_within(runs[s]["curve"], runs[b]["curve"][-1][0]) - runs[b]["curve"][-1][1] for s, b in pairs
+                _accuracy_within(runs[s]["curve"], _budget_of(runs[b], sample_budget))
+                - _baseline_accuracy(runs[b], sample_budget)
+                for s, b in pairs
             ]
             out[f"{method}|G={g}"] = {
                 "method": method,
@@ -446,10 +579,61 @@ def paired_differences(runs: dict[RunSpec, dict[str, Any]], baseline: str) -> di
     return out
 
 
+def _optional_ci(values: list[float | None]) -> dict[str, float] | None:
+    """Mean and CI over seeds of a quantity that old runs did not log: None unless every seed has it."""
+    if not values or any(v is None for v in values):
+        return None
+    return mean_ci([float(v) for v in values if v is not None])
+
+
+def _to_baseline_final(
+    runs: dict[RunSpec, dict[str, Any]], method: str, g: int, baseline: str, sample_budget: int | None
+) -> dict[str, Any] | None:
+    """Samples each seed of ``method`` needs to reach the accuracy ``baseline`` ends at (in-training curves).
+
+    Paired per seed where the baseline ran that seed: the goal is that run's accuracy at the budget (its last
+    evaluation without one) and the share is of that run's samples; a seed without a baseline run aims at the
+    baseline's mean over seeds. Reaching is the first evaluation at or above the goal.
+    """
+    base = {s.seed: r for s, r in runs.items() if s.method == baseline and s.group_size == g}
+    if not base:
+        return None
+    mean_goal = sum(_baseline_accuracy(r, sample_budget) for r in base.values()) / len(base)
+    mean_budget = sum(_budget_of(r, sample_budget) for r in base.values()) / len(base)
+    goals, reached, shares = [], [], []
+    seeds = sorted(
+        ((s, r) for s, r in runs.items() if s.method == method and s.group_size == g), key=lambda pair: pair[0].seed
+    )
+    for spec, run in seeds:
+        paired = base.get(spec.seed)
+        goal = _baseline_accuracy(paired, sample_budget) if paired is not None else mean_goal
+        budget = _budget_of(paired, sample_budget) if paired is not None else mean_budget
+        goals.append(goal)
+        samples = samples_to_target([p[0] for p in run["curve"]], [p[1] for p in run["curve"]], goal)
+        if samples is not None:
+            reached.append(samples)
+            shares.append(samples / budget if budget else float("nan"))
+    return {
+        "accuracy": sum(goals) / len(goals),
+        "paired": all(spec.seed in base for spec, _ in seeds),
+        "reached": f"{len(reached)}/{len(seeds)}",
+        "samples": sum(reached) / len(reached) if reached else None,
+        "fraction_of_budget": sum(shares) / len(shares) if shares else None,
+    }
+
+
 def aggregate_runs(
-    runs: dict[RunSpec, dict[str, Any]], target: float | None, baseline: str | None = None
+    runs: dict[RunSpec, dict[str, Any]],
+    target: float | None,
+    baseline: str | None = None,
+    sample_budget: int | None = None,
 ) -> dict[str, Any]:
-    """Mean and CI over seeds for every (method, G); paired differences against ``baseline`` when given."""
+    """Mean and CI over seeds for every (method, G); paired differences against ``baseline`` when given.
+
+    ``sample_budget``: the comparison's equal-samples budget; adds each row's in-training accuracy at exactly
+    that many samples (interpolated between evaluations for a run that ends past it) and pairs the at-budget
+    differences and the samples-to-reach goals there.
+    """
     table: dict[str, Any] = {}
     befores = [r["summary"]["accuracy_before"] for r in runs.values()]
     if target is None:
@@ -483,9 +667,19 @@ def aggregate_runs(
             "group_size": g,
             "seeds": len(seeds),
             "final_accuracy": mean_ci(finals),
+            "accuracy_at_budget": (
+                mean_ci([_accuracy_within(r["curve"], sample_budget) for r in seeds])
+                if sample_budget is not None
+                else None
+            ),
             "gain": mean_ci(gains),
             "samples_to_target": (sum(reached) / len(reached)) if reached else None,
             "reached_target": f"{len(reached)}/{len(seeds)}",
+            "samples": mean_ci([r.get("samples", r["curve"][-1][0]) for r in seeds]),
+            "samples_logged": all(r.get("samples_logged", False) for r in seeds),
+            "all_equal_share": _optional_ci([r.get("all_equal_share") for r in seeds]),
+            "wall_seconds": _optional_ci([r.get("wall_seconds") for r in seeds]),
+            "allocation_seconds": _optional_ci([r.get("allocation_seconds") for r in seeds]),
             "step_seconds": mean_ci([r["step_seconds"] for r in seeds]),
             "completion_length": mean_ci([r["completion_length"] for r in seeds]),
             "curve": curve,
@@ -493,32 +687,52 @@ def aggregate_runs(
             "by_topic": {t: mean_ci([r["by_topic"][t] for r in seeds]) for t in topics},
             "run_seconds": sum(r["run_seconds"] for r in seeds),
         }
-    paired = paired_differences(runs, baseline) if baseline and any(s.method == baseline for s in runs) else {}
-    if paired:  # samples each method needs to reach the baseline's last in-training accuracy (seed mean) at the same G
+    paired = (
+        paired_differences(runs, baseline, sample_budget)
+        if baseline and any(s.method == baseline for s in runs)
+        else {}
+    )
+    if paired:  # samples each method needs to reach the baseline's accuracy at the budget, at the same G
         for row in table.values():
-            base = table.get(f"{baseline}|G={row['group_size']}")
-            if base is None:
-                continue
-            goal = base["curve"][-1]["mean"]  # on the curves' scale: the in-training evaluations
-            seeds = [r for s, r in runs.items() if s.method == row["method"] and s.group_size == row["group_size"]]
-            reach = [samples_to_target([p[0] for p in r["curve"]], [p[1] for p in r["curve"]], goal) for r in seeds]
-            reached = [x for x in reach if x is not None]
-            budget = base["curve"][-1]["samples"] if base["curve"] else float("nan")
-            row["to_baseline_final"] = {
-                "accuracy": goal,
-                "reached": f"{len(reached)}/{len(seeds)}",
-                "samples": sum(reached) / len(reached) if reached else None,
-                "fraction_of_budget": (sum(reached) / len(reached) / budget) if reached and budget else None,
-            }
+            reach_row = _to_baseline_final(runs, row["method"], row["group_size"], baseline, sample_budget)
+            if reach_row is not None:
+                row["to_baseline_final"] = reach_row
     compute = sum(r["run_seconds"] for r in runs.values())
     return {
         "target": target,
+        "sample_budget": sample_budget,
+        "x_range": shared_x_range(table, sample_budget),
         "rows": table,
         "baseline": baseline,
         "paired": paired,
         "runs": len(runs),
         "run_seconds": compute,
     }
+
+
+def shared_x_range(rows: dict[str, Any], sample_budget: int | None) -> dict[str, dict[str, Any]]:
+    """The sample axis every method's curve is drawn on, per G: 0 to the budget when the comparison has one, else
+    0 to the fewest samples any method's curve reaches (a method that samples more, DAPO, is cut there instead of
+    squashing the others into the left of the plot). Keys are G as strings (JSON)."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in sorted({row["group_size"] for row in rows.values()}):
+        ends = {
+            row["method"]: row["curve"][-1]["samples"]
+            for row in rows.values()
+            if row["group_size"] == g and row["curve"]
+        }
+        if not ends:
+            continue
+        if sample_budget is not None:
+            out[str(g)] = {
+                "max": float(sample_budget),
+                "by": "budget",
+                "cut": [m for m, e in ends.items() if e > sample_budget],
+            }
+            continue
+        fewest = min(ends, key=lambda m: ends[m])
+        out[str(g)] = {"max": ends[fewest], "by": fewest, "cut": sorted(m for m, e in ends.items() if e > ends[fewest])}
+    return out
 
 
 def _fmt(ci: dict[str, float]) -> str:
@@ -541,7 +755,51 @@ def _goals(result: dict[str, Any]) -> str:
     return ", ".join(f"G = {g}: {a:.3f}" for g, a in sorted(goals.items()))
 
 
+def _opt(ci: dict[str, float] | None, spec: str = ".3f") -> str:
+    """A column that runs made before its metric existed leave empty ("-")."""
+    return "-" if ci is None else format(ci["mean"], spec)
+
+
+def _x_caption(result: dict[str, Any]) -> str:
+    """What the plots' shared sample axis spans, per G, and which methods' curves it cuts."""
+    parts = []
+    for g, span in result.get("x_range", {}).items():
+        cut = f"; cut there: {', '.join(span['cut'])}" if span["cut"] else ""
+        if span["by"] == "budget":
+            parts.append(f"G = {g}: 0 to the sample budget, {span['max']:.0f}{cut}")
+        elif span["cut"]:
+            parts.append(f"G = {g}: 0 to {span['max']:.0f}, the fewest samples any method used ({span['by']}){cut}")
+        else:
+            parts.append(f"G = {g}: 0 to {span['max']:.0f}, where every method ended")
+    return "Every method on the same sample axis (" + "; ".join(parts) + ")." if parts else ""
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """One line per method paired against the baseline: the difference, its 95% CI and how many seeds were better,
+    and whether the interval excludes zero (what a newcomer reads first)."""
+    lines = []
+    for row in result.get("paired", {}).values():
+        n = len(row["diffs"])
+        half = row["ci_half_width"]
+        if half != half:  # one seed: no interval
+            verdict = "one seed: no confidence interval, run more seeds"
+        elif row["mean"] - half > 0:
+            verdict = f"the 95% CI excludes 0: {row['method']} is better here"
+        elif row["mean"] + half < 0:
+            verdict = f"the 95% CI excludes 0: {row['method']} is worse here"
+        else:
+            verdict = "the 95% CI includes 0: not resolved at this budget (more seeds or steps)"
+        ci = f" ± {half:.3f}" if half == half else ""
+        lines.append(
+            f"{row['method']} minus {result['baseline']} at G = {row['group_size']}: {row['mean']:+.3f}{ci} "
+            f"(final accuracy, 95% CI over {n} seeds), better in {row['better']}/{n} seeds; {verdict}"
+        )
+    return lines
+
+
 def write_report(result: dict[str, Any], out: Path, command: str) -> str:
+    budget = result.get("sample_budget")
+    at_n = f"accuracy at {budget} samples" if budget is not None else None
     lines = [
         "# ebpo compare",
         "",
@@ -557,32 +815,65 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             else "Final accuracy: the last in-training evaluation."
         ),
         "",
-        "| G | method | seeds | final accuracy | run-to-run std | gain over start | samples to target (reached) | completion length | step s |",
-        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    if budget is not None:
+        lines += [
+            f"Equal samples: every run stopped after the step at which it had sampled {budget} completions. "
+            f"{at_n.capitalize()}: the in-training accuracy interpolated (linearly between evaluations) at exactly "
+            f"{budget} samples, for runs whose last step went past it.",
+            "",
+        ]
+    lines += [
+        "Samples per run: completions sampled (every resampling round; from the logged `rollout/samples`, else "
+        "prompts x G per step). All-equal share: the run's samples that sat in groups whose correctness was "
+        "all-equal (no group-relative signal). Wall s per run: the run's wall time (allocation included); "
+        "allocation s: the part spent choosing group sizes. '-': runs made before these were logged.",
+        "",
+        "| G | method | seeds | final accuracy | run-to-run std | gain over start | samples to target (reached) | "
+        "completion length | step s | " + (f"{at_n} | " if at_n else "") + "samples per run | all-equal share | "
+        "wall s per run | allocation s per run |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if at_n else "") + "---|---|---|---|",
     ]
     for row in result["rows"].values():
         reach = f"{row['samples_to_target']:.0f}" if row["samples_to_target"] is not None else "-"
+        at_budget = f"{_fmt(row['accuracy_at_budget'])} | " if at_n else ""
+        samples = row.get("samples")
         lines.append(
             f"| {row['group_size']} | {row['method']} | {row['seeds']} | {_fmt(row['final_accuracy'])} | "
             f"{row['final_accuracy']['std']:.3f} | {_fmt(row['gain'])} | {reach} ({row['reached_target']}) | "
-            f"{row['completion_length']['mean']:.2f} | {row['step_seconds']['mean']:.2f} |"
+            f"{row['completion_length']['mean']:.2f} | {row['step_seconds']['mean']:.2f} | {at_budget}"
+            f"{_opt(samples, '.0f')}{'' if row.get('samples_logged') else ' (computed)'} | "
+            f"{_opt(row.get('all_equal_share'))} | {_opt(row.get('wall_seconds'), '.0f')} | "
+            f"{_opt(row.get('allocation_seconds'), '.2f')} |"
         )
     if result.get("paired"):
+        base = result["baseline"]
+        where = f"{budget} samples" if budget is not None else "its sample budget"
+        goal = f"{base}'s accuracy at {budget} samples" if budget is not None else f"{base}'s last in-training accuracy"
         lines += [
             "",
             f"Paired by seed (each seed starts from the same checkpoint and sees the same prompts): final accuracy "
-            f"minus {result['baseline']}'s, mean ± 95% CI, and the seeds where the method did better.",
+            f"minus {base}'s, mean ± 95% CI, and the seeds where the method did better.",
             "",
-            f"The at-budget and samples-to-reach columns are on the curves' scale (the in-training evaluations), not "
-            f"the final avg@k. "
-            f"At {result['baseline']}'s sample budget: the method's in-training accuracy interpolated (linearly between "
-            f"evaluations) at the samples {result['baseline']}'s run of the same seed consumed, minus that run's last "
-            f"in-training accuracy (the same as the final difference up to evaluation noise, except for methods that "
-            f"sample more, such as DAPO). Samples to reach {result['baseline']}'s last in-training accuracy, mean over "
-            f"seeds ({_goals(result)}): mean over the seeds that reach it, and as a share of the budget.",
+            *(f"* {line}" for line in headline(result)),
             "",
-            f"| G | method | minus {result['baseline']} | seeds better | minus {result['baseline']} at its sample budget | "
-            f"samples to {result['baseline']}'s last in-training accuracy (reached) | share of budget |",
+            "The at-budget and samples-to-reach columns are on the curves' scale (the in-training evaluations), not "
+            "the final avg@k. "
+            + (
+                f"At {budget} samples: each run's in-training accuracy interpolated (linearly between evaluations) at "
+                f"{budget} samples, minus that of {base}'s run of the same seed. "
+                if budget is not None
+                else f"At {base}'s sample budget: the method's in-training accuracy interpolated (linearly between "
+                f"evaluations) at the samples {base}'s run of the same seed consumed, minus that run's last "
+                f"in-training accuracy (the same as the final difference up to evaluation noise, except for methods "
+                f"that sample more, such as DAPO). "
+            )
+            + f"Samples to reach {goal}, paired by seed (each seed aims at the accuracy {base}'s run of the same "
+            f"seed reached; mean of those goals: {_goals(result)}): the first evaluation at or above it, mean over the "
+            f"seeds that reach it, and as a share of {base}'s samples.",
+            "",
+            f"| G | method | minus {base} | seeds better | minus {base} at {where} | "
+            f"samples to {goal} (reached) | share of budget |",
             "|---|---|---|---|---|---|---|",
         ]
         rows = result["rows"]
@@ -606,7 +897,7 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
         for row in result["rows"].values():
             cells = [f"{row['by_topic'][t]['mean']:.3f}" if t in row.get("by_topic", {}) else "-" for t in topics]
             lines.append(f"| {row['group_size']} | {row['method']} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy vs samples](accuracy_vs_samples.png)", ""]
+    lines += ["", "![accuracy vs samples](accuracy_vs_samples.png)", "", _x_caption(result), ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps({"command": command, **result}, indent=2))
@@ -614,7 +905,15 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
     return text
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def _shared_x(ax: Any, result: dict[str, Any], g: int) -> None:
+    span = result.get("x_range", {}).get(str(g))
+    if span:
+        ax.set_xlim(0, span["max"])
+
+
+def _plot(result: dict[str, Any], path: Path) -> dict[int, tuple[float, float]]:
+    """Accuracy and completion length against samples, one column per G, every method on the G's shared sample
+    axis (:func:`shared_x_range`); returns each G's x limits as drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -633,6 +932,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
                 )
         ax.set_xlabel("samples consumed")
         ax.grid(alpha=0.3)
+        _shared_x(ax, result, g)
     axes[1][0].set_ylabel("completion length (tokens, mean over seeds)")
     for ax, g in zip(axes[0], sizes):
         for row in result["rows"].values():
@@ -649,13 +949,18 @@ def _plot(result: dict[str, Any], path: Path) -> None:
                 color=line.get_color(),
                 alpha=0.15,
             )
-        ax.set_title(f"G = {g}")
+        span = result.get("x_range", {}).get(str(g))
+        cut = f"\n(axis cut at {span['max']:.0f} samples, the fewest of any method: {', '.join(span['cut'])} sampled more)"
+        ax.set_title(f"G = {g}" + (cut if span and span["by"] != "budget" and span["cut"] else ""), fontsize=9)
         ax.grid(alpha=0.3)
+        _shared_x(ax, result, g)
     axes[0][0].set_ylabel("held-out accuracy (mean, 95% CI)")
     axes[0][-1].legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    limits = {g: tuple(float(x) for x in ax.get_xlim()) for ax, g in zip(axes[0], sizes)}
     plt.close(fig)
+    return limits  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -716,6 +1021,12 @@ def _run_and_report(args: argparse.Namespace, argv: list[str], out: Path) -> int
     if args.final_samples and args.report_only:
         evaluate_finals(dirs, args.final_samples, args.workers)
     runs = {s: _read_run(d, args.prompts_per_step, s.group_size, args.final_samples) for s, d in dirs.items()}
-    result = {**aggregate_runs(runs, args.target, args.baseline), "final_samples": args.final_samples}
+    result = {
+        **aggregate_runs(runs, args.target, args.baseline, args.sample_budget),
+        "final_samples": args.final_samples,
+        "pool": args.pool,
+    }
     print(write_report(result, out, shlex.join(["ebpo", "compare", *argv])))  # quoted: --variant/--train-args strings
+    for line in headline(result):  # the answer, last on the screen
+        print(line)
     return 0
