@@ -514,3 +514,76 @@ def test_docstring_examples():
 
     result = doctest.testmod(ebpo.allocation, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Top-ups after a first round (ebpo train --allocation-first-round)
+
+
+def beta_binomial_pmf(k: int, n: int, a: float, b: float) -> float:
+    return math.comb(n, k) * math.exp(log_beta(k + a, n - k + b) - log_beta(a, b))
+
+
+def top_up_gain(first_s: int, first_t: int, a: float, b: float, m: int) -> float:
+    """What m more completions add to P(the group is mixed), from the Beta-Binomial pmf of the m (posterior a, b)."""
+    if 0 < first_s < first_t or m == 0:
+        return 0.0  # already mixed, or nothing added
+    if first_s == 0:  # mixed iff at least one of the m succeeds
+        return sum(beta_binomial_pmf(k, m, a, b) for k in range(1, m + 1))
+    return sum(beta_binomial_pmf(k, m, a, b) for k in range(0, m))  # at least one fails
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_prompts=st.integers(1, 4),
+    extra=st.integers(0, 12),
+    seed=st.integers(0, 10_000),
+    name=st.sampled_from(["eb", "knapsack"]),
+)
+def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_prompts, extra, seed, name):
+    """After a first round of 2 each (observed), the extra budget goes where it most raises the expected number
+    of mixed groups; each prompt's gain from an independent pmf sum, the optimum by enumeration."""
+    min_size, max_size, first = 2, 6, 2
+    gen = torch.Generator().manual_seed(seed)
+    ids = stable_prompt_ids([f"q{seed}-{i}" for i in range(num_prompts)])
+    first_s = torch.randint(0, first + 1, (num_prompts,), generator=gen).double()
+    first_t = torch.full((num_prompts,), float(first), dtype=torch.float64)
+    ids_hist, successes, trials = _history_instance(seed, num_prompts)
+    allocator = build_allocator(name, min_group_size=min_size, max_group_size=max_size)
+    seen = trials > 0
+    allocator.observe(ids[seen], successes[seen], trials[seen])  # an older history of the same prompts
+    allocator.observe(ids, first_s, first_t)  # then this step's first round
+    budget = min(extra, num_prompts * (max_size - first))
+    prior_mean, prior_var = 0.3, 0.04
+    a0, b0 = moment_prior(prior_mean, prior_var)
+    s_all = successes + first_s
+    t_all = trials + first_t
+
+    def value(i, m):
+        if name == "eb":
+            return top_up_gain(int(first_s[i]), first, a0 + float(s_all[i]), b0 + float(t_all[i] - s_all[i]), m)
+        p = float(s_all[i] / t_all[i])
+        if 0 < first_s[i] < first or m == 0:
+            return 0.0
+        return 1 - (1 - p) ** m if first_s[i] == 0 else 1 - p**m
+
+    best, _ = brute_force(value, num_prompts, budget, 1, max_size - first)
+    request = AllocationRequest(ids, budget, prior_mean=prior_mean, prior_var=prior_var)
+    sizes, metrics = allocator.top_up(request, first_s, first_t)
+    assert int(sizes.sum()) == budget and bool((sizes <= max_size - first).all())
+    assert sum(value(i, int(m)) for i, m in enumerate(sizes)) == pytest.approx(best, abs=1e-12)
+    assert metrics["alloc/expected_informative_gain"] == pytest.approx(best, abs=1e-12)
+
+
+def test_top_up_refuses_bad_first_rounds_and_budgets():
+    eb = build_allocator("eb", min_group_size=2, max_group_size=4)
+    ids = stable_prompt_ids(["a", "b"])
+    request = AllocationRequest(ids, 3)
+    two = torch.tensor([2.0, 2.0])
+    with pytest.raises(ValueError, match="room left under max_group_size"):
+        eb.top_up(AllocationRequest(ids, 5), torch.tensor([0.0, 1.0]), two)
+    with pytest.raises(ValueError, match="first group must hold"):
+        eb.top_up(request, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"first_successes must lie in \[0, first_trials\]"):
+        eb.top_up(request, torch.tensor([3.0, 1.0]), two)
+    assert not hasattr(build_allocator("skip"), "top_up") and not hasattr(build_allocator("uniform"), "top_up")

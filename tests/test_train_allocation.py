@@ -136,6 +136,28 @@ def test_eb_moves_samples_from_prompts_it_has_seen_settled_to_the_uncertain_ones
     assert settled < sum(per_prompt.get(k, 0) for k in ("p2", "p3", "p5"))
 
 
+@pytest.mark.parametrize("allocation", ["eb", "knapsack"])
+def test_a_first_round_then_top_ups_of_the_groups_it_left_all_equal(monkeypatch, allocation):
+    """2 completions per candidate first, observed; the other 12 of the 24 top groups up, merged into the same
+    group, each group's rows together; eb gives none to p2, whose first two differ."""
+    calls: list = []
+    trainer = _trainer(
+        monkeypatch, allocation, calls, prompts_per_step=6, candidates_per_step=6, allocation_first_round=2
+    )
+    rollout, rewards, correctness, metrics = trainer.rollout_and_score()
+    assert len(rollout.texts) == 24 and metrics["rollout/samples"] == metrics["alloc/samples"] == 24.0
+    assert metrics["alloc/first_round_samples"] == 12.0 and metrics["alloc/top_up_samples"] == 12.0
+    assert calls[0] == (2, [f"p{i}" for i in range(6)])  # the first round: every candidate, 2 each
+    ids = rollout.group_ids.tolist()
+    assert ids == sorted(ids)  # a group's first-round rows and its top-ups are merged
+    sizes = {p.id: ids.count(g) for p, g in zip(rollout.problems, ids)}
+    if allocation == "eb":  # knapsack's point estimates (0/2, 2/2) value every top-up at 0 and spread them evenly
+        assert sizes["p2"] == 2  # mixed after the first round: a top-up cannot make it more mixed
+    history = trainer.c.allocator.history
+    assert float(history.trials.sum()) == 24.0  # the first round and the top-ups, each observed once
+    assert metrics["alloc/first_round_mixed"] == 1.0
+
+
 def test_rank_prompts_deals_every_sampled_prompt_once_and_balances_the_ranks():
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -155,6 +177,8 @@ def test_rank_prompts_deals_every_sampled_prompt_once_and_balances_the_ranks():
     [
         ({"allocation": "eb", "dynamic_sampling": True}, "cannot be combined with allocation"),
         ({"allocation": "nope"}, "nope"),
+        ({"allocation": "skip", "allocation_first_round": 2}, "cannot top up a first round"),
+        ({"allocation": "eb", "allocation_first_round": 5}, "must fit the step's budget"),
         (
             {"allocation": "eb", "allocation_options": {"max_group_size": 2}, "candidates_per_step": 3},
             "cannot be spread",
@@ -252,10 +276,12 @@ def test_two_processes_allocate_alike_and_train_on_unequal_groups(tmp_path):
         str(_free_port()),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    args = ["-m", "ebpo", "train", "--out", str(out), "--steps", "3", "--device", "cpu", *RUN, *EB]
+    first = ["--allocation-first-round", "2"]  # 12 completions first, 4 top-ups: both allocations checked
+    args = ["-m", "ebpo", "train", "--out", str(out), "--steps", "3", "--device", "cpu", *RUN, *EB, *first]
     result = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in read_metrics(str(out / "metrics.jsonl")) if "alloc/samples" in r]
     assert [r["rollout/samples"] for r in rows] == [16.0] * 3
+    assert [r["alloc/top_up_samples"] for r in rows] == [4.0] * 3
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2

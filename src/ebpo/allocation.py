@@ -68,6 +68,7 @@ __all__ = [
     "informative_prob",
     "expected_informative_prob",
     "max_plus_allocate",
+    "allocation_metrics",
     "Uniform",
     "Skip",
     "Knapsack",
@@ -432,7 +433,8 @@ def _prior(request: AllocationRequest, num_prompts: int) -> tuple[Tensor, Tensor
     return mean, var
 
 
-def _size_metrics(sizes: Tensor, budget: int) -> dict[str, float]:
+def allocation_metrics(sizes: Tensor, budget: int) -> dict[str, float]:
+    """The ``alloc/*`` counts of group sizes (P,) against the budget: samples, prompts sampled and skipped, sizes."""
     sampled = sizes > 0
     return {
         "alloc/samples": float(sizes.sum()),
@@ -517,7 +519,7 @@ class Uniform(_HistoryAllocator):
     def allocate(self, request: AllocationRequest) -> tuple[Tensor, dict[str, float]]:
         prompt_ids, budget = self._request(request)
         sizes = _even_split(torch.ones_like(prompt_ids, dtype=torch.bool), budget, self.min_group_size)
-        return sizes, _size_metrics(sizes, budget)
+        return sizes, allocation_metrics(sizes, budget)
 
 
 @ALLOCATORS.register("skip")
@@ -571,7 +573,7 @@ class Skip(_HistoryAllocator):
         if shortfall > 0:
             skip &= skip.long().cumsum(0) > shortfall
         sizes = _even_split(~skip, budget, self.min_group_size)
-        metrics = _size_metrics(sizes, budget)
+        metrics = allocation_metrics(sizes, budget)
         metrics["alloc/predicted_equal"] = float(predicted_equal.sum())
         metrics["alloc/explored"] = float((predicted_equal & (sizes > 0)).sum())
         return sizes, metrics
@@ -598,7 +600,7 @@ class _ValueAllocator(_HistoryAllocator):
         values = self.values(prompt_ids, request)  # (P, S + 1)
         allowed = _size_mask(self.min_group_size, self.max_group_size)
         sizes = max_plus_allocate(values.masked_fill(~allowed, _NEG_INF), budget)
-        metrics = _size_metrics(sizes, budget)
+        metrics = allocation_metrics(sizes, budget)
         objective = values.gather(1, sizes.reshape(-1, 1)).sum()
         uniform = values.gather(
             1, _even_split(torch.ones_like(sizes, dtype=torch.bool), budget, self.min_group_size)[:, None]
@@ -606,6 +608,57 @@ class _ValueAllocator(_HistoryAllocator):
         metrics["alloc/expected_informative"] = float(objective)
         metrics["alloc/expected_informative_uniform"] = float(uniform.sum())
         return sizes, metrics
+
+    def top_up(
+        self, request: AllocationRequest, first_successes: Tensor, first_trials: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Extra completions (P,) for prompts that already got a first round this step, summing to ``budget``.
+
+        Each prompt holds a first group of ``first_trials`` completions with ``first_successes``
+        (already passed to :meth:`observe`, so the posterior includes them). A top-up of m more is
+        worth what it adds to the chance that the whole group is informative: nothing for a
+        first group that is already mixed; P(at least one success among m) after a first group with
+        none, 1 - E[(1 - p)^m]; P(at least one failure) after all successes, 1 - E[p^m].
+        Top-ups are 0 or 1 .. max_group_size - first_trials (any size: the first group already
+        meets ``min_group_size``); solved exactly like :meth:`allocate`.
+        """
+        prompt_ids = _as_prompt_ids(request.prompt_ids)
+        first_s = torch.as_tensor(first_successes, dtype=torch.float64).cpu()
+        first_t = torch.as_tensor(first_trials, dtype=torch.float64).cpu()
+        if first_s.shape != prompt_ids.shape or first_t.shape != prompt_ids.shape:
+            raise ValueError("top_up needs first_successes and first_trials of shape (P,), one per candidate prompt")
+        if bool(((first_t < self.min_group_size) | (first_t > self.max_group_size)).any()):
+            raise ValueError(
+                f"top_up: every first group must hold {self.min_group_size}..{self.max_group_size} completions, "
+                f"got {first_t.tolist()}"
+            )
+        if bool(((first_s < 0) | (first_s > first_t)).any()):
+            raise ValueError("top_up: first_successes must lie in [0, first_trials]")
+        budget = request.budget
+        room = (self.max_group_size - first_t).long()  # (P,) most extra completions each prompt may take
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= int(room.sum()):
+            raise ValueError(
+                f"top-up budget must be an integer in [0, {int(room.sum())}] (the room left under max_group_size "
+                f"{self.max_group_size}), got {budget!r}"
+            )
+        p_s, p_f = self.top_up_moments(prompt_ids, request)  # (P, S + 1) E[p^m], E[(1 - p)^m]
+        none, every = first_s == 0, first_s == first_t
+        gain = torch.where(none[:, None], 1.0 - p_f, torch.where(every[:, None], 1.0 - p_s, torch.zeros_like(p_s)))
+        m = torch.arange(self.max_group_size + 1)
+        allowed = m[None, :] <= room[:, None]  # (P, S + 1); 0 always allowed
+        sizes = max_plus_allocate(gain.clamp_min(0.0).masked_fill(~allowed, _NEG_INF), budget)
+        sampled = sizes > 0
+        metrics = {
+            "alloc/top_up_samples": float(sizes.sum()),
+            "alloc/top_up_prompts": float(sampled.sum()),
+            "alloc/first_round_mixed": float((~none & ~every).sum()),
+            "alloc/expected_informative_gain": float(gain.gather(1, sizes[:, None]).sum()),
+        }
+        return sizes, metrics
+
+    def top_up_moments(self, prompt_ids: Tensor, request: AllocationRequest) -> tuple[Tensor, Tensor]:
+        """E[p^m] and E[(1 - p)^m] for m = 0..max_group_size under this allocator's belief: two (P, S + 1)."""
+        raise NotImplementedError
 
 
 @ALLOCATORS.register("knapsack")
@@ -646,6 +699,13 @@ class Knapsack(_ValueAllocator):
             values = values * (rate * (1.0 - rate) ** 2).reshape(-1, 1)
         return values
 
+    def top_up_moments(self, prompt_ids: Tensor, request: AllocationRequest) -> tuple[Tensor, Tensor]:
+        prior_mean, _ = _prior(request, prompt_ids.numel())
+        successes, trials, _ = self.history.lookup(prompt_ids)
+        rate = torch.where(trials > 0, successes / trials.clamp_min(1e-300), prior_mean).reshape(-1, 1)  # (P, 1)
+        m = torch.arange(self.max_group_size + 1, dtype=torch.float64)
+        return rate.pow(m), (1.0 - rate).pow(m)  # the point estimate: a prompt never seen failing is never topped up
+
 
 @ALLOCATORS.register("eb")
 class EmpiricalBayes(_ValueAllocator):
@@ -666,3 +726,10 @@ class EmpiricalBayes(_ValueAllocator):
         a, b = fit_beta_prior(prior_mean, prior_var)  # (P,) each
         successes, trials, _ = self.history.lookup(prompt_ids)
         return expected_informative_prob(a + successes, b + trials - successes, self.max_group_size)
+
+    def top_up_moments(self, prompt_ids: Tensor, request: AllocationRequest) -> tuple[Tensor, Tensor]:
+        prior_mean, prior_var = _prior(request, prompt_ids.numel())
+        a, b = fit_beta_prior(prior_mean, prior_var)
+        successes, trials, _ = self.history.lookup(prompt_ids)
+        a, b = a + successes, b + trials - successes  # the posterior, first round included
+        return beta_moments(a, b, self.max_group_size), beta_moments(b, a, self.max_group_size)

@@ -104,6 +104,10 @@ class TrainConfig:
     """Allocation options as YAML ('{min_group_size: 2, max_group_size: 16}', skip's '{explore_prob: 0.25}')."""
     candidates_per_step: int = 0
     """Candidate prompts drawn per step, among which the allocation spreads the budget (0 = prompts_per_step)."""
+    allocation_first_round: int = 0
+    """Completions every candidate gets first (0 = none): their outcomes update the allocator, which then tops up the
+    same groups with the rest of the budget where one more completion most raises the chance of a mixed group
+    (knapsack, eb). At least the allocation's min_group_size."""
     max_samples: int = 0
     """Stop after the first step at which the run's sampled completions reach this many (0 = no cap; --steps still
     bounds the run): runs that sample differently per step (DAPO's resampling) compared at equal samples."""
@@ -361,6 +365,7 @@ _NON_NEGATIVE = (
     "save_every",
     "max_resample_rounds",
     "candidates_per_step",
+    "allocation_first_round",
     "max_samples",
     "overlong_buffer",
     "lr_warmup_steps",

@@ -248,7 +248,7 @@ def score(rollout: Rollout, verifier: Verifier) -> tuple[Tensor, Tensor, dict[st
         rewards.append(0.0 if result.reward is None else float(result.reward))
         for key, value in result.info.items():
             info[f"verifier/{key}"] = info.get(f"verifier/{key}", 0.0) + float(value)
-    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(keep), info
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(keep, dtype=torch.bool), info  # bool when empty too
 
 
 def overlong_penalty(lengths: Tensor, truncated: Tensor, *, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:

@@ -150,6 +150,20 @@ def build_step_allocator(config: TrainConfig, estimator: Any) -> Any:
             f"estimator {config.estimator!r} needs per group; raise it in --allocation-options"
         )
     budget, candidates = config.prompts_per_step * config.group_size, step_candidates(config)
+    first = config.allocation_first_round
+    if first:
+        if not hasattr(allocator, "top_up"):
+            raise ValueError(
+                f"allocation {config.allocation!r} cannot top up a first round (allocation_first_round {first}); "
+                "use knapsack or eb, or --allocation-first-round 0"
+            )
+        if not allocator.min_group_size <= first <= allocator.max_group_size or first * candidates > budget:
+            raise ValueError(
+                f"allocation_first_round {first} must be between the allocation's min_group_size "
+                f"{allocator.min_group_size} and max_group_size {allocator.max_group_size}, and {candidates} candidates x "
+                f"{first} must fit the step's budget of {budget} completions"
+            )
+        return allocator
     fewest = -(-budget // allocator.max_group_size)
     most = min(candidates, budget // allocator.min_group_size)
     if fewest > most:
@@ -645,8 +659,8 @@ class Trainer:
         the allocator gives each a group size (``prompts_per_step x group_size`` completions in all;
         ``uniform``: ``group_size`` each), and the sampled prompts are dealt to the ranks by
         :func:`rank_prompts`. Every rank holds the same allocator and calls it with the same
-        candidates, prior and observations, so the sizes agree without a collective. Group ids are
-        global, so the estimator can pool groups from every rank.
+        candidates, prior and observations, so the sizes agree without a collective (one small
+        gather checks it). Group ids are global, so the estimator can pool groups from every rank.
 
         Returns the rollout, the rewards it is trained on (the verifier's
         correctness plus DAPO's overlong shaping), the correctness itself
@@ -658,9 +672,8 @@ class Trainer:
         kept_ids = torch.empty(0, dtype=torch.long)
         samples = all_equal_samples = allocation_seconds = 0.0
         for round_ in range(rounds):
-            rollout, alloc_metrics, seconds = self._sample_round(round_)
+            rollout, correctness, keep, info, alloc_metrics, seconds = self._sample_round(round_)
             allocation_seconds += seconds
-            correctness, keep, info = score(rollout, self.c.verifier)  # (B,) the verifier's reward, unshaped
             if round_ == 0:
                 metrics.update(self._rollout_metrics(rollout, correctness, keep, info))
                 metrics.update(alloc_metrics)
@@ -671,11 +684,10 @@ class Trainer:
             rollouts.append(rollout)
             rewards_list.append(rewards)
             correct_list.append(correctness)
-            # Every rank's scored groups: what the allocator observes and what dynamic sampling keeps.
-            all_correct = dist.all_gather_cat(correctness)
-            ids, successes, trials, mixed = group_outcomes(all_correct, dist.all_gather_cat(rollout.group_ids.cpu()))
+            ids, _, trials, mixed = group_outcomes(
+                dist.all_gather_cat(correctness), dist.all_gather_cat(rollout.group_ids.cpu())
+            )
             all_equal_samples += float(trials[~mixed].sum())
-            self._observe(ids - round_ * step_candidates(cfg), successes, trials)
             if not cfg.dynamic_sampling:
                 break
             # DAPO keeps a group when 0 < #correct < G: on correctness, so that a group whose answers
@@ -710,47 +722,82 @@ class Trainer:
         )
         return rollout, rewards, correctness, metrics
 
-    def _sample_round(self, round_: int) -> tuple[Rollout, dict[str, float], float]:
-        """Draw the round's candidates, allocate the budget over them and sample this rank's prompts.
+    def _sample_round(self, round_: int) -> tuple[Rollout, Tensor, Tensor, dict[str, float], dict[str, float], float]:
+        """Draw the round's candidates, allocate the budget over them, sample and score this rank's prompts.
 
-        Prompts are sampled in one :func:`generate` call sequence per distinct group size, in
-        increasing size, the same sequence on every rank (under FSDP each call is a collective;
-        a rank with no prompt of a size makes idle calls). With one size (``uniform``) this is
-        exactly one sequence of calls over this rank's prompts, as without allocation.
-        Returns the rollout, the allocator's metrics and the seconds the allocation took.
+        Without a first round the allocator sizes every group at once. With
+        ``allocation_first_round`` n0, every candidate first gets n0 completions; their outcomes go to
+        the allocator, whose ``top_up`` then spreads the rest of the budget over the same groups
+        (same group ids and ranks), which are merged. The allocator observes what each group got.
+        Returns this rank's rollout (each group's rows together), its correctness, keep mask and
+        verifier diagnostics, the allocator's metrics and the seconds allocation took.
         """
-        from ebpo.allocation import AllocationRequest
+        from ebpo.allocation import AllocationRequest, allocation_metrics
         from ebpo.estimators import stable_prompt_ids
 
         cfg, dist = self.config, self.dist
-        count = step_candidates(cfg)
+        count, budget, first = step_candidates(cfg), cfg.prompts_per_step * cfg.group_size, cfg.allocation_first_round
         problems = self.stream.take(count)
+        keys = stable_prompt_ids([p.id for p in problems])  # (count,) what the allocator keys its history by
+        global_ids = torch.arange(count) + round_ * count
         started = time.time()
         mean, var = self._allocation_prior()
-        request = AllocationRequest(
-            stable_prompt_ids([p.id for p in problems]), cfg.prompts_per_step * cfg.group_size, mean, var
-        )
-        sizes, alloc_metrics = self.c.allocator.allocate(request)  # (count,) int64, the same on every rank
-        if dist.world > 1:  # one small gather: a rank whose allocator drifted would sample another batch silently
-            every = dist.all_gather_cat(sizes).reshape(dist.world, -1)
-            if not bool((every == sizes).all()):
-                raise RuntimeError(
-                    f"allocation {cfg.allocation!r} gave different group sizes on different ranks at step {self.step + 1}; "
-                    "an allocator must be a deterministic function of its calls (seed its randomness, no rank-local state)"
-                )
-        self._round_keys = request.prompt_ids  # (count,) what _observe records the groups under
+        request = AllocationRequest(keys, budget - first * count, mean, var)
+        if first:
+            sizes, metrics = torch.full((count,), first, dtype=torch.long), {}
+        else:
+            sizes, metrics = self.c.allocator.allocate(request)  # (count,) int64, the same on every rank
         seconds = time.time() - started
-        global_ids = torch.arange(count) + round_ * count
+        self._check_ranks_agree(sizes)
         mine = rank_prompts(sizes, dist.rank, dist.world)
+        parts = [self._sample_sizes(problems, global_ids, sizes, mine)]
+        if first:
+            successes, trials = self._observe(parts, keys, global_ids)  # (count,) each, every rank's rows
+            started = time.time()
+            extra, metrics = self.c.allocator.top_up(request, successes, trials)
+            seconds += time.time() - started
+            self._check_ranks_agree(extra)
+            parts.append(self._sample_sizes(problems, global_ids, extra, mine[extra[mine] > 0]))
+            sizes = sizes + extra
+        rollout, correctness, keep, info = _merge_scored(parts)
+        self._observe([(rollout, correctness, keep, info)] if not first else parts[1:], keys, global_ids)
+        metrics = {
+            **metrics,
+            **allocation_metrics(sizes, budget),
+            **({"alloc/first_round_samples": float(first * count)} if first else {}),
+        }
+        return rollout, correctness, keep, info, metrics, seconds
+
+    def _sample_sizes(
+        self, problems: list[Any], global_ids: Tensor, sizes: Tensor, mine: Tensor
+    ) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
+        """Sample and score ``sizes[i]`` completions of each of this rank's prompts ``mine``.
+
+        One :func:`generate` call sequence per distinct size, in increasing size, the same sequence
+        on every rank (under FSDP each call is a collective; a rank with no prompt of a size makes
+        idle calls). With one size (``uniform``) this is exactly the calls of a run without allocation.
+        """
         parts = []
         for size in torch.unique(sizes[sizes > 0]).tolist():  # sorted: the same call sequence on every rank
             chosen = mine[sizes[mine] == size]
-            if chosen.numel() == 0 and dist.sync_calls is None:
+            if chosen.numel() == 0 and self.dist.sync_calls is None:
                 continue
             parts.append(self._generate([problems[i] for i in chosen.tolist()], global_ids[chosen], size))
         if not parts:  # this rank got no prompt: an empty rollout (zero generate calls)
             parts.append(self._generate([], global_ids[:0], 1, sync=lambda calls: calls))
-        return Rollout.concat(parts), alloc_metrics, seconds
+        rollout = Rollout.concat(parts)
+        correctness, keep, info = score(rollout, self.c.verifier)  # (B,) the verifier's reward, unshaped
+        return rollout, correctness, keep, info
+
+    def _check_ranks_agree(self, sizes: Tensor) -> None:
+        """One small gather: a rank whose allocator drifted would otherwise sample another batch silently."""
+        dist = self.dist
+        if dist.world > 1 and not bool((dist.all_gather_cat(sizes).reshape(dist.world, -1) == sizes).all()):
+            raise RuntimeError(
+                f"allocation {self.config.allocation!r} gave different group sizes on different ranks at step "
+                f"{self.step + 1}; an allocator must be a deterministic function of its calls (seed its randomness, "
+                "keep no rank-local state)"
+            )
 
     def _generate(self, problems: list[Any], group_ids: Tensor, group_size: int, sync: Any = None) -> Rollout:
         cfg = self.config
@@ -791,18 +838,29 @@ class Trainer:
             return mean, None
         return mean, between_prompt_variance(tau2, mean, self.mean_group_size)
 
-    def _observe(self, groups: Tensor, successes: Tensor, trials: Tensor) -> None:
-        """Tell the allocator what each candidate's group got (``groups``: indices into the round's candidates)."""
-        allocator = self.c.allocator
-        if not allocator.reads_history or groups.numel() == 0:
-            return
-        if bool(((successes < 0) | (successes > trials)).any()):
-            raise ValueError(
-                f"allocation {self.config.allocation!r} counts successes and needs the verifier's rewards in [0, 1]; "
-                f"verifier {self.config.verifier!r} returned rewards outside it"
-            )
-        keys = self._round_keys[groups]
-        allocator.observe(keys, successes, trials)
+    def _observe(
+        self, parts: list[tuple[Rollout, Tensor, Tensor, Any]], keys: Tensor, global_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Tell the allocator what each candidate's group got in ``parts`` (this rank's scored rollouts).
+
+        Every rank's kept rows are gathered, so every allocator sees the same observations. Returns
+        the successes and completions of each candidate (count,) (0 for one not sampled).
+        """
+        dist, allocator = self.dist, self.c.allocator
+        correctness = torch.cat([c[k] for _, c, k, _ in parts])
+        group_ids = torch.cat([r.group_ids.cpu()[k.cpu()] for r, _, k, _ in parts])
+        ids, successes, trials, _ = group_outcomes(dist.all_gather_cat(correctness), dist.all_gather_cat(group_ids))
+        index = ids - global_ids[0]  # positions among the round's candidates
+        per_successes = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, index, successes)
+        per_trials = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, index, trials)
+        if allocator.reads_history and ids.numel():
+            if bool(((successes < 0) | (successes > trials)).any()):
+                raise ValueError(
+                    f"allocation {self.config.allocation!r} counts successes and needs the verifier's rewards in "
+                    f"[0, 1]; verifier {self.config.verifier!r} returned rewards outside it"
+                )
+            allocator.observe(keys[index], successes, trials)
+        return per_successes, per_trials
 
     def _overlong(self, rollout: Rollout) -> Tensor:
         cfg = self.config
@@ -1220,6 +1278,22 @@ def rank_prompts(sizes: Tensor, rank: int, world: int) -> Tensor:
     order = torch.argsort(-sizes, stable=True)
     order = order[sizes[order] > 0]
     return order[rank::world].sort().values
+
+
+def _merge_scored(
+    parts: list[tuple[Rollout, Tensor, Tensor, dict[str, float]]],
+) -> tuple[Rollout, Tensor, Tensor, dict[str, float]]:
+    """Scored rollouts of one round as one, each group's rows together (a first round and its top-ups merge)."""
+    if len(parts) == 1:
+        return parts[0]
+    rollout = Rollout.concat([p[0] for p in parts])
+    correctness, keep = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    info: dict[str, float] = {}
+    for part in parts:
+        for key, value in part[3].items():
+            info[key] = info.get(key, 0.0) + value
+    order = torch.argsort(rollout.group_ids, stable=True)
+    return rollout.select(order), correctness[order], keep[order], info
 
 
 def _plain(value: Any) -> Any:
