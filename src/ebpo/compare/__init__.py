@@ -2,6 +2,7 @@
 
     ebpo compare --quick --out runs/compare-quick
     ebpo compare --methods grpo ebpo --group-sizes 2 4 8 --seeds 5 --out runs/compare
+    ebpo compare --methods grpo dapo ebpo --group-sizes 4 --sample-budget 30720 --pool 2000 --out runs/equal-samples
     ebpo compare --methods gbmpo-probl2 --variant es_mirror "--method gbmpo-mirror --mirror-params runs/meta/mirror_params.json"
 
 Every run is an ordinary ``ebpo train`` subprocess with its own run
@@ -17,15 +18,49 @@ it runs, ``OUT`` is locked: a second ``ebpo compare`` on it is refused.
 A method is a ``--method`` preset, or a ``--variant LABEL "FLAGS"``: any
 ``ebpo train`` flags under a label of your choosing (the flags should name
 a ``--method``), so settings that no preset covers (a learned mirror map, a
-different prior) are compared with the same machinery.
+different prior, a rollout allocation with its options) are compared with the
+same machinery. ``--allocations A B`` adds, for every method M, the method
+``M@A``: M's flags plus ``--allocation A`` (``grpo@eb``, ``ebpo@knapsack``).
+
+Equal steps or equal samples. By default every run takes ``--steps`` steps,
+so a method that samples more per step (DAPO's resampling rounds) also
+spends more samples. ``--sample-budget N`` compares at equal samples
+instead: every run gets ``ebpo train --max-samples N`` and ``--steps`` =
+ceil(N / (prompts per step x G)), so a run ends after the step at which it
+has sampled N completions (DAPO at fewer steps; a run's last step may go
+a little past N, which the at-budget columns interpolate away).
+``--pool N`` gives every run ``--task-options '{num_train: N}'``: the
+training stream cycles through N prompts, so prompts come back and
+per-prompt history (``spo``, ``krpo``, the ``skip`` and ``eb`` allocations)
+has something to use (2,000 prompts are about 4 epochs of 60 steps x 128).
+A variant or ``--train-args`` that sets ``--task-options`` itself is refused
+beside ``--pool``: put ``num_train`` in its task options instead. The
+budget and the pool are recorded in ``compare.json`` with the other shared
+settings, and a later slice that differs is refused.
 
 Aggregation, per method and group size, over seeds: held-out accuracy
-against samples consumed (responses generated; DAPO's resampling rounds
-count; the k-th evaluation of every seed is one point, at the seeds' mean
-sample count), mean and 95% Student-t CI; final accuracy and its gain over the
-starting accuracy; samples needed to reach ``--target`` accuracy; mean step
-time; run-to-run standard deviation of the final accuracy; mean completion
-length over training. Written as ``report.md``, ``report.json`` and PNG plots in ``OUT``.
+against samples consumed (what each run logged it sampled,
+``rollout/samples``: every rank and DAPO resampling round; runs made before
+that metric existed count prompts x G per step, times DAPO's rounds; the
+k-th evaluation of every seed is one point, at the seeds' mean sample
+count), mean and 95% Student-t CI; final accuracy and its gain over the
+starting accuracy; with a budget, the in-training accuracy at exactly N
+samples; samples needed to reach ``--target`` accuracy; samples per run; the
+share of samples that sat in all-equal groups (no group-relative signal);
+wall time per run (allocation included) and the allocation's own time;
+mean step time; run-to-run standard deviation of the final accuracy; mean
+completion length over training. Columns that old runs did not log read
+"-". Paired by seed against ``--baseline`` (default GRPO): the final
+difference with its CI and the seeds where the method did better, the
+difference at the common sample budget, and the samples each seed needs to
+reach the accuracy the baseline's run of the same seed ends at. Written as
+``report.md``, ``report.json`` and PNG plots in ``OUT``, and one line per
+paired method, printed last, saying whether its 95% CI excludes zero.
+
+The plots put every method of a G on one sample axis: 0 to the budget, or
+without one, 0 to the fewest samples any method used (a method that sampled
+more, such as DAPO, is cut there rather than squashing the other curves; the
+panel title and the report say so).
 
 The final accuracy is measured once more after training with more samples per
 problem (``--final-samples``, default 32; ``ebpo eval`` on the run's last
@@ -33,6 +68,10 @@ checkpoint, written to ``RUN/final-eval-kK/``): with the in-training avg@4 on
 256 problems, the sampling noise of one evaluation (about 0.01) is as large as
 the differences the comparison looks for. Paired by seed, both runs use the
 same sampling seed. The curves keep the in-training evaluations.
+
+``--quick`` is GRPO against EBPO on the stepwise testbed at G = 2, where
+EBPO's effect is known to show (docs/compare-stepwise.md): 6 seeds of 10
+steps of 128 prompts, about five minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -161,14 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-every", type=int, default=None, help="held-out evaluation every this many steps (default: 10)"
     )
-    parser.add_argument(
-        "--task", default=None, help="task passed to ebpo train (default: stepwise; --quick: arithmetic)"
-    )
+    parser.add_argument("--task", default=None, help="task passed to ebpo train (default: stepwise)")
     parser.add_argument(
         "--max-eval-problems",
         type=int,
         default=None,
-        help="held-out problems per evaluation (default: all; --quick: 128)",
+        help="held-out problems per evaluation (default: all)",
     )
     parser.add_argument(
         "--final-samples",
@@ -188,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at once (one torch thread each)")
     parser.add_argument("--out", default="runs/compare", help="output directory (runs/, report.md, report.json, PNGs)")
     parser.add_argument(
-        "--quick", action="store_true", help="a small comparison that finishes in about 5 minutes on 2 cores"
+        "--quick",
+        action="store_true",
+        help="GRPO against EBPO at G = 2 on the stepwise testbed, 6 seeds of 10 steps, final accuracy from the last in-training evaluation: a real effect in about 5 minutes on 2 cores (the flags above still override it)",
     )
     parser.add_argument(
         "--rerun", action="store_true", help="rerun runs whose summary.json already exists (asks nothing: deletes them)"
