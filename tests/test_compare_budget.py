@@ -109,7 +109,11 @@ def test_pool_gives_every_run_the_task_options_and_allocations_add_method_at_all
         _resolve(build_parser().parse_args(["--pool", "0"]))
 
 
-def test_pool_is_refused_beside_a_variant_or_train_args_that_set_task_options(tmp_path, capsys):
+def test_pool_is_refused_beside_a_variant_or_train_args_that_set_task_options(tmp_path, capsys, monkeypatch):
+    def run_all(*_):  # were the refusal missing, fail here instead of training
+        raise AssertionError("runs started")
+
+    monkeypatch.setattr(compare, "run_all", run_all)
     base = ["--task", "arithmetic", "--steps", "2", "--group-sizes", "2", "--pool", "100", "--out", str(tmp_path / "c")]
     variant = ["--variant", "hard", "--method grpo --task-options '{num_train: 50}'"]
     assert compare.main([*base, *variant]) == 2
@@ -172,6 +176,14 @@ def test_the_sample_axis_is_what_the_run_logged(tmp_path):
     assert run["curve"] == [(0.0, 0.2), (40.0, 0.3), (50.0, 0.4)]
     assert run["all_equal_share"] == pytest.approx(20 / 50) and run["allocation_seconds"] == pytest.approx(0.6)
     assert run["samples"] == 50.0 and run["samples_logged"]
+    # the logged cumulative total is what counts: a run resumed from a checkpoint whose earlier metrics lines were
+    # lost still starts its axis at the samples it had spent (the per-step sum would restart at 0)
+    resumed = logged_run(tmp_path / "r", {2: 0.3}, samples=[10.0, 30.0])
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["rollout/samples_total"] += 100.0
+    (resumed / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert _read_run(resumed, 4, 2)["curve"][-1] == (140.0, 0.3)
     # without the cumulative total, the per-step counts are summed
     summed = _read_run(logged_run(tmp_path / "b", {2: 0.3}, samples=[10.0, 30.0], total=False), 4, 2)
     assert summed["curve"][-1] == (40.0, 0.3)
@@ -260,3 +272,17 @@ def test_the_headline_says_whether_the_interval_excludes_zero(tmp_path):
     assert "includes 0: not resolved" in headline(result([0.02, -0.01, 0.0]))[0]
     assert "ebpo is worse here" in headline(result([-0.02, -0.01, -0.015]))[0]
     assert "one seed: no confidence interval" in headline(result([0.02]))[0]
+
+
+def test_paired_differences_at_the_budget_interpolate_both_runs(tmp_path):
+    """With a budget, the baseline is read at N too (not at its last evaluation, which lies past N)."""
+    runs = {  # both evaluated at 16 and 32 samples; the budget, 24, lies between
+        RunSpec("grpo", 2, 0): _read_run(logged_run(tmp_path / "g", {1: 0.3, 2: 0.5}, samples=[16.0, 16.0]), 8, 2),
+        RunSpec("ebpo", 2, 0): _read_run(logged_run(tmp_path / "e", {1: 0.4, 2: 0.5}, samples=[16.0, 16.0]), 8, 2),
+    }
+    result = aggregate_runs(runs, target=0.9, baseline="grpo", sample_budget=24)
+    # at 24: ebpo 0.45, grpo 0.40 (their last evaluations tie at 0.5)
+    assert result["paired"]["ebpo|G=2"]["at_budget"]["diffs"] == pytest.approx([0.05])
+    assert result["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([0.0])
+    reach = result["rows"]["ebpo|G=2"]["to_baseline_final"]  # grpo's 0.40 at 24: ebpo has it at 16, 2/3 of 24
+    assert reach["accuracy"] == pytest.approx(0.4) and reach["fraction_of_budget"] == pytest.approx(2 / 3)
