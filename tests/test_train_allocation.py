@@ -262,6 +262,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # a 2-process launch, 20 to 45 s; the default suite has rank_prompts and the allocators' agreement
 def test_two_processes_allocate_alike_and_train_on_unequal_groups(tmp_path):
     """2 gloo processes with eb: the trainer checks every step that both ranks allocated the same sizes
     (a RuntimeError otherwise), ranks hold different numbers of completions, and the run finishes."""
