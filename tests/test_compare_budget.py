@@ -101,6 +101,9 @@ def test_pool_gives_every_run_the_task_options_and_allocations_add_method_at_all
     assert train[:6] == ["--method", "ebpo", "--estimator-options", "{prior: running}", "--allocation", "eb"]
     assert train[train.index("--task-options") + 1] == "{num_train: 2000}"
     assert RunSpec("grpo@eb", 4, 0).name == "grpo@eb-G4-s0"
+    # DAPO's dynamic sampling redraws whole groups of G, which the trainer refuses beside an allocation: left out
+    dapo = _resolve(build_parser().parse_args(["--methods", "grpo", "dapo", "--allocations", "eb"]))
+    assert dapo.methods == ["grpo", "dapo", "grpo@eb"]
     with pytest.raises(SystemExit, match="set --allocation already"):
         _resolve(
             build_parser().parse_args(["--variant", "x", "--method ebpo --allocation skip", "--allocations", "eb"])

@@ -264,11 +264,17 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if label in DEFAULT_VARIANTS and label not in args.variants:
             args.variants[label] = list(DEFAULT_VARIANTS[label])
     args.methods = list(dict.fromkeys(list(args.methods) + list(args.variants)))
+    resampling = [m for m in args.methods if args.allocations and _resamples(args.variants.get(m) or ["--method", m])]
+    if resampling:
+        print(
+            f"ebpo compare: --allocations leaves out {', '.join(resampling)}: dynamic sampling (DAPO) redraws whole "
+            "groups of G and takes no allocation"
+        )
     for alloc in args.allocations:  # METHOD@ALLOC: the method's own flags and the allocation
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", alloc):
             raise SystemExit(f"ebpo compare: --allocations takes allocation names, got {alloc!r}")
         for method in list(args.methods):
-            if "@" in method:
+            if "@" in method or method in resampling:
                 continue
             label = f"{method}@{alloc}"
             if label in args.methods:
@@ -301,6 +307,25 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.final_samples < 0:
         raise SystemExit(f"ebpo compare: --final-samples must be >= 0, got {args.final_samples}")
     return args
+
+
+def _resamples(flags: list[str]) -> bool:
+    """Whether ``ebpo train`` with these flags uses dynamic sampling (DAPO's preset, or the flag), which the
+    trainer refuses beside an allocation. Flags that do not parse count as not: compare's checks report them."""
+    import contextlib
+    import io
+
+    from ebpo.train.cli import build_parser as train_parser
+    from ebpo.train.presets import list_methods, preset
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            given = vars(train_parser().parse_args(flags))  # only the flags given: its defaults are suppressed
+    except SystemExit:
+        return False
+    method = given.get("method")
+    default = preset(method).get("dynamic_sampling", False) if method in list_methods() else False
+    return bool(given.get("dynamic_sampling", default))
 
 
 def steps_for_budget(sample_budget: int, prompts_per_step: int, group_size: int) -> int:
