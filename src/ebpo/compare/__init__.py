@@ -20,7 +20,9 @@ A method is a ``--method`` preset, or a ``--variant LABEL "FLAGS"``: any
 a ``--method``), so settings that no preset covers (a learned mirror map, a
 different prior, a rollout allocation with its options) are compared with the
 same machinery. ``--allocations A B`` adds, for every method M, the method
-``M@A``: M's flags plus ``--allocation A`` (``grpo@eb``, ``ebpo@knapsack``).
+``M@A``: M's flags plus ``--allocation A`` (``grpo@eb``, ``ebpo@knapsack``);
+methods with dynamic sampling (DAPO) are left out, since it redraws whole
+groups of G and takes no allocation.
 
 Equal steps or equal samples. By default every run takes ``--steps`` steps,
 so a method that samples more per step (DAPO's resampling rounds) also
