@@ -128,10 +128,12 @@ DEFAULT_BUDGET: dict[str, Any] = {
     "max_eval_problems": 0,
     "final_samples": 32,
 }
-# ``--quick``: GRPO against EBPO on the same testbed at G = 2, where EBPO's effect is known to show (73% of
-# GRPO's groups are all-equal there; 10 seeds of the default grid: EBPO ahead by 1.7 points after 10 steps,
-# standard deviation 1.0 over seeds, every seed better; by 5.5 after 60). Ten steps and six seeds keep it at
-# about five minutes on 2 cores, the shared warm start included; the 95% CI of six paired seeds says how sure.
+# ``--quick``: GRPO against EBPO on the same testbed at G = 2, where EBPO's effect is known to show (about 70% of
+# the samples sit in all-equal groups there). Chosen from the 10 seeds of the G = 2 isolation runs (guide.md):
+# after 10 steps EBPO led by 1.7 points, standard deviation 1.0 over seeds, every seed better (after 20 steps
+# +1.5 with a standard deviation of 2.4; after 60, +5.5). Six seeds of ten steps give a 95% CI of about one point
+# and take about five minutes of an idle 2-core machine with the warm start trained on a fresh cache (less with
+# the shipped one); measured: docs/compare-stepwise.md.
 QUICK_BUDGET: dict[str, Any] = {
     "task": "stepwise",
     "group_sizes": [2],
