@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from ebpo.compare import (
     _plot,
     _read_run,
     _resolve,
+    _x_caption,
     aggregate_runs,
     build_parser,
     headline,
@@ -146,7 +148,7 @@ def test_compare_json_records_the_budget_and_the_pool_and_refuses_a_slice_that_d
     assert compare.main([*base, "--sample-budget", "16", "--pool", "300"]) == 0
     recorded = json.loads((out / "compare.json").read_text())
     assert (recorded["sample_budget"], recorded["pool"], recorded["steps"]) == (16, 300, None)
-    for other in (["--sample-budget", "24", "--pool", "300"], ["--sample-budget", "16", "--pool", "400"], []):
+    for other in (["--sample-budget", "24", "--pool", "300"], ["--sample-budget", "16", "--pool", "400"]):
         assert compare.main([*base, *other]) == 2
         assert "other settings (" in capsys.readouterr().err
     assert len(calls) == 1
@@ -154,8 +156,8 @@ def test_compare_json_records_the_budget_and_the_pool_and_refuses_a_slice_that_d
     assert (report["sample_budget"], report["pool"]) == (16, 300)
     # a compare.json written before the budget and the pool existed takes a slice without them
     old = tmp_path / "old"
-    assert compare.main([*base[:-1], str(old), "--steps", "2"]) == 0
-    settings = json.loads((old / "compare.json").read_text())
+    shutil.copytree(out, old)
+    settings = {**json.loads((old / "compare.json").read_text()), "steps": 2}
     (old / "compare.json").write_text(
         json.dumps({k: v for k, v in settings.items() if k not in ("sample_budget", "pool")})
     )
@@ -249,12 +251,10 @@ def test_every_method_shares_the_sample_axis(tmp_path):
         "4": {"max": 64.0, "by": "grpo", "cut": []},
     }
     assert _plot(result, tmp_path / "a.png") == {2: (0.0, 32.0), 4: (0.0, 64.0)}
-    assert "G = 2: 0 to 32, the fewest samples any method used (grpo); cut there: dapo" in write_report(
-        result, tmp_path, "x"
-    )
+    assert "G = 2: 0 to 32, the fewest samples any method used (grpo); cut there: dapo" in _x_caption(result)
     budgeted = aggregate_runs(runs, target=0.9, sample_budget=48)  # with a budget: 0 to it, for every G
     assert _plot(budgeted, tmp_path / "b.png") == {2: (0.0, 48.0), 4: (0.0, 48.0)}
-    assert "G = 2: 0 to the sample budget, 48; cut there: dapo" in write_report(budgeted, tmp_path, "x")
+    assert "G = 2: 0 to the sample budget, 48; cut there: dapo" in _x_caption(budgeted)  # report.md's caption
 
 
 def test_the_headline_says_whether_the_interval_excludes_zero(tmp_path):
