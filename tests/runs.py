@@ -94,3 +94,30 @@ def saved_weights(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(path, "model.safetensors"))
+
+
+def fake_generate(model, tokenizer, problems, global_ids, *, group_size, **_):
+    """A stand-in for ``ebpo.sampling.generate``: ``group_size`` empty completions of each problem, no model."""
+    from ebpo.sampling import Rollout
+
+    rows = len(problems) * group_size
+    return Rollout(
+        input_ids=torch.zeros(rows, 4, dtype=torch.long),
+        attention_mask=torch.ones(rows, 4, dtype=torch.long),
+        completion_mask=torch.ones(rows, 3),
+        prompt_length=1,
+        group_ids=torch.as_tensor(global_ids).repeat_interleave(group_size),
+        texts=["x"] * rows,
+        problems=[p for p in problems for _ in range(group_size)],
+    )
+
+
+def torchrun(processes: int) -> list[str]:
+    """The command prefix that launches ``processes`` CPU processes with torchrun on a free local port."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]

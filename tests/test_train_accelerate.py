@@ -10,40 +10,21 @@ exercises the zero-weight padding passes that keep DDP's collectives in step.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from runs import TINY, saved_weights, timeless
+from runs import TINY, saved_weights, timeless, torchrun
 from tolerances import UPDATE_ULPS, assert_close_norm
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_dp_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(out, shards: str, *flags: str, fsdp: bool = False) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     world = len(shards.split(","))
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(world),
-            "--master_port",
-            str(_free_port()),
-        ]
-        if world > 1
-        else [sys.executable]
-    )
+    launcher = torchrun(world) if world > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     if fsdp:  # tests/fsdp_cpu.py: the trainer under a real FSDP wrapper; the worker also saves a checkpoint
         env.update(EBPO_TEST_FSDP="1", EBPO_TEST_SAVE="1")
@@ -171,15 +152,7 @@ FSDP_RUN = [
 
 
 def _fsdp_train(*args: str) -> None:
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
+    launcher = torchrun(2)
     script = os.path.join(os.path.dirname(__file__), "fsdp_cpu.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     result = subprocess.run([*launcher, script, "train", *args], env=env, capture_output=True, text=True, timeout=600)

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import types
 
 import pytest
 import torch
-from runs import TINY, saved_weights, timeless
+from runs import TINY, fake_generate, saved_weights, timeless, torchrun
 
 import ebpo.train.trainer as trainer_mod
 from ebpo.allocation import ALLOCATORS
 from ebpo.cli import main
-from ebpo.sampling import Rollout
 from ebpo.tasks.base import Problem
 from ebpo.train.config import TrainConfig
 from ebpo.train.distributed import Dist
@@ -43,19 +40,6 @@ class _Stream:
         return out
 
 
-def _fake_generate(model, tokenizer, problems, global_ids, *, group_size, **_):
-    rows = len(problems) * group_size
-    return Rollout(
-        input_ids=torch.zeros(rows, 4, dtype=torch.long),
-        attention_mask=torch.ones(rows, 4, dtype=torch.long),
-        completion_mask=torch.ones(rows, 3),
-        prompt_length=1,
-        group_ids=torch.as_tensor(global_ids).repeat_interleave(group_size),
-        texts=["x"] * rows,
-        problems=[p for p in problems for _ in range(group_size)],
-    )
-
-
 def _fake_score(rollout, verifier):
     """Row k of a group of n is correct when k < round(rate x n): deterministic, mixed where 0 < rate < 1."""
     correct, seen = [], {}
@@ -71,7 +55,7 @@ def _trainer(monkeypatch, allocation: str, calls: list | None = None, **config) 
     def generate(*args, **kwargs):
         if calls is not None:
             calls.append((kwargs["group_size"], [p.id for p in args[2]]))
-        return _fake_generate(*args, **kwargs)
+        return fake_generate(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "generate", generate)
     monkeypatch.setattr(trainer_mod, "score", _fake_score)
@@ -195,28 +179,15 @@ def test_bad_allocation_settings_fail_before_training(config, needle):
 
 
 def test_rewards_that_are_not_success_counts_stop_a_history_reading_allocation(monkeypatch):
+    def twos(rollout, verifier):
+        return torch.full((len(rollout.texts),), 2.0), torch.ones(len(rollout.texts), dtype=torch.bool), {}
+
     trainer = _trainer(monkeypatch, "eb")
-    monkeypatch.setattr(
-        trainer_mod,
-        "score",
-        lambda rollout, v: (
-            torch.full((len(rollout.texts),), 2.0),
-            torch.ones(len(rollout.texts), dtype=torch.bool),
-            {},
-        ),
-    )
+    monkeypatch.setattr(trainer_mod, "score", twos)
     with pytest.raises(ValueError, match=r"rewards in \[0, 1\]"):
         trainer.rollout_and_score()
     uniform = _trainer(monkeypatch, "uniform")
-    monkeypatch.setattr(
-        trainer_mod,
-        "score",
-        lambda rollout, v: (
-            torch.full((len(rollout.texts),), 2.0),
-            torch.ones(len(rollout.texts), dtype=torch.bool),
-            {},
-        ),
-    )
+    monkeypatch.setattr(trainer_mod, "score", twos)
     uniform.rollout_and_score()  # uniform reads no history: any reward scale trains as before
 
 
@@ -256,26 +227,12 @@ def test_eb_run_resumes_to_the_uninterrupted_run_and_max_samples_stops_it(tmp_pa
     assert summary["steps"] == 3 and summary["samples"] == 48
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow  # a 2-process launch, 20 to 45 s; the default suite has rank_prompts and the allocators' agreement
 def test_two_processes_allocate_alike_and_train_on_unequal_groups(tmp_path):
     """2 gloo processes with eb: the trainer checks every step that both ranks allocated the same sizes
     (a RuntimeError otherwise), ranks hold different numbers of completions, and the run finishes."""
     out = tmp_path / "dp"
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
+    launcher = torchrun(2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     first = ["--allocation-first-round", "2"]  # 12 completions first, 4 top-ups: both allocations checked
     args = ["-m", "ebpo", "train", "--out", str(out), "--steps", "3", "--device", "cpu", *RUN, *EB, *first]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import types
 
 import torch
+from runs import fake_generate
 
 import ebpo.train.trainer as trainer_mod
 from ebpo.allocation import build_allocator
 from ebpo.grouping import stable_topic_ids
-from ebpo.sampling import Rollout
 from ebpo.tasks.base import Problem
 from ebpo.train.config import TrainConfig
 from ebpo.train.distributed import Dist
@@ -45,26 +45,13 @@ class _Stream:
         return out
 
 
-def _fake_generate(model, tokenizer, problems, global_ids, *, group_size, **_):
-    rows = len(problems) * group_size
-    return Rollout(
-        input_ids=torch.zeros(rows, 4, dtype=torch.long),
-        attention_mask=torch.ones(rows, 4, dtype=torch.long),
-        completion_mask=torch.ones(rows, 3),
-        prompt_length=1,
-        group_ids=torch.as_tensor(global_ids).repeat_interleave(group_size),
-        texts=["x"] * rows,
-        problems=[p for p in problems for _ in range(group_size)],
-    )
-
-
 def _fake_score(rollout, verifier):
     rewards = torch.tensor([CORRECT[p.id][i % G] for i, p in enumerate(rollout.problems)], dtype=torch.float64)
     return rewards, torch.ones(len(rewards), dtype=torch.bool), {}
 
 
 def _trainer(monkeypatch, **config) -> Trainer:
-    monkeypatch.setattr(trainer_mod, "generate", _fake_generate)
+    monkeypatch.setattr(trainer_mod, "generate", fake_generate)
     monkeypatch.setattr(trainer_mod, "score", _fake_score)
     trainer = object.__new__(Trainer)
     trainer.config = TrainConfig(group_size=G, **config)
