@@ -583,7 +583,9 @@ def test_top_up_refuses_bad_first_rounds_and_budgets():
     with pytest.raises(ValueError, match="room left under max_group_size"):
         eb.top_up(AllocationRequest(ids, 5), torch.tensor([0.0, 1.0]), two)
     with pytest.raises(ValueError, match="first group must hold"):
-        eb.top_up(request, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+        eb.top_up(request, torch.tensor([0.0, 1.0]), torch.tensor([5.0, 2.0]))
+    sizes, _ = eb.top_up(request, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))  # one of the first 2 dropped
+    assert int(sizes.sum()) == 3 and int(sizes[0]) <= 3
     with pytest.raises(ValueError, match=r"first_successes must lie in \[0, first_trials\]"):
         eb.top_up(request, torch.tensor([3.0, 1.0]), two)
     assert not hasattr(build_allocator("skip"), "top_up") and not hasattr(build_allocator("uniform"), "top_up")

@@ -190,6 +190,29 @@ def test_rewards_that_are_not_success_counts_stop_a_history_reading_allocation(m
     monkeypatch.setattr(trainer_mod, "score", twos)
     uniform.rollout_and_score()  # uniform reads no history: any reward scale trains as before
 
+    def minus_one_and_two(rollout, verifier):  # each group of 4 sums to 2: in [0, trials], yet not success counts
+        rewards = torch.tensor([-1.0, 2.0, 0.0, 1.0] * (len(rollout.texts) // 4), dtype=torch.float64)
+        return rewards, torch.ones(len(rewards), dtype=torch.bool), {}
+
+    trainer = _trainer(monkeypatch, "eb")
+    monkeypatch.setattr(trainer_mod, "score", minus_one_and_two)
+    with pytest.raises(ValueError, match=r"rewards in \[0, 1\]"):
+        trainer.rollout_and_score()
+
+
+def test_a_first_round_the_verifier_partly_dropped_is_topped_up(monkeypatch):
+    """A verifier returning None for some completions leaves first groups with fewer counted rows than sampled."""
+
+    def drop_first_rows(rollout, verifier):
+        rewards, keep, info = _fake_score(rollout, verifier)
+        keep[0] = False  # the first row of the step: its group counts one completion
+        return rewards, keep, info
+
+    trainer = _trainer(monkeypatch, "eb", prompts_per_step=6, candidates_per_step=6, allocation_first_round=2)
+    monkeypatch.setattr(trainer_mod, "score", drop_first_rows)
+    rollout, _, _, metrics = trainer.rollout_and_score()
+    assert metrics["rollout/samples"] == 24.0 and len(rollout.texts) == 22  # two dropped: one per scored part
+
 
 # ------------------------------------------------------------------ end to end (tiny model)
 RUN = [*TINY, "--task-options", "{num_train: 12, num_eval: 8, max_terms: 1, max_digits: 2}", "--seed", "3"]

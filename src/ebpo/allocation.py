@@ -620,17 +620,20 @@ class _ValueAllocator(_HistoryAllocator):
         first group that is already mixed; P(at least one success among m) after a first group with
         none, 1 - E[(1 - p)^m]; P(at least one failure) after all successes, 1 - E[p^m].
         Top-ups are 0 or 1 .. max_group_size - first_trials (any size: the first group already
-        meets ``min_group_size``); solved exactly like :meth:`allocate`.
+        meets ``min_group_size``); solved exactly like :meth:`allocate`. ``first_trials`` counts the
+        completions the verifier scored (a group whose rewards were all dropped counts 0 and is
+        valued as one with no success).
         """
         prompt_ids = _as_prompt_ids(request.prompt_ids)
         first_s = torch.as_tensor(first_successes, dtype=torch.float64).cpu()
         first_t = torch.as_tensor(first_trials, dtype=torch.float64).cpu()
         if first_s.shape != prompt_ids.shape or first_t.shape != prompt_ids.shape:
             raise ValueError("top_up needs first_successes and first_trials of shape (P,), one per candidate prompt")
-        if bool(((first_t < self.min_group_size) | (first_t > self.max_group_size)).any()):
+        # The caller sampled at least min_group_size of each; the verifier may have dropped some (None rewards), so
+        # fewer may be counted, but never more than a group may hold.
+        if bool(((first_t < 0) | (first_t > self.max_group_size) | (first_t != first_t.round())).any()):
             raise ValueError(
-                f"top_up: every first group must hold {self.min_group_size}..{self.max_group_size} completions, "
-                f"got {first_t.tolist()}"
+                f"top_up: every first group must hold 0..{self.max_group_size} counted completions, got {first_t.tolist()}"
             )
         if bool(((first_s < 0) | (first_s > first_t)).any()):
             raise ValueError("top_up: first_successes must lie in [0, first_trials]")

@@ -379,7 +379,6 @@ class Trainer:
         self.step, self.accuracy_before, self.elapsed_before = 0, None, 0.0
         self.samples_total = 0  # completions sampled so far, every rank and resampling round (max_samples reads it)
         self.mean_group_size = float(config.group_size)  # of the groups the estimator saw last step (the prior's noise)
-        self._round_keys = torch.empty(0, dtype=torch.long)
         self.scores_before: Tensor | None = None  # per-problem held-out scores before RL (not kept across --resume)
         self.last_eval_scores: Tensor | None = None
         pass_rates = self._starting_pass_rates() if config.curriculum == "difficulty" else None
@@ -849,12 +848,13 @@ class Trainer:
         dist, allocator = self.dist, self.c.allocator
         correctness = torch.cat([c[k] for _, c, k, _ in parts])
         group_ids = torch.cat([r.group_ids.cpu()[k.cpu()] for r, _, k, _ in parts])
-        ids, successes, trials, _ = group_outcomes(dist.all_gather_cat(correctness), dist.all_gather_cat(group_ids))
+        correctness = dist.all_gather_cat(correctness)
+        ids, successes, trials, _ = group_outcomes(correctness, dist.all_gather_cat(group_ids))
         index = ids - global_ids[0]  # positions among the round's candidates
         per_successes = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, index, successes)
         per_trials = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, index, trials)
         if allocator.reads_history and ids.numel():
-            if bool(((successes < 0) | (successes > trials)).any()):
+            if bool(((correctness < 0) | (correctness > 1)).any()):
                 raise ValueError(
                     f"allocation {self.config.allocation!r} counts successes and needs the verifier's rewards in "
                     f"[0, 1]; verifier {self.config.verifier!r} returned rewards outside it"
