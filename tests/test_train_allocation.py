@@ -140,6 +140,8 @@ def test_a_first_round_then_top_ups_of_the_groups_it_left_all_equal(monkeypatch,
     history = trainer.c.allocator.history
     assert float(history.trials.sum()) == 24.0  # the first round and the top-ups, each observed once
     assert metrics["alloc/first_round_mixed"] == 1.0
+    _, _, trials, mixed = trainer_mod.group_outcomes(correctness, rollout.group_ids)  # the merged groups, recounted
+    assert metrics["rollout/all_equal_samples"] == float(trials[~mixed].sum())
 
 
 def test_rank_prompts_deals_every_sampled_prompt_once_and_balances_the_ranks():

@@ -61,6 +61,7 @@ __all__ = [
     "Allocator",
     "ALLOCATORS",
     "build_allocator",
+    "check_budget",
     "PromptHistory",
     "fit_beta_prior",
     "between_prompt_variance",
@@ -219,7 +220,14 @@ def expected_informative_prob(a: Tensor, b: Tensor, max_n: int) -> Tensor:
 # Exact separable allocation
 
 
-def _check_budget(num_prompts: int, budget: Any, min_size: int, max_size: int) -> int:
+def check_budget(num_prompts: int, budget: Any, min_size: int, max_size: int) -> int:
+    """``budget`` as an int, or a ValueError saying why it cannot be split over ``num_prompts`` prompts.
+
+    A split exists when some number of sampled prompts k, with ceil(budget / max_size) <= k <=
+    min(num_prompts, budget // min_size), can hold it in groups of ``min_size``..``max_size``.
+    Every strategy's :meth:`Allocator.allocate` checks this, and ``ebpo train`` checks it once
+    before the first step.
+    """
     try:
         if isinstance(budget, bool):
             raise TypeError
@@ -474,7 +482,7 @@ class _HistoryAllocator:
 
     def _request(self, request: AllocationRequest) -> tuple[Tensor, int]:
         prompt_ids = _as_prompt_ids(request.prompt_ids)
-        budget = _check_budget(prompt_ids.numel(), request.budget, self.min_group_size, self.max_group_size)
+        budget = check_budget(prompt_ids.numel(), request.budget, self.min_group_size, self.max_group_size)
         return prompt_ids, budget
 
     def observe(self, prompt_ids: Tensor, successes: Tensor, trials: Tensor) -> None:

@@ -130,7 +130,7 @@ def build_step_allocator(config: TrainConfig, estimator: Any) -> Any:
     needs) and at most ``max(32, group_size)``, so that ``uniform`` gives every prompt exactly
     ``group_size``, as a run without allocation does.
     """
-    from ebpo.allocation import build_allocator
+    from ebpo.allocation import build_allocator, check_budget
 
     options = {
         "min_group_size": max(min(2, config.group_size), estimator.min_group_size),
@@ -164,14 +164,14 @@ def build_step_allocator(config: TrainConfig, estimator: Any) -> Any:
                 f"{first} must fit the step's budget of {budget} completions"
             )
         return allocator
-    fewest = -(-budget // allocator.max_group_size)
-    most = min(candidates, budget // allocator.min_group_size)
-    if fewest > most:
+    try:
+        check_budget(candidates, budget, allocator.min_group_size, allocator.max_group_size)
+    except ValueError as exc:
         raise ValueError(
             f"the step's budget of {budget} completions ({config.prompts_per_step} prompts x {config.group_size}) cannot "
             f"be spread over {candidates} candidate prompts in groups of {allocator.min_group_size}.."
-            f"{allocator.max_group_size}; change --candidates-per-step or the allocation's group sizes"
-        )
+            f"{allocator.max_group_size} ({exc}); change --candidates-per-step or the allocation's group sizes"
+        ) from None
     return allocator
 
 
@@ -671,7 +671,7 @@ class Trainer:
         kept_ids = torch.empty(0, dtype=torch.long)
         samples = all_equal_samples = allocation_seconds = 0.0
         for round_ in range(rounds):
-            rollout, correctness, keep, info, alloc_metrics, seconds = self._sample_round(round_)
+            rollout, correctness, keep, info, alloc_metrics, seconds, kept = self._sample_round(round_)
             allocation_seconds += seconds
             if round_ == 0:
                 metrics.update(self._rollout_metrics(rollout, correctness, keep, info))
@@ -683,9 +683,7 @@ class Trainer:
             rollouts.append(rollout)
             rewards_list.append(rewards)
             correct_list.append(correctness)
-            ids, _, trials, mixed = group_outcomes(
-                dist.all_gather_cat(correctness), dist.all_gather_cat(rollout.group_ids.cpu())
-            )
+            ids, _, trials, mixed = group_outcomes(*kept)  # every rank's kept rows, gathered once by _sample_round
             all_equal_samples += float(trials[~mixed].sum())
             if not cfg.dynamic_sampling:
                 break
@@ -721,7 +719,9 @@ class Trainer:
         )
         return rollout, rewards, correctness, metrics
 
-    def _sample_round(self, round_: int) -> tuple[Rollout, Tensor, Tensor, dict[str, float], dict[str, float], float]:
+    def _sample_round(
+        self, round_: int
+    ) -> tuple[Rollout, Tensor, Tensor, dict[str, float], dict[str, float], float, tuple[Tensor, Tensor]]:
         """Draw the round's candidates, allocate the budget over them, sample and score this rank's prompts.
 
         Without a first round the allocator sizes every group at once. With
@@ -729,7 +729,8 @@ class Trainer:
         the allocator, whose ``top_up`` then spreads the rest of the budget over the same groups
         (same group ids and ranks), which are merged. The allocator observes what each group got.
         Returns this rank's rollout (each group's rows together), its correctness, keep mask and
-        verifier diagnostics, the allocator's metrics and the seconds allocation took.
+        verifier diagnostics, the allocator's metrics, the seconds allocation took, and every rank's
+        kept rows as (correctness, group ids), gathered once for the allocator and reused by the caller.
         """
         from ebpo.allocation import AllocationRequest, allocation_metrics
         from ebpo.estimators import stable_prompt_ids
@@ -751,7 +752,7 @@ class Trainer:
         mine = rank_prompts(sizes, dist.rank, dist.world)
         parts = [self._sample_sizes(problems, global_ids, sizes, mine)]
         if first:
-            successes, trials = self._observe(parts, keys, global_ids)  # (count,) each, every rank's rows
+            successes, trials, kept_first = self._observe(parts, keys, global_ids)  # (count,) each, every rank's rows
             started = time.time()
             extra, metrics = self.c.allocator.top_up(request, successes, trials)
             seconds += time.time() - started
@@ -759,13 +760,15 @@ class Trainer:
             parts.append(self._sample_sizes(problems, global_ids, extra, mine[extra[mine] > 0]))
             sizes = sizes + extra
         rollout, correctness, keep, info = _merge_scored(parts)
-        self._observe([(rollout, correctness, keep, info)] if not first else parts[1:], keys, global_ids)
+        _, _, kept = self._observe([(rollout, correctness, keep, info)] if not first else parts[1:], keys, global_ids)
+        if first:
+            kept = (torch.cat([kept_first[0], kept[0]]), torch.cat([kept_first[1], kept[1]]))
         metrics = {
             **metrics,
             **allocation_metrics(sizes, budget),
             **({"alloc/first_round_samples": float(first * count)} if first else {}),
         }
-        return rollout, correctness, keep, info, metrics, seconds
+        return rollout, correctness, keep, info, metrics, seconds, kept
 
     def _sample_sizes(
         self, problems: list[Any], global_ids: Tensor, sizes: Tensor, mine: Tensor
@@ -827,8 +830,7 @@ class Trainer:
         """
         from ebpo.allocation import between_prompt_variance
 
-        source = getattr(self.c.estimator, "population_prior", None)
-        prior = source() if source is not None else None
+        prior = self.c.estimator.population_prior()  # the pipeline's: None unless its estimator keeps one
         if prior is None:
             return None, None
         mean, tau2 = prior
@@ -839,17 +841,18 @@ class Trainer:
 
     def _observe(
         self, parts: list[tuple[Rollout, Tensor, Tensor, Any]], keys: Tensor, global_ids: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """Tell the allocator what each candidate's group got in ``parts`` (this rank's scored rollouts).
 
         Every rank's kept rows are gathered, so every allocator sees the same observations. Returns
-        the successes and completions of each candidate (count,) (0 for one not sampled).
+        the successes and completions of each candidate (count,) (0 for one not sampled), and the
+        gathered rows as (correctness, group ids).
         """
         dist, allocator = self.dist, self.c.allocator
         correctness = torch.cat([c[k] for _, c, k, _ in parts])
         group_ids = torch.cat([r.group_ids.cpu()[k.cpu()] for r, _, k, _ in parts])
-        correctness = dist.all_gather_cat(correctness)
-        ids, successes, trials, _ = group_outcomes(correctness, dist.all_gather_cat(group_ids))
+        correctness, gathered_ids = dist.all_gather_cat(correctness), dist.all_gather_cat(group_ids)
+        ids, successes, trials, _ = group_outcomes(correctness, gathered_ids)
         index = ids - global_ids[0]  # positions among the round's candidates
         per_successes = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, index, successes)
         per_trials = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, index, trials)
@@ -860,7 +863,7 @@ class Trainer:
                     f"[0, 1]; verifier {self.config.verifier!r} returned rewards outside it"
                 )
             allocator.observe(keys[index], successes, trials)
-        return per_successes, per_trials
+        return per_successes, per_trials, (correctness, gathered_ids)
 
     def _overlong(self, rollout: Rollout) -> Tensor:
         cfg = self.config
