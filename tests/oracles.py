@@ -195,6 +195,7 @@ class LoopHierEBPO:
             noise_of_mean = tau2_star / m_k
             b = 1.0 if noise_of_mean + omega2 <= self.eps else noise_of_mean / (noise_of_mean + omega2)
             pooled[k] = (sigma2_star, tau2_star, (1 - b) * mu_k + b * mu_glob)
+        self.pooled = pooled  # each known topic's (sigma_k*^2, tau_k*^2, mu_k*) after this step
         out = [0.0] * len(rewards)
         for g, idx in groups.items():
             sigma2_star, tau2_star, mu_star = pooled[group_topic[g]]

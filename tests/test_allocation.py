@@ -320,6 +320,10 @@ def test_between_prompt_variance_removes_the_binomial_noise():
     true_var = 2 * 3 / (5**2 * 6)  # Var of Beta(2, 3) = 0.04
     assert tau2 > 1.5 * true_var  # the raw tau^2 is far off
     assert between_prompt_variance(tau2, mu, group) == pytest.approx(true_var, rel=0.03)
+    # per prompt (topic priors): the tensor form is the float form element by element, floored at 0 alike
+    tau2s, mus = torch.tensor([tau2, 0.01, 0.3]), torch.tensor([mu, 0.5, 0.2])
+    each = [between_prompt_variance(float(t), float(m), group) for t, m in zip(tau2s, mus)]
+    assert between_prompt_variance(tau2s, mus, group).tolist() == pytest.approx(each, rel=1e-15) and each[1] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

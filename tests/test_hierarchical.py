@@ -65,6 +65,40 @@ def test_matches_loop_oracle_over_steps_with_topics_appearing_later(
             assert math.isclose(metrics[f"ebpo/{key}"], expected_metrics[key], rel_tol=1e-9, abs_tol=1e-12), (step, key)
 
 
+@pytest.mark.parametrize("prior,decay,extra", PRIORS)
+@pytest.mark.parametrize("pooling", ["partial", "none"])
+def test_population_prior_per_topic_matches_loop_oracle(prior, decay, extra, pooling):
+    """What ``--allocation eb`` starts a prompt from: its topic's (mu_k*, tau_k*^2) as the estimator shrinks
+    toward it, after each step; a topic never seen gets the global (mu_glob, tau^2); evaluation moves nothing."""
+    estimator = build_estimator("ebpo", prior=prior, hierarchical=True, pooling=pooling, **extra)
+    oracle = oracles.LoopHierEBPO(decay, pooling=pooling)
+    assert estimator.population_prior(torch.tensor(TOPIC_VALUES)) is None  # no statistics yet
+    unseen = 12345
+    for step, topics in enumerate([TOPIC_VALUES[:1], TOPIC_VALUES[1:3], TOPIC_VALUES, [TOPIC_VALUES[3]]]):
+        rewards, group_ids, topic_ids = topic_batch(80 + step, topics)
+        estimator(rewards, group_ids, topic_ids=topic_ids)
+        oracle.step(rewards.tolist(), group_ids.tolist(), topic_ids.tolist())
+        estimator(*topic_batch(90 + step, TOPIC_VALUES)[:2], training=False)  # evaluation: the prior stays
+        query = [unseen, *reversed(TOPIC_VALUES), TOPIC_VALUES[0]]  # unsorted, repeated, one unknown
+        mean, var = estimator.population_prior(torch.tensor(query))
+        glob = (oracle.means_acc.mu, oracle.means_acc.var)
+        expected = [(oracle.pooled[k][2], oracle.pooled[k][1]) if k in oracle.pooled else glob for k in query]
+        scale = max(abs(x) for pair in expected for x in pair)
+        got = torch.stack([mean, var], dim=1)
+        assert float((got - torch.tensor(expected, dtype=torch.float64)).abs().max()) <= 1e-12 * scale, step
+        assert estimator.population_prior() == pytest.approx(glob, rel=1e-12)  # no topics: the global prior
+
+
+def test_population_prior_ignores_topics_without_a_hierarchical_prior():
+    estimator = build_estimator("ebpo", prior="running")
+    rewards, group_ids, topic_ids = topic_batch(3, TOPIC_VALUES)
+    estimator(rewards, group_ids, topic_ids=topic_ids)
+    assert estimator.population_prior(topic_ids) == estimator.population_prior()
+    assert build_estimator("grpo").population_prior(topic_ids) is None  # no prior kept at all
+    with pytest.raises(ValueError, match="topic_ids must be integers"):
+        build_estimator("ebpo", hierarchical=True).estimator.population_prior(torch.tensor([0.5]))
+
+
 def test_partial_pooling_differs_from_no_pooling_and_from_flat():
     rewards, group_ids, topic_ids = topic_batch(3, TOPIC_VALUES)
     runs = {

@@ -7,6 +7,7 @@ tests/test_train_wiring.py does); the end-to-end ones run the tiny model (tests/
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -17,8 +18,10 @@ import torch
 from runs import TINY, fake_generate, saved_weights, timeless, torchrun
 
 import ebpo.train.trainer as trainer_mod
+from ebpo import build_estimator
 from ebpo.allocation import ALLOCATORS
 from ebpo.cli import main
+from ebpo.grouping import stable_topic_ids
 from ebpo.tasks.base import Problem
 from ebpo.train.config import TrainConfig
 from ebpo.train.distributed import Dist
@@ -61,7 +64,7 @@ def _trainer(monkeypatch, allocation: str, calls: list | None = None, **config) 
     monkeypatch.setattr(trainer_mod, "score", _fake_score)
     trainer = object.__new__(Trainer)
     trainer.config = TrainConfig(allocation=allocation, **{"group_size": 4, "prompts_per_step": 3, **config})
-    estimator = types.SimpleNamespace(min_group_size=2, population_prior=lambda: (0.4, 0.1))
+    estimator = types.SimpleNamespace(min_group_size=2, population_prior=lambda topic_ids=None: (0.4, 0.1))
     trainer.dist, trainer.stream, trainer.model, trainer.tokenizer = Dist(), _Stream(), None, None
     trainer.device = torch.device("cpu")
     trainer.c = types.SimpleNamespace(
@@ -142,6 +145,36 @@ def test_a_first_round_then_top_ups_of_the_groups_it_left_all_equal(monkeypatch,
     assert metrics["alloc/first_round_mixed"] == 1.0
     _, _, trials, mixed = trainer_mod.group_outcomes(correctness, rollout.group_ids)  # the merged groups, recounted
     assert metrics["rollout/all_equal_samples"] == float(trials[~mixed].sum())
+
+
+def test_eb_starts_each_prompt_from_its_topic_prior_under_a_hierarchical_ebpo(monkeypatch):
+    """With ``hierarchical: true``, the request carries each candidate's topic prior (mu_k*, Var(p) from tau_k*^2)."""
+    trainer = _trainer(monkeypatch, "eb", prompts_per_step=6, candidates_per_step=6)
+    easy = {"p1", "p2", "p5"}  # success rates 1, 0.5, 0.75 against 0, 0.25, 0 for the others
+    trainer.stream.problems = [
+        dataclasses.replace(p, topic="easy" if p.id in easy else "hard") for p in trainer.stream.problems
+    ]
+    trainer.c.estimator = build_estimator("ebpo", prior="running", hierarchical=True)
+    requests: list = []
+    allocate = trainer.c.allocator.allocate
+    monkeypatch.setattr(
+        trainer.c.allocator, "allocate", lambda request: (requests.append(request), allocate(request))[1]
+    )
+    candidates = stable_topic_ids([p.topic for p in trainer.stream.problems])  # 6 candidates = the pool, in order
+    for step in range(2):
+        rollout, rewards, _, _ = trainer.rollout_and_score()
+        topics = stable_topic_ids([p.topic for p in rollout.problems])
+        trainer.c.estimator(rewards, rollout.group_ids, topic_ids=topics)  # the training step's estimator call
+        if step == 0:  # what the second step's allocation must start from
+            mean, tau2 = trainer.c.estimator.population_prior(candidates)
+            g = trainer.mean_group_size  # of the groups the estimator saw
+    assert requests[0].prior_mean is None and requests[0].prior_var is None  # no statistics before the first step
+    request = requests[1]
+    expected_var = ((g * tau2 - mean * (1 - mean)) / (g - 1)).clamp_min(0.0)  # the binomial noise removed
+    assert torch.equal(request.prior_mean, mean.clamp(0, 1)) and torch.allclose(request.prior_var, expected_var)
+    assert mean.unique().numel() == 2  # one prior per topic
+    is_easy = torch.tensor([p.id in easy for p in trainer.stream.problems])
+    assert float(request.prior_mean[is_easy].min()) > float(request.prior_mean[~is_easy].max())
 
 
 def test_rank_prompts_deals_every_sampled_prompt_once_and_balances_the_ranks():

@@ -169,19 +169,23 @@ def fit_beta_prior(mean: Tensor | float, var: Tensor | float) -> tuple[Tensor, T
     return mean_t * concentration, (1.0 - mean_t) * concentration
 
 
-def between_prompt_variance(tau2: float, mean: float, group_size: float) -> float:
+def between_prompt_variance(tau2: Tensor | float, mean: Tensor | float, group_size: float) -> Tensor | float:
     """Var(p) across prompts from the variance of observed group means (EBPO's tau^2).
 
     A group of G binary rewards has mean p + noise with E[noise^2 | p] = p (1 - p) / G, so
     tau^2 = Var(p) + E[p (1 - p)] / G and E[p (1 - p)] = mean (1 - mean) - Var(p), which gives
     Var(p) = (G tau^2 - mean (1 - mean)) / (G - 1), floored at 0. EBPO keeps tau^2 uncorrected
-    (the paper's choice); the Beta prior wants the spread of p itself.
+    (the paper's choice); the Beta prior wants the spread of p itself. Floats give a float; a
+    tensor (per prompt, e.g. each one's topic prior) gives a float64 tensor.
 
     >>> between_prompt_variance(0.25, 0.5, 1e9) > 0.2499, between_prompt_variance(0.125, 0.5, 2.0)
     (True, 0.0)
     """
     if not group_size > 1:
         raise ValueError(f"group_size must be > 1 to separate the binomial noise, got {group_size}")
+    if isinstance(tau2, Tensor) or isinstance(mean, Tensor):
+        tau2_t, mean_t = (torch.as_tensor(x, dtype=torch.float64) for x in (tau2, mean))
+        return ((group_size * tau2_t - mean_t * (1.0 - mean_t)) / (group_size - 1.0)).clamp_min(0.0)
     return max(0.0, (group_size * tau2 - mean * (1.0 - mean)) / (group_size - 1.0))
 
 

@@ -381,22 +381,9 @@ class EBPO:
         topic_groups = self.topic_group_stats.decayed(self.decay).merge(
             KeyedWelford.from_values(batch.group_means, batch.group_topics)
         )
-        # Both accumulators see the same topics with the same decay, so their keys agree.
-        m_k, mu_k = topic_groups.count, topic_groups.mean  # (K,) effective groups, topic means
-        sigma2_k, tau2_k = topic_rewards.var, topic_groups.var  # (K,)
-        sigma2_within = float(topic_rewards.m2.sum() / topic_rewards.count.sum())
-        tau2_within = float(topic_groups.m2.sum() / m_k.sum())
-        omega2 = float((m_k * (mu_k - mu_glob) ** 2).sum() / m_k.sum())
-        if self.pooling == "none":  # the no-pooling form of docs/hierarchical-prior.md: each topic on its own
-            sigma2_pooled, tau2_pooled, topic_mean, pool = sigma2_k, tau2_k, mu_k, torch.zeros_like(mu_k)
-        else:
-            weight = m_k / (m_k + self.topic_prior_groups)  # (K,) trust in the topic's own variances
-            sigma2_pooled = sigma2_within + weight * (sigma2_k - sigma2_within)
-            tau2_pooled = tau2_within + weight * (tau2_k - tau2_within)
-            mean_noise = tau2_pooled / m_k  # (K,) variance of mu_k as an estimate of the topic's mean
-            denom = mean_noise + omega2
-            pool = torch.where(denom > self.eps, mean_noise / denom.clamp_min(self.eps), torch.ones_like(denom))  # B_k
-            topic_mean = (1.0 - pool) * mu_k + pool * mu_glob
+        sigma2_pooled, tau2_pooled, topic_mean, pool, (sigma2_within, tau2_within, omega2) = self._pooled(
+            topic_rewards, topic_groups, mu_glob
+        )
         slot = topic_groups.lookup(batch.group_topics)  # (M,) each group's topic
         metrics = {
             "ebpo/num_topics": float(keys.numel()),
@@ -407,16 +394,65 @@ class EBPO:
         }
         return topic_rewards, topic_groups, (sigma2_pooled[slot], tau2_pooled[slot], topic_mean[slot]), metrics
 
-    def population_prior(self) -> tuple[float, float] | None:
+    def _pooled(
+        self, topic_rewards: KeyedWelford, topic_groups: KeyedWelford, mu_glob: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[float, float, float]]:
+        """Each known topic's (sigma_k*^2, tau_k*^2, mu_k*, B_k), all (K,), and (sigma_w^2, tau_w^2, omega^2).
+
+        ``topic_rewards`` and ``topic_groups`` see the same topics with the same decay, so their keys agree.
+        """
+        m_k, mu_k = topic_groups.count, topic_groups.mean  # (K,) effective groups, topic means
+        sigma2_k, tau2_k = topic_rewards.var, topic_groups.var  # (K,)
+        sigma2_within = float(topic_rewards.m2.sum() / topic_rewards.count.sum())
+        tau2_within = float(topic_groups.m2.sum() / m_k.sum())
+        omega2 = float((m_k * (mu_k - mu_glob) ** 2).sum() / m_k.sum())
+        if self.pooling == "none":  # the no-pooling form of docs/hierarchical-prior.md: each topic on its own
+            return sigma2_k, tau2_k, mu_k, torch.zeros_like(mu_k), (sigma2_within, tau2_within, omega2)
+        weight = m_k / (m_k + self.topic_prior_groups)  # (K,) trust in the topic's own variances
+        sigma2_pooled = sigma2_within + weight * (sigma2_k - sigma2_within)
+        tau2_pooled = tau2_within + weight * (tau2_k - tau2_within)
+        mean_noise = tau2_pooled / m_k  # (K,) variance of mu_k as an estimate of the topic's mean
+        denom = mean_noise + omega2
+        pool = torch.where(denom > self.eps, mean_noise / denom.clamp_min(self.eps), torch.ones_like(denom))  # B_k
+        topic_mean = (1.0 - pool) * mu_k + pool * mu_glob
+        return sigma2_pooled, tau2_pooled, topic_mean, pool, (sigma2_within, tau2_within, omega2)
+
+    def population_prior(
+        self, topic_ids: Tensor | Sequence[int] | None = None
+    ) -> tuple[float, float] | tuple[Tensor, Tensor] | None:
         """(mu_glob, tau^2) of the statistics as they stand (after the last training batch); None before any.
 
         What a rollout allocator starts a prompt it knows nothing about from (``ebpo train
         --allocation eb``): the mean and variance of observed group means, over the batch
         (``prior='batch'``) or every step (``'running'``, ``'ema'``).
+
+        With ``hierarchical=True`` and ``topic_ids`` (P,) (one per prompt, as the call's
+        ``topic_ids=``): two (P,) float64 tensors, each prompt's topic prior as the estimator
+        shrinks toward it, (mu_k*, tau_k*^2) of docs/hierarchical-prior.md; a topic the
+        statistics have not seen gets the global (mu_glob, tau^2). Without ``hierarchical``,
+        ``topic_ids`` is ignored (the flat prior is every topic's).
         """
+        topics = None
+        if topic_ids is not None and self.hierarchical:
+            topics = torch.as_tensor(topic_ids).reshape(-1)
+            if topics.is_floating_point() or topics.is_complex() or topics.dtype == torch.bool:
+                raise ValueError(f"topic_ids must be integers, got dtype {topics.dtype}")
+            topics = topics.to(torch.long)
         if self.group_stats.count <= 0:
             return None
-        return float(self.group_stats.mean), float(self.group_stats.var)
+        mu_glob, tau2 = float(self.group_stats.mean), float(self.group_stats.var)
+        if topics is None:
+            return mu_glob, tau2
+        mean = torch.full(topics.shape, mu_glob, dtype=torch.float64)
+        var = torch.full(topics.shape, tau2, dtype=torch.float64)
+        known = self.topic_group_stats
+        if known.keys.numel() == 0:
+            return mean, var
+        _, tau2_pooled, topic_mean, _, _ = self._pooled(self.topic_reward_stats, known, mu_glob)
+        slot = known.lookup(topics).clamp_max(known.keys.numel() - 1)  # (P,) where each topic would sit
+        seen = known.keys[slot].to(topics.device) == topics
+        mean[seen], var[seen] = topic_mean[slot[seen]].cpu(), tau2_pooled[slot[seen]].cpu()
+        return mean, var
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -472,10 +508,18 @@ class AdvantagePipeline:
     def min_group_size(self) -> int:
         return int(self.estimator.min_group_size)
 
-    def population_prior(self) -> tuple[float, float] | None:
-        """The estimator's (mean, variance) of group mean rewards when it keeps a population prior (EBPO), else None."""
-        prior = getattr(self.estimator, "population_prior", None)
-        return prior() if prior is not None else None
+    def population_prior(
+        self, topic_ids: Tensor | Sequence[int] | None = None
+    ) -> tuple[float, float] | tuple[Tensor, Tensor] | None:
+        """The estimator's (mean, variance) of group mean rewards when it keeps a population prior (EBPO), else None.
+
+        With ``topic_ids`` (P,), an estimator with per-topic priors gives each prompt its topic's, two (P,)
+        tensors (:meth:`EBPO.population_prior`); others give their one prior.
+        """
+        prior = getattr(self.estimator, "population_prior", None)  # optional: most estimators keep none
+        if prior is None:
+            return None
+        return prior(topic_ids) if topic_ids is not None else prior()
 
     def __call__(
         self,

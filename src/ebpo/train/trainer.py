@@ -734,6 +734,7 @@ class Trainer:
         """
         from ebpo.allocation import AllocationRequest, allocation_metrics
         from ebpo.estimators import stable_prompt_ids
+        from ebpo.grouping import stable_topic_ids
 
         cfg, dist = self.config, self.dist
         count, budget, first = step_candidates(cfg), cfg.prompts_per_step * cfg.group_size, cfg.allocation_first_round
@@ -741,7 +742,7 @@ class Trainer:
         keys = stable_prompt_ids([p.id for p in problems])  # (count,) what the allocator keys its history by
         global_ids = torch.arange(count) + round_ * count
         started = time.time()
-        mean, var = self._allocation_prior()
+        mean, var = self._allocation_prior(stable_topic_ids([p.topic for p in problems]))
         request = AllocationRequest(keys, budget - first * count, mean, var)
         if first:
             sizes, metrics = torch.full((count,), first, dtype=torch.long), {}
@@ -820,21 +821,23 @@ class Trainer:
             sync=sync or self.dist.sync_calls,
         )
 
-    def _allocation_prior(self) -> tuple[float | None, float | None]:
+    def _allocation_prior(self, topic_ids: Tensor) -> tuple[Any, Any]:
         """The population prior the allocator starts each prompt from: the estimator's, when it keeps one.
 
-        EBPO's (mu_glob, tau^2) are statistics of observed group means; tau^2 contains the binomial
-        noise of the groups they came from (last step's mean size), which
-        :func:`~ebpo.allocation.between_prompt_variance` removes. Estimators without a prior give
-        (None, None): the allocator then fits one from its own history (``eb``) or uses its default.
+        ``topic_ids`` (P,): the candidates' topics. EBPO gives its global (mu_glob, tau^2), or with
+        ``hierarchical: true`` each candidate's topic prior (two (P,) tensors). These are statistics of
+        observed group means; tau^2 contains the binomial noise of the groups they came from (last
+        step's mean size), which :func:`~ebpo.allocation.between_prompt_variance` removes. Estimators
+        without a prior give (None, None): the allocator then uses its default.
         """
         from ebpo.allocation import between_prompt_variance
 
-        prior = self.c.estimator.population_prior()  # the pipeline's: None unless its estimator keeps one
+        prior = self.c.estimator.population_prior(topic_ids)  # the pipeline's: None unless its estimator keeps one
         if prior is None:
             return None, None
         mean, tau2 = prior
-        mean = min(max(mean, 0.0), 1.0)
+        mean = torch.as_tensor(mean, dtype=torch.float64).clamp(0.0, 1.0)
+        mean = mean if mean.dim() else float(mean)
         if not self.mean_group_size > 1:
             return mean, None
         return mean, between_prompt_variance(tau2, mean, self.mean_group_size)
