@@ -182,7 +182,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
+DP_FLAGS = ["--estimator-options", "{prior: running}", "--weighting", "ha_dw"]
+
+
+def _worker(rank: int, world: int, port: int, out: str, cache: str, flags: list[str] = DP_FLAGS) -> None:
     os.environ.update(
         {
             "RANK": str(rank),
@@ -202,10 +205,7 @@ def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
             "3",
             "--out",
             out,
-            "--estimator-options",
-            "{prior: running}",
-            "--weighting",
-            "ha_dw",
+            *flags,
             "--device",
             "cpu",
             *TINY,
@@ -227,13 +227,34 @@ def _worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_run_has_identical_estimator_state(tmp_path):
+def _two_process_run(tmp_path, flags: list[str]) -> tuple[dict, dict]:
     out = str(tmp_path / "ddp")
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), out, str(tmp_path / "cache")), nprocs=2, join=True)
+    spawn_args = (2, _free_port(), out, str(tmp_path / "cache"), flags)
+    torch.multiprocessing.spawn(_worker, args=spawn_args, nprocs=2, join=True)
     rank0, rank1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
+    return rank0, rank1
+
+
+def test_two_process_gloo_run_has_identical_estimator_state(tmp_path):
+    rank0, rank1 = _two_process_run(tmp_path, DP_FLAGS)
     assert rank0["estimator"] == rank1["estimator"]  # bit-identical floats, lists and tensors
     assert rank0["estimator"]["estimator_state"]["group_stats"]["count"] == 3 * 4  # 3 steps x 4 global prompts
-    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
+
+
+@pytest.mark.slow  # 2 process launches, about 25 s each; the default suite has the simulated-rank tests
+@pytest.mark.parametrize(
+    "flags", [["--estimator", "spo"], ["--estimator", "krpo", "--estimator-options", "{carry: true}"]]
+)
+def test_two_process_gloo_run_keeps_the_per_prompt_trackers_identical(tmp_path, flags):
+    """spo's and krpo's per-prompt state is built from the gathered global batch: both ranks hold every prompt's."""
+    rank0, rank1 = _two_process_run(tmp_path, flags)
+    state0, state1 = rank0["estimator"]["estimator_state"], rank1["estimator"]["estimator_state"]
+    assert state0.keys() == state1.keys()
+    for key in state0:
+        a, b = state0[key], state1[key]
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    assert state0["keys"].numel() == 3 * 4  # every global prompt (3 steps x 4), not only this rank's 2 a step
 
 
 @pytest.mark.parametrize(
