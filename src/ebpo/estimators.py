@@ -443,15 +443,15 @@ class EBPO:
         mu_glob, tau2 = float(self.group_stats.mean), float(self.group_stats.var)
         if topics is None:
             return mu_glob, tau2
-        mean = torch.full(topics.shape, mu_glob, dtype=torch.float64)
+        mean = torch.full(topics.shape, mu_glob, dtype=torch.float64)  # on the CPU, as the allocator wants them
         var = torch.full(topics.shape, tau2, dtype=torch.float64)
         known = self.topic_group_stats
         if known.keys.numel() == 0:
             return mean, var
         _, tau2_pooled, topic_mean, _, _ = self._pooled(self.topic_reward_stats, known, mu_glob)
-        slot = known.lookup(topics).clamp_max(known.keys.numel() - 1)  # (P,) where each topic would sit
-        seen = known.keys[slot].to(topics.device) == topics
-        mean[seen], var[seen] = topic_mean[slot[seen]].cpu(), tau2_pooled[slot[seen]].cpu()
+        slot = known.lookup(topics).cpu().clamp_max(known.keys.numel() - 1)  # (P,) where each topic would sit
+        seen = known.keys.cpu()[slot] == topics.cpu()
+        mean[seen], var[seen] = topic_mean.cpu()[slot[seen]], tau2_pooled.cpu()[slot[seen]]
         return mean, var
 
     def state_dict(self) -> dict[str, Any]:
