@@ -832,7 +832,8 @@ class Trainer:
         """
         from ebpo.allocation import between_prompt_variance
 
-        prior = self.c.estimator.population_prior(topic_ids)  # the pipeline's: None unless its estimator keeps one
+        source = getattr(self.c.estimator, "population_prior", None)  # the pipeline has it; a bare callable may not
+        prior = source(topic_ids) if source is not None else None  # None unless the estimator keeps a prior
         if prior is None:
             return None, None
         mean, tau2 = prior
