@@ -8,9 +8,17 @@ independent loop references in ``oracles.py``.
 from __future__ import annotations
 
 import copy
+import os
 
-import pytest
-import torch
+# MKL (torch's CPU BLAS) picks its kernels by CPU and memory alignment unless told to be reproducible: on some
+# CPUs (seen on AMD EPYC) two processes given the same inputs then differ by about one float32 ulp, and the tests
+# that check a resumed run against the uninterrupted one bit for bit fail for that reason alone. Its conditional
+# numerical reproducibility mode keeps the fast kernels and removes the dependence; read when MKL first runs, so
+# set before torch is imported (the processes tests launch inherit it). A user's own setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import LlamaForCausalLM
 
 # The trainer on the small built-in arithmetic task, no warm start: each test's own flags come after these.
