@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from ebpo.registry import Registry
+from ebpo.stats import find_sorted
 
 __all__ = [
     "AllocationRequest",
@@ -366,8 +367,7 @@ class PromptHistory:
         if self.keys.numel() == 0:
             zeros = torch.zeros(prompt_ids.shape, dtype=torch.float64)
             return zeros, zeros.clone(), torch.zeros(prompt_ids.shape, dtype=torch.long)
-        slot = torch.searchsorted(self.keys, prompt_ids).clamp_max(self.keys.numel() - 1)  # (P,)
-        found = self.keys[slot] == prompt_ids
+        slot, found = find_sorted(self.keys, prompt_ids)  # (P,) each
         return (
             torch.where(found, self.successes[slot], 0.0),
             torch.where(found, self.trials[slot], 0.0),

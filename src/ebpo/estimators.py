@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ebpo.grouping import GroupedBatch, stable_topic_ids
 from ebpo.registry import Registry
-from ebpo.stats import KeyedWelford, Welford
+from ebpo.stats import KeyedWelford, Welford, find_sorted
 from ebpo.weighting import WEIGHTINGS, Weighting
 
 __all__ = [
@@ -449,8 +449,7 @@ class EBPO:
         if known.keys.numel() == 0:
             return mean, var
         _, tau2_pooled, topic_mean, _, _ = self._pooled(self.topic_reward_stats, known, mu_glob)
-        slot = known.lookup(topics).cpu().clamp_max(known.keys.numel() - 1)  # (P,) where each topic would sit
-        seen = known.keys.cpu()[slot] == topics.cpu()
+        slot, seen = find_sorted(known.keys.cpu(), topics.cpu())  # (P,) each
         mean[seen], var[seen] = topic_mean.cpu()[slot[seen]], tau2_pooled.cpu()[slot[seen]]
         return mean, var
 

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ebpo.estimators import EPS, ESTIMATORS, PromptedBatch
+from ebpo.stats import find_sorted
 
 __all__ = ["JSPO", "SPO", "KRPO", "PromptTable"]
 
@@ -171,8 +172,7 @@ class PromptTable:
     def get(self, keys: Tensor, default: Tensor) -> tuple[Tensor, Tensor]:
         """Rows (U, width) of ``keys`` (U,), ``default`` (width,) for keys not held, and which were held (U,)."""
         held = self.keys.to(keys.device)
-        slot = torch.searchsorted(held, keys).clamp_max(max(held.numel() - 1, 0))  # (U,)
-        found = held[slot] == keys if held.numel() else torch.zeros_like(keys, dtype=torch.bool)
+        slot, found = find_sorted(held, keys)  # (U,) each
         rows = default.to(device=keys.device, dtype=torch.float64).expand(keys.numel(), self.width)
         if held.numel():
             rows = torch.where(found.unsqueeze(1), self.values.to(keys.device)[slot], rows)

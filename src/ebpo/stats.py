@@ -29,7 +29,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from ebpo.grouping import Grouping
 
-__all__ = ["Welford", "KeyedWelford"]
+__all__ = ["Welford", "KeyedWelford", "find_sorted"]
 
 
 @dataclass(frozen=True)
@@ -223,3 +223,20 @@ class KeyedWelford:
         if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
             raise ValueError("KeyedWelford state keys must be sorted and unique")
         return cls(keys, *fields)
+
+
+def find_sorted(keys: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each of ``queries`` (Q,) sits in the sorted, unique ``keys`` (K,): ``(slot, found)``, both (Q,).
+
+    ``found[i]`` is whether ``keys[slot[i]] == queries[i]``; ``slot`` is always a valid index (0 when K = 0), so
+    ``values[slot]`` can be read and then masked by ``found``. The per-key state that ebpo keeps (per-prompt
+    trackers, allocation history, topic statistics) is looked up this way, keys that it has not seen included.
+
+    >>> find_sorted(torch.tensor([2, 5, 9]), torch.tensor([5, 1, 9, 10]))
+    (tensor([1, 0, 2, 2]), tensor([ True, False,  True, False]))
+    """
+    queries = queries.to(keys.device)
+    if keys.numel() == 0:
+        return torch.zeros_like(queries, dtype=torch.long), torch.zeros_like(queries, dtype=torch.bool)
+    slot = torch.searchsorted(keys, queries).clamp_max(keys.numel() - 1)
+    return slot, keys[slot] == queries
