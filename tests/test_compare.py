@@ -42,6 +42,37 @@ def make_run(
     return path
 
 
+def test_the_report_names_the_start_the_runs_share_and_flags_runs_from_different_starts(tmp_path):
+    def runs(starts):
+        out, group = {}, len(list(tmp_path.iterdir()))
+        for seed, sha in enumerate(starts):
+            path = make_run(tmp_path / f"{group}-{seed}", 0.2, [0.3, 0.4], 0.5)
+            summary = json.loads((path / "summary.json").read_text())
+            if sha:
+                summary["start"] = {"model": "/cache/warmstart/x", "weights_sha256": sha * 64, "cpu": "some cpu"}
+            (path / "summary.json").write_text(json.dumps(summary))
+            out[RunSpec("grpo", 2, seed)] = _read_run(path, 4, 2)
+        return aggregate_runs(out, target=0.4)
+
+    same = runs(["a", "a"])
+    assert same["starts"] == {"a" * 64: 2}
+    text = write_report(same, tmp_path, "ebpo compare --test")
+    assert f"all 2 runs that record it began from the same model (sha256 {'a' * 16}" in text
+    assert "Starting weights differ" not in text and "made before summaries" not in text
+    mixed = runs(["a", "b", "a"])
+    assert mixed["starts"] == {"a" * 64: 2, "b" * 64: 1}
+    text = write_report(mixed, tmp_path, "ebpo compare --test")
+    assert "**Starting weights differ**: the runs began from 2 different models" in text
+    assert f"{'b' * 16}… (1 runs)" in text
+    partly = runs(["a", ""])  # a run from before summaries recorded the start is not counted as one of them
+    text = write_report(partly, tmp_path, "ebpo compare --test")
+    assert "all 1 runs that record it began from the same model" in text and "(1 runs made before" in text
+    assert "Starting weights differ" not in text
+    assert "(1 runs made before" in write_report(runs(["a", "b", ""]), tmp_path, "ebpo compare --test")
+    old = runs(["", ""])
+    assert "Starting weights" not in write_report(old, tmp_path, "ebpo compare --test")
+
+
 def test_read_run_counts_samples_including_resampling_rounds(tmp_path):
     run = _read_run(make_run(tmp_path / "a", 0.2, [0.3, 0.4], 0.5), prompts_per_step=4, group_size=2)
     assert run["curve"] == [(0.0, 0.2), (16.0, 0.3), (32.0, 0.4), (48.0, 0.5)]

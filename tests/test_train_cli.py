@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +44,9 @@ def test_short_default_run_learns_and_writes_every_artifact(tmp_path):
     for key in ("accuracy_before", "accuracy_after", "wall_seconds", "peak_rss_mb"):
         assert math.isfinite(summary[key])
     assert 0 < summary["peak_rss_mb"] < 4096
+    # the warm start it began from, named by its weights (another machine trains a different one)
+    weights = Path(summary["start"]["model"]) / "model.safetensors"
+    assert summary["start"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     rows = read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
     for row in rows:

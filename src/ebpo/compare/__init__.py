@@ -85,6 +85,7 @@ import os
 import re
 import shlex
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -586,6 +587,7 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_sampl
         "completion_length": sum(lengths) / len(lengths) if lengths else float("nan"),
         "by_topic": by_topic,
         "run_seconds": summary.get("wall_seconds", 0.0) + eval_seconds,
+        "start": (summary.get("start") or {}).get("weights_sha256"),
     }
 
 
@@ -766,6 +768,7 @@ def aggregate_runs(
             if reach_row is not None:
                 row["to_baseline_final"] = reach_row
     compute = sum(r["run_seconds"] for r in runs.values())
+    starts = Counter(r.get("start") or "unrecorded" for r in runs.values())
     return {
         "target": target,
         "sample_budget": sample_budget,
@@ -775,6 +778,7 @@ def aggregate_runs(
         "paired": paired,
         "runs": len(runs),
         "run_seconds": compute,
+        "starts": dict(starts.most_common()),
     }
 
 
@@ -865,6 +869,29 @@ def headline(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _starts_line(starts: dict[str, int]) -> list[str]:
+    """The report's line on the models the runs began from (``summary.json``'s ``start``); none when no run says."""
+    recorded = {sha: n for sha, n in starts.items() if sha != "unrecorded"}
+    if not recorded:
+        return []
+    unrecorded = starts.get("unrecorded", 0)
+    rest = f" ({unrecorded} runs made before summaries recorded their start do not say)" if unrecorded else ""
+    if len(recorded) == 1:
+        ((sha, n),) = recorded.items()
+        return [
+            f"Starting weights: all {n} runs that record it began from the same model (sha256 {sha[:16]}…, each "
+            f"run's summary.json `start`){rest}; the built-in model's warm start is trained on the machine that "
+            "first needs it, so compare absolute accuracies only with reports that name the same start.",
+            "",
+        ]
+    listed = ", ".join(f"{sha[:16]}… ({n} runs)" for sha, n in recorded.items())
+    return [
+        f"**Starting weights differ**: the runs began from {len(recorded)} different models ({listed}){rest}, a "
+        "warm start trained on another machine or a changed cache: their accuracies are not on one footing.",
+        "",
+    ]
+
+
 def write_report(result: dict[str, Any], out: Path, command: str) -> str:
     budget = result.get("sample_budget")
     at_n = f"accuracy at {budget} samples" if budget is not None else None
@@ -883,6 +910,7 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> str:
             else "Final accuracy: the last in-training evaluation."
         ),
         "",
+        *_starts_line(result.get("starts", {})),
     ]
     if budget is not None:
         lines += [

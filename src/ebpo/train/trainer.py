@@ -52,7 +52,7 @@ from ebpo.train.distributed import setup
 from ebpo.train.procs import Stopped, StopSignals
 from ebpo.train.rollout import SHARED_FORWARDS, length_chunks, overlong_penalty, rows_logprobs, score
 from ebpo.train.tracking import Tracker, accuracy_change_se, format_line, plot_curves
-from ebpo.train.warmstart import cached_warmstart, library_versions, train_data_id
+from ebpo.train.warmstart import cached_warmstart, library_versions, start_identity, train_data_id
 
 __all__ = ["Components", "build_components", "Trainer", "peak_rss_mb"]
 
@@ -1219,6 +1219,7 @@ class Trainer:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "versions": {**library_versions(), "python": sys.version.split()[0]},
+            "start": {"model": self.init_path, **start_identity(self.init_path)},
             "estimator_state": _plain(self.c.estimator.state_dict()),
         }
         if self.scores_before is not None and self.last_eval_scores is not None:

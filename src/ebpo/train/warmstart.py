@@ -40,6 +40,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import random
 import shutil
 import sys
@@ -66,6 +67,7 @@ __all__ = [
     "train_supervised",
     "cached_warmstart",
     "library_versions",
+    "start_identity",
     "warmstart_settings",
     "shipped_warmstart",
     "default_warmstart",
@@ -88,6 +90,40 @@ _SHIPPED_RECORD = "warmstart.json"
 def library_versions() -> dict[str, str]:
     """Versions of the libraries the trained weights depend on (part of the cache key and of run summaries)."""
     return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`); "" when unknown."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def start_identity(path: str) -> dict[str, Any]:
+    """What a run started from: the sha256 of ``path``'s ``model.safetensors`` (None when ``path`` is not a local
+    model directory with that file, such as a hub id) and the CPU model.
+
+    The built-in model's warm start is trained on the machine that first needs it and cached, and the BLAS kernels
+    decide its last bits (on one machine it is the same in every process; MKL's reproducible mode,
+    ``MKL_CBWR=COMPATIBLE``, alone trains a different one), which 1,000 steps of training turn into a different
+    model. Run summaries record the start, and ``ebpo compare`` names the starts its runs share, so absolute
+    accuracies are compared only between runs with the same start; differences paired by seed within one
+    comparison share it by construction.
+    """
+    weights = os.path.join(path, "model.safetensors")
+    digest = None
+    if os.path.isfile(weights):
+        sha = hashlib.sha256()
+        with open(weights, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digest = sha.hexdigest()
+    return {"weights_sha256": digest, "cpu": _cpu_model()}
 
 
 def cache_dir() -> str:
