@@ -92,6 +92,15 @@ def library_versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def _cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`); "" when unknown."""
     try:
@@ -116,13 +125,7 @@ def start_identity(path: str) -> dict[str, Any]:
     comparison share it by construction.
     """
     weights = os.path.join(path, "model.safetensors")
-    digest = None
-    if os.path.isfile(weights):
-        sha = hashlib.sha256()
-        with open(weights, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                sha.update(block)
-        digest = sha.hexdigest()
+    digest = _file_sha256(weights) if os.path.isfile(weights) else None
     return {"weights_sha256": digest, "cpu": _cpu_model()}
 
 
@@ -272,7 +275,7 @@ def shipped_warmstart(key: str, *, log: Callable[[str], None] = print) -> tuple[
         return None
     weights = SHIPPED_DIR / _SHIPPED_WEIGHTS
     try:
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        digest = _file_sha256(weights)
     except OSError as exc:
         log(f"warning: the shipped warm start {weights} is unreadable ({exc}); training the warm start")
         return None
@@ -451,7 +454,7 @@ def ship(directory: Path | None = None, *, log: Callable[[str], None] = print) -
     (tmp / _SHIPPED_WEIGHTS).chmod(0o644)  # safetensors writes it private too
     record = {
         "key": key,
-        "sha256": hashlib.sha256((tmp / _SHIPPED_WEIGHTS).read_bytes()).hexdigest(),
+        "sha256": _file_sha256(tmp / _SHIPPED_WEIGHTS),
         "made_with": SHIP_COMMAND,
         "threads": torch.get_num_threads(),
         "final_loss": losses[-1] if losses else None,
