@@ -69,6 +69,12 @@ def test_the_report_names_the_start_the_runs_share_and_flags_runs_from_different
     assert "all 1 runs that record it began from the same model" in text and "(1 runs made before" in text
     assert "Starting weights differ" not in text
     assert "(1 runs made before" in write_report(runs(["a", "b", ""]), tmp_path, "ebpo compare --test")
+    path = make_run(tmp_path / "malformed", 0.2, [0.3, 0.4], 0.5)  # a hand-edited summary reads as unrecorded
+    for bad in ("a string", {"weights_sha256": 7}, {"weights_sha256": ""}):
+        (path / "summary.json").write_text(
+            json.dumps({**json.loads((path / "summary.json").read_text()), "start": bad})
+        )
+        assert _read_run(path, 4, 2)["start"] is None
     old = runs(["", ""])
     assert "Starting weights" not in write_report(old, tmp_path, "ebpo compare --test")
 

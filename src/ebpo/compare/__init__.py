@@ -515,6 +515,12 @@ def evaluate_finals(dirs: dict[RunSpec, Path], samples: int, workers: int) -> No
         raise SystemExit(f"ebpo compare: the final evaluation of {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
+def _start_sha(start: Any) -> str | None:
+    """The weights hash of a summary's ``start``; None for a run from before it was recorded, or one malformed."""
+    sha = start.get("weights_sha256") if isinstance(start, dict) else None
+    return sha if isinstance(sha, str) and sha else None
+
+
 def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_samples: int = 0) -> dict[str, Any]:
     """A run's curves and final accuracy; the final one from its ``final_samples`` evaluation when that is given.
 
@@ -587,7 +593,7 @@ def _read_run(run_dir: Path, prompts_per_step: int, group_size: int, final_sampl
         "completion_length": sum(lengths) / len(lengths) if lengths else float("nan"),
         "by_topic": by_topic,
         "run_seconds": summary.get("wall_seconds", 0.0) + eval_seconds,
-        "start": (summary.get("start") or {}).get("weights_sha256"),
+        "start": _start_sha(summary.get("start")),
     }
 
 
