@@ -64,7 +64,7 @@ if [ -f "$LOCK" ]; then
         echo "  - README 'Quick start': ebpo train for seeds 0, 1, 2 (and the wall time of the plain command)"
         echo "  - README 'Results' and docs/compare-stepwise.md: the ebpo compare grid and its probes"
         echo "  - docs/testbed.md, docs/hierarchical-prior.md, docs/gbmpo.md, docs/trainer.md (throughput)"
-        echo "  - the shipped warm start (src/ebpo/train/warmstart_data): python -m ebpo.train.warmstart --ship"
+        echo "  - the shipped warm starts (src/ebpo/train/warmstart_data): python -m ebpo.train.warmstart --ship"
     fi
 fi
 mkdir -p "$(dirname "$LOCK")"

@@ -18,20 +18,28 @@ transformers versions included (their kernels and initialisation change the
 trained weights), and written atomically (temporary directory, then
 rename), so runs with other RL seeds or methods reuse it.
 
-The warm start of ``ebpo train``'s default run ships with the package
-(``warmstart_data/``: ``model.safetensors`` and ``warmstart.json``, made by
-``python -m ebpo.train.warmstart --ship`` under the versions of
-``requirements/lock.txt``), because it is most of a first run's time. On a
-cache miss whose key is exactly the shipped one (the same settings, training
-problems, torch and transformers versions and ``_VERSION``; nothing else is
-compared), :func:`cached_warmstart` loads those weights instead of training
-and writes them to the cache like a trained warm start; any other key trains
-as before. Copying into the cache rather than loading from the package keeps
-the run's starting path (recorded in checkpoints, LoRA adapters' base, the
-difficulty curriculum's cache key) the same cache directory whether the
-weights were shipped or trained, and independent of where, or whether, the
-package is installed later. The weights are loaded with safetensors (no
-pickle), after checking their sha256 against ``warmstart.json``.
+The warm starts of the testbed's measured runs ship with the package
+(``warmstart_data/<name>/``: ``model.safetensors`` and ``warmstart.json``,
+made by ``python -m ebpo.train.warmstart --ship`` under the versions of
+``requirements/lock.txt``): ``default``, the warm start of ``ebpo train``'s
+default run (and of ``ebpo compare``'s default grid), because it is most of a
+first run's time; and ``pool-2000``, that of ``ebpo compare --pool 2000``
+(``ebpo train --task-options '{num_train: 2000}'``), because a fresh warm
+start's last bits come from the CPU's BLAS kernels and 1,000 steps of training
+turn them into a different model: the figures measured from a pool start
+trained on one machine did not hold from another machine's start
+(docs/allocation.md). :data:`SHIPPED_RUNS` lists them, each as the ``ebpo
+train`` flags that select it. On a cache miss whose key is exactly a shipped
+one (the same settings, training problems, torch and transformers versions and
+``_VERSION``; nothing else is compared), :func:`cached_warmstart` loads those
+weights instead of training and writes them to the cache like a trained warm
+start; any other key trains as before. Copying into the cache rather than
+loading from the package keeps the run's starting path (recorded in
+checkpoints, LoRA adapters' base, the difficulty curriculum's cache key) the
+same cache directory whether the weights were shipped or trained, and
+independent of where, or whether, the package is installed later. The weights
+are loaded with safetensors (no pickle), after checking their sha256 against
+``warmstart.json``.
 """
 
 from __future__ import annotations
@@ -70,9 +78,11 @@ __all__ = [
     "start_identity",
     "warmstart_settings",
     "shipped_warmstart",
+    "run_warmstart",
     "default_warmstart",
     "ship",
     "SHIPPED_DIR",
+    "SHIPPED_RUNS",
     "SHIP_COMMAND",
 ]
 
@@ -80,9 +90,16 @@ __all__ = [
 # 2: problems longer than the model's positions are left out; torch/transformers versions in the key.
 _VERSION = 2
 
-# The shipped warm start of the default run (package data, see the module docstring).
+# The shipped warm starts (package data, see the module docstring): one folder per entry of SHIPPED_RUNS.
 SHIPPED_DIR = Path(__file__).with_name("warmstart_data")
 SHIP_COMMAND = "python -m ebpo.train.warmstart --ship"
+SHIPPED_RUNS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "pool-2000": ("--task-options", "{num_train: 2000}"),
+}
+"""The warm starts that ship, by folder name: the ``ebpo train`` flags of a run that warm-starts from each (the
+other settings are the defaults). ``default`` is ``ebpo train``'s default run and ``ebpo compare``'s default grid;
+``pool-2000`` is ``ebpo compare --pool 2000``'s runs (the flags compare gives them)."""
 _SHIPPED_WEIGHTS = "model.safetensors"
 _SHIPPED_RECORD = "warmstart.json"
 
@@ -257,34 +274,40 @@ def warmstart_settings(
 
 
 def shipped_warmstart(key: str, *, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
-    """The shipped weights file and its record when the shipped key is exactly ``key``; else None.
+    """The shipped weights file and its record whose key is exactly ``key``; else None.
 
-    The key is the only thing trusted: it hashes the settings, the training
-    problems and the library versions. A shipped file that does not match its
-    record's sha256 (a damaged install) is not used; a log line says so.
+    Each folder under :data:`SHIPPED_DIR` with a ``warmstart.json`` is one
+    shipped warm start. The key is the only thing trusted: it hashes the
+    settings, the training problems and the library versions. A shipped file
+    that does not match its record's sha256 (a damaged install) is not used; a
+    log line says so.
     """
-    record_path = SHIPPED_DIR / _SHIPPED_RECORD
-    if not record_path.is_file():
+    if not SHIPPED_DIR.is_dir():
         return None
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as exc:
-        log(f"warning: the shipped warm start's record {record_path} is unreadable ({exc}); training the warm start")
-        return None
-    if not isinstance(record, dict) or record.get("key") != key:
-        return None
-    weights = SHIPPED_DIR / _SHIPPED_WEIGHTS
-    try:
-        digest = _file_sha256(weights)
-    except OSError as exc:
-        log(f"warning: the shipped warm start {weights} is unreadable ({exc}); training the warm start")
-        return None
-    if digest != record.get("sha256"):
-        log(
-            f"warning: the shipped warm start {weights} does not match its sha256 in {record_path}; training the warm start"
-        )
-        return None
-    return weights, record
+    for folder in sorted(p for p in SHIPPED_DIR.iterdir() if p.is_dir()):
+        record_path = folder / _SHIPPED_RECORD
+        if not record_path.is_file():
+            continue
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError) as exc:
+            log(f"warning: the shipped warm start's record {record_path} is unreadable ({exc}); skipped")
+            continue
+        if not isinstance(record, dict) or record.get("key") != key:
+            continue
+        weights = folder / _SHIPPED_WEIGHTS
+        try:
+            digest = _file_sha256(weights)
+        except OSError as exc:
+            log(f"warning: the shipped warm start {weights} is unreadable ({exc}); training the warm start")
+            return None
+        if digest != record.get("sha256"):
+            log(
+                f"warning: the shipped warm start {weights} does not match its sha256 in {record_path}; training the warm start"
+            )
+            return None
+        return weights, record
+    return None
 
 
 def _train_warmstart(
@@ -383,20 +406,23 @@ def cached_warmstart(
     return model, path
 
 
-def default_warmstart() -> tuple[PreTrainedModel, Any, list[Problem], dict[str, Any]]:
-    """What ``ebpo train`` with no flags warm-starts: ``(fresh model, tokenizer, training problems, keywords)``,
+def run_warmstart(train_args: Sequence[str] = ()) -> tuple[PreTrainedModel, Any, list[Problem], dict[str, Any]]:
+    """What ``ebpo train <train_args>`` warm-starts: ``(fresh model, tokenizer, training problems, keywords)``,
     the keywords being those ``Trainer._initial_policy`` passes to :func:`cached_warmstart`.
 
-    The default config is resolved by ``ebpo train``'s own code (defaults < the task's recommendations < the
-    method preset); tests/test_warmstart_shipped.py checks that the trainer passes the same keywords.
+    The config is resolved by ``ebpo train``'s own code (defaults < the task's recommendations < the method
+    preset < the flags); tests/test_warmstart_shipped.py checks that the trainer passes the same keywords for
+    every entry of :data:`SHIPPED_RUNS`. Raises ValueError when that run has no warm start (not the built-in
+    model, or ``--warmstart-steps 0``).
     """
     from ebpo.train.cli import build_parser, resolve_config
     from ebpo.train.trainer import build_components
 
-    config = resolve_config(build_parser().parse_args([]))
+    config = resolve_config(build_parser().parse_args(list(train_args)))
     components = build_components(config)
     if not config.model.startswith(BUILTIN_PREFIX) or config.warmstart_steps == 0:
-        raise ValueError(f"ebpo train's default run has no warm start to ship (model {config.model!r})")
+        command = " ".join(["ebpo train", *train_args])
+        raise ValueError(f"{command} has no warm start to ship (model {config.model!r})")
     spec = builtin_spec(config.model)
     model, tokenizer = load_policy(
         config.model, device=torch.device("cpu"), dtype="float32", spec=spec, seed=config.warmstart_seed
@@ -411,6 +437,11 @@ def default_warmstart() -> tuple[PreTrainedModel, Any, list[Problem], dict[str, 
         "seed": config.warmstart_seed,
     }
     return model, tokenizer, problems, keywords
+
+
+def default_warmstart() -> tuple[PreTrainedModel, Any, list[Problem], dict[str, Any]]:
+    """What ``ebpo train`` with no flags warm-starts (:func:`run_warmstart` of no flags)."""
+    return run_warmstart(())
 
 
 def _lock_mismatch() -> str | None:
@@ -429,11 +460,15 @@ def _lock_mismatch() -> str | None:
     return ", ".join(differ) or None
 
 
-def ship(directory: Path | None = None, *, log: Callable[[str], None] = print) -> str:
-    """Train the default run's warm start and write it as the shipped one (``directory``, default
-    :data:`SHIPPED_DIR`), replacing the folder whole; returns its key. Never reads a cache or the shipped data."""
-    directory = Path(directory or SHIPPED_DIR)
-    model, tokenizer, problems, keywords = default_warmstart()
+def ship(directory: Path | None = None, *, name: str = "default", log: Callable[[str], None] = print) -> str:
+    """Train the warm start of :data:`SHIPPED_RUNS` ``[name]`` and write it as a shipped one (``directory``,
+    default :data:`SHIPPED_DIR`, in its folder ``name``), replacing that folder whole; returns its key. Never
+    reads a cache or the shipped data."""
+    if name not in SHIPPED_RUNS:
+        raise ValueError(f"no shipped warm start named {name!r}; the shipped ones are {sorted(SHIPPED_RUNS)}")
+    folder = Path(directory or SHIPPED_DIR) / name
+    flags = SHIPPED_RUNS[name]
+    model, tokenizer, problems, keywords = run_warmstart(flags)
     settings = warmstart_settings(tokenizer, **keywords)
     key = warmstart_key(settings)
     losses = _train_warmstart(
@@ -444,28 +479,30 @@ def ship(directory: Path | None = None, *, log: Callable[[str], None] = print) -
         lr=keywords["lr"],
         batch_size=keywords["batch_size"],
         seed=keywords["seed"],
-        destination=f"to ship in {directory}",
+        destination=f"to ship in {folder}",
         log=log,
     )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; package data is read by everyone
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.parent.chmod(0o755)  # package data is read by everyone
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     save_model(model, str(tmp / _SHIPPED_WEIGHTS))
     (tmp / _SHIPPED_WEIGHTS).chmod(0o644)  # safetensors writes it private too
     record = {
         "key": key,
         "sha256": _file_sha256(tmp / _SHIPPED_WEIGHTS),
-        "made_with": SHIP_COMMAND,
+        "made_with": f"{SHIP_COMMAND} {name}",
+        "train_flags": list(flags),
         "threads": torch.get_num_threads(),
         "final_loss": losses[-1] if losses else None,
         "settings": settings,
     }
     (tmp / _SHIPPED_RECORD).write_text(json.dumps(record, indent=1, default=str) + "\n")
     # Swap the folders: a reader sees the old pair, no folder (it then trains), or the new pair, never a mix.
-    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
     return key
 
@@ -473,10 +510,20 @@ def ship(directory: Path | None = None, *, log: Callable[[str], None] = print) -
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ebpo.train.warmstart",
-        description="Regenerate the warm start shipped with ebpo (the default `ebpo train` run's); prints its key.",
+        description="Regenerate the warm starts shipped with ebpo (SHIPPED_RUNS: "
+        + "; ".join(f"{name}: ebpo train {' '.join(flags)}".rstrip() for name, flags in SHIPPED_RUNS.items())
+        + "); prints each key.",
     )
-    parser.add_argument("--ship", action="store_true", required=True, help="train the default warm start and ship it")
-    parser.add_argument("--out", type=Path, default=None, help=f"folder to write (default: {SHIPPED_DIR})")
+    parser.add_argument(
+        "--ship",
+        nargs="*",
+        metavar="NAME",
+        required=True,
+        help=f"train these shipped warm starts and ship them (default: all of {', '.join(SHIPPED_RUNS)})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"folder that holds one folder per warm start (default: {SHIPPED_DIR})"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads for torch (default: 1, as the README's runs)"
     )
@@ -486,6 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="ship even when torch/transformers differ from requirements/lock.txt (users of the lock would miss it)",
     )
     args = parser.parse_args(argv)
+    names = args.ship or list(SHIPPED_RUNS)
+    unknown = [name for name in names if name not in SHIPPED_RUNS]
+    if unknown:
+        parser.error(
+            f"unknown shipped warm start {', '.join(map(repr, unknown))}; the shipped ones are {', '.join(SHIPPED_RUNS)}"
+        )
     mismatch = _lock_mismatch()
     if mismatch and not args.ignore_lock:
         print(
@@ -495,8 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     torch.set_num_threads(args.threads)
-    key = ship(args.out)
-    print(f"shipped warm start {key} in {args.out or SHIPPED_DIR}")
+    for name in dict.fromkeys(names):
+        key = ship(args.out, name=name)
+        print(f"shipped warm start {name} ({key}) in {Path(args.out or SHIPPED_DIR) / name}")
     return 0
 
 
