@@ -180,46 +180,69 @@ def _history_instance(seed: int, num_prompts: int):
 
 
 @settings(max_examples=40, deadline=None)
-@given(num_prompts=st.integers(1, 4), budget=st.integers(2, 18), seed=st.integers(0, 10_000), info_gain=st.booleans())
-def test_knapsack_is_the_brute_force_optimum(num_prompts, budget, seed, info_gain):
+@given(
+    num_prompts=st.integers(1, 4),
+    budget=st.integers(2, 18),
+    seed=st.integers(0, 10_000),
+    info_gain=st.booleans(),
+    value=st.sampled_from(["groups", "samples"]),
+)
+def test_knapsack_is_the_brute_force_optimum(num_prompts, budget, seed, info_gain, value):
     min_size, max_size = 2, 6
     if not feasible(num_prompts, budget, min_size, max_size):
         return
     ids, successes, trials = _history_instance(seed, num_prompts)
-    knapsack = build_allocator("knapsack", min_group_size=min_size, max_group_size=max_size, info_gain=info_gain)
+    knapsack = build_allocator(
+        "knapsack", min_group_size=min_size, max_group_size=max_size, info_gain=info_gain, value=value
+    )
     seen = trials > 0
     knapsack.observe(ids[seen], successes[seen], trials[seen])
     prior_mean = 0.35
     rate = [float(s / t) if t > 0 else prior_mean for s, t in zip(successes, trials, strict=True)]
 
-    def value(i, n):  # the paper's InfoGain(p) = p (1 - p)^2 as a weight when asked
-        return informative_binomial(rate[i], n) * (rate[i] * (1 - rate[i]) ** 2 if info_gain else 1.0)
+    def objective(i, n):  # the paper's InfoGain(p) = p (1 - p)^2 as a weight when asked; n of them: samples
+        weight = (rate[i] * (1 - rate[i]) ** 2 if info_gain else 1.0) * (n if value == "samples" else 1)
+        return informative_binomial(rate[i], n) * weight
 
-    best, _ = brute_force(value, num_prompts, budget, min_size, max_size)
+    best, _ = brute_force(objective, num_prompts, budget, min_size, max_size)
     sizes, metrics = knapsack.allocate(AllocationRequest(ids, budget, prior_mean=prior_mean))
-    assert sum(value(i, int(n)) for i, n in enumerate(sizes)) == pytest.approx(best, abs=1e-12)
+    assert sum(objective(i, int(n)) for i, n in enumerate(sizes)) == pytest.approx(best, abs=1e-12)
     assert metrics["alloc/expected_informative"] == pytest.approx(best, abs=1e-12)
 
 
+def mixed_samples_beta_binomial(a: float, b: float, n: int) -> float:
+    """E[samples in a mixed group of n] = sum over the successes k of n 1{0 < k < n} times the pmf, k = 0..n."""
+    return sum(
+        n * (0 < k < n) * math.comb(n, k) * math.exp(log_beta(k + a, n - k + b) - log_beta(a, b)) for k in range(n + 1)
+    )
+
+
 @settings(max_examples=40, deadline=None)
-@given(num_prompts=st.integers(1, 4), budget=st.integers(2, 18), seed=st.integers(0, 10_000))
-def test_eb_is_the_brute_force_optimum_of_the_beta_binomial_objective(num_prompts, budget, seed):
+@given(
+    num_prompts=st.integers(1, 4),
+    budget=st.integers(2, 18),
+    seed=st.integers(0, 10_000),
+    value=st.sampled_from(["groups", "samples"]),
+)
+def test_eb_is_the_brute_force_optimum_of_the_beta_binomial_objective(num_prompts, budget, seed, value):
     min_size, max_size = 2, 6
     if not feasible(num_prompts, budget, min_size, max_size):
         return
     ids, successes, trials = _history_instance(seed, num_prompts)
-    eb = build_allocator("eb", min_group_size=min_size, max_group_size=max_size)
+    eb = build_allocator("eb", min_group_size=min_size, max_group_size=max_size, value=value)
     seen = trials > 0
     eb.observe(ids[seen], successes[seen], trials[seen])
     prior_mean, prior_var = 0.3, 0.04
     a, b = moment_prior(prior_mean, prior_var)
+    oracle = mixed_samples_beta_binomial if value == "samples" else informative_beta_binomial
 
-    def value(i, n):
-        return informative_beta_binomial(a + float(successes[i]), b + float(trials[i] - successes[i]), n)
+    def objective(i, n):
+        return oracle(a + float(successes[i]), b + float(trials[i] - successes[i]), n)
 
-    best, _ = brute_force(value, num_prompts, budget, min_size, max_size)
-    sizes, _ = eb.allocate(AllocationRequest(ids, budget, prior_mean=prior_mean, prior_var=prior_var))
-    assert sum(value(i, int(n)) for i, n in enumerate(sizes)) == pytest.approx(best, abs=1e-12)
+    best, _ = brute_force(objective, num_prompts, budget, min_size, max_size)
+    sizes, metrics = eb.allocate(AllocationRequest(ids, budget, prior_mean=prior_mean, prior_var=prior_var))
+    assert sum(objective(i, int(n)) for i, n in enumerate(sizes)) == pytest.approx(best, abs=1e-12)
+    assert metrics["alloc/expected_informative"] == pytest.approx(best, abs=1e-12)
 
 
 def test_greedy_marginal_gain_is_not_optimal_but_the_allocator_is():
@@ -473,6 +496,7 @@ def test_bad_observations_raise_and_leave_the_history(successes, trials, match):
         ({"min_group_size": 4, "max_group_size": 3}, "below min_group_size"),
         ({"decay": 0.0}, "decay"),
         ({"nope": 1}, "bad options"),
+        ({"value": "gradient"}, "value must be one of groups, samples"),
     ],
 )
 def test_bad_options_raise(options, match):
@@ -528,6 +552,14 @@ def beta_binomial_pmf(k: int, n: int, a: float, b: float) -> float:
     return math.comb(n, k) * math.exp(log_beta(k + a, n - k + b) - log_beta(a, b))
 
 
+def top_up_samples_gain(first_s: int, first_t: int, a: float, b: float, m: int) -> float:
+    """What m more completions add to the expected samples in mixed groups: E[(t + m) 1{mixed after}] minus
+    t 1{mixed before}, summed over the successes k among the m (posterior a, b)."""
+    before = first_t * (0 < first_s < first_t)
+    after = sum((first_t + m) * (0 < first_s + k < first_t + m) * beta_binomial_pmf(k, m, a, b) for k in range(m + 1))
+    return after - before
+
+
 def top_up_gain(first_s: int, first_t: int, a: float, b: float, m: int) -> float:
     """What m more completions add to P(the group is mixed), from the Beta-Binomial pmf of the m (posterior a, b)."""
     if 0 < first_s < first_t or m == 0:
@@ -543,17 +575,19 @@ def top_up_gain(first_s: int, first_t: int, a: float, b: float, m: int) -> float
     extra=st.integers(0, 12),
     seed=st.integers(0, 10_000),
     name=st.sampled_from(["eb", "knapsack"]),
+    objective=st.sampled_from(["groups", "samples"]),
 )
-def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_prompts, extra, seed, name):
+def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_prompts, extra, seed, name, objective):
     """After a first round of 2 each (observed), the extra budget goes where it most raises the expected number
-    of mixed groups; each prompt's gain from an independent pmf sum, the optimum by enumeration."""
+    of mixed groups (or of samples in them); each prompt's gain from an independent pmf sum, the optimum by
+    enumeration."""
     min_size, max_size, first = 2, 6, 2
     gen = torch.Generator().manual_seed(seed)
     ids = stable_prompt_ids([f"q{seed}-{i}" for i in range(num_prompts)])
     first_s = torch.randint(0, first + 1, (num_prompts,), generator=gen).double()
     first_t = torch.full((num_prompts,), float(first), dtype=torch.float64)
     ids_hist, successes, trials = _history_instance(seed, num_prompts)
-    allocator = build_allocator(name, min_group_size=min_size, max_group_size=max_size)
+    allocator = build_allocator(name, min_group_size=min_size, max_group_size=max_size, value=objective)
     seen = trials > 0
     allocator.observe(ids[seen], successes[seen], trials[seen])  # an older history of the same prompts
     allocator.observe(ids, first_s, first_t)  # then this step's first round
@@ -565,11 +599,19 @@ def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_promp
 
     def value(i, m):
         if name == "eb":
-            return top_up_gain(int(first_s[i]), first, a0 + float(s_all[i]), b0 + float(t_all[i] - s_all[i]), m)
-        p = float(s_all[i] / t_all[i])
-        if 0 < first_s[i] < first or m == 0:
-            return 0.0
-        return 1 - (1 - p) ** m if first_s[i] == 0 else 1 - p**m
+            a, b = a0 + float(s_all[i]), b0 + float(t_all[i] - s_all[i])
+        else:  # knapsack's point estimate p, as a Beta of huge concentration (the pmf tends to the binomial)
+            p = float(s_all[i] / t_all[i])
+            if objective == "samples":
+                return sum(
+                    (first + m) * (0 < int(first_s[i]) + k < first + m) * math.comb(m, k) * p**k * (1 - p) ** (m - k)
+                    for k in range(m + 1)
+                ) - first * (0 < int(first_s[i]) < first)
+            if 0 < first_s[i] < first or m == 0:
+                return 0.0
+            return 1 - (1 - p) ** m if first_s[i] == 0 else 1 - p**m
+        gain = top_up_samples_gain if objective == "samples" else top_up_gain
+        return gain(int(first_s[i]), first, a, b, m)
 
     best, _ = brute_force(value, num_prompts, budget, 1, max_size - first)
     request = AllocationRequest(ids, budget, prior_mean=prior_mean, prior_var=prior_var)

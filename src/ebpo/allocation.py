@@ -34,6 +34,9 @@ Strategies (registry :data:`ALLOCATORS`):
   estimator's mu_glob and between-prompt variance, updated by the prompt's
   own successes and trials). Derivation: docs/allocation.md.
 
+``knapsack`` and ``eb`` count informative groups by default; ``value="samples"``
+counts the samples in them instead (:data:`VALUES`).
+
 ``knapsack`` and ``eb`` are solved exactly (:func:`max_plus_allocate`, a
 max-plus convolution over a binary tree of prompts): the objective is concave
 in n only from n = 2 on, and the greedy marginal-gain allocation is *not*
@@ -75,6 +78,7 @@ __all__ = [
     "Skip",
     "Knapsack",
     "EmpiricalBayes",
+    "VALUES",
 ]
 
 _NEG_INF = -math.inf
@@ -600,16 +604,40 @@ class Skip(_HistoryAllocator):
         self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
 
 
+VALUES = ("groups", "samples")
+"""What ``knapsack`` and ``eb`` maximise: ``groups``, the expected number of informative groups (a group with
+both a success and a failure); ``samples``, the expected number of samples in informative groups (docs/allocation.md,
+"Counting samples instead of groups")."""
+
+
 class _ValueAllocator(_HistoryAllocator):
-    """Exact maximisation of sum_i values[i, n_i] over the allowed sizes (:func:`max_plus_allocate`)."""
+    """Exact maximisation of sum_i values[i, n_i] over the allowed sizes (:func:`max_plus_allocate`).
+
+    Args (beside those of every allocator):
+        value: ``"groups"`` (default) counts informative groups: prompt i's value at size n is P(a group of n
+            is mixed). ``"samples"`` counts the samples in informative groups, n P(mixed): with binary rewards
+            every sample of a mixed group, and none of an all-equal one, gets a nonzero group-relative advantage,
+            so under a fixed budget this maximises the samples that carry a gradient (equivalently, minimises
+            those that do not), and a top-up of an already mixed group is worth every sample it adds.
+    """
+
+    def __init__(
+        self, min_group_size: int = 2, max_group_size: int = 32, decay: float = 1.0, value: str = "groups"
+    ) -> None:
+        super().__init__(min_group_size, max_group_size, decay)
+        if value not in VALUES:
+            raise ValueError(f"value must be one of {', '.join(VALUES)}, got {value!r}")
+        self.value = value
 
     def values(self, prompt_ids: Tensor, request: AllocationRequest) -> Tensor:
-        """(P, max_group_size + 1) value of each size for each prompt."""
+        """(P, max_group_size + 1) probability that a group of each size is informative, for each prompt."""
         raise NotImplementedError
 
     def allocate(self, request: AllocationRequest) -> tuple[Tensor, dict[str, float]]:
         prompt_ids, budget = self._request(request)
         values = self.values(prompt_ids, request)  # (P, S + 1)
+        if self.value == "samples":
+            values = values * torch.arange(self.max_group_size + 1, dtype=torch.float64)  # n P(mixed)
         allowed = _size_mask(self.min_group_size, self.max_group_size)
         sizes = max_plus_allocate(values.masked_fill(~allowed, _NEG_INF), budget)
         metrics = allocation_metrics(sizes, budget)
@@ -630,7 +658,10 @@ class _ValueAllocator(_HistoryAllocator):
         (already passed to :meth:`observe`, so the posterior includes them). A top-up of m more is
         worth what it adds to the chance that the whole group is informative: nothing for a
         first group that is already mixed; P(at least one success among m) after a first group with
-        none, 1 - E[(1 - p)^m]; P(at least one failure) after all successes, 1 - E[p^m].
+        none, 1 - E[(1 - p)^m]; P(at least one failure) after all successes, 1 - E[p^m]. With
+        ``value="samples"`` it is worth what it adds to the expected samples in informative groups:
+        m for a first group that is already mixed; (t + m) times those probabilities otherwise, t
+        the first group's counted completions.
         Top-ups are 0 or 1 .. max_group_size - first_trials (any size: the first group already
         meets ``min_group_size``); solved exactly like :meth:`allocate`. ``first_trials`` counts the
         completions the verifier scored (a group whose rewards were all dropped counts 0 and is
@@ -658,8 +689,17 @@ class _ValueAllocator(_HistoryAllocator):
             )
         p_s, p_f = self.top_up_moments(prompt_ids, request)  # (P, S + 1) E[p^m], E[(1 - p)^m]
         none, every = first_s == 0, first_s == first_t
-        gain = torch.where(none[:, None], 1.0 - p_f, torch.where(every[:, None], 1.0 - p_s, torch.zeros_like(p_s)))
         m = torch.arange(self.max_group_size + 1)
+        if self.value == "samples":  # expected samples in informative groups: mixed adds m, the others (t + m) P
+            whole = first_t[:, None] + m  # (P, S + 1) the group's size after a top-up of m
+            mixed = m.to(torch.float64).expand_as(p_s)
+            gain = torch.where(
+                none[:, None], whole * (1.0 - p_f), torch.where(every[:, None], whole * (1.0 - p_s), mixed)
+            )
+            gain[:, 0] = 0.0  # no top-up adds nothing
+        else:
+            zero = torch.zeros_like(p_s)
+            gain = torch.where(none[:, None], 1.0 - p_f, torch.where(every[:, None], 1.0 - p_s, zero))
         allowed = m[None, :] <= room[:, None]  # (P, S + 1); 0 always allowed
         sizes = max_plus_allocate(gain.clamp_min(0.0).masked_fill(~allowed, _NEG_INF), budget)
         sampled = sizes > 0
@@ -693,14 +733,20 @@ class Knapsack(_ValueAllocator):
 
     Args:
         info_gain: weigh each prompt's value by p (1 - p)^2, the paper's approximate information gain.
+        value: ``"groups"`` (default, the paper's count) or ``"samples"`` (see :data:`VALUES`).
     """
 
     name = "knapsack"
 
     def __init__(
-        self, min_group_size: int = 2, max_group_size: int = 32, decay: float = 1.0, info_gain: bool = False
+        self,
+        min_group_size: int = 2,
+        max_group_size: int = 32,
+        decay: float = 1.0,
+        info_gain: bool = False,
+        value: str = "groups",
     ) -> None:
-        super().__init__(min_group_size, max_group_size, decay)
+        super().__init__(min_group_size, max_group_size, decay, value)
         if not isinstance(info_gain, bool):
             raise ValueError(f"info_gain must be True or False, got {info_gain!r}")
         self.info_gain = info_gain
@@ -732,6 +778,9 @@ class EmpiricalBayes(_ValueAllocator):
     s_i and failures f_i. Its value at size n is the posterior expectation of the informative-group
     probability, 1 - E[p^n] - E[(1 - p)^n], exact in Beta function ratios. Unlike ``knapsack``,
     a prompt seen once with two successes keeps value: the posterior still allows a failure.
+
+    Args:
+        value: ``"groups"`` (default) or ``"samples"``, n times that probability (see :data:`VALUES`).
     """
 
     name = "eb"
