@@ -288,8 +288,18 @@ def test_sigterm_saves_stops_in_one_line_and_the_resume_equals_the_uninterrupted
     assert all(torch.equal(wa[k], wb[k]) for k in wb)  # the same policy, bit for bit
 
 
+@pytest.fixture
+def sigint_as_at_a_terminal():
+    """SIGINT with Python's default handler for the test, restored after. A process started in the background by a
+    non-interactive shell (``cmd &``, as a CI script may be) inherits SIGINT ignored, and ebpo train rightly leaves
+    an inherited SIG_IGN alone (test below); the stop under test is the one a terminal's Ctrl-C gives."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_sigint_at_a_chosen_step_saves_exits_130_and_resumes_to_the_same_metrics(
-    uninterrupted, tmp_path, monkeypatch, capsys
+    uninterrupted, tmp_path, monkeypatch, capsys, sigint_as_at_a_terminal
 ):
     """Ctrl-C in-process, delivered during step 4's logging: the step finishes, is saved, and the run stops."""
     from ebpo.train.tracking import Tracker
@@ -314,6 +324,25 @@ def test_sigint_at_a_chosen_step_saves_exits_130_and_resumes_to_the_same_metrics
     assert entries(stopped) == ["step-000004"] and len(rows(stopped)) == 4
     assert main(["train", "--resume", str(stopped)]) == 0
     assert rows(stopped) == rows(uninterrupted)
+
+
+def test_an_inherited_ignored_sigint_stays_ignored():
+    """nohup and background jobs start with SIGINT ignored: StopSignals installs no handler over that choice (and
+    restores nothing it did not change); SIGTERM, not ignored, is handled and restored."""
+    from ebpo.train.procs import StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: no record, no KeyboardInterrupt
+            time.sleep(0.05)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == term
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------ 2. a second process on a live run
