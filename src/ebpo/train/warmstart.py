@@ -483,7 +483,6 @@ def ship(directory: Path | None = None, *, name: str = "default", log: Callable[
         log=log,
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    folder.parent.chmod(0o755)  # package data is read by everyone
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private
     save_model(model, str(tmp / _SHIPPED_WEIGHTS))
