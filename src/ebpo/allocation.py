@@ -690,23 +690,17 @@ class _ValueAllocator(_HistoryAllocator):
         p_s, p_f = self.top_up_moments(prompt_ids, request)  # (P, S + 1) E[p^m], E[(1 - p)^m]
         none, every = first_s == 0, first_s == first_t
         m = torch.arange(self.max_group_size + 1)
-        if self.value == "samples":  # expected samples in informative groups: mixed adds m, the others (t + m) P
-            whole = first_t[:, None] + m  # (P, S + 1) the group's size after a top-up of m
-            mixed = m.to(torch.float64).expand_as(p_s)
-            gain = torch.where(
-                none[:, None], whole * (1.0 - p_f), torch.where(every[:, None], whole * (1.0 - p_s), mixed)
-            )
-            gain[:, 0] = 0.0  # no top-up adds nothing
-        else:
-            zero = torch.zeros_like(p_s)
-            gain = torch.where(none[:, None], 1.0 - p_f, torch.where(every[:, None], 1.0 - p_s, zero))
+        mixed = ~none & ~every
+        gain = torch.where(none[:, None], 1.0 - p_f, 1.0 - p_s).masked_fill(mixed[:, None], 0.0)  # P(turns mixed)
+        if self.value == "samples":  # samples in mixed groups: a mixed group adds m, another (t + m) P(turns mixed)
+            gain = torch.where(mixed[:, None], m.to(torch.float64), (first_t[:, None] + m) * gain)
         allowed = m[None, :] <= room[:, None]  # (P, S + 1); 0 always allowed
         sizes = max_plus_allocate(gain.clamp_min(0.0).masked_fill(~allowed, _NEG_INF), budget)
         sampled = sizes > 0
         metrics = {
             "alloc/top_up_samples": float(sizes.sum()),
             "alloc/top_up_prompts": float(sampled.sum()),
-            "alloc/first_round_mixed": float((~none & ~every).sum()),
+            "alloc/first_round_mixed": float(mixed.sum()),
             "alloc/expected_informative_gain": float(gain.gather(1, sizes[:, None]).sum()),
         }
         return sizes, metrics
