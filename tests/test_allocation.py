@@ -52,6 +52,24 @@ def informative_beta_binomial(a: float, b: float, n: int) -> float:
     return sum(math.comb(n, k) * math.exp(log_beta(k + a, n - k + b) - log_beta(a, b)) for k in range(1, n))
 
 
+def within_variance_binomial(p: float, n: int) -> float:
+    """E[rbar (1 - rbar)] for the mean rbar = S / n of n Bernoulli(p) rewards: sum over k of k (n - k) / n^2 times
+    the binomial pmf (0 for n = 0)."""
+    if n == 0:
+        return 0.0
+    return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) * k * (n - k) / n**2 for k in range(n + 1))
+
+
+def within_variance_beta_binomial(a: float, b: float, n: int) -> float:
+    """E[rbar (1 - rbar)] for a group of n, S ~ BetaBinomial(n, a, b): the pmf times k (n - k) / n^2 (0 for n = 0)."""
+    if n == 0:
+        return 0.0
+    return sum(
+        math.comb(n, k) * math.exp(log_beta(k + a, n - k + b) - log_beta(a, b)) * k * (n - k) / n**2
+        for k in range(n + 1)
+    )
+
+
 def moment_prior(mean: float, var: float) -> tuple[float, float]:
     """Beta(a, b) by moments, written from the Beta's mean m = a / (a + b) and variance m (1 - m) / (a + b + 1)."""
     concentration = mean * (1 - mean) / var - 1
@@ -185,11 +203,11 @@ def _history_instance(seed: int, num_prompts: int):
     budget=st.integers(2, 18),
     seed=st.integers(0, 10_000),
     info_gain=st.booleans(),
-    value=st.sampled_from(["groups", "samples"]),
+    value=st.sampled_from(["groups", "samples", "variance"]),
 )
 def test_knapsack_is_the_brute_force_optimum(num_prompts, budget, seed, info_gain, value):
     min_size, max_size = 2, 6
-    if not feasible(num_prompts, budget, min_size, max_size):
+    if not feasible(num_prompts, budget, min_size, max_size) or (info_gain and value == "variance"):
         return
     ids, successes, trials = _history_instance(seed, num_prompts)
     knapsack = build_allocator(
@@ -201,6 +219,8 @@ def test_knapsack_is_the_brute_force_optimum(num_prompts, budget, seed, info_gai
     rate = [float(s / t) if t > 0 else prior_mean for s, t in zip(successes, trials, strict=True)]
 
     def objective(i, n):  # the paper's InfoGain(p) = p (1 - p)^2 as a weight when asked; n of them: samples
+        if value == "variance":
+            return within_variance_binomial(rate[i], n)
         weight = (rate[i] * (1 - rate[i]) ** 2 if info_gain else 1.0) * (n if value == "samples" else 1)
         return informative_binomial(rate[i], n) * weight
 
@@ -222,7 +242,7 @@ def mixed_samples_beta_binomial(a: float, b: float, n: int) -> float:
     num_prompts=st.integers(1, 4),
     budget=st.integers(2, 18),
     seed=st.integers(0, 10_000),
-    value=st.sampled_from(["groups", "samples"]),
+    value=st.sampled_from(["groups", "samples", "variance"]),
 )
 def test_eb_is_the_brute_force_optimum_of_the_beta_binomial_objective(num_prompts, budget, seed, value):
     min_size, max_size = 2, 6
@@ -234,7 +254,11 @@ def test_eb_is_the_brute_force_optimum_of_the_beta_binomial_objective(num_prompt
     eb.observe(ids[seen], successes[seen], trials[seen])
     prior_mean, prior_var = 0.3, 0.04
     a, b = moment_prior(prior_mean, prior_var)
-    oracle = mixed_samples_beta_binomial if value == "samples" else informative_beta_binomial
+    oracle = {
+        "groups": informative_beta_binomial,
+        "samples": mixed_samples_beta_binomial,
+        "variance": within_variance_beta_binomial,
+    }[value]
 
     def objective(i, n):
         return oracle(a + float(successes[i]), b + float(trials[i] - successes[i]), n)
@@ -496,12 +520,14 @@ def test_bad_observations_raise_and_leave_the_history(successes, trials, match):
         ({"min_group_size": 4, "max_group_size": 3}, "below min_group_size"),
         ({"decay": 0.0}, "decay"),
         ({"nope": 1}, "bad options"),
-        ({"value": "gradient"}, "value must be one of groups, samples"),
+        ({"value": "gradient"}, "value must be one of groups, samples, variance"),
     ],
 )
 def test_bad_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
         build_allocator("eb", **options)
+    with pytest.raises(ValueError, match="info_gain weighs the informative-group count"):
+        build_allocator("knapsack", info_gain=True, value="variance")
     with pytest.raises(ValueError, match="explore_prob"):
         build_allocator("skip", explore_prob=1.5)
 
@@ -575,12 +601,12 @@ def top_up_gain(first_s: int, first_t: int, a: float, b: float, m: int) -> float
     extra=st.integers(0, 12),
     seed=st.integers(0, 10_000),
     name=st.sampled_from(["eb", "knapsack"]),
-    objective=st.sampled_from(["groups", "samples"]),
+    objective=st.sampled_from(["groups", "samples", "variance"]),
 )
 def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_prompts, extra, seed, name, objective):
     """After a first round of 2 each (observed), the extra budget goes where it most raises the expected number
-    of mixed groups (or of samples in them); each prompt's gain from an independent pmf sum, the optimum by
-    enumeration."""
+    of mixed groups (or of samples in them, or the within-group reward variance of a group of the new size under
+    the updated belief); each prompt's gain from an independent pmf sum, the optimum by enumeration."""
     min_size, max_size, first = 2, 6, 2
     gen = torch.Generator().manual_seed(seed)
     ids = stable_prompt_ids([f"q{seed}-{i}" for i in range(num_prompts)])
@@ -602,6 +628,8 @@ def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_promp
             a, b = a0 + float(s_all[i]), b0 + float(t_all[i] - s_all[i])
         else:  # knapsack's point estimate p, as a Beta of huge concentration (the pmf tends to the binomial)
             p = float(s_all[i] / t_all[i])
+            if objective == "variance":
+                return within_variance_binomial(p, first + m) - within_variance_binomial(p, first)
             if objective == "samples":
                 return sum(
                     (first + m) * (0 < int(first_s[i]) + k < first + m) * math.comb(m, k) * p**k * (1 - p) ** (m - k)
@@ -610,6 +638,8 @@ def test_top_up_is_the_brute_force_optimum_of_the_gain_in_mixed_groups(num_promp
             if 0 < first_s[i] < first or m == 0:
                 return 0.0
             return 1 - (1 - p) ** m if first_s[i] == 0 else 1 - p**m
+        if objective == "variance":
+            return within_variance_beta_binomial(a, b, first + m) - within_variance_beta_binomial(a, b, first)
         gain = top_up_samples_gain if objective == "samples" else top_up_gain
         return gain(int(first_s[i]), first, a, b, m)
 
@@ -635,3 +665,26 @@ def test_top_up_refuses_bad_first_rounds_and_budgets():
     with pytest.raises(ValueError, match=r"first_successes must lie in \[0, first_trials\]"):
         eb.top_up(request, torch.tensor([3.0, 1.0]), two)
     assert not hasattr(build_allocator("skip"), "top_up") and not hasattr(build_allocator("uniform"), "top_up")
+
+
+def test_the_variance_value_spreads_top_ups_where_the_sample_count_piles_them_up():
+    """Eight prompts alike (no history, the same prior), each with a first group of 2, one success each: a top-up
+    budget of 8 under ``variance`` gives every prompt one more (its gains v / (n (n + 1)) fall with n), where
+    ``samples`` (worth one per sample for a mixed group, ties spread evenly) is indifferent and ``groups`` (a
+    mixed group is worth nothing more) too; the variance objective is the only one that prefers the spread."""
+    ids = stable_prompt_ids([f"alike-{i}" for i in range(8)])
+    first_s, first_t = torch.ones(8, dtype=torch.float64), torch.full((8,), 2.0, dtype=torch.float64)
+    eb = build_allocator("eb", min_group_size=2, max_group_size=8, value="variance")
+    eb.observe(ids, first_s, first_t)
+    request = AllocationRequest(ids, 8, prior_mean=0.5, prior_var=0.05)
+    sizes, metrics = eb.top_up(request, first_s, first_t)
+    assert sizes.tolist() == [1] * 8
+    a, b = moment_prior(0.5, 0.05)
+    a, b = a + 1, b + 1
+    one_more = within_variance_beta_binomial(a, b, 3) - within_variance_beta_binomial(a, b, 2)
+    assert metrics["alloc/expected_informative_gain"] == pytest.approx(8 * one_more, rel=1e-12)
+    piled = torch.tensor([6, 2, 0, 0, 0, 0, 0, 0])
+    gain_piled = sum(
+        within_variance_beta_binomial(a, b, 2 + int(m)) - within_variance_beta_binomial(a, b, 2) for m in piled
+    )
+    assert gain_piled < 8 * one_more

@@ -147,6 +147,25 @@ def test_a_first_round_then_top_ups_of_the_groups_it_left_all_equal(monkeypatch,
     assert metrics["rollout/all_equal_samples"] == float(trials[~mixed].sum())
 
 
+def test_the_variance_value_tops_up_the_mixed_group_and_spreads_the_rest(monkeypatch):
+    """``value: variance`` through the trainer: p2, the one group mixed after its first 2, has the largest
+    posterior E[p (1 - p)] and gets a top-up (under ``groups`` it gets none); no group takes the whole top-up."""
+    trainer = _trainer(
+        monkeypatch,
+        "eb",
+        prompts_per_step=6,
+        candidates_per_step=6,
+        allocation_first_round=2,
+        allocation_options={"value": "variance"},
+    )
+    rollout, _, _, metrics = trainer.rollout_and_score()
+    assert len(rollout.texts) == 24 and metrics["alloc/top_up_samples"] == 12.0
+    ids = rollout.group_ids.tolist()
+    sizes = {p.id: ids.count(g) for p, g in zip(rollout.problems, ids)}
+    assert sizes["p2"] > 2 and sizes["p2"] == max(sizes.values())
+    assert sum(n > 2 for n in sizes.values()) >= 3
+
+
 def test_eb_starts_each_prompt_from_its_topic_prior_under_a_hierarchical_ebpo(monkeypatch):
     """With ``hierarchical: true``, the request carries each candidate's topic prior (mu_k*, Var(p) from tau_k*^2)."""
     trainer = _trainer(monkeypatch, "eb", prompts_per_step=6, candidates_per_step=6)

@@ -604,10 +604,22 @@ class Skip(_HistoryAllocator):
         self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
 
 
-VALUES = ("groups", "samples")
+VALUES = ("groups", "samples", "variance")
 """What ``knapsack`` and ``eb`` maximise: ``groups``, the expected number of informative groups (a group with
 both a success and a failure); ``samples``, the expected number of samples in informative groups (docs/allocation.md,
-"Counting samples instead of groups")."""
+"Counting samples instead of groups"); ``variance``, sum_i E[p_i (1 - p_i)] (1 - 1/n_i), i.e. the least
+posterior-expected variance of the prompts' group means, a value concave in n that spreads the budget
+(docs/allocation.md, "Spreading the budget: the variance value")."""
+
+
+def _spread_utility(n: Tensor) -> Tensor:
+    """u(n) = 1 - 1/n for n >= 1 and 0 at n = 0: a group of n's share of its prompt's reward variance.
+
+    E[rbar (1 - rbar) | p] = p (1 - p) u(n) for the mean rbar of n Bernoulli(p) rewards, so v u(n) is the expected
+    within-group reward variance of a group of n; a skipped prompt, like a group of one, has none.
+    """
+    n = n.to(torch.float64)
+    return torch.where(n >= 1, 1.0 - 1.0 / n.clamp_min(1.0), torch.zeros_like(n))
 
 
 class _ValueAllocator(_HistoryAllocator):
@@ -619,6 +631,10 @@ class _ValueAllocator(_HistoryAllocator):
             every sample of a mixed group, and none of an all-equal one, gets a nonzero group-relative advantage,
             so under a fixed budget this maximises the samples that carry a gradient (equivalently, minimises
             those that do not), and a top-up of an already mixed group is worth every sample it adds.
+            ``"variance"`` is E[p (1 - p)] (1 - 1/n), E over this allocator's belief about p: maximising its sum
+            minimises sum_i E[p_i (1 - p_i)] / n_i, the variance of the prompts' group-mean baselines (a skipped
+            prompt counts its whole E[p (1 - p)]); its gains v / (n (n + 1)) fall with n, so the budget spreads
+            (about n_i proportional to sqrt(v_i), Neyman's allocation) instead of piling onto few prompts.
     """
 
     def __init__(
@@ -635,9 +651,13 @@ class _ValueAllocator(_HistoryAllocator):
 
     def allocate(self, request: AllocationRequest) -> tuple[Tensor, dict[str, float]]:
         prompt_ids, budget = self._request(request)
-        values = self.values(prompt_ids, request)  # (P, S + 1)
-        if self.value == "samples":
-            values = values * torch.arange(self.max_group_size + 1, dtype=torch.float64)  # n P(mixed)
+        n = torch.arange(self.max_group_size + 1)
+        if self.value == "variance":
+            values = self.reward_variance(prompt_ids, request)[:, None] * _spread_utility(n)  # E[p (1 - p)] u(n)
+        else:
+            values = self.values(prompt_ids, request)  # (P, S + 1) P(mixed)
+            if self.value == "samples":
+                values = values * n.to(torch.float64)  # n P(mixed)
         allowed = _size_mask(self.min_group_size, self.max_group_size)
         sizes = max_plus_allocate(values.masked_fill(~allowed, _NEG_INF), budget)
         metrics = allocation_metrics(sizes, budget)
@@ -661,7 +681,9 @@ class _ValueAllocator(_HistoryAllocator):
         none, 1 - E[(1 - p)^m]; P(at least one failure) after all successes, 1 - E[p^m]. With
         ``value="samples"`` it is worth what it adds to the expected samples in informative groups:
         m for a first group that is already mixed; (t + m) times those probabilities otherwise, t
-        the first group's counted completions.
+        the first group's counted completions. With ``value="variance"`` it is worth
+        E[p (1 - p)] (u(t + m) - u(t)), u(n) = 1 - 1/n (0 at n = 0), whatever the first group got: the
+        first round enters through the belief about p, which it has updated.
         Top-ups are 0 or 1 .. max_group_size - first_trials (any size: the first group already
         meets ``min_group_size``); solved exactly like :meth:`allocate`. ``first_trials`` counts the
         completions the verifier scored (a group whose rewards were all dropped counts 0 and is
@@ -694,6 +716,9 @@ class _ValueAllocator(_HistoryAllocator):
         gain = torch.where(none[:, None], 1.0 - p_f, 1.0 - p_s).masked_fill(mixed[:, None], 0.0)  # P(turns mixed)
         if self.value == "samples":  # samples in mixed groups: a mixed group adds m, another (t + m) P(turns mixed)
             gain = torch.where(mixed[:, None], m.to(torch.float64), (first_t[:, None] + m) * gain)
+        elif self.value == "variance":  # E[p (1 - p)] times what m more add to u
+            variance = self.reward_variance(prompt_ids, request)
+            gain = variance[:, None] * (_spread_utility(first_t[:, None] + m) - _spread_utility(first_t)[:, None])
         allowed = m[None, :] <= room[:, None]  # (P, S + 1); 0 always allowed
         sizes = max_plus_allocate(gain.clamp_min(0.0).masked_fill(~allowed, _NEG_INF), budget)
         sampled = sizes > 0
@@ -708,6 +733,11 @@ class _ValueAllocator(_HistoryAllocator):
     def top_up_moments(self, prompt_ids: Tensor, request: AllocationRequest) -> tuple[Tensor, Tensor]:
         """E[p^m] and E[(1 - p)^m] for m = 0..max_group_size under this allocator's belief: two (P, S + 1)."""
         raise NotImplementedError
+
+    def reward_variance(self, prompt_ids: Tensor, request: AllocationRequest) -> Tensor:
+        """(P,) E[p (1 - p)] = E[p] - E[p^2] under this allocator's belief: the ``variance`` value's weight."""
+        p_s, _ = self.top_up_moments(prompt_ids, request)
+        return (p_s[:, 1] - p_s[:, 2]).clamp_min(0.0)
 
 
 @ALLOCATORS.register("knapsack")
@@ -727,7 +757,7 @@ class Knapsack(_ValueAllocator):
 
     Args:
         info_gain: weigh each prompt's value by p (1 - p)^2, the paper's approximate information gain.
-        value: ``"groups"`` (default, the paper's count) or ``"samples"`` (see :data:`VALUES`).
+        value: ``"groups"`` (default, the paper's count), ``"samples"`` or ``"variance"`` (see :data:`VALUES`).
     """
 
     name = "knapsack"
@@ -743,6 +773,11 @@ class Knapsack(_ValueAllocator):
         super().__init__(min_group_size, max_group_size, decay, value)
         if not isinstance(info_gain, bool):
             raise ValueError(f"info_gain must be True or False, got {info_gain!r}")
+        if info_gain and value == "variance":
+            raise ValueError(
+                "info_gain weighs the informative-group count (value groups or samples); the variance value has its "
+                "own weight, p (1 - p): drop info_gain or choose another value"
+            )
         self.info_gain = info_gain
 
     def values(self, prompt_ids: Tensor, request: AllocationRequest) -> Tensor:
@@ -774,7 +809,8 @@ class EmpiricalBayes(_ValueAllocator):
     a prompt seen once with two successes keeps value: the posterior still allows a failure.
 
     Args:
-        value: ``"groups"`` (default) or ``"samples"``, n times that probability (see :data:`VALUES`).
+        value: ``"groups"`` (default), ``"samples"`` (n times that probability) or ``"variance"``
+            (E[p (1 - p)] (1 - 1/n) under the posterior; see :data:`VALUES`).
     """
 
     name = "eb"
