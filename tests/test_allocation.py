@@ -10,7 +10,12 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -432,6 +437,39 @@ def test_resume_equals_uninterrupted(name):
         assert torch.equal(value, resumed.state_dict()["history"][key]), key
     if name != "uniform":  # the history changed the allocation at some step, so the resume was tested
         assert any(not torch.equal(s, expected[0].roll(i)) for i, s in enumerate(expected))
+
+
+_OTHER_PROCESS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_allocation import NAMES, build_allocator, run_steps, stable_prompt_ids
+ids = stable_prompt_ids([f"p{i}" for i in range(10)])
+out = {}
+for name in NAMES:
+    allocator = build_allocator(name, **({"seed": 5} if name == "skip" else {}))
+    out[name] = [sizes.tolist() for sizes in run_steps(allocator, range(6), ids, 36)]
+print(json.dumps(out))
+"""
+
+
+def test_another_process_allocates_alike():
+    """What data-parallel ranks are: separate processes (another pid, another str hash seed), each with its own
+    allocator fed the same calls. Every allocator must return the same sizes there as here."""
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    child = subprocess.run(
+        [sys.executable, "-c", _OTHER_PROCESS, str(pathlib.Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    there = json.loads(child.stdout.strip().splitlines()[-1])
+    ids = stable_prompt_ids([f"p{i}" for i in range(10)])
+    for name in NAMES:
+        allocator = build_allocator(name, **({"seed": 5} if name == "skip" else {}))
+        here = [sizes.tolist() for sizes in run_steps(allocator, range(6), ids, 36)]
+        assert here == there[name], name
 
 
 @pytest.mark.parametrize("name", NAMES)
