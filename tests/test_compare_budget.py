@@ -14,6 +14,7 @@ from ebpo import compare
 from ebpo.compare import (
     RunSpec,
     _command,
+    _method_styles,
     _plot,
     _read_run,
     _resolve,
@@ -289,3 +290,14 @@ def test_paired_differences_at_the_budget_interpolate_both_runs(tmp_path):
     assert result["paired"]["ebpo|G=2"]["diffs"] == pytest.approx([0.0])
     reach = result["rows"]["ebpo|G=2"]["to_baseline_final"]  # grpo's 0.40 at 24: ebpo has it at 16, 2/3 of 24
     assert reach["accuracy"] == pytest.approx(0.4) and reach["fraction_of_budget"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("count", [3, 10, 11, 20, 23])
+def test_every_method_of_a_plot_gets_its_own_style(count):
+    """11 methods (the pool's grid) drew two in the same colour under matplotlib's 10-colour cycle."""
+    methods = [f"m{i}" for i in range(count)]
+    styles = _method_styles(methods)
+    assert list(styles) == methods
+    assert len({(tuple(s["color"]), s["linestyle"]) for s in styles.values()}) == count
+    if count <= 20:  # up to 20 methods the colours alone tell them apart
+        assert len({tuple(s["color"]) for s in styles.values()}) == count

@@ -1013,6 +1013,19 @@ def _shared_x(ax: Any, result: dict[str, Any], g: int) -> None:
         ax.set_xlim(0, span["max"])
 
 
+def _method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """A colour (and, past 20 methods, a dash pattern) per method, distinct for every method of the plot and the
+    same in both panels. Matplotlib's default cycle has 10 colours, so an 11-method grid drew two methods alike."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    dashes = ["-", "--", ":", "-."]
+    return {
+        method: {"color": palette[i % len(palette)], "linestyle": dashes[(i // len(palette)) % len(dashes)]}
+        for i, method in enumerate(methods)
+    }
+
+
 def _plot(result: dict[str, Any], path: Path) -> dict[int, tuple[float, float]]:
     """Accuracy and completion length against samples, one column per G, every method on the G's shared sample
     axis (:func:`shared_x_range`); returns each G's x limits as drawn."""
@@ -1022,6 +1035,7 @@ def _plot(result: dict[str, Any], path: Path) -> dict[int, tuple[float, float]]:
     import matplotlib.pyplot as plt
 
     sizes = sorted({row["group_size"] for row in result["rows"].values()})
+    styles = _method_styles(list(dict.fromkeys(row["method"] for row in result["rows"].values())))
     fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 7.5), squeeze=False, sharey="row")
     for ax, g in zip(axes[1], sizes):  # completion length over training
         for row in result["rows"].values():
@@ -1029,8 +1043,8 @@ def _plot(result: dict[str, Any], path: Path) -> dict[int, tuple[float, float]]:
                 ax.plot(
                     [p["samples"] for p in row["length_curve"]],
                     [p["mean"] for p in row["length_curve"]],
-                    "-",
                     label=row["method"],
+                    **styles[row["method"]],
                 )
         ax.set_xlabel("samples consumed")
         ax.grid(alpha=0.3)
@@ -1043,7 +1057,7 @@ def _plot(result: dict[str, Any], path: Path) -> dict[int, tuple[float, float]]:
             xs = [p["samples"] for p in row["curve"]]
             ys = [p["mean"] for p in row["curve"]]
             half = [p["ci_half_width"] if p["ci_half_width"] == p["ci_half_width"] else 0.0 for p in row["curve"]]
-            (line,) = ax.plot(xs, ys, "o-", label=row["method"])
+            (line,) = ax.plot(xs, ys, marker="o", label=row["method"], **styles[row["method"]])
             ax.fill_between(
                 xs,
                 [y - h for y, h in zip(ys, half)],
