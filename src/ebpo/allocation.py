@@ -622,6 +622,11 @@ def _spread_utility(n: Tensor) -> Tensor:
     return torch.where(n >= 1, 1.0 - 1.0 / n.clamp_min(1.0), torch.zeros_like(n))
 
 
+def _bernoulli_variance(p_moments: Tensor) -> Tensor:
+    """(P,) E[p (1 - p)] = E[p] - E[p^2] from (P, S + 1) moments E[p^m] (m = 0..S, S >= 2)."""
+    return (p_moments[:, 1] - p_moments[:, 2]).clamp_min(0.0)
+
+
 class _ValueAllocator(_HistoryAllocator):
     """Exact maximisation of sum_i values[i, n_i] over the allowed sizes (:func:`max_plus_allocate`).
 
@@ -713,12 +718,13 @@ class _ValueAllocator(_HistoryAllocator):
         none, every = first_s == 0, first_s == first_t
         m = torch.arange(self.max_group_size + 1)
         mixed = ~none & ~every
-        gain = torch.where(none[:, None], 1.0 - p_f, 1.0 - p_s).masked_fill(mixed[:, None], 0.0)  # P(turns mixed)
-        if self.value == "samples":  # samples in mixed groups: a mixed group adds m, another (t + m) P(turns mixed)
-            gain = torch.where(mixed[:, None], m.to(torch.float64), (first_t[:, None] + m) * gain)
-        elif self.value == "variance":  # E[p (1 - p)] times what m more add to u
-            variance = self.reward_variance(prompt_ids, request)
-            gain = variance[:, None] * (_spread_utility(first_t[:, None] + m) - _spread_utility(first_t)[:, None])
+        if self.value == "variance":  # E[p (1 - p)] times what m more add to u, from the moments already at hand
+            added = _spread_utility(first_t[:, None] + m) - _spread_utility(first_t)[:, None]
+            gain = _bernoulli_variance(p_s)[:, None] * added
+        else:
+            gain = torch.where(none[:, None], 1.0 - p_f, 1.0 - p_s).masked_fill(mixed[:, None], 0.0)  # P(turns mixed)
+            if self.value == "samples":  # samples in mixed groups: a mixed group adds m, another (t + m) P(mixed)
+                gain = torch.where(mixed[:, None], m.to(torch.float64), (first_t[:, None] + m) * gain)
         allowed = m[None, :] <= room[:, None]  # (P, S + 1); 0 always allowed
         sizes = max_plus_allocate(gain.clamp_min(0.0).masked_fill(~allowed, _NEG_INF), budget)
         sampled = sizes > 0
@@ -737,7 +743,7 @@ class _ValueAllocator(_HistoryAllocator):
     def reward_variance(self, prompt_ids: Tensor, request: AllocationRequest) -> Tensor:
         """(P,) E[p (1 - p)] = E[p] - E[p^2] under this allocator's belief: the ``variance`` value's weight."""
         p_s, _ = self.top_up_moments(prompt_ids, request)
-        return (p_s[:, 1] - p_s[:, 2]).clamp_min(0.0)
+        return _bernoulli_variance(p_s)
 
 
 @ALLOCATORS.register("knapsack")
